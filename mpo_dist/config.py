@@ -1,0 +1,332 @@
+"""Training configuration: dataclass sections, a YAML loader and dotted command-line overrides.
+
+A config file is a YAML mapping of section -> {key: value}; overrides `section.key=value` from the
+command line are applied on top. Unknown sections or keys, wrong types and out-of-range values are
+errors (`ConfigError`) that name the dotted key, where the value came from and what is allowed, so
+a typo never silently trains with a default.
+"""
+
+import copy
+import dataclasses
+import difflib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+COMMAND_LINE = "command line"
+DEFAULT = "default"
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or out of range; the message says which and where."""
+
+
+class _Invalid(ConfigError):
+    """A failed `validate()` check; carries the dotted keys involved so the loader can add sources."""
+
+    def __init__(self, message: str, *keys: str):
+        super().__init__(message)
+        self.keys = keys
+
+
+def _check(ok: bool, key: str, rule: str, value: Any, *also: str) -> None:
+    if not ok:
+        raise _Invalid(f"{key} {rule}, got {value!r}", key, *also)
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with its one-line description in `metadata["help"]` (read by describe_config)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class JobConfig:
+    output_dir: str = opt("outputs/run", "folder for checkpoints, the resolved config and logs")
+    seed: int = opt(0, "seed for model init, data shuffling and dropout")
+
+    def validate(self) -> None:
+        _check(bool(self.output_dir), "job.output_dir", "must be a non-empty path", self.output_dir)
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("", "local Hugging Face model directory; empty: random init from model.config")
+    config: dict = opt({}, "kwargs of a random-init model config, used when model.path is empty (unchecked)")
+    dtype: Literal["float32", "bfloat16"] = opt("bfloat16", "parameter dtype for training")
+
+    def validate(self) -> None:
+        # Both set is ambiguous: one of them would be silently ignored.
+        if self.path and self.config:
+            raise _Invalid(
+                "model.path and model.config are both set; model.config only describes a random-init "
+                "model, so set model.config={} to load model.path", "model.path", "model.config")
+        if not (self.path or self.config):
+            raise _Invalid("set model.path (a Hugging Face model directory) or model.config "
+                           "(a random-init model config)", "model.path", "model.config")
+
+
+@dataclass
+class DataConfig:
+    pairs: str = opt("", "folder of pairs shards (required)")
+    reference: str = opt("", "folder of reference log-prob shards, one per pairs shard")
+    dref: str = opt("", "folder of D_ref shards (responses sampled from the reference)")
+    batch_size: int = opt(8, "pairs per micro-batch per rank (fixed batching)")
+    batching: Literal["fixed", "tokens"] = opt("fixed", "fixed: batch_size pairs; tokens: fill up to max_tokens")
+    max_tokens: int = opt(0, "padded-token budget per micro-batch when data.batching=tokens")
+    shuffle: bool = opt(True, "shuffle shard order each epoch and samples within a window")
+    shuffle_window: int = opt(1024, "samples held in the shuffle buffer")
+    tail: Literal["pad", "drop"] = opt("pad", "last uneven micro-batch of an epoch: pad it or drop it")
+    num_workers: int = opt(1, "data loader worker processes per rank (0: load in the main process)")
+    padding_side: Literal["right", "left"] = opt("right", "side on which sequences are padded")
+    pad_to_multiple_of: int = opt(1, "round padded lengths up to a multiple of this")
+    dref_batch_size: int = opt(8, "D_ref samples per micro-batch per rank")
+
+    def validate(self) -> None:
+        _check(bool(self.pairs), "data.pairs", "is required (a folder of pairs shards)", self.pairs)
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1", self.batch_size)
+        _check(self.max_tokens >= 0, "data.max_tokens", "must be >= 0", self.max_tokens)
+        if self.batching == "tokens" and self.max_tokens <= 0:
+            raise _Invalid(f"data.max_tokens must be > 0 when data.batching=tokens, got {self.max_tokens}; "
+                           "set data.max_tokens or use data.batching=fixed", "data.max_tokens", "data.batching")
+        _check(self.shuffle_window >= 1, "data.shuffle_window", "must be >= 1", self.shuffle_window)
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
+        _check(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", "must be >= 1", self.pad_to_multiple_of)
+        _check(self.dref_batch_size >= 1, "data.dref_batch_size", "must be >= 1", self.dref_batch_size)
+
+
+@dataclass
+class LossConfig:
+    name: Literal["mpo", "dpo", "ipo"] = opt("mpo", "preference loss")
+    beta: float = opt(0.1, "strength of the KL to the reference (all losses)")
+    tau: float = opt(0.0, "MPO weight of the D_ref term -tau * logp(y given x); 0 disables it")
+    label_smoothing: float = opt(0.0, "probability that a preference label is flipped (DPO)")
+
+    def validate(self) -> None:
+        _check(self.beta > 0, "loss.beta", "must be > 0", self.beta)
+        _check(self.tau >= 0, "loss.tau", "must be >= 0", self.tau)
+        _check(0 <= self.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)", self.label_smoothing)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-6, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
+    betas: list[float] = opt([0.9, 0.95], "AdamW (beta1, beta2)")
+    eps: float = opt(1e-8, "AdamW epsilon")
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optim.lr", "must be > 0", self.lr)
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               "must be two values each in [0, 1)", self.betas)
+        _check(self.eps > 0, "optim.eps", "must be > 0", self.eps)
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = opt(100, "optimizer steps to train for")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0 disables clipping")
+
+    def validate(self) -> None:
+        _check(self.steps >= 1, "training.steps", "must be >= 1", self.steps)
+        _check(self.grad_accum >= 1, "training.grad_accum", "must be >= 1", self.grad_accum)
+        _check(self.max_grad_norm >= 0, "training.max_grad_norm", "must be >= 0 (0 disables)", self.max_grad_norm)
+
+
+@dataclass
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def validate(self) -> None:
+        for f in fields(self):
+            getattr(self, f.name).validate()
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+class _Mismatch(Exception):
+    pass
+
+
+def _type_label(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(c) for c in get_args(tp))
+    return tp.__name__ if isinstance(tp, type) and get_origin(tp) is None else str(tp)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """`value` as type `tp`, or _Mismatch. Deliberately strict: no bool-as-int, no 1.5-as-int."""
+    if get_origin(tp) is Literal:
+        if isinstance(value, str) and value in get_args(tp):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        # PyYAML (YAML 1.1) reads `3e-6` as a string, so numeric strings are accepted too.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif get_origin(tp) is list:
+        if isinstance(value, list):
+            try:
+                return [_coerce(v, get_args(tp)[0]) for v in value]
+            except _Mismatch:
+                pass
+    elif tp is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+    raise _Mismatch
+
+
+def _closest(name: str, valid: Sequence[str]) -> str:
+    match = difflib.get_close_matches(str(name), valid, n=1)
+    return f"did you mean {match[0]!r}? " if match else ""
+
+
+def _section(config: Config, name: Any, source: str) -> Any:
+    valid = [f.name for f in fields(config)]
+    if name not in valid:
+        raise ConfigError(f"unknown section {name!r} ({source}); {_closest(name, valid)}"
+                          f"valid sections: {', '.join(valid)}")
+    return getattr(config, name)
+
+
+def _assign(config: Config, section_name: Any, key: Any, value: Any, source: str,
+            sources: dict[str, str], nested: Sequence[str] = (), raw: str | None = None) -> None:
+    """Set `section.key` (or a key inside a dict field, via `nested`) after checking its type."""
+    section = _section(config, section_name, source)
+    by_name = {f.name: f for f in fields(section)}
+    dotted = f"{section_name}.{key}"
+    if key not in by_name:
+        raise ConfigError(f"unknown key {dotted} ({source}); {_closest(key, list(by_name))}"
+                          f"valid keys of {section_name}: {', '.join(by_name)}")
+    tp = by_name[key].type
+    if nested:
+        if tp is not dict:
+            raise ConfigError(f"{dotted}.{'.'.join(nested)}: {dotted} is a {_type_label(tp)}, "
+                              f"not a mapping ({source})")
+        target = getattr(section, key)
+        for part in nested[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{dotted}.{'.'.join(nested)}: {part} is not a mapping ({source})")
+        target[nested[-1]] = value
+        sources[dotted] = source
+        return
+    if raw is not None and tp is str:
+        value = raw  # a path like `123` or `null` given on the command line is still a string
+    try:
+        value = _coerce(value, tp)
+    except _Mismatch:
+        raise ConfigError(f"{dotted}: expected {_type_label(tp)}, got {value!r} "
+                          f"({type(value).__name__}) ({source})") from None
+    setattr(section, key, value)
+    sources[dotted] = source
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config file {path} must be a mapping of section -> {{key: value}}, "
+                          f"got {type(raw).__name__}")
+    return raw
+
+
+def _parse_override(item: str) -> tuple[list[str], Any, str]:
+    dotted, eq, text = item.partition("=")
+    parts = dotted.strip().split(".")
+    if not eq or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {item!r} must look like section.key=value ({COMMAND_LINE})")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({COMMAND_LINE}): {e}") from None
+    return parts, value, text
+
+
+def _where(keys: Sequence[str], sources: dict[str, str]) -> str:
+    where = [sources.get(k, DEFAULT) for k in keys]
+    if len(set(where)) == 1:
+        return where[0]
+    return ", ".join(f"{k} from {w}" for k, w in zip(keys, where))
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `section.key=value` overrides; validated."""
+    config = Config()
+    sources: dict[str, str] = {}  # dotted key -> where it was last set, for error messages
+    if path is not None:
+        source = str(path)
+        for section_name, values in _read_yaml(source).items():
+            _section(config, section_name, source)
+            if values is None:
+                continue
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"section {section_name!r} must be a mapping of key: value, "
+                                  f"got {values!r} ({source})")
+            for key, value in values.items():
+                _assign(config, section_name, key, value, source, sources)
+    for item in overrides:
+        parts, value, text = _parse_override(item)
+        _assign(config, parts[0], parts[1], value, COMMAND_LINE, sources, nested=parts[2:], raw=text)
+    try:
+        config.validate()
+    except _Invalid as e:
+        raise ConfigError(f"{e} ({_where(e.keys, sources)})") from None
+    return config
+
+
+# ---- saving and documentation ---------------------------------------------------------------------
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML that load_config reads back to an equal Config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def describe_config() -> str:
+    """A Markdown table of every option (key, type, default, description), generated from the dataclasses."""
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    for section in fields(Config):
+        for f in fields(section.type):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            cells = [f"`{section.name}.{f.name}`", _type_label(f.type), f"`{json.dumps(default)}`",
+                     f.metadata["help"]]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"

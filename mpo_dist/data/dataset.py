@@ -1,0 +1,129 @@
+"""A stateful, resumable stream of collated batches over a shard set, for one data-parallel rank.
+
+The rank's batches per epoch come from `sampler.plan_epoch`; this worker yields every
+`num_workers`-th of them. The state is (epoch, batches this worker has yielded), read eagerly at
+the start of `__iter__`, so a resumed stream continues exactly where the saved one stopped.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mpo_dist.data.sampler import BatchSpec, EpochPlan, plan_epoch
+
+
+class ShardStream(IterableDataset):
+    def __init__(
+        self,
+        source,  # PairSource or DrefSource
+        collate: Callable[[list[dict], np.ndarray], dict],
+        spec: BatchSpec,
+        *,
+        seed: int,
+        dp_rank: int,
+        dp_world_size: int,
+        num_epochs: int | None = None,  # None: cycle forever (D_ref)
+    ):
+        if not 0 <= dp_rank < dp_world_size:
+            raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_world_size - 1}")
+        self.source, self.collate, self.spec = source, collate, spec
+        self.seed, self.dp_rank, self.dp_world_size, self.num_epochs = seed, dp_rank, dp_world_size, num_epochs
+        self._sizes = source.shards.sizes
+        self._lengths = source.shards.lengths() if spec.max_tokens else None
+        self._plan = partial(plan_epoch, self._sizes, self._lengths, spec, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size)
+        # Fixed batches: the same every epoch. Token budgets: epoch 0's count (others differ slightly).
+        self.batches_per_epoch = len(self._plan(epoch=0).batches)
+        self._epoch, self._yielded = 0, 0  # this worker's position
+
+    # ------------------------------------------------------------------ Stateful
+
+    def state_dict(self) -> dict[str, Any]:
+        worker_id, num_workers = _worker()
+        return {
+            "epoch": self._epoch,
+            "yielded": self._yielded,
+            "worker_id": worker_id,
+            "num_workers": num_workers,
+            "dp_rank": self.dp_rank,
+            "dp_world_size": self.dp_world_size,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        worker_id, num_workers = _worker()
+        expected = {"num_workers": num_workers, "dp_world_size": self.dp_world_size, "dp_rank": self.dp_rank, "seed": self.seed}
+        for key, value in expected.items():
+            if state[key] != value:
+                raise ValueError(
+                    f"cannot resume the data stream: it was saved with {key}={state[key]}, now {key}={value}. "
+                    "The data position is defined per rank and worker; resume with the same data.num_workers, "
+                    "number of data-parallel ranks and seed (model and optimizer state can still be resharded)"
+                )
+        self._epoch, self._yielded = int(state["epoch"]), int(state["yielded"])
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[dict]:
+        worker_id, num_workers = _worker()
+        epoch, skip = self._epoch, self._yielded  # eager: a lazy read can skip a whole epoch
+        while self.num_epochs is None or epoch < self.num_epochs:
+            plan = self._plan(epoch=epoch)
+            mine = plan.batches[worker_id::num_workers]
+            reader = _WindowReader(self.source, plan, mine, self.spec.shuffle_window)
+            for index in range(skip, len(mine)):
+                batch = mine[index]
+                samples = [reader.get(int(position)) for position in batch.positions]
+                out = self.collate(samples, batch.is_pad)
+                out["epoch"] = epoch
+                self._epoch, self._yielded = epoch, index + 1
+                yield out
+            epoch, skip = epoch + 1, 0
+            self._epoch, self._yielded = epoch, 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+
+class _WindowReader:
+    """Serves samples by slice position, loading whole windows in one forward pass over the shards.
+
+    Batches visit a window's positions in shuffled order; reading the window's needed positions in
+    file order first keeps every shard cursor moving forwards. At most two windows stay in memory.
+    """
+
+    def __init__(self, source, plan: EpochPlan, batches, window: int):
+        self.source, self.plan, self.window = source, plan, window
+        self.needed = np.unique(np.concatenate([b.positions for b in batches])) if batches else np.zeros(0, np.int64)
+        self.cache: dict[int, dict] = {}
+        self.loaded: list[int] = []
+
+    def get(self, position: int) -> dict:
+        if position not in self.cache:
+            self._load(position // self.window)
+        return self.cache[position]
+
+    def _load(self, window: int) -> None:
+        if len(self.loaded) >= 2:
+            stale = self.loaded.pop(0)
+            for position in [p for p in self.cache if p // self.window == stale]:
+                del self.cache[position]
+        lo, hi = window * self.window, (window + 1) * self.window
+        positions = self.needed[(self.needed >= lo) & (self.needed < hi)]
+        for position in positions[np.argsort(self.plan.ids[positions], kind="stable")]:
+            self.cache[int(position)] = self.source.read(int(self.plan.ids[position]))
+        self.loaded.append(window)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def identity(batch):
+    """The loader's collate_fn: batches are already collated in the workers."""
+    return batch
+

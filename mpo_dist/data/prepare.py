@@ -1,0 +1,309 @@
+"""Preference records -> tokenized pairs shards (SPEC.md data contract 1), on one or many processes.
+
+Shard `i` holds the kept records among input records `[i*N, (i+1)*N)`, N = samples_per_shard, so
+the output is the same whatever the number of processes: process `r` of `W` writes the shards with
+`i % W == r`. Each shard is written atomically with a small stats file beside it; a rerun skips
+shards whose stats exist. After a barrier, rank 0 writes the manifest and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mpo_dist.data.shards import Manifest, ShardInfo, ShardWriter, atomic_write_bytes, shard_name
+from mpo_dist.data.raw_records import (
+    ProgressFile,
+    RawPair,
+    hh_prompt_to_messages,
+    iter_raw_records,
+    parse_record,
+    resolve_format,
+)
+from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+STATS_DIR = ".prepare"
+REPORT_NAME = "prepare_report.json"
+DROP_REASONS = ("malformed", "empty_prompt", "empty_response", "too_long", "identical_responses")
+
+
+@dataclass
+class PrepareOptions:
+    samples_per_shard: int = 1000
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    truncation: str = "truncate"  # "truncate": cut prompt (left) then responses (right); "drop": drop too-long records
+    chat_template: bool = False
+    append_eos: bool = True
+    strict: bool = False
+    format: str = "auto"
+
+    def validate(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"--max-prompt-length ({self.max_prompt_length}) must be >= 1 and below --max-length "
+                f"({self.max_length}) to leave room for the response"
+            )
+        if self.truncation not in ("truncate", "drop"):
+            raise ValueError(f"--truncation must be 'truncate' or 'drop', got {self.truncation!r}")
+
+
+@dataclass
+class ShardStats:
+    index: int
+    records: int
+    kept: int
+    dropped: list[list[str]]  # [where, reason]
+    truncated_prompt: int
+    truncated_response: int
+    prompt_lengths: list[int] = field(default_factory=list)
+    chosen_lengths: list[int] = field(default_factory=list)
+    rejected_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Per-pair cost: prompt plus the longer response (what a padded batch pays)."""
+        return [p + max(c, r) for p, c, r in zip(self.prompt_lengths, self.chosen_lengths, self.rejected_lengths)]
+
+
+class PairTokenizer:
+    """Tokenizes RawPairs with the truncation policy; returns a sample or a drop reason."""
+
+    def __init__(self, tokenizer, options: PrepareOptions):
+        self.tokenizer, self.options = tokenizer, options
+        if options.chat_template and tokenizer.chat_template is None:
+            raise ValueError("--chat-template was given but the tokenizer has no chat template")
+        # Special tokens the tokenizer puts before text (e.g. BOS); kept when a prompt is cut from the left.
+        self.prefix = [] if options.chat_template else tokenizer("", add_special_tokens=True)["input_ids"]
+        self.suffix = [tokenizer.eos_token_id] if options.append_eos and tokenizer.eos_token_id is not None else []
+
+    def _prompt_text(self, pair: RawPair) -> str | None:
+        if not self.options.chat_template:
+            return pair.prompt if isinstance(pair.prompt, str) else None
+        messages = pair.prompt if isinstance(pair.prompt, list) else None
+        if messages is None:
+            messages = hh_prompt_to_messages(pair.prompt) if pair.prompt.startswith("\n\nHuman:") else [
+                {"role": "user", "content": pair.prompt}
+            ]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def __call__(self, pairs: list[RawPair]) -> list[dict | str]:
+        prompts = [self._prompt_text(pair) for pair in pairs]
+        encode = lambda texts: self.tokenizer([t or "" for t in texts], add_special_tokens=False)["input_ids"]
+        prompt_ids = encode(prompts)
+        chosen_ids = encode([pair.chosen for pair in pairs])
+        rejected_ids = encode([pair.rejected for pair in pairs])
+        return [self._finish(*args) for args in zip(pairs, prompts, prompt_ids, chosen_ids, rejected_ids)]
+
+    def _finish(self, pair: RawPair, prompt_text, prompt_body, chosen, rejected) -> dict | str:
+        options = self.options
+        if prompt_text is None:
+            return "malformed: prompt is a list of messages; pass --chat-template"
+        prompt = self.prefix + prompt_body
+        if not prompt:
+            return "empty_prompt"
+        if not pair.chosen.strip() or not pair.rejected.strip():
+            return "empty_response"
+        chosen, rejected = chosen + self.suffix, rejected + self.suffix
+        truncated_prompt = len(prompt) > options.max_prompt_length
+        if truncated_prompt:
+            keep = options.max_prompt_length - len(self.prefix)
+            prompt = self.prefix + prompt_body[len(prompt_body) - keep :]
+        room = options.max_length - len(prompt)
+        truncated_response = max(len(chosen), len(rejected)) > room
+        if (truncated_prompt or truncated_response) and options.truncation == "drop":
+            return "too_long"
+        chosen, rejected = chosen[:room], rejected[:room]
+        if chosen == rejected:
+            return "identical_responses"
+        return {
+            "meta": {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "label": pair.label},
+            "arrays": {
+                "prompt_ids": np.asarray(prompt, dtype=np.int32),
+                "chosen_ids": np.asarray(chosen, dtype=np.int32),
+                "rejected_ids": np.asarray(rejected, dtype=np.int32),
+            },
+            "truncated_prompt": truncated_prompt,
+            "truncated_response": truncated_response,
+        }
+
+
+def prepare_pairs(
+    input_path: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    options: PrepareOptions,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
+) -> dict | None:
+    """Write this rank's shards; rank 0 then writes manifest and report and returns the summary."""
+    options.validate()
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"--input {input_path} does not exist")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer_hash = tokenizer_fingerprint(tokenizer)
+    fmt = resolve_format(input_path, options.format)
+    stats_dir = out_dir / STATS_DIR
+    params = {
+        "options": asdict(options),
+        "input": {"path": str(input_path.resolve()), "size": input_path.stat().st_size, "format": fmt},
+        "tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "hash": tokenizer_hash},
+    }
+    if rank == 0:
+        _claim_output_dir(out_dir, params)
+    barrier()  # the others read the parameters rank 0 recorded
+    if rank != 0:
+        _claim_output_dir(out_dir, params)
+
+    tokenize = PairTokenizer(tokenizer, options)
+    per_shard = options.samples_per_shard
+    progress = ProgressFile(input_path) if not fmt.startswith("parquet") else None
+    meter = _Progress(log, progress, enabled=rank == 0)
+    pending: list[tuple[str, object]] = []
+    num_records = 0
+    for where, raw in iter_raw_records(input_path, fmt, progress):
+        shard = num_records // per_shard
+        num_records += 1
+        if shard % world_size == rank and not (stats_dir / f"{shard_name(shard)}.json").exists():
+            pending.append((where, raw))
+            if len(pending) == per_shard:
+                _write_shard(shard, pending, tokenize, fmt, out_dir, options.strict, input_path)
+                pending = []
+        meter.update(num_records)
+    if pending:
+        _write_shard((num_records - 1) // per_shard, pending, tokenize, fmt, out_dir, options.strict, input_path)
+    meter.update(num_records, final=True)
+    barrier()
+    if rank != 0:
+        return None
+    if num_records == 0:
+        raise ValueError(f"--input {input_path} holds no records")
+    return _finish(out_dir, math.ceil(num_records / per_shard), tokenizer_hash, params, log)
+
+
+def _claim_output_dir(out_dir: Path, params: dict) -> None:
+    """Refuse an output folder that holds other work; a rerun with the same parameters resumes."""
+    params_file = out_dir / STATS_DIR / "params.json"
+    if params_file.exists():
+        if json.loads(params_file.read_text()) != params:
+            raise ValueError(
+                f"--out {out_dir} holds shards prepared with other parameters ({params_file}); "
+                "use a new --out folder or delete this one"
+            )
+        return
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"--out {out_dir} is not empty and was not written by prepare_pairs; use a new folder")
+    (out_dir / STATS_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(params_file, json.dumps(params, indent=1).encode())
+
+
+def _write_shard(index: int, records, tokenize: PairTokenizer, fmt: str, out_dir: Path, strict: bool, input_path: Path) -> None:
+    first = index * tokenize.options.samples_per_shard
+    stats = ShardStats(index=index, records=len(records), kept=0, dropped=[], truncated_prompt=0, truncated_response=0)
+    parsed = [(where, parse_record(raw, fmt)) for where, raw in records]
+    good = [(offset, where, pair) for offset, (where, pair) in enumerate(parsed) if isinstance(pair, RawPair)]
+    results: dict[int, dict | str] = {offset: reason for offset, (_, reason) in enumerate(parsed) if isinstance(reason, str)}
+    results.update(zip([offset for offset, _, _ in good], tokenize([pair for _, _, pair in good])))
+    with ShardWriter(out_dir / shard_name(index), "pairs") as writer:
+        for offset, (where, _) in enumerate(parsed):
+            result = results[offset]
+            if isinstance(result, str):
+                if strict:
+                    raise ValueError(f"{input_path}: {where}: {result} (--strict stops at the first record not kept)")
+                stats.dropped.append([where, result])
+                continue
+            result["meta"]["where"] = where
+            writer.write(f"{first + offset:09d}", result["meta"], result["arrays"])
+            arrays = result["arrays"]
+            stats.kept += 1
+            stats.truncated_prompt += result["truncated_prompt"]
+            stats.truncated_response += result["truncated_response"]
+            stats.prompt_lengths.append(len(arrays["prompt_ids"]))
+            stats.chosen_lengths.append(len(arrays["chosen_ids"]))
+            stats.rejected_lengths.append(len(arrays["rejected_ids"]))
+    if stats.kept == 0:
+        (out_dir / shard_name(index)).unlink()  # a shard of nothing is not listed; its stats say why
+    atomic_write_bytes(out_dir / STATS_DIR / f"{shard_name(index)}.json", json.dumps(asdict(stats)).encode())
+
+
+def _finish(out_dir: Path, num_shards: int, tokenizer_hash: str, params: dict, log) -> dict:
+    all_stats = []
+    for index in range(num_shards):
+        path = out_dir / STATS_DIR / f"{shard_name(index)}.json"
+        if not path.exists():
+            raise RuntimeError(f"{path} is missing after all ranks finished: a rank failed; rerun to complete")
+        all_stats.append(ShardStats(**json.loads(path.read_text())))
+    shards = [ShardInfo(shard_name(s.index), s.kept, s.lengths) for s in all_stats if s.kept]
+    manifest = Manifest("pairs", tokenizer_hash, shards, info={"created_by": "tools/prepare_pairs.py", **params})
+    manifest.write(out_dir)
+
+    dropped = [entry for s in all_stats for entry in s.dropped]
+    by_reason: dict[str, list[str]] = {}
+    for where, reason in dropped:
+        by_reason.setdefault(reason.split(":")[0], []).append(where)
+    lengths = {name: np.array([n for s in all_stats for n in getattr(s, f"{name}_lengths")]) for name in ("prompt", "chosen", "rejected")}
+    summary = {
+        "records": sum(s.records for s in all_stats),
+        "kept": manifest.num_samples,
+        "shards": len(shards),
+        "dropped": {reason: len(wheres) for reason, wheres in by_reason.items()},
+        "truncated_prompt": sum(s.truncated_prompt for s in all_stats),
+        "truncated_response": sum(s.truncated_response for s in all_stats),
+        "token_percentiles": {
+            name: {f"p{q}": int(np.percentile(values, q)) for q in (50, 90, 99, 100)} if len(values) else {}
+            for name, values in {**lengths, "pair": np.array([n for s in all_stats for n in s.lengths])}.items()
+        },
+    }
+    report = {**summary, "dropped_records": [{"where": w, "reason": r} for w, r in dropped]}
+    atomic_write_bytes(out_dir / REPORT_NAME, json.dumps(report, indent=1).encode())
+    log(format_summary(summary, by_reason, out_dir))
+    return summary
+
+
+def format_summary(summary: dict, by_reason: dict[str, list[str]], out_dir: Path) -> str:
+    lines = [
+        f"prepare_pairs: {summary['records']} records -> {summary['kept']} pairs in {summary['shards']} shards ({out_dir})",
+        f"  dropped {summary['records'] - summary['kept']}" + ("" if by_reason else " (none)"),
+    ]
+    for reason, wheres in sorted(by_reason.items()):
+        shown = ", ".join(wheres[:8]) + (f", ... ({len(wheres) - 8} more)" if len(wheres) > 8 else "")
+        lines.append(f"    {reason}: {len(wheres)} ({shown})")
+    lines.append(f"  truncated: {summary['truncated_prompt']} prompts (left), {summary['truncated_response']} pairs' responses (right)")
+    for name, pct in summary["token_percentiles"].items():
+        lines.append(f"  {name} tokens: " + ", ".join(f"{k} {v}" for k, v in pct.items()).replace("p100", "max"))
+    lines.append(f"  every record not kept, with its reason: {out_dir / REPORT_NAME}")
+    return "\n".join(lines)
+
+
+class _Progress:
+    """Progress with rate and ETA on rank 0, by input bytes consumed, at most every few seconds."""
+
+    def __init__(self, log, source: ProgressFile | None, enabled: bool, every_s: float = 5.0):
+        self.log, self.source, self.enabled, self.every_s = log, source, enabled, every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, records: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self.last < self.every_s):
+            return
+        self.last = now
+        rate = records / max(now - self.start, 1e-9)
+        message = f"prepare_pairs: {records} records read, {rate:,.0f} records/s"
+        if self.source is not None and self.source.total and not final:
+            fraction = self.source.done / self.source.total
+            eta = (now - self.start) * (1 - fraction) / max(fraction, 1e-9)
+            message += f", {fraction:.0%} of input, ETA {eta:.0f}s"
+        self.log(message)

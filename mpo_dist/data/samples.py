@@ -1,0 +1,143 @@
+"""Decoded samples of the three shard sets, read by global id, with the pairs/reference lockstep join.
+
+Record layouts (one packed member per sample, see shards.py):
+- pairs  `KEY.pair`: meta {prompt, chosen, rejected, label, where}; arrays prompt_ids, chosen_ids, rejected_ids
+- ref    `KEY.ref`:  meta {chosen_logp, rejected_logp, chosen_tokens, rejected_tokens}
+- dref   `KEY.dref`: meta {logp_ref, stop_reason, ...}; arrays prompt_ids, response_ids
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpo_dist.data.shards import Manifest, ShardCursor, ShardError, ShardWriter
+
+
+class ShardSet:
+    """A shard folder read by global sample id (manifest order), keeping a few cursors open."""
+
+    def __init__(self, directory: str | os.PathLike, kind: str, max_open: int = 4):
+        self.directory = Path(directory)
+        self.kind = kind
+        self.manifest = Manifest.read(self.directory, expected_kind=kind)
+        if not self.manifest.shards:
+            raise ShardError(f"{self.directory}: manifest lists no shards")
+        for shard in self.manifest.shards:
+            if not (self.directory / shard.name).is_file():
+                raise ShardError(f"{self.directory / shard.name}: listed in the manifest but missing")
+        self.sizes = [shard.num_samples for shard in self.manifest.shards]
+        self._starts = np.concatenate([[0], np.cumsum(self.sizes)])
+        self._cursors: OrderedDict[int, ShardCursor] = OrderedDict()
+        self._max_open = max_open
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def lengths(self) -> np.ndarray | None:
+        if any(shard.lengths is None for shard in self.manifest.shards):
+            return None
+        return np.concatenate([np.asarray(shard.lengths, dtype=np.int64) for shard in self.manifest.shards])
+
+    def locate(self, sample_id: int) -> tuple[int, int]:
+        shard = int(np.searchsorted(self._starts, sample_id, side="right")) - 1
+        return shard, int(sample_id - self._starts[shard])
+
+    def read(self, sample_id: int) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+        shard, index = self.locate(sample_id)
+        cursor = self._cursors.pop(shard, None)
+        if cursor is None:
+            cursor = ShardCursor(self.directory / self.manifest.shards[shard].name, self.kind, self.sizes[shard])
+            if len(self._cursors) >= self._max_open:
+                self._cursors.popitem(last=False)[1].close()
+        self._cursors[shard] = cursor  # most recently used last
+        return cursor.read(index)
+
+    def close(self) -> None:
+        for cursor in self._cursors.values():
+            cursor.close()
+        self._cursors.clear()
+
+    def __getstate__(self):  # DataLoader workers get their own file handles
+        state = self.__dict__.copy()
+        state["_cursors"] = OrderedDict()
+        return state
+
+
+class PairSource:
+    """Pairs, joined sample by sample with their reference log-probs when `reference` is given."""
+
+    kind = "pairs"
+    sequences_per_sample = 2
+
+    def __init__(self, pairs_dir: str | os.PathLike, reference_dir: str | os.PathLike | None = None):
+        self.shards = ShardSet(pairs_dir, "pairs")
+        self.reference = ShardSet(reference_dir, "ref_logps") if reference_dir else None
+        if self.reference is not None:
+            check_reference_matches(self.shards, self.reference)
+
+    def read(self, sample_id: int) -> dict[str, Any]:
+        key, meta, arrays = self.shards.read(sample_id)
+        sample = {"key": key, "label": 1.0 if meta.get("label") is None else float(meta["label"]), **arrays}
+        if self.reference is not None:
+            ref_key, ref_meta, _ = self.reference.read(sample_id)
+            if ref_key != key:
+                shard, index = self.shards.locate(sample_id)
+                name = self.shards.manifest.shards[shard].name
+                raise ShardError(
+                    f"{self.reference.directory / name}: sample {index} has key '{ref_key}' but "
+                    f"{self.shards.directory / name} has '{key}': the reference shards were not scored from these pairs"
+                )
+            sample["ref_chosen_logp"] = float(ref_meta["chosen_logp"])
+            sample["ref_rejected_logp"] = float(ref_meta["rejected_logp"])
+        return sample
+
+
+class DrefSource:
+    """Prompts with responses pre-sampled from the reference model, and their logp_ref (MPO's tau term)."""
+
+    kind = "dref"
+    sequences_per_sample = 1
+
+    def __init__(self, dref_dir: str | os.PathLike):
+        self.shards = ShardSet(dref_dir, "dref")
+
+    def read(self, sample_id: int) -> dict[str, Any]:
+        key, meta, arrays = self.shards.read(sample_id)
+        return {"key": key, "ref_logp": float(meta["logp_ref"]), **arrays}
+
+
+def check_reference_matches(pairs: ShardSet, reference: ShardSet) -> None:
+    """Refuse reference shards that were not made from these pairs, naming the shard at fault."""
+    if reference.manifest.tokenizer_hash != pairs.manifest.tokenizer_hash:
+        raise ShardError(
+            f"{reference.directory}: tokenizer {reference.manifest.tokenizer_hash} differs from the pairs' "
+            f"{pairs.manifest.tokenizer_hash} ({pairs.directory}); rescore with the policy's tokenizer"
+        )
+    ref_shards = {shard.name: shard for shard in reference.manifest.shards}
+    for shard in pairs.manifest.shards:
+        match = ref_shards.pop(shard.name, None)
+        if match is None:
+            raise ShardError(f"{reference.directory / shard.name}: no reference shard for pairs shard {shard.name}")
+        if match.num_samples != shard.num_samples:
+            raise ShardError(
+                f"{reference.directory / shard.name}: {match.num_samples} samples, but pairs shard "
+                f"{pairs.directory / shard.name} has {shard.num_samples}"
+            )
+    if ref_shards:
+        raise ShardError(f"{reference.directory}: shards {sorted(ref_shards)} have no pairs shard in {pairs.directory}")
+    if [s.name for s in reference.manifest.shards] != [s.name for s in pairs.manifest.shards]:
+        raise ShardError(f"{reference.directory}: shards are listed in another order than in {pairs.directory}")
+
+
+def write_reference_shard(path: str | os.PathLike, keys, chosen_logps, rejected_logps, chosen_tokens, rejected_tokens) -> None:
+    """One reference log-prob shard: same keys, same order as its pairs shard."""
+    with ShardWriter(path, "ref_logps") as writer:
+        for key, lc, lr, nc, nr in zip(keys, chosen_logps, rejected_logps, chosen_tokens, rejected_tokens):
+            meta = {"chosen_logp": float(lc), "rejected_logp": float(lr), "chosen_tokens": int(nc), "rejected_tokens": int(nr)}
+            writer.write(key, meta, {})
+

@@ -1,0 +1,49 @@
+"""Loading a local tokenizer and fingerprinting it, so shards made with one are never read with another."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a tokenizer from a local folder (never the hub), with a pad token set."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot load a tokenizer from this folder ({error})") from error
+    if len(tokenizer) == 0:
+        raise ValueError(f"{path}: tokenizer has an empty vocabulary")
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked everywhere; any real id works, EOS is the convention.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides token ids: the vocabulary/merges/normaliser, special tokens, chat template.
+
+    Folder layout and file names do not enter it, so the same tokenizer saved elsewhere hashes equal.
+    """
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    specials = {
+        "bos": tokenizer.bos_token,
+        "eos": tokenizer.eos_token,
+        "unk": tokenizer.unk_token,
+        "prefix": tokenizer("", add_special_tokens=True)["input_ids"],
+        "chat_template": tokenizer.chat_template,
+    }
+    digest.update(json.dumps(specials, sort_keys=True, default=str).encode())
+    return "sha256:" + digest.hexdigest()[:32]

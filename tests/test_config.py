@@ -1,0 +1,203 @@
+"""Config loading: defaults, YAML, dotted overrides, and error messages that name key and source."""
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from mpo_dist.config import (Config, ConfigError, DataConfig, describe_config, load_config,
+                             save_config)
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+# The two keys validation requires; everything else may stay at its default.
+REQUIRED = ["data.pairs=some/pairs", "model.config={model_type: llama}"]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_tiny_cpu_config_loads():
+    config = load_config(str(TINY))
+    assert config.model.config["num_hidden_layers"] == 2
+    assert config.model.dtype == "bfloat16"
+    assert config.data.pairs == "outputs/quickstart/pairs"
+    assert config.data.batch_size == 4
+    assert (config.loss.name, config.loss.beta, config.loss.tau) == ("mpo", 0.1, 0.05)
+    assert config.optim.lr == 1e-3 and isinstance(config.optim.lr, float)
+    assert config.training.steps == 50
+    assert config.job.output_dir == "outputs/quickstart"
+
+
+def test_defaults():
+    config = load_config(None, REQUIRED)
+    expected = Config()
+    expected.data.pairs, expected.model.config = "some/pairs", {"model_type": "llama"}
+    assert config == expected
+    assert config.optim.lr == 1e-6 and config.optim.betas == [0.9, 0.95]
+    assert config.data.batching == "fixed" and config.data.shuffle is True
+    assert DataConfig().batch_size == 8
+
+
+def test_defaults_are_not_shared():
+    a, b = Config(), Config()
+    a.optim.betas.append(0.5)
+    a.model.config["x"] = 1
+    assert b.optim.betas == [0.9, 0.95] and b.model.config == {}
+
+
+def test_overrides_change_value_and_type():
+    config = load_config(str(TINY), ["optim.lr=3e-6", "data.shuffle=false", "optim.betas=[0.9,0.99]",
+                                     "training.steps=7", "model.config.hidden_size=32",
+                                     "job.output_dir=123"])
+    assert config.optim.lr == 3e-6 and isinstance(config.optim.lr, float)
+    assert config.data.shuffle is False
+    assert config.optim.betas == [0.9, 0.99]
+    assert config.training.steps == 7
+    assert config.model.config["hidden_size"] == 32 and config.model.config["vocab_size"] == 512
+    assert config.job.output_dir == "123"  # str fields keep the command-line text
+
+
+def test_float_accepts_int_and_yaml_exponent_string(tmp_path):
+    # PyYAML reads `3e-6` (no dot) as a string; float fields must still accept it.
+    path = write(tmp_path, "data: {pairs: p}\nmodel: {config: {a: 1}}\noptim: {lr: 3e-6, eps: 1}\n")
+    config = load_config(str(path))
+    assert config.optim.lr == 3e-6 and config.optim.eps == 1.0 and isinstance(config.optim.eps, float)
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    path = write(tmp_path, "data:\n  batch_sise: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    msg = str(e.value)
+    assert "data.batch_sise" in msg and str(path) in msg
+    assert "did you mean 'batch_size'" in msg and "dref_batch_size" in msg  # lists the valid keys
+
+
+def test_unknown_section(tmp_path):
+    path = write(tmp_path, "optimizer:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown section 'optimizer'.*did you mean 'optim'"):
+        load_config(str(path))
+
+
+def test_section_not_a_mapping(tmp_path):
+    path = write(tmp_path, "loss: 3\n")
+    with pytest.raises(ConfigError, match=r"section 'loss' must be a mapping"):
+        load_config(str(path))
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    path = write(tmp_path, "data:\n  batch_size: eight\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert "data.batch_size: expected int, got 'eight' (str)" in str(e.value)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("value, got", [("true", "True (bool)"), ("1.5", "1.5 (float)")])
+def test_int_rejects_bool_and_fraction(value, got):
+    with pytest.raises(ConfigError, match=re.escape(f"training.steps: expected int, got {got} (command line)")):
+        load_config(str(TINY), [f"training.steps={value}"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.shuffle=1", "data.shuffle: expected bool"),
+    ("optim.lr=fast", "optim.lr: expected float"),
+    ("optim.betas=[0.9,x]", "optim.betas: expected list[float]"),
+    ("model.config=3", "model.config: expected dict"),
+])
+def test_other_wrong_types(override, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(str(TINY), [override])
+
+
+def test_literal_choice_lists_choices():
+    with pytest.raises(ConfigError) as e:
+        load_config(str(TINY), ["loss.name=kto"])
+    assert "loss.name: expected one of 'mpo', 'dpo', 'ipo', got 'kto'" in str(e.value)
+
+
+def test_beta_must_be_positive(tmp_path):
+    text = TINY.read_text().replace("beta: 0.1", "beta: -1")
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert str(e.value) == f"loss.beta must be > 0, got -1.0 ({path})"
+
+
+def test_range_error_names_command_line():
+    with pytest.raises(ConfigError, match=r"loss\.beta must be > 0, got 0\.0 \(command line\)"):
+        load_config(str(TINY), ["loss.beta=0"])
+
+
+def test_tokens_batching_needs_max_tokens():
+    with pytest.raises(ConfigError) as e:
+        load_config(str(TINY), ["data.batching=tokens"])
+    msg = str(e.value)
+    assert msg.startswith("data.max_tokens must be > 0 when data.batching=tokens")
+    assert "data.batching=fixed" in msg and "data.batching from command line" in msg
+    assert load_config(str(TINY), ["data.batching=tokens", "data.max_tokens=4096"]).data.max_tokens == 4096
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.betas=[0.9]", "optim.betas must be two values each in [0, 1)"),
+    ("loss.label_smoothing=0.5", "loss.label_smoothing must be in [0, 0.5)"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("data.pairs=", "data.pairs is required"),
+    ("model.path=/models/x", "model.path and model.config are both set"),
+])
+def test_range_and_cross_field_checks(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(str(TINY), [override])
+    assert expected in str(e.value) and "command line" in str(e.value)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr", "must look like section.key=value (command line)"),
+    ("lr=3e-6", "must look like section.key=value (command line)"),
+    ("optim.lrr=1", "unknown key optim.lrr (command line); did you mean 'lr'"),
+    ("optim.betas=[0.9", "value is not valid YAML (command line)"),
+    ("optim.lr.x=1", "optim.lr is a float, not a mapping (command line)"),
+])
+def test_override_errors_name_command_line(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(str(TINY), [override])
+    assert expected in str(e.value)
+
+
+def test_malformed_yaml_names_file(tmp_path):
+    path = write(tmp_path, "data:\n  pairs: [unclosed\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config file {path} is not valid YAML")):
+        load_config(str(path))
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    path = write(tmp_path, "- data\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config file {path} must be a mapping")):
+        load_config(str(path))
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=re.escape(f"config file not found: {missing}")):
+        load_config(str(missing))
+
+
+def test_save_load_round_trip(tmp_path):
+    config = load_config(str(TINY), ["optim.lr=3e-6", "data.shuffle=false", "loss.name=ipo"])
+    path = tmp_path / "run" / "config.yaml"
+    save_config(config, path)
+    assert load_config(str(path)) == config
+
+
+def test_describe_config_lists_every_field():
+    table = describe_config()
+    for section in fields(Config):
+        for f in fields(section.type):
+            row = next(line for line in table.splitlines() if line.startswith(f"| `{section.name}.{f.name}` |"))
+            assert f.metadata["help"] in row
+    assert "| `optim.lr` | float | `1e-06` |" in table
+    assert "one of 'mpo', 'dpo', 'ipo'" in table
