@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -12,6 +13,9 @@ from mpo_dist.data.dataset import ShardStream, identity
 from mpo_dist.data.sampler import BatchSpec
 from mpo_dist.data.samples import DrefSource, PairSource
 from mpo_dist.data.shards import ShardError
+
+# torchdata 0.11 calls a deprecated torch API on every loader; the warning is not actionable here.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 def batch_spec(data: DataConfig, sequences_per_sample: int, batch_size: int) -> BatchSpec:
@@ -26,17 +30,33 @@ def batch_spec(data: DataConfig, sequences_per_sample: int, batch_size: int) -> 
     )
 
 
-def _loader(stream: ShardStream, num_workers: int) -> StatefulDataLoader:
+class ShardLoader(StatefulDataLoader):
+    """StatefulDataLoader whose state also records num_workers: the saved position is per worker,
+    so resuming with another count must fail clearly rather than inside torchdata."""
+
+    def state_dict(self) -> dict:
+        return {"num_workers": self.num_workers, "loader": super().state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_workers") != self.num_workers:
+            raise ValueError(
+                f"cannot resume the data stream: it was saved with data.num_workers={state.get('num_workers')}, "
+                f"now data.num_workers={self.num_workers}; resume with the same value"
+            )
+        super().load_state_dict(state["loader"])
+
+
+def _loader(stream: ShardStream, num_workers: int) -> ShardLoader:
     # batch_size=None: each item is already a batch. persistent_workers stays off: workers are
     # re-created per iteration so a loaded state always reaches them.
-    return StatefulDataLoader(
+    return ShardLoader(
         stream, batch_size=None, collate_fn=identity, num_workers=num_workers,
         prefetch_factor=4 if num_workers else None,
     )
 
 
 def build_pair_loader(data: DataConfig, *, seed: int, dp_rank: int, dp_world_size: int, pad_token_id: int,
-                      num_epochs: int | None = None) -> StatefulDataLoader:
+                      num_epochs: int | None = None) -> ShardLoader:
     """Pairs joined with their reference log-probs (when data.reference is set), collated for one forward."""
     source = PairSource(data.pairs, data.reference or None)
     collate = partial(collate_pairs, pad_token_id=pad_token_id, padding_side=data.padding_side,
@@ -47,7 +67,7 @@ def build_pair_loader(data: DataConfig, *, seed: int, dp_rank: int, dp_world_siz
 
 
 def build_dref_loader(data: DataConfig, *, seed: int, dp_rank: int, dp_world_size: int, pad_token_id: int,
-                      tokenizer_hash: str | None = None) -> StatefulDataLoader:
+                      tokenizer_hash: str | None = None) -> ShardLoader:
     """D_ref samples, cycled forever; their tokenizer must be the pairs' (`tokenizer_hash`)."""
     source = DrefSource(data.dref)
     if tokenizer_hash is not None and source.shards.manifest.tokenizer_hash != tokenizer_hash:

@@ -1,0 +1,78 @@
+"""Synthetic shard sets for tests: pairs, reference log-probs and D_ref with known contents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mpo_dist.data.samples import write_reference_shard
+from mpo_dist.data.shards import Manifest, ShardInfo, ShardWriter, shard_name
+
+TOKENIZER_HASH = "sha256:test"
+
+
+def pair_key(shard: int, index: int) -> str:
+    return f"s{shard:03d}-{index:04d}"
+
+
+def make_pairs(directory: Path, shard_sizes: list[int], seed: int = 0, tokenizer_hash: str = TOKENIZER_HASH) -> list[str]:
+    """Pairs whose token ids encode their key; lengths vary so token budgets matter. Returns all keys."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards, keys = [], []
+    for shard, size in enumerate(shard_sizes):
+        lengths = []
+        with ShardWriter(directory / shard_name(shard), "pairs") as writer:
+            for index in range(size):
+                prompt = rng.integers(3, 100, size=rng.integers(1, 12))
+                chosen = rng.integers(3, 100, size=rng.integers(1, 20))
+                rejected = rng.integers(3, 100, size=rng.integers(1, 20))
+                key = pair_key(shard, index)
+                writer.write(key, {"prompt": key, "chosen": "c", "rejected": "r", "label": None},
+                             {"prompt_ids": prompt.astype(np.int32), "chosen_ids": chosen.astype(np.int32),
+                              "rejected_ids": rejected.astype(np.int32)})
+                lengths.append(len(prompt) + max(len(chosen), len(rejected)))
+                keys.append(key)
+        shards.append(ShardInfo(shard_name(shard), size, lengths))
+    Manifest("pairs", tokenizer_hash, shards).write(directory)
+    return keys
+
+
+def ref_logps_of(key: str) -> tuple[float, float]:
+    """Deterministic fake reference log-probs, so a join can be checked sample by sample."""
+    value = sum(ord(c) for c in key)
+    return -float(value), -float(value) - 0.5
+
+
+def make_reference(directory: Path, pairs_dir: Path, tokenizer_hash: str = TOKENIZER_HASH) -> None:
+    """Reference shards for every pairs shard, same keys in the same order."""
+    from mpo_dist.data.shards import ShardCursor
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pairs = Manifest.read(pairs_dir, "pairs")
+    for shard in pairs.shards:
+        keys = [key for key, _, _ in ShardCursor(pairs_dir / shard.name, "pairs", shard.num_samples)]
+        logps = [ref_logps_of(key) for key in keys]
+        write_reference_shard(directory / shard.name, keys, [c for c, _ in logps], [r for _, r in logps],
+                              [1] * len(keys), [1] * len(keys))
+    Manifest("ref_logps", tokenizer_hash, [ShardInfo(s.name, s.num_samples) for s in pairs.shards]).write(directory)
+
+
+def make_dref(directory: Path, shard_sizes: list[int], tokenizer_hash: str = TOKENIZER_HASH) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    shards, keys = [], []
+    for shard, size in enumerate(shard_sizes):
+        lengths = []
+        with ShardWriter(directory / shard_name(shard), "dref") as writer:
+            for index in range(size):
+                prompt, response = rng.integers(3, 100, size=4), rng.integers(3, 100, size=rng.integers(1, 9))
+                key = f"d{shard:03d}-{index:04d}"
+                writer.write(key, {"logp_ref": -float(index), "stop_reason": "eos"},
+                             {"prompt_ids": prompt.astype(np.int32), "response_ids": response.astype(np.int32)})
+                lengths.append(len(prompt) + len(response))
+                keys.append(key)
+        shards.append(ShardInfo(shard_name(shard), size, lengths))
+    Manifest("dref", tokenizer_hash, shards).write(directory)
+    return keys

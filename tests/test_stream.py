@@ -1,0 +1,289 @@
+"""The streaming loader: exactly-once splits, equal batch counts, exact mid-epoch resume, lockstep join."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mpo_dist.config import DataConfig
+from mpo_dist.data.loader import build_dref_loader, build_pair_loader
+from mpo_dist.data.sampler import BatchSpec, plan_epoch
+from mpo_dist.data.samples import PairSource
+from mpo_dist.data.shards import ShardError
+from shard_factory import make_dref, make_pairs, make_reference, ref_logps_of
+
+UNEVEN = [7, 13, 5, 11, 2]  # 5 shards of different sizes, 38 samples
+
+
+@pytest.fixture()
+def shards(tmp_path: Path):
+    keys = make_pairs(tmp_path / "pairs", UNEVEN)
+    make_reference(tmp_path / "ref", tmp_path / "pairs")
+    return tmp_path, keys
+
+
+def data_config(root: Path, **overrides) -> DataConfig:
+    values = dict(pairs=str(root / "pairs"), reference=str(root / "ref"), batch_size=3, num_workers=2, shuffle_window=8)
+    values.update(overrides)
+    return DataConfig(**values)
+
+
+def loader_for(root: Path, rank: int, world: int, epochs: int | None = 1, **overrides):
+    return build_pair_loader(data_config(root, **overrides), seed=7, dp_rank=rank, dp_world_size=world,
+                             pad_token_id=0, num_epochs=epochs)
+
+
+def run(loader, limit: int | None = None) -> list[dict]:
+    return list(itertools.islice(loader, limit))
+
+
+def flat(batches, field="keys", with_pad=False):
+    out = []
+    for batch in batches:
+        for i, key in enumerate(batch["keys"]):
+            if with_pad or not bool(batch["is_pad"][i]):
+                out.append(key if field == "keys" else (key, bool(batch["is_pad"][i])))
+    return out
+
+
+@pytest.mark.parametrize("batching", [{}, {"batching": "tokens", "max_tokens": 200}])
+def test_every_sample_once_per_epoch_over_2_ranks_x_2_workers(shards, batching):
+    root, keys = shards
+    per_rank = [run(loader_for(root, rank, 2, **batching)) for rank in range(2)]
+    seen = flat(per_rank[0]) + flat(per_rank[1])
+    assert collections.Counter(seen) == collections.Counter(keys)  # every sample exactly once
+    assert len(per_rank[0]) == len(per_rank[1]) > 0  # no rank runs out first
+    if not batching:
+        assert all(len(b["keys"]) == 3 for r in per_rank for b in r)
+        padded = [k for r in per_rank for k, pad in flat(r, "pad", with_pad=True) if pad]
+        assert len(padded) == 42 - 38  # 38 samples padded to 2 ranks x 3 x 7 batches, flagged
+    else:
+        for batch in per_rank[0] + per_rank[1]:
+            assert 2 * batch["input_ids"].shape[1] * len(batch["keys"]) <= 200  # within the budget
+
+
+def test_drop_tail_reads_each_sample_at_most_once(shards):
+    root, keys = shards
+    per_rank = [run(loader_for(root, rank, 2, tail="drop")) for rank in range(2)]
+    seen = flat(per_rank[0]) + flat(per_rank[1])
+    assert len(seen) == len(set(seen)) == 36 and set(seen) <= set(keys)
+    assert not any(bool(b["is_pad"].any()) for r in per_rank for b in r)
+
+
+def test_rank_stream_does_not_depend_on_num_workers(shards):
+    root, _ = shards
+    streams = [flat(run(loader_for(root, 1, 2, num_workers=workers)), with_pad=True) for workers in (0, 1, 2, 3)]
+    assert all(stream == streams[0] for stream in streams)
+
+
+def test_epochs_reshuffle_and_seed_fixes_order(shards):
+    root, keys = shards
+    stream = run(loader_for(root, 0, 1, epochs=2, batch_size=2))
+    epochs = [flat([b for b in stream if b["epoch"] == e]) for e in (0, 1)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(keys)
+    assert epochs[0] != epochs[1]
+    assert flat(run(loader_for(root, 0, 1, epochs=2, batch_size=2))) == epochs[0] + epochs[1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("batching", [{}, {"batching": "tokens", "max_tokens": 160}])
+def test_resume_mid_epoch_equals_uninterrupted(shards, workers, batching):
+    root, _ = shards
+    make = lambda: loader_for(root, 1, 2, epochs=3, num_workers=workers, **batching)
+    full = run(make())
+    per_epoch = len(full) // 3
+    for cut in [1, per_epoch // 2, per_epoch - 1, per_epoch, per_epoch + 3, len(full) - 1]:
+        first = make()
+        iterator = iter(first)
+        for _ in range(cut):
+            next(iterator)
+        state = first.state_dict()
+        resumed = make()
+        resumed.load_state_dict(state)
+        rest = run(resumed)
+        assert len(rest) == len(full) - cut, f"cut {cut}"
+        for expected, got in zip(full[cut:], rest):
+            assert expected["keys"] == got["keys"] and expected["epoch"] == got["epoch"]
+            assert torch.equal(expected["input_ids"], got["input_ids"])
+            assert torch.equal(expected["is_pad"], got["is_pad"])
+
+
+def test_resume_with_other_num_workers_is_refused(shards):
+    root, _ = shards
+    first = loader_for(root, 0, 2, num_workers=2)
+    iterator = iter(first)
+    next(iterator)
+    state = first.state_dict()
+    other = loader_for(root, 0, 2, num_workers=0)
+    with pytest.raises(ValueError, match="saved with data.num_workers=2, now data.num_workers=0"):
+        other.load_state_dict(state)
+
+
+def test_token_budget_plans_equal_counts_for_all_ranks():
+    sizes = [50, 31, 77]
+    lengths = np.random.default_rng(0).integers(5, 100, size=sum(sizes))
+    spec = BatchSpec(max_tokens=400, sequences_per_sample=2, shuffle_window=32)
+    plans = [plan_epoch(sizes, lengths, spec, seed=3, epoch=0, dp_rank=r, dp_world_size=4) for r in range(4)]
+    assert len({len(plan.batches) for plan in plans}) == 1
+    real = [int(plan.ids[p]) for plan in plans for b in plan.batches for p, pad in zip(b.positions, b.is_pad) if not pad]
+    assert sorted(real) == list(range(sum(sizes)))
+    with pytest.raises(ValueError, match="data.max_tokens"):
+        plan_epoch(sizes, lengths, BatchSpec(max_tokens=100, sequences_per_sample=2), seed=0, epoch=0, dp_rank=0, dp_world_size=1)
+
+
+def test_too_little_data_for_one_batch_per_rank(tmp_path):
+    make_pairs(tmp_path / "pairs", [3])
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        build_pair_loader(DataConfig(pairs=str(tmp_path / "pairs"), batch_size=2, tail="drop"), seed=0, dp_rank=0,
+                          dp_world_size=2, pad_token_id=0)
+
+
+# ------------------------------------------------------------------------------------ lockstep join
+
+
+def test_reference_log_probs_join_by_key(shards):
+    root, _ = shards
+    for batch in run(loader_for(root, 0, 1)):
+        for i, key in enumerate(batch["keys"]):
+            chosen, rejected = ref_logps_of(key)
+            assert batch["ref_chosen_logps"][i].item() == pytest.approx(chosen)
+            assert batch["ref_rejected_logps"][i].item() == pytest.approx(rejected)
+
+
+def test_reference_with_other_keys_is_an_error_naming_shard_and_key(shards):
+    root, _ = shards
+    from mpo_dist.data.samples import write_reference_shard
+
+    keys = [f"s001-{i:04d}" for i in range(13)]
+    keys[4], keys[5] = keys[5], keys[4]  # same count, same names, one pair of keys swapped
+    write_reference_shard(root / "ref" / "shard-000001.tar", keys, [0.0] * 13, [0.0] * 13, [1] * 13, [1] * 13)
+    source = PairSource(root / "pairs", root / "ref")
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: sample 4 has key 's001-0005'.*'s001-0004'"):
+        for sample_id in range(len(source.shards)):
+            source.read(sample_id)
+
+
+def test_reference_count_tokenizer_and_missing_shard_errors(shards):
+    root, _ = shards
+    import json
+
+    manifest_path = root / "ref" / "manifest.json"
+    original = json.loads(manifest_path.read_text())
+
+    def with_manifest(edit):
+        manifest = json.loads(json.dumps(original))
+        edit(manifest)
+        manifest_path.write_text(json.dumps(manifest))
+
+    with_manifest(lambda m: m["shards"][2].update(num_samples=4))
+    with pytest.raises(ShardError, match=r"shard-000002\.tar: 4 samples, but pairs shard .* has 5"):
+        PairSource(root / "pairs", root / "ref")
+    with_manifest(lambda m: m.update(tokenizer_hash="sha256:other"))
+    with pytest.raises(ShardError, match="tokenizer sha256:other differs"):
+        PairSource(root / "pairs", root / "ref")
+    with_manifest(lambda m: m["shards"].pop(3))
+    with pytest.raises(ShardError, match=r"no reference shard for pairs shard shard-000003\.tar"):
+        PairSource(root / "pairs", root / "ref")
+    with_manifest(lambda m: m.update(kind="pairs"))
+    with pytest.raises(ShardError, match="holds 'pairs' shards, expected 'ref_logps'"):
+        PairSource(root / "pairs", root / "ref")
+
+
+# ------------------------------------------------------------------------------------ damaged files
+
+
+def read_all(root: Path):
+    source = PairSource(root / "pairs")
+    return [source.read(i) for i in range(len(source.shards))]
+
+
+def test_truncated_tar_names_the_file(shards):
+    root, _ = shards
+    path = root / "pairs" / "shard-000001.tar"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ShardError, match=r"shard-000001\.tar: .*(corrupt|truncated)"):
+        read_all(root)
+
+
+def test_garbage_tar_names_the_file(shards):
+    root, _ = shards
+    path = root / "pairs" / "shard-000003.tar"
+    path.write_bytes(b"\x00garbage" * 700)
+    with pytest.raises(ShardError, match=r"shard-000003\.tar"):
+        read_all(root)
+
+
+def test_corrupt_record_names_file_and_key(shards):
+    root, _ = shards
+    path = root / "pairs" / "shard-000000.tar"
+    data = bytearray(path.read_bytes())
+    where = data.find(b"MPO1", data.find(b"s000-0002.pair"))
+    data[where : where + 4] = b"XXXX"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: sample 's000-0002'"):
+        read_all(root)
+
+
+def test_missing_shard_and_stale_manifest(shards):
+    root, _ = shards
+    (root / "pairs" / "shard-000004.tar").unlink()
+    with pytest.raises(ShardError, match=r"shard-000004\.tar: listed in the manifest but missing"):
+        PairSource(root / "pairs")
+    make_pairs(root / "more", [4])
+    import json
+
+    manifest = json.loads((root / "more" / "manifest.json").read_text())
+    manifest["shards"][0].update(num_samples=6, lengths=[1] * 6)
+    (root / "more" / "manifest.json").write_text(json.dumps(manifest))
+    source = PairSource(root / "more")
+    with pytest.raises(ShardError, match=r"ends after 4 samples but its manifest lists 6"):
+        [source.read(i) for i in range(6)]
+
+
+# ------------------------------------------------------------------------------------ collation, D_ref
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collated_rows_and_masks(shards, side):
+    root, _ = shards
+    source = PairSource(root / "pairs")
+    batch = run(loader_for(root, 0, 1, shuffle=False, padding_side=side, pad_to_multiple_of=8, num_workers=0))[0]
+    samples = [source.read(i) for i in range(3)]
+    assert batch["input_ids"].shape[0] == 6 and batch["input_ids"].shape[1] % 8 == 0
+    for row, (sample, response) in enumerate([(s, s["chosen_ids"]) for s in samples] + [(s, s["rejected_ids"]) for s in samples]):
+        tokens = batch["input_ids"][row][batch["attention_mask"][row]]
+        assert tokens.tolist() == sample["prompt_ids"].tolist() + response.tolist()
+        assert batch["input_ids"][row][batch["response_mask"][row]].tolist() == response.tolist()
+        real = batch["attention_mask"][row].nonzero().flatten()
+        edge = real[0].item() if side == "right" else real[-1].item()
+        assert edge == (0 if side == "right" else batch["input_ids"].shape[1] - 1)
+    assert batch["num_tokens"] == int(batch["attention_mask"].sum())
+    assert batch["num_padded_tokens"] == batch["input_ids"].numel()
+
+
+def test_dref_stream_cycles_past_one_epoch(tmp_path):
+    keys = make_dref(tmp_path / "dref", [5, 4])
+    config = DataConfig(pairs="unused", dref=str(tmp_path / "dref"), dref_batch_size=2, num_workers=0)
+    loader = build_dref_loader(config, seed=0, dp_rank=0, dp_world_size=1, pad_token_id=0,
+                               tokenizer_hash="sha256:test")
+    batches = run(loader, 12)  # 5 batches per epoch: more than two epochs
+    assert [b["epoch"] for b in batches] == [0] * 5 + [1] * 5 + [2] * 2
+    assert sorted(flat(batches[:5])) == sorted(keys)
+    assert batches[0]["ref_logps"].dtype == torch.float32 and batches[0]["input_ids"].shape[0] == 2
+    with pytest.raises(ShardError, match="data.dref .* differs from the pairs'"):
+        build_dref_loader(config, seed=0, dp_rank=0, dp_world_size=1, pad_token_id=0, tokenizer_hash="sha256:x")
+
+
+def test_resume_at_another_data_parallel_size_says_so(shards):
+    root, _ = shards
+    first = loader_for(root, 0, 2, num_workers=0)
+    next(iter(first))
+    resumed = loader_for(root, 0, 3, num_workers=0)
+    with pytest.raises(ValueError, match="saved with dp_world_size=2, now dp_world_size=3"):
+        resumed.load_state_dict(first.state_dict())
+        next(iter(resumed))
