@@ -110,7 +110,8 @@ class PairTokenizer:
         if prompt_text is None:
             return "malformed: prompt is a list of messages; pass --chat-template"
         prompt = self.prefix + prompt_body
-        if not prompt:
+        # Blank text is empty whatever the tokenizer adds (a BOS alone is not a prompt).
+        if not prompt_body or (isinstance(pair.prompt, str) and not pair.prompt.strip()):
             return "empty_prompt"
         if not pair.chosen.strip() or not pair.rejected.strip():
             return "empty_response"
@@ -158,17 +159,18 @@ def prepare_pairs(
     fmt = resolve_format(input_path, options.format)
     stats_dir = out_dir / STATS_DIR
     params = {
-        "options": asdict(options),
+        # --strict decides whether to stop, not what a shard holds: a rerun may change it.
+        "options": {key: value for key, value in asdict(options).items() if key != "strict"},
         "input": {"path": str(input_path.resolve()), "size": input_path.stat().st_size, "format": fmt},
         "tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "hash": tokenizer_hash},
     }
+    tokenize = PairTokenizer(tokenizer, options)  # fails on a bad --chat-template before --out is claimed
     if rank == 0:
         _claim_output_dir(out_dir, params)
     barrier()  # the others read the parameters rank 0 recorded
     if rank != 0:
         _claim_output_dir(out_dir, params)
 
-    tokenize = PairTokenizer(tokenizer, options)
     per_shard = options.samples_per_shard
     progress = ProgressFile(input_path) if not fmt.startswith("parquet") else None
     meter = _Progress(log, progress, enabled=rank == 0)

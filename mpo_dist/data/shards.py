@@ -173,6 +173,10 @@ class ShardWriter:
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
+        try:
+            self._tar.close()  # else the tar stream's __del__ later writes to the closed file
+        except Exception:
+            pass
         self._file.close()
         self._tmp.unlink(missing_ok=True)
 
