@@ -111,6 +111,10 @@ class LossConfig:
         _check(self.beta > 0, "loss.beta", "must be > 0", self.beta)
         _check(self.tau >= 0, "loss.tau", "must be >= 0", self.tau)
         _check(0 <= self.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)", self.label_smoothing)
+        # A hyper-parameter the chosen loss does not use would be silently ignored.
+        _check(self.tau == 0 or self.name == "mpo", "loss.tau", f"applies to loss.name=mpo only (loss.name={self.name})", self.tau, "loss.name")
+        _check(self.label_smoothing == 0 or self.name == "dpo", "loss.label_smoothing",
+               f"applies to loss.name=dpo only (loss.name={self.name})", self.label_smoothing, "loss.name")
 
 
 @dataclass

@@ -187,7 +187,7 @@ def test_missing_file(tmp_path):
 
 
 def test_save_load_round_trip(tmp_path):
-    config = load_config(str(TINY), ["optim.lr=3e-6", "data.shuffle=false", "loss.name=ipo"])
+    config = load_config(str(TINY), ["optim.lr=3e-6", "data.shuffle=false", "loss.name=ipo", "loss.tau=0"])
     path = tmp_path / "run" / "config.yaml"
     save_config(config, path)
     assert load_config(str(path)) == config
@@ -201,3 +201,11 @@ def test_describe_config_lists_every_field():
             assert f.metadata["help"] in row
     assert "| `optim.lr` | float | `1e-06` |" in table
     assert "one of 'mpo', 'dpo', 'ipo'" in table
+
+
+def test_loss_options_of_another_loss_are_errors():
+    with pytest.raises(ConfigError, match=r"loss.tau applies to loss.name=mpo only \(loss.name=dpo\)"):
+        load_config(str(TINY), ["loss.name=dpo"])
+    with pytest.raises(ConfigError, match=r"loss.label_smoothing applies to loss.name=dpo only"):
+        load_config(str(TINY), ["loss.tau=0", "loss.label_smoothing=0.1"])
+    assert load_config(str(TINY), ["loss.name=dpo", "loss.tau=0", "loss.label_smoothing=0.1"]).loss.label_smoothing == 0.1

@@ -1,0 +1,101 @@
+"""Per-sequence sums of response-token log-probs from one forward of a causal LM, memory-lean.
+
+The naive way, `log_softmax(model(x).logits)`, holds batch x length x vocab float32 values (8 x 1024
+x 50257 x 4 bytes = 1.6 GB, twice over with its gradient). Here the decoder runs once, and the
+output projection + log-softmax run over chunks of `chunk_tokens` positions, each under activation
+checkpointing: a chunk's logits live only while that chunk is computed, in the forward and again in
+the backward, so peak memory for logits is one chunk's, whatever the batch and length.
+
+Rows may be right- or left-padded (as the collator makes them): position ids count real tokens
+only, so both give the same numbers, also for absolute-position models like GPT-2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK_TOKENS = 2048
+
+
+@dataclass
+class SequenceLogprobs:
+    logps: torch.Tensor  # [rows] float32: sum of log p(token) over each row's response tokens
+    num_tokens: torch.Tensor  # [rows] int64: response tokens counted in each row
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over each row's real tokens (padding gets 0), for either padding side."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _decoder_and_head(model):
+    """The transformer body and the output projection of a Hugging Face causal LM."""
+    decoder = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings()
+    if decoder is None or head is None:
+        raise TypeError(f"{type(model).__name__}: cannot find its decoder ('{model.base_model_prefix}') and output embeddings")
+    return decoder, head
+
+
+def _final_logits_transform(model):
+    """Architectures that rescale logits after the projection (Gemma 2/3 soft-capping, Cohere scale)."""
+    config = model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return transform
+
+
+def _chunk_token_logps(head, transform, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = transform(head(hidden)).float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1, shape [rows, length - 1], float32."""
+    decoder, head = _decoder_and_head(model)
+    transform = _final_logits_transform(model)
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask), use_cache=False
+    ).last_hidden_state
+    rows, length = input_ids.shape
+    hidden = hidden[:, :-1].reshape(rows * (length - 1), -1)
+    targets = input_ids[:, 1:].reshape(-1)
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        chunk = slice(start, start + chunk_tokens)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            pieces.append(checkpoint(_chunk_token_logps, head, transform, hidden[chunk], targets[chunk], use_reentrant=False))
+        else:
+            pieces.append(_chunk_token_logps(head, transform, hidden[chunk], targets[chunk]))
+    return torch.cat(pieces).view(rows, length - 1)
+
+
+def sequence_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> SequenceLogprobs:
+    """Sum of log-probs over the tokens marked by `response_mask` (prompt and padding excluded).
+
+    A batch may stack chosen, rejected and D_ref rows: one forward serves them all.
+    """
+    mask = response_mask[:, 1:]  # the first token has no prediction; a response never starts there
+    token_logps = token_logprobs(model, input_ids, attention_mask, chunk_tokens)
+    return SequenceLogprobs(
+        logps=torch.where(mask, token_logps, 0.0).sum(-1),
+        num_tokens=mask.sum(-1),
+    )

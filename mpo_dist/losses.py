@@ -1,0 +1,143 @@
+"""Preference losses as pure functions of per-sequence log-prob sums (SPEC.md, "The losses").
+
+Tensors in, tensors out: no `.item()`, no collectives, so they test in one process and the trainer
+reduces across ranks once. Each returns a `LossOutput` whose `.loss` is a scalar and whose
+`.metrics` are scalar tensors. Everything goes through `logsigmoid`, never `log(sigmoid(.))`, so
+log-probs of -5000 and pair logits of +-1000 stay finite in value and gradient.
+
+`weight` (optional, per pair; likewise `dref_weight` per D_ref sample) masks padding samples
+(weight 0): means become `sum(w * x) / max(sum(w), 1)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+def _mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    if weight is None:
+        return values.mean()
+    weight = weight.to(values.dtype)
+    return (values * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def _pair_metrics(policy_chosen: Tensor, policy_rejected: Tensor, z: Tensor, z_ref: Tensor, weight: Tensor | None) -> dict[str, Tensor]:
+    """What every DPO-family trainer reports: p, accuracy, implicit reward margin, log-probs."""
+    return {
+        "p": _mean(torch.sigmoid(z), weight),
+        "accuracy": _mean((z > 0).to(z.dtype), weight),
+        "reward_margin": _mean(z - z_ref, weight),
+        "chosen_logps": _mean(policy_chosen, weight),
+        "rejected_logps": _mean(policy_rejected, weight),
+    }
+
+
+def mpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    dref_policy_logps: Tensor | None = None,
+    tau: float = 0.0,
+    label: Tensor | None = None,
+    *,
+    dref_ref_logps: Tensor | None = None,
+    weight: Tensor | None = None,
+    dref_weight: Tensor | None = None,
+) -> LossOutput:
+    """MPO: per pair `-E_label[preference] + beta * KL_bern(p || p_ref)`, plus `tau * mean(-logp_theta(y))`
+    over D_ref samples y ~ pi_ref. With a deterministic label its optimum is `z = z_ref + 1/beta`.
+
+    `label` is the probability that chosen is preferred (1 when None). `dref_ref_logps`, when given,
+    adds the D_ref estimate of KL(pi_ref || pi_theta) = mean(logp_ref - logp_theta) to the metrics.
+    """
+    z = policy_chosen_logps - policy_rejected_logps
+    z_ref = ref_chosen_logps - ref_rejected_logps
+    log_p, log_1mp = F.logsigmoid(z), F.logsigmoid(-z)
+    log_q, log_1mq = F.logsigmoid(z_ref), F.logsigmoid(-z_ref)
+    p, one_minus_p = log_p.exp(), log_1mp.exp()  # 1 - p as sigmoid(-z): exact when p is near 1
+    kl = p * (log_p - log_q) + one_minus_p * (log_1mp - log_1mq)
+    preference = p if label is None else label * p + (1 - label) * one_minus_p
+    reward_term = _mean(-preference, weight)
+    kl_term = _mean(kl, weight)
+    loss = reward_term + beta * kl_term
+    metrics = {"reward_term": reward_term, "kl_pair": kl_term}
+    if dref_policy_logps is not None:
+        dref_nll = _mean(-dref_policy_logps, dref_weight)
+        loss = loss + tau * dref_nll
+        metrics["dref_nll"] = dref_nll
+        if dref_ref_logps is not None:
+            metrics["dref_kl"] = _mean(dref_ref_logps - dref_policy_logps, dref_weight)
+    metrics.update(_pair_metrics(policy_chosen_logps, policy_rejected_logps, z, z_ref, weight))
+    metrics["loss"] = loss
+    return LossOutput(loss, metrics)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    *,
+    weight: Tensor | None = None,
+) -> LossOutput:
+    """DPO: `-logsigmoid(beta * (z - z_ref))`; with label smoothing e (conservative DPO):
+    `-(1 - e) * logsigmoid(beta * h) - e * logsigmoid(-beta * h)`. Its optimum is unbounded."""
+    z = policy_chosen_logps - policy_rejected_logps
+    z_ref = ref_chosen_logps - ref_rejected_logps
+    h = beta * (z - z_ref)
+    per_pair = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    loss = _mean(per_pair, weight)
+    metrics = {"dpo_term": loss, **_pair_metrics(policy_chosen_logps, policy_rejected_logps, z, z_ref, weight), "loss": loss}
+    return LossOutput(loss, metrics)
+
+
+def ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    *,
+    weight: Tensor | None = None,
+) -> LossOutput:
+    """IPO: `((z - z_ref) - 1/(2 beta))**2`, optimum `z = z_ref + 1/(2 beta)`."""
+    z = policy_chosen_logps - policy_rejected_logps
+    z_ref = ref_chosen_logps - ref_rejected_logps
+    loss = _mean((z - z_ref - 1 / (2 * beta)) ** 2, weight)
+    metrics = {"ipo_term": loss, **_pair_metrics(policy_chosen_logps, policy_rejected_logps, z, z_ref, weight), "loss": loss}
+    return LossOutput(loss, metrics)
+
+
+# loss.name -> function. A new loss is one function above and one line here.
+LOSSES: dict[str, Callable[..., LossOutput]] = {"mpo": mpo_loss, "dpo": dpo_loss, "ipo": ipo_loss}
+
+
+def build_loss(loss_config) -> Callable[..., LossOutput]:
+    """The configured loss with its hyper-parameters bound: every field of `loss_config` that the
+    function takes as a parameter (beta, tau, label_smoothing, ...) is passed to it."""
+    function = LOSSES[loss_config.name]
+    parameters = inspect.signature(function).parameters
+    bound = {name: value for name, value in vars(loss_config).items() if name in parameters}
+
+    def loss(*args, **kwargs) -> LossOutput:
+        return function(*args, **bound, **kwargs)
+
+    loss.__name__ = f"{loss_config.name}_loss"
+    return loss
