@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK_TOKENS = 2048
+DEFAULT_CHUNK_TOKENS = 1024
 
 
 @dataclass

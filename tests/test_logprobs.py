@@ -99,3 +99,22 @@ def test_stories260k_real_model(shared_data):
     for side in ("right", "left"):
         batch = pad_sequences(prompts, responses, pad_token_id=2, padding_side=side)
         assert_matches_naive(model, batch, prompts, responses, chunk_tokens=16)
+
+
+def test_chunked_peak_memory_is_bounded_and_below_naive():
+    """Measured peak memory (forward + backward, fresh processes): the chunked path's peak does
+    not grow with the batch, the naive full log-softmax's does."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "bench_logprobs_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_logprobs_memory", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small = bench.measure(vocab=50257, batch=4, length=512, chunk_tokens=256)
+    large = bench.measure(vocab=50257, batch=8, length=512, chunk_tokens=256)
+    naive_small, chunked_small = small["naive"]["peak_increase_bytes"], small["chunked"]["peak_increase_bytes"]
+    naive_large, chunked_large = large["naive"]["peak_increase_bytes"], large["chunked"]["peak_increase_bytes"]
+    logits_small = 4 * 512 * 50257 * 4
+    assert naive_small > logits_small and naive_large > 1.8 * naive_small  # grows with batch x length
+    assert chunked_small < naive_small / 4 and chunked_large < 1.3 * chunked_small  # a few chunks' worth
