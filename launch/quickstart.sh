@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Quickstart on CPU: make the toy preference task (digit sorting, known ground truth), tokenize it
-# into pairs shards with 2 processes, and stream it through the data loader.
+# Quickstart on CPU, a few minutes: MPO on a toy preference task with a known ground truth.
 #   bash launch/quickstart.sh [OUTPUT_DIR]      (default outputs/quickstart)
+# 1. make the task (sort the digits: chosen is sorted, rejected has two neighbours swapped) and a
+#    tiny random-init Llama, which is the starting policy and the reference;
+# 2. tokenize the pairs into shards, 2. score them with the reference (2 processes each);
+# 3. train with MPO under torchrun on 2 processes (FSDP2, gloo): preference accuracy rises.
 set -euo pipefail
 OUT=${1:-outputs/quickstart}
 cd "$(dirname "$0")/.."
-export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::UserWarning}
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 
-rm -rf "$OUT/pairs"
+rm -rf "$OUT"
 python tools/make_toy_data.py --out "$OUT/toy" --records 4000
 torchrun --standalone --nproc-per-node 2 tools/prepare_pairs.py \
-    --input "$OUT/toy/pairs.jsonl" --tokenizer "$OUT/toy/tokenizer" --out "$OUT/pairs" \
+    --input "$OUT/toy/pairs.jsonl" --tokenizer "$OUT/toy/model" --out "$OUT/pairs" \
     --samples-per-shard 500 --max-length 64 --max-prompt-length 32
-python tools/bench_loader.py --pairs "$OUT/pairs" --batch-size 16 --max-tokens 1024
-echo "quickstart: pairs shards in $OUT/pairs (manifest: $OUT/pairs/manifest.json)"
+torchrun --standalone --nproc-per-node 2 tools/score_reference.py \
+    --model "$OUT/toy/model" --pairs "$OUT/pairs" --out "$OUT/reference" --batch-size 64
+torchrun --standalone --nproc-per-node 2 -m mpo_dist.train --config configs/tiny_cpu.yaml \
+    job.output_dir="$OUT/run" model.path="$OUT/toy/model" data.pairs="$OUT/pairs" data.reference="$OUT/reference"
+echo "quickstart: checkpoints in $OUT/run/checkpoints, TensorBoard: tensorboard --logdir $OUT/run/tensorboard"

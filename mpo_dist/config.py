@@ -58,7 +58,8 @@ class JobConfig:
 class ModelConfig:
     path: str = opt("", "local Hugging Face model directory; empty: random init from model.config")
     config: dict = opt({}, "kwargs of a random-init model config, used when model.path is empty (unchecked)")
-    dtype: Literal["float32", "bfloat16"] = opt("bfloat16", "parameter dtype for training")
+    dtype: Literal["float32", "bfloat16"] = opt(
+        "bfloat16", "compute dtype of parameters in forward/backward (master weights, gradients reductions and optimizer stay float32)")
 
     def validate(self) -> None:
         # Both set is ambiguous: one of them would be silently ignored.
@@ -69,6 +70,18 @@ class ModelConfig:
         if not (self.path or self.config):
             raise _Invalid("set model.path (a Hugging Face model directory) or model.config "
                            "(a random-init model config)", "model.path", "model.config")
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = opt(1, "replica groups of HSDP (e.g. the number of nodes); 1: plain FSDP")
+    dp_shard: int = opt(-1, "ranks each model is sharded over; -1: all ranks / dp_replicate")
+    activation_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward")
+    compile: bool = opt(False, "torch.compile each decoder layer")
+
+    def validate(self) -> None:
+        _check(self.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1", self.dp_replicate)
+        _check(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", "must be >= 1 or -1 (all)", self.dp_shard)
 
 
 @dataclass
@@ -123,6 +136,9 @@ class OptimConfig:
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
     betas: list[float] = opt([0.9, 0.95], "AdamW (beta1, beta2)")
     eps: float = opt(1e-8, "AdamW epsilon")
+    warmup_steps: int = opt(0, "steps of linear warmup from 0 to optim.lr")
+    schedule: Literal["cosine", "linear", "constant"] = opt("cosine", "learning-rate decay after warmup")
+    min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of optim.lr (cosine, linear)")
 
     def validate(self) -> None:
         _check(self.lr > 0, "optim.lr", "must be > 0", self.lr)
@@ -130,32 +146,76 @@ class OptimConfig:
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                "must be two values each in [0, 1)", self.betas)
         _check(self.eps > 0, "optim.eps", "must be > 0", self.eps)
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
 
 
 @dataclass
 class TrainingConfig:
     steps: int = opt(100, "optimizer steps to train for")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    global_batch_size: int = opt(0, "pairs per optimizer step over all ranks (fixed batching); sets the "
+                                    "accumulation; 0: data.batch_size x ranks x training.grad_accum")
+    grad_accum: int = opt(1, "micro-batches per optimizer step, when training.global_batch_size is 0")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0 disables clipping")
 
     def validate(self) -> None:
         _check(self.steps >= 1, "training.steps", "must be >= 1", self.steps)
+        _check(self.global_batch_size >= 0, "training.global_batch_size", "must be >= 0", self.global_batch_size)
         _check(self.grad_accum >= 1, "training.grad_accum", "must be >= 1", self.grad_accum)
         _check(self.max_grad_norm >= 0, "training.max_grad_norm", "must be >= 0 (0 disables)", self.max_grad_norm)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = opt(0, "save every this many steps (0: only at the end)")
+    keep: int = opt(2, "complete checkpoints to keep (the oldest are deleted)")
+    resume: str = opt("auto", "auto: newest complete checkpoint under job.output_dir/checkpoints, if any; "
+                              "none: start fresh; or a checkpoint folder")
+
+    def validate(self) -> None:
+        _check(self.interval >= 0, "checkpoint.interval", "must be >= 0", self.interval)
+        _check(self.keep >= 1, "checkpoint.keep", "must be >= 1", self.keep)
+        _check(bool(self.resume), "checkpoint.resume", "must be auto, none or a folder", self.resume)
+
+
+@dataclass
+class MetricsConfig:
+    log_interval: int = opt(10, "steps between console lines and TensorBoard points")
+    peak_tflops: float = opt(0.0, "peak dense bf16 TFLOP/s of one device, for MFU; 0: known GPUs are "
+                                  "looked up, otherwise MFU is not reported")
+    tensorboard: bool = opt(True, "write TensorBoard events under job.output_dir (rank 0)")
+
+    def validate(self) -> None:
+        _check(self.log_interval >= 1, "metrics.log_interval", "must be >= 1", self.log_interval)
+        _check(self.peak_tflops >= 0, "metrics.peak_tflops", "must be >= 0", self.peak_tflops)
 
 
 @dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self) -> None:
         for f in fields(self):
             getattr(self, f.name).validate()
+        # Checks that span sections.
+        if self.training.global_batch_size and self.data.batching == "tokens":
+            raise _Invalid("training.global_batch_size counts pairs and needs data.batching=fixed; with token "
+                           "budgets set training.global_batch_size=0 and training.grad_accum",
+                           "training.global_batch_size", "data.batching")
+        if self.loss.name == "mpo" and self.loss.tau > 0 and not self.data.dref:
+            raise _Invalid("loss.tau > 0 needs D_ref samples: set data.dref (made by tools/sample_reference.py) "
+                           "or loss.tau=0", "loss.tau", "data.dref")
+        if not self.data.reference:
+            raise _Invalid("data.reference is required: the losses compare with reference log-probs "
+                           "(made by tools/score_reference.py)", "data.reference")
 
 
 # ---- loading -------------------------------------------------------------------------------------

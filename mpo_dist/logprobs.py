@@ -94,7 +94,12 @@ def sequence_logprobs(
     A batch may stack chosen, rejected and D_ref rows: one forward serves them all.
     """
     mask = response_mask[:, 1:]  # the first token has no prediction; a response never starts there
-    token_logps = token_logprobs(model, input_ids, attention_mask, chunk_tokens)
+    # A sharded model carries token_logprobs as an FSDP forward method (parallelize.py).
+    forward = getattr(model, "token_logprobs", None)
+    if forward is None:
+        token_logps = token_logprobs(model, input_ids, attention_mask, chunk_tokens)
+    else:
+        token_logps = forward(input_ids, attention_mask, chunk_tokens)
     return SequenceLogprobs(
         logps=torch.where(mask, token_logps, 0.0).sum(-1),
         num_tokens=mask.sum(-1),

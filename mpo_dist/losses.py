@@ -5,8 +5,10 @@ reduces across ranks once. Each returns a `LossOutput` whose `.loss` is a scalar
 `.metrics` are scalar tensors. Everything goes through `logsigmoid`, never `log(sigmoid(.))`, so
 log-probs of -5000 and pair logits of +-1000 stay finite in value and gradient.
 
-`weight` (optional, per pair; likewise `dref_weight` per D_ref sample) masks padding samples
-(weight 0): means become `sum(w * x) / max(sum(w), 1)`.
+`weight` (optional, per pair; likewise `dref_weight` per D_ref sample) replaces the plain mean by
+`sum(weight * x)`: weights that sum to 1 give a weighted mean, padding samples get weight 0. The
+trainer passes `real / (real pairs in the whole global batch)`, so the per-micro-batch, per-rank
+losses and metrics add up to the exact mean over the global batch.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ class LossOutput:
 def _mean(values: Tensor, weight: Tensor | None) -> Tensor:
     if weight is None:
         return values.mean()
-    weight = weight.to(values.dtype)
-    return (values * weight).sum() / weight.sum().clamp(min=1.0)
+    return (values * weight.to(values.dtype)).sum()
 
 
 def _pair_metrics(policy_chosen: Tensor, policy_rejected: Tensor, z: Tensor, z_ref: Tensor, weight: Tensor | None) -> dict[str, Tensor]:

@@ -76,3 +76,20 @@ def make_dref(directory: Path, shard_sizes: list[int], tokenizer_hash: str = TOK
         shards.append(ShardInfo(shard_name(shard), size, lengths))
     Manifest("dref", tokenizer_hash, shards).write(directory)
     return keys
+
+
+def dref_from_pairs(pairs_dir: Path, reference_dir: Path, out_dir: Path, limit: int) -> None:
+    """D_ref shards whose 'samples' are the first `limit` chosen responses, with their reference
+    log-probs: stands in for tools/sample_reference.py where only the data contract matters."""
+    from mpo_dist.data.samples import PairSource
+
+    source = PairSource(pairs_dir, reference_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lengths = []
+    with ShardWriter(out_dir / shard_name(0), "dref") as writer:
+        for sample_id in range(min(limit, len(source.shards))):
+            sample = source.read(sample_id)
+            writer.write(sample["key"], {"logp_ref": sample["ref_chosen_logp"], "stop_reason": "eos"},
+                         {"prompt_ids": sample["prompt_ids"], "response_ids": sample["chosen_ids"]})
+            lengths.append(len(sample["prompt_ids"]) + len(sample["chosen_ids"]))
+    Manifest("dref", source.shards.manifest.tokenizer_hash, [ShardInfo(shard_name(0), len(lengths), lengths)]).write(out_dir)

@@ -11,7 +11,7 @@ from mpo_dist.config import (Config, ConfigError, DataConfig, describe_config, l
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 # The two keys validation requires; everything else may stay at its default.
-REQUIRED = ["data.pairs=some/pairs", "model.config={model_type: llama}"]
+REQUIRED = ["data.pairs=some/pairs", "model.config={model_type: llama}", "data.reference=some/ref"]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -36,6 +36,7 @@ def test_defaults():
     config = load_config(None, REQUIRED)
     expected = Config()
     expected.data.pairs, expected.model.config = "some/pairs", {"model_type": "llama"}
+    expected.data.reference = "some/ref"
     assert config == expected
     assert config.optim.lr == 1e-6 and config.optim.betas == [0.9, 0.95]
     assert config.data.batching == "fixed" and config.data.shuffle is True
@@ -63,7 +64,7 @@ def test_overrides_change_value_and_type():
 
 def test_float_accepts_int_and_yaml_exponent_string(tmp_path):
     # PyYAML reads `3e-6` (no dot) as a string; float fields must still accept it.
-    path = write(tmp_path, "data: {pairs: p}\nmodel: {config: {a: 1}}\noptim: {lr: 3e-6, eps: 1}\n")
+    path = write(tmp_path, "data: {pairs: p, reference: r}\nmodel: {config: {a: 1}}\noptim: {lr: 3e-6, eps: 1}\n")
     config = load_config(str(path))
     assert config.optim.lr == 3e-6 and config.optim.eps == 1.0 and isinstance(config.optim.eps, float)
 

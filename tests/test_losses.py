@@ -138,7 +138,7 @@ def test_extreme_inputs_stay_finite(dtype):
 
 def test_padding_weight_masks_pairs():
     pc, pr, rc, rr = random_logps(seed=4)
-    weight = torch.tensor([1.0] * 10 + [0.0] * 6, dtype=torch.float64)
+    weight = torch.tensor([1.0] * 10 + [0.0] * 6, dtype=torch.float64) / 10
     for fn in LOSSES.values():
         masked = fn(pc, pr, rc, rr, 0.2, weight=weight)
         kept = fn(pc[:10], pr[:10], rc[:10], rr[:10], 0.2)

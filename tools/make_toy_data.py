@@ -1,4 +1,4 @@
-"""Write the quickstart's toy preference task (digit sorting) and its tokenizer.
+"""Write the quickstart's toy preference task (digit sorting) and a tiny random-init model with its tokenizer.
 
     python tools/make_toy_data.py --out DIR [--records 4000] [--seed 0]
 """
@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     pairs, tokenizer = write_toy_task(args.out, args.records, args.seed)
-    print(f"make_toy_data: {args.records} records in {pairs}, tokenizer in {tokenizer}")
+    print(f"make_toy_data: {args.records} records in {pairs}; model and tokenizer in {tokenizer}")
 
 
 if __name__ == "__main__":

@@ -76,3 +76,19 @@ def collate_dref(samples: Sequence[dict], is_pad: np.ndarray, pad_token_id: int,
     batch["keys"] = [s["key"] for s in samples]
     batch.update(_padding_stats(batch))
     return batch
+
+
+def stack_rows(first: dict, second: dict, pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Rows of two collated batches in one tensor set (pairs, then D_ref), padded to the wider one."""
+    width = max(first["input_ids"].shape[1], second["input_ids"].shape[1])
+
+    def widen(tensor: torch.Tensor, value) -> torch.Tensor:
+        extra = width - tensor.shape[1]
+        padding = (extra, 0) if padding_side == "left" else (0, extra)
+        return torch.nn.functional.pad(tensor, padding, value=value)
+
+    return {
+        "input_ids": torch.cat([widen(first["input_ids"], pad_token_id), widen(second["input_ids"], pad_token_id)]),
+        "attention_mask": torch.cat([widen(first["attention_mask"], False), widen(second["attention_mask"], False)]),
+        "response_mask": torch.cat([widen(first["response_mask"], False), widen(second["response_mask"], False)]),
+    }

@@ -58,7 +58,10 @@ def _loader(stream: ShardStream, num_workers: int) -> ShardLoader:
 def build_pair_loader(data: DataConfig, *, seed: int, dp_rank: int, dp_world_size: int, pad_token_id: int,
                       num_epochs: int | None = None) -> ShardLoader:
     """Pairs joined with their reference log-probs (when data.reference is set), collated for one forward."""
-    source = PairSource(data.pairs, data.reference or None)
+    try:
+        source = PairSource(data.pairs, data.reference or None)
+    except (ShardError, FileNotFoundError) as error:
+        raise ShardError(f"data.pairs={data.pairs} / data.reference={data.reference}: {error}") from error
     collate = partial(collate_pairs, pad_token_id=pad_token_id, padding_side=data.padding_side,
                       pad_to_multiple_of=data.pad_to_multiple_of)
     stream = ShardStream(source, collate, batch_spec(data, 2, data.batch_size), seed=seed, dp_rank=dp_rank,
@@ -69,7 +72,10 @@ def build_pair_loader(data: DataConfig, *, seed: int, dp_rank: int, dp_world_siz
 def build_dref_loader(data: DataConfig, *, seed: int, dp_rank: int, dp_world_size: int, pad_token_id: int,
                       tokenizer_hash: str | None = None) -> ShardLoader:
     """D_ref samples, cycled forever; their tokenizer must be the pairs' (`tokenizer_hash`)."""
-    source = DrefSource(data.dref)
+    try:
+        source = DrefSource(data.dref)
+    except (ShardError, FileNotFoundError) as error:
+        raise ShardError(f"data.dref={data.dref}: {error}") from error
     if tokenizer_hash is not None and source.shards.manifest.tokenizer_hash != tokenizer_hash:
         raise ShardError(f"data.dref {data.dref}: tokenizer {source.shards.manifest.tokenizer_hash} differs from "
                          f"the pairs' {tokenizer_hash}; resample D_ref with the policy's tokenizer")

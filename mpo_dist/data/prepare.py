@@ -162,7 +162,8 @@ def prepare_pairs(
         # --strict decides whether to stop, not what a shard holds: a rerun may change it.
         "options": {key: value for key, value in asdict(options).items() if key != "strict"},
         "input": {"path": str(input_path.resolve()), "size": input_path.stat().st_size, "format": fmt},
-        "tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "hash": tokenizer_hash},
+        "tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "hash": tokenizer_hash, "vocab_size": len(tokenizer),
+                      "pad_token_id": tokenizer.pad_token_id},
     }
     tokenize = PairTokenizer(tokenizer, options)  # fails on a bad --chat-template before --out is claimed
     if rank == 0:

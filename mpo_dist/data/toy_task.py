@@ -45,12 +45,25 @@ def toy_record(rng: random.Random, min_digits: int = 3, max_digits: int = 8) -> 
     return {"prompt": "sort" + words(digits) + " ->", "chosen": words(chosen), "rejected": words(rejected)}
 
 
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+
+
 def write_toy_task(out_dir: str | Path, num_records: int = 4000, seed: int = 0) -> tuple[Path, Path]:
-    """Write `pairs.jsonl` and a `tokenizer/` folder under out_dir; returns their paths."""
+    """Write `pairs.jsonl` and `model/`: a randomly initialised tiny Llama (the policy's starting point
+    and the reference) with the task's tokenizer, as a Hugging Face folder. Returns both paths."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir = out_dir / "tokenizer"
-    build_toy_tokenizer().save_pretrained(str(tokenizer_dir))
+    tokenizer_dir = out_dir / "model"
+    tokenizer = build_toy_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(WORDS), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **TINY_LLAMA)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tokenizer_dir))
+    tokenizer.save_pretrained(str(tokenizer_dir))
     rng = random.Random(seed)
     pairs = out_dir / "pairs.jsonl"
     with open(pairs, "w") as handle:

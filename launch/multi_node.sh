@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Train on several machines with torchrun's c10d rendezvous. Run the SAME command once on EVERY node:
+#   NNODES=2 RDZV_ENDPOINT=node0:29500 JOB_ID=run42 bash launch/multi_node.sh CONFIG [section.key=value ...]
+# Environment:
+#   NNODES          (required) number of nodes, or MIN:MAX for an elastic range
+#   RDZV_ENDPOINT   (required) host:port of the rendezvous store; any one node's address, reachable by all
+#                   (the node whose address it is hosts the store)
+#   JOB_ID          rendezvous id, the same on every node and new for every job (default: mpo_dist)
+#   NPROC_PER_NODE  processes per node (default: number of GPUs from nvidia-smi -L, or 1 without a GPU)
+#   MAX_RESTARTS    times torchrun restarts the workers after a failure (default: 0); a restart resumes
+#                   from the newest checkpoint since checkpoint.resume defaults to auto
+#   NODE_RANK is not needed: c10d assigns node ranks (global rank 0 may be on any node).
+# To try it on one machine, run in two shells:
+#   NNODES=2 NPROC_PER_NODE=1 RDZV_ENDPOINT=localhost:29500 bash launch/multi_node.sh configs/tiny_cpu.yaml
+# HSDP: set parallel.dp_replicate to the number of nodes (replicate across nodes, shard within one).
+set -euo pipefail
+
+if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
+    exit 2
+fi
+CONFIG=$1
+shift
+
+die() { echo "multi_node.sh: $*" >&2; exit 2; }
+[[ -n "${NNODES:-}" ]] || die "set NNODES (the number of nodes, e.g. NNODES=2)"
+[[ "$NNODES" =~ ^[0-9]+(:[0-9]+)?$ ]] || die "NNODES must be a number or MIN:MAX, got '$NNODES'"
+[[ -n "${RDZV_ENDPOINT:-}" ]] || die "set RDZV_ENDPOINT to host:port of the rendezvous (one node's address, the same on every node), e.g. RDZV_ENDPOINT=node0:29500"
+[[ "$RDZV_ENDPOINT" =~ ^.+:[0-9]+$ ]] || die "RDZV_ENDPOINT must look like host:port, got '$RDZV_ENDPOINT'"
+JOB_ID=${JOB_ID:-mpo_dist}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+    NPROC_PER_NODE=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    fi
+    [[ "$NPROC_PER_NODE" -ge 1 ]] || NPROC_PER_NODE=1
+fi
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+exec torchrun \
+    --nnodes "$NNODES" \
+    --nproc-per-node "$NPROC_PER_NODE" \
+    --rdzv-backend c10d \
+    --rdzv-endpoint "$RDZV_ENDPOINT" \
+    --rdzv-id "$JOB_ID" \
+    --max-restarts "$MAX_RESTARTS" \
+    -m mpo_dist.train --config "$CONFIG" "$@"

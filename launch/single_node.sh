@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Train on one machine: one process per GPU, rendezvous on this host only.
+#   bash launch/single_node.sh CONFIG [NPROC] [section.key=value ...]
+# NPROC defaults to the number of GPUs (nvidia-smi -L), or 1 without a GPU. Equivalent to:
+#   torchrun --standalone --nproc-per-node NPROC -m mpo_dist.train --config CONFIG [overrides ...]
+# Example: bash launch/single_node.sh configs/llama-1b.yaml 8 training.steps=200
+set -euo pipefail
+
+if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
+    exit 2
+fi
+CONFIG=$1
+shift
+
+if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then
+    NPROC=$1
+    shift
+else
+    NPROC=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    fi
+    [[ "$NPROC" -ge 1 ]] || NPROC=1
+fi
+
+# Make the package importable without installing it (the config path stays relative to the caller).
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+exec torchrun --standalone --nproc-per-node "$NPROC" -m mpo_dist.train --config "$CONFIG" "$@"

@@ -1,0 +1,115 @@
+"""Build a transformers causal LM on the meta device, and materialise it after sharding.
+
+`build_model` makes the module tree without memory (meta device); `parallelize.apply_fsdp` shards
+it; `materialize_model` then allocates only this rank's shards, initialises them (random init) and,
+for `model.path`, reads this rank's slices straight from the safetensors files with DCP's
+Hugging Face reader, so no rank ever holds the full model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mpo_dist.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_model_config(model: ModelConfig):
+    from transformers import AutoConfig
+
+    if model.path:
+        path = Path(model.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path {path}: no config.json; expected a Hugging Face model folder")
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    kwargs = dict(model.config)
+    model_type = kwargs.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("model.config needs model_type (e.g. llama, qwen2, gpt2) for a random-init model")
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build_model(model: ModelConfig) -> nn.Module:
+    """The causal LM's module tree on the meta device (no parameter memory), in float32."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(model)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    lm.config.use_cache = False
+    return lm
+
+
+@torch.no_grad()
+def materialize_model(lm: nn.Module, model: ModelConfig, device: torch.device, seed: int) -> None:
+    """Allocate this rank's (sharded) parameters on `device` and fill them: random init, then
+    the weights of `model.path` when given. Buffers (rotary frequencies) are recomputed."""
+    lm.to_empty(device=device)
+    torch.manual_seed(seed)
+    lm.initialize_weights()  # also recomputes non-persistent buffers that to_empty left empty
+    lm.tie_weights()
+    if model.path:
+        load_pretrained_weights(lm, model.path)
+
+
+def load_pretrained_weights(lm: nn.Module, path: str | Path) -> None:
+    """Read each rank's slices of the safetensors weights into the (possibly sharded) model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    path = Path(path)
+    if not list(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"model.path {path}: no *.safetensors weights (convert .bin weights to safetensors first)")
+    state = {name: tensor for name, tensor in lm.state_dict().items() if name not in tied_parameter_names(lm)}
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not torch.distributed.is_initialized())
+
+
+def tied_parameter_names(lm: nn.Module) -> set[str]:
+    """Names that share storage with another parameter (e.g. lm_head.weight tied to the embeddings):
+    the file holds one copy, under the first name."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, parameter in lm.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            tied.add(name)
+        else:
+            seen[id(parameter)] = name
+    return tied
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks, wherever the architecture keeps them (Llama, Qwen2,
+    Mistral: model.layers; GPT-2: transformer.h; GPT-NeoX: gpt_neox.layers; ...)."""
+    no_split = set(getattr(lm, "_no_split_modules", None) or [])
+    layers = [module for module in lm.modules() if type(module).__name__ in no_split]
+    if not layers:
+        for module in lm.modules():
+            if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
+                layers = list(module)
+                break
+    if not layers:
+        raise TypeError(f"{type(lm).__name__}: cannot find its decoder layers to shard")
+    return layers
+
+
+def count_parameters(lm: nn.Module, exclude_embeddings: bool = False) -> int:
+    total = sum(p.numel() for p in lm.parameters())
+    if exclude_embeddings:
+        total -= lm.get_input_embeddings().weight.numel()
+    return total
+
+
+def model_summary(lm: nn.Module) -> str:
+    config = lm.config
+    return json.dumps({
+        "architecture": type(lm).__name__,
+        "parameters": count_parameters(lm),
+        "layers": getattr(config, "num_hidden_layers", None),
+        "hidden": getattr(config, "hidden_size", None),
+        "vocab": getattr(config, "vocab_size", None),
+    })
