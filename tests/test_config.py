@@ -22,14 +22,14 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_tiny_cpu_config_loads():
     config = load_config(str(TINY))
-    assert config.model.config["num_hidden_layers"] == 2
+    assert config.model.path == "outputs/quickstart/toy/model" and config.model.config == {}
     assert config.model.dtype == "bfloat16"
     assert config.data.pairs == "outputs/quickstart/pairs"
-    assert config.data.batch_size == 4
-    assert (config.loss.name, config.loss.beta, config.loss.tau) == ("mpo", 0.1, 0.05)
-    assert config.optim.lr == 1e-3 and isinstance(config.optim.lr, float)
-    assert config.training.steps == 50
-    assert config.job.output_dir == "outputs/quickstart"
+    assert config.data.batch_size == 16 and config.training.global_batch_size == 32
+    assert (config.loss.name, config.loss.beta, config.loss.tau) == ("mpo", 0.1, 0.0)
+    assert config.optim.lr == 3e-3 and isinstance(config.optim.lr, float)
+    assert config.training.steps == 120
+    assert config.job.output_dir == "outputs/quickstart/run"
 
 
 def test_defaults():
@@ -52,8 +52,8 @@ def test_defaults_are_not_shared():
 
 def test_overrides_change_value_and_type():
     config = load_config(str(TINY), ["optim.lr=3e-6", "data.shuffle=false", "optim.betas=[0.9,0.99]",
-                                     "training.steps=7", "model.config.hidden_size=32",
-                                     "job.output_dir=123"])
+                                     "training.steps=7", "model.path=", "model.config={model_type: llama, vocab_size: 512}",
+                                     "model.config.hidden_size=32", "job.output_dir=123"])
     assert config.optim.lr == 3e-6 and isinstance(config.optim.lr, float)
     assert config.data.shuffle is False
     assert config.optim.betas == [0.9, 0.99]
@@ -136,11 +136,14 @@ def test_range_error_names_command_line():
 
 def test_tokens_batching_needs_max_tokens():
     with pytest.raises(ConfigError) as e:
-        load_config(str(TINY), ["data.batching=tokens"])
+        load_config(str(TINY), ["data.batching=tokens", "training.global_batch_size=0"])
     msg = str(e.value)
     assert msg.startswith("data.max_tokens must be > 0 when data.batching=tokens")
     assert "data.batching=fixed" in msg and "data.batching from command line" in msg
-    assert load_config(str(TINY), ["data.batching=tokens", "data.max_tokens=4096"]).data.max_tokens == 4096
+    assert load_config(str(TINY), ["data.batching=tokens", "data.max_tokens=4096",
+                                   "training.global_batch_size=0"]).data.max_tokens == 4096
+    with pytest.raises(ConfigError, match="training.global_batch_size counts pairs and needs data.batching=fixed"):
+        load_config(str(TINY), ["data.batching=tokens", "data.max_tokens=4096"])
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -148,7 +151,12 @@ def test_tokens_batching_needs_max_tokens():
     ("loss.label_smoothing=0.5", "loss.label_smoothing must be in [0, 0.5)"),
     ("data.num_workers=-1", "data.num_workers must be >= 0"),
     ("data.pairs=", "data.pairs is required"),
-    ("model.path=/models/x", "model.path and model.config are both set"),
+    ("model.config={model_type: llama}", "model.path and model.config are both set"),
+    ("loss.tau=0.1", "loss.tau > 0 needs D_ref samples: set data.dref"),
+    ("data.reference=", "data.reference is required"),
+    ("parallel.dp_shard=0", "parallel.dp_shard must be >= 1 or -1"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be in [0, 1]"),
+    ("checkpoint.keep=0", "checkpoint.keep must be >= 1"),
 ])
 def test_range_and_cross_field_checks(override, expected):
     with pytest.raises(ConfigError) as e:
@@ -206,7 +214,7 @@ def test_describe_config_lists_every_field():
 
 def test_loss_options_of_another_loss_are_errors():
     with pytest.raises(ConfigError, match=r"loss.tau applies to loss.name=mpo only \(loss.name=dpo\)"):
-        load_config(str(TINY), ["loss.name=dpo"])
+        load_config(str(TINY), ["loss.name=dpo", "loss.tau=0.1", "data.dref=d"])
     with pytest.raises(ConfigError, match=r"loss.label_smoothing applies to loss.name=dpo only"):
-        load_config(str(TINY), ["loss.tau=0", "loss.label_smoothing=0.1"])
+        load_config(str(TINY), ["loss.label_smoothing=0.1"])
     assert load_config(str(TINY), ["loss.name=dpo", "loss.tau=0", "loss.label_smoothing=0.1"]).loss.label_smoothing == 0.1
