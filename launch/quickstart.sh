@@ -3,7 +3,8 @@
 #   bash launch/quickstart.sh [OUTPUT_DIR]      (default outputs/quickstart)
 # 1. make the task (sort the digits: chosen is sorted, rejected has two neighbours swapped) and a
 #    tiny random-init Llama, which is the starting policy and the reference;
-# 2. tokenize the pairs into shards, 2. score them with the reference (2 processes each);
+# 2. tokenize the pairs into shards, score them with the reference, and sample D_ref responses from
+#    the reference for MPO's second KL term (2 processes each);
 # 3. train with MPO under torchrun on 2 processes (FSDP2, gloo): preference accuracy rises.
 set -euo pipefail
 OUT=${1:-outputs/quickstart}
@@ -17,6 +18,9 @@ torchrun --standalone --nproc-per-node 2 tools/prepare_pairs.py \
     --samples-per-shard 500 --max-length 64 --max-prompt-length 32
 torchrun --standalone --nproc-per-node 2 tools/score_reference.py \
     --model "$OUT/toy/model" --pairs "$OUT/pairs" --out "$OUT/reference" --batch-size 64
+torchrun --standalone --nproc-per-node 2 tools/sample_reference.py \
+    --model "$OUT/toy/model" --pairs "$OUT/pairs" --out "$OUT/dref" --num-samples 1 --max-new-tokens 12 --batch-size 100
 torchrun --standalone --nproc-per-node 2 -m mpo_dist.train --config configs/tiny_cpu.yaml \
-    job.output_dir="$OUT/run" model.path="$OUT/toy/model" data.pairs="$OUT/pairs" data.reference="$OUT/reference"
+    job.output_dir="$OUT/run" model.path="$OUT/toy/model" data.pairs="$OUT/pairs" data.reference="$OUT/reference" \
+    data.dref="$OUT/dref"
 echo "quickstart: checkpoints in $OUT/run/checkpoints, TensorBoard: tensorboard --logdir $OUT/run/tensorboard"

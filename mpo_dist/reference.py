@@ -2,16 +2,13 @@
 
 For every pairs shard, a shard of the same name with the same keys in the same order holding
 `logp_ref` of chosen and rejected (sums over response tokens, computed by `logprobs.py` exactly as
-the trainer computes the policy's) and token counts. Rank `r` of `W` scores the shards with
-`i % W == r`; shards are written atomically and a rerun skips finished ones. Rank 0 writes the
-manifest after a barrier. Results do not depend on W: each shard is scored alone, in file order.
+the trainer computes the policy's) and token counts. Each shard is scored alone, in file order and
+fixed batches, so the numbers do not depend on how many ranks ran the job.
 """
 
 from __future__ import annotations
 
 import hashlib
-import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +19,8 @@ from mpo_dist.data.collate import collate_pairs
 from mpo_dist.data.samples import write_reference_shard
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
 from mpo_dist.logprobs import sequence_logprobs
+from mpo_dist.shard_job import run_shard_job, stderr_log
+from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:
@@ -33,6 +32,27 @@ def weights_fingerprint(model_dir: str | Path) -> str:
             for block in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(block)
     return "sha256:" + digest.hexdigest()[:32]
+
+
+def load_reference_model(model_dir: str | Path, pairs: Manifest, pairs_dir: Path, dtype: str, device: torch.device):
+    """The reference model, refused when its tokenizer is not the one that made the pairs."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model_dir}: no config.json; expected a Hugging Face model folder")
+    has_tokenizer = any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if has_tokenizer:
+        model_hash = tokenizer_fingerprint(load_tokenizer(model_dir))
+        if model_hash != pairs.tokenizer_hash:
+            raise ValueError(f"--model {model_dir} has tokenizer {model_hash}, but --pairs {pairs_dir} was tokenized "
+                             f"with {pairs.tokenizer_hash}; use the reference model that matches the policy's tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).to(device)
+    vocab = pairs.info.get("tokenizer", {}).get("vocab_size")
+    if vocab is not None and vocab > model.config.vocab_size:
+        raise ValueError(f"--pairs {pairs_dir} uses a {vocab}-token vocabulary but --model {model_dir} has "
+                         f"{model.config.vocab_size} embeddings")
+    return model.eval()
 
 
 @torch.no_grad()
@@ -69,28 +89,23 @@ def score_pairs(
     device: torch.device = torch.device("cpu"),
     model_info: dict | None = None,
     barrier: Callable[[], None] = lambda: None,
-    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
+    log: Callable[[str], None] = stderr_log,
 ) -> Manifest | None:
     """Write this rank's reference shards; rank 0 then writes and returns the manifest."""
     pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
     pairs = Manifest.read(pairs_dir, "pairs")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mine = [shard for index, shard in enumerate(pairs.shards) if index % world_size == rank]
-    todo = [shard for shard in mine if not (out_dir / shard.name).exists()]
     model.eval()
-    start, tokens = time.monotonic(), 0
-    for done, shard in enumerate(todo, 1):
-        tokens += score_shard(model, pairs_dir, shard, out_dir / shard.name, batch_size, device)
-        if rank == 0:
-            elapsed = time.monotonic() - start
-            eta = elapsed / done * (len(todo) - done)
-            log(f"score_reference: rank 0 shard {done}/{len(todo)} ({len(mine) - len(todo)} already done), "
-                f"{tokens / elapsed:,.0f} tokens/s, ETA {eta:.0f}s")
-    barrier()
+    totals = run_shard_job(
+        "score_reference", pairs.shards, out_dir,
+        lambda index, shard: score_shard(model, pairs_dir, shard, out_dir / shard.name, batch_size, device),
+        rank=rank, world_size=world_size, barrier=barrier, log=log)
     if rank != 0:
         return None
     manifest = Manifest("ref_logps", pairs.tokenizer_hash, [ShardInfo(s.name, s.num_samples) for s in pairs.shards],
                         info={"created_by": "tools/score_reference.py", "pairs": str(pairs_dir.resolve()),
                               "pairs_num_samples": pairs.num_samples, **(model_info or {})})
     manifest.write(out_dir)
+    rate = totals["work"] / totals["seconds"] if totals["seconds"] else 0.0
+    log(f"score_reference: {pairs.num_samples} pairs in {len(pairs.shards)} shards scored into {out_dir} "
+        f"(rank 0: {totals['made']} shards made, {totals['skipped']} already done, {rate:,.0f} tokens/s)")
     return manifest

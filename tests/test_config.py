@@ -26,7 +26,8 @@ def test_tiny_cpu_config_loads():
     assert config.model.dtype == "bfloat16"
     assert config.data.pairs == "outputs/quickstart/pairs"
     assert config.data.batch_size == 16 and config.training.global_batch_size == 32
-    assert (config.loss.name, config.loss.beta, config.loss.tau) == ("mpo", 0.1, 0.0)
+    assert (config.loss.name, config.loss.beta, config.loss.tau) == ("mpo", 0.1, 0.05)
+    assert config.data.dref == "outputs/quickstart/dref"
     assert config.optim.lr == 3e-3 and isinstance(config.optim.lr, float)
     assert config.training.steps == 120
     assert config.job.output_dir == "outputs/quickstart/run"
@@ -152,7 +153,7 @@ def test_tokens_batching_needs_max_tokens():
     ("data.num_workers=-1", "data.num_workers must be >= 0"),
     ("data.pairs=", "data.pairs is required"),
     ("model.config={model_type: llama}", "model.path and model.config are both set"),
-    ("loss.tau=0.1", "loss.tau > 0 needs D_ref samples: set data.dref"),
+    ("data.dref=", "loss.tau > 0 needs D_ref samples: set data.dref"),
     ("data.reference=", "data.reference is required"),
     ("parallel.dp_shard=0", "parallel.dp_shard must be >= 1 or -1"),
     ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be in [0, 1]"),
@@ -214,7 +215,7 @@ def test_describe_config_lists_every_field():
 
 def test_loss_options_of_another_loss_are_errors():
     with pytest.raises(ConfigError, match=r"loss.tau applies to loss.name=mpo only \(loss.name=dpo\)"):
-        load_config(str(TINY), ["loss.name=dpo", "loss.tau=0.1", "data.dref=d"])
+        load_config(str(TINY), ["loss.name=dpo"])
     with pytest.raises(ConfigError, match=r"loss.label_smoothing applies to loss.name=dpo only"):
         load_config(str(TINY), ["loss.label_smoothing=0.1"])
     assert load_config(str(TINY), ["loss.name=dpo", "loss.tau=0", "loss.label_smoothing=0.1"]).loss.label_smoothing == 0.1

@@ -16,6 +16,7 @@ from conftest import REPO
 from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
 from mpo_dist.data.toy_task import write_toy_task
 from mpo_dist.reference import score_pairs
+from mpo_dist.sampling import SamplingParams, sample_dref
 
 CONFIG = str(REPO / "configs" / "tiny_cpu.yaml")
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -42,14 +43,16 @@ def toy(tmp_path_factory) -> dict[str, Path]:
     pairs_jsonl, model_dir = write_toy_task(root / "toy", num_records=1200, seed=0)
     prepare_pairs(pairs_jsonl, model_dir, root / "pairs", PrepareOptions(samples_per_shard=300, max_length=64,
                                                                           max_prompt_length=32), log=QUIET)
-    score_pairs(AutoModelForCausalLM.from_pretrained(str(model_dir)), root / "pairs", root / "reference",
-                batch_size=64, log=QUIET)
-    return {"root": root, "model": model_dir, "pairs": root / "pairs", "reference": root / "reference"}
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    score_pairs(reference, root / "pairs", root / "reference", batch_size=64, log=QUIET)
+    sample_dref(reference, root / "pairs", root / "dref", SamplingParams(num_samples=1, max_new_tokens=10),
+                eos_token_id=reference.config.eos_token_id, pad_token_id=0, batch_size=100, log=QUIET)
+    return {"root": root, "model": model_dir, "pairs": root / "pairs", "reference": root / "reference", "dref": root / "dref"}
 
 
 def overrides(toy, out: Path, **extra) -> list[str]:
     values = {"job.output_dir": out, "model.path": toy["model"], "data.pairs": toy["pairs"],
-              "data.reference": toy["reference"], "metrics.log_interval": 1, **extra}
+              "data.reference": toy["reference"], "data.dref": toy["dref"], "metrics.log_interval": 1, **extra}
     return [f"{key}={value}" for key, value in values.items()]
 
 

@@ -8,11 +8,14 @@ shards; the output does not depend on the number of processes. A rerun skips fin
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from mpo_dist.distributed import barrier, destroy_distributed, init_distributed
-from mpo_dist.reference import score_pairs, weights_fingerprint
+from mpo_dist.data.shards import Manifest
+from mpo_dist.distributed import barrier
+from mpo_dist.reference import load_reference_model, score_pairs, weights_fingerprint
+from mpo_dist.shard_job import run_tool
 
 
 def main(argv=None) -> int:
@@ -23,22 +26,17 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM
 
-    info = init_distributed()
-    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
-        model_info = {"model": {"path": args.model, "weights_hash": weights_fingerprint(args.model) if info.is_main else None,
-                                "dtype": args.dtype}}
-        score_pairs(model, args.pairs, args.out, rank=info.rank, world_size=info.world_size, batch_size=args.batch_size,
-                    device=device, model_info=model_info, barrier=barrier)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"score_reference: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
+    def body(info):
+        device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        pairs = Manifest.read(args.pairs, "pairs")
+        model = load_reference_model(args.model, pairs, Path(args.pairs), args.dtype, device)
+        model_info = {"model": {"path": str(Path(args.model).resolve()), "dtype": args.dtype,
+                                "weights_hash": weights_fingerprint(args.model) if info.is_main else None}}
+        score_pairs(model, args.pairs, args.out, rank=info.rank, world_size=info.world_size,
+                    batch_size=args.batch_size, device=device, model_info=model_info, barrier=barrier)
+
+    return run_tool("score_reference", body)
 
 
 if __name__ == "__main__":

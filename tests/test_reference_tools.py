@@ -1,0 +1,217 @@
+"""tools/score_reference.py and tools/sample_reference.py with the real stories260K model on HH-RLHF
+prompts: world-size independence, agreement with the trainer's numbers, resumption after SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
+from mpo_dist.data.shards import Manifest, ShardCursor
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+QUIET = lambda message: None
+
+
+def run_tool(tool: str, *args, nproc: int = 1, rendezvous: list[str] | None = None, check: bool = True):
+    launcher = [sys.executable]
+    if nproc > 1 and rendezvous is None:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    elif rendezvous is not None:
+        launcher += ["-m", "torch.distributed.run", *rendezvous]
+    result = subprocess.run(launcher + [str(REPO / "tools" / tool), *map(str, args)], env=ENV, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{tool} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("reference")
+    model = shared_data("stories260K")
+    records = shared_data("hh-rlhf-harmless-test", "pairs.jsonl").read_text().splitlines()[:40]
+    (root / "hh.jsonl").write_text("\n".join(records) + "\n")
+    prepare_pairs(root / "hh.jsonl", model, root / "pairs",
+                  PrepareOptions(samples_per_shard=8, max_length=160, max_prompt_length=96), log=QUIET)
+    return {"root": root, "model": model, "pairs": root / "pairs"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def test_scoring_does_not_depend_on_the_number_of_processes(stories, tmp_path):
+    common = ["--model", stories["model"], "--pairs", stories["pairs"], "--batch-size", 4]
+    run_tool("score_reference.py", *common, "--out", tmp_path / "one")
+    result = run_tool("score_reference.py", *common, "--out", tmp_path / "two", nproc=2)
+    assert "tokens/s" in result.stderr and "ETA" in result.stderr
+    one, two = tree(tmp_path / "one"), tree(tmp_path / "two")
+    assert len(one) == len(Manifest.read(stories["pairs"]).shards) + 1
+    assert {k: v for k, v in one.items() if k != "manifest.json"} == {k: v for k, v in two.items() if k != "manifest.json"}
+    manifest = Manifest.read(tmp_path / "one", "ref_logps")
+    assert manifest.info["model"]["weights_hash"].startswith("sha256:")
+    assert manifest.tokenizer_hash == Manifest.read(stories["pairs"]).tokenizer_hash
+
+
+def test_scored_logps_equal_the_trainers_at_step_0(stories, tmp_path):
+    """The trainer's path (meta init, FSDP2, DCP weight loading, FSDP forward method) reproduces the
+    scored reference log-probs of the same model, pair by pair."""
+    import torch.distributed as dist
+
+    from mpo_dist.config import ModelConfig, ParallelConfig
+    from mpo_dist.data.collate import collate_pairs
+    from mpo_dist.data.samples import PairSource
+    from mpo_dist.logprobs import sequence_logprobs
+    from mpo_dist.model import build_model, materialize_model
+    from mpo_dist.parallelize import apply_fsdp, build_mesh
+    from mpo_dist.reference import score_pairs
+    from transformers import AutoModelForCausalLM
+
+    score_pairs(AutoModelForCausalLM.from_pretrained(str(stories["model"])), stories["pairs"], tmp_path / "ref",
+                batch_size=3, log=QUIET)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        config = ModelConfig(path=str(stories["model"]), dtype="float32")
+        policy = build_model(config)
+        apply_fsdp(policy, build_mesh(ParallelConfig(), 1, "cpu"), ParallelConfig(), "float32")
+        materialize_model(policy, config, torch.device("cpu"), seed=0)
+        source = PairSource(stories["pairs"], tmp_path / "ref")
+        samples = [source.read(i) for i in range(len(source.shards))]
+        rows = collate_pairs(samples, np.zeros(len(samples), bool), pad_token_id=0)
+        with torch.no_grad():
+            logps = sequence_logprobs(policy, rows["input_ids"], rows["attention_mask"], rows["response_mask"]).logps
+    finally:
+        dist.destroy_process_group()
+    size = len(samples)
+    stored = torch.tensor([[s["ref_chosen_logp"] for s in samples], [s["ref_rejected_logp"] for s in samples]])
+    torch.testing.assert_close(torch.stack([logps[:size], logps[size:]]), stored, rtol=2e-6, atol=1e-4)
+
+
+def test_a_tokenizer_that_did_not_make_the_pairs_is_refused(stories, tmp_path, shared_data):
+    prepare_pairs(stories["root"] / "hh.jsonl", shared_data("gpt2-tokenizer"), tmp_path / "gpt2-pairs",
+                  PrepareOptions(samples_per_shard=20), log=QUIET)
+    for tool, extra in [("score_reference.py", []), ("sample_reference.py", ["--num-samples", 1, "--max-new-tokens", 4])]:
+        result = run_tool(tool, "--model", stories["model"], "--pairs", tmp_path / "gpt2-pairs", "--out", tmp_path / tool,
+                          *extra, check=False)
+        assert result.returncode == 2
+        assert "has tokenizer" in result.stderr and "was tokenized with" in result.stderr
+        assert not (tmp_path / tool / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+SAMPLING = ["--num-samples", 2, "--max-new-tokens", 24, "--seed", 3, "--batch-size", 5]
+
+
+def test_sampling_is_identical_on_1_process_2_processes_and_2_nodes(stories, tmp_path):
+    common = ["--model", stories["model"], "--pairs", stories["pairs"], *SAMPLING]
+    run_tool("sample_reference.py", *common, "--out", tmp_path / "one")
+    run_tool("sample_reference.py", *common, "--out", tmp_path / "two", nproc=2)
+    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                  "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", "sampling-test"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", *rendezvous, str(REPO / "tools" / "sample_reference.py"),
+                *map(str, common), "--out", str(tmp_path / "nodes")]
+    nodes = [subprocess.Popen(launcher, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    one = tree(tmp_path / "one")
+    assert len(one) == len(Manifest.read(stories["pairs"]).shards) + 1
+    assert tree(tmp_path / "two") == one and tree(tmp_path / "nodes") == one  # the manifest too
+    manifest = Manifest.read(tmp_path / "one", "dref")
+    assert manifest.num_samples == 2 * Manifest.read(stories["pairs"]).num_samples
+    assert manifest.info["sampling"] == {"num_samples": 2, "max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0, "seed": 3}
+
+
+def test_stored_logp_ref_equals_a_rescoring_and_samples_read_like_stories(stories, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mpo_dist.logprobs import sequence_logprobs
+    from mpo_dist.sampling import SamplingParams, generate, sample_dref
+    from mpo_dist.tokenizer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(stories["model"])).eval()
+    tokenizer = load_tokenizer(stories["model"])
+    sample_dref(model, stories["pairs"], tmp_path / "dref", SamplingParams(num_samples=1, max_new_tokens=20, seed=0),
+                eos_token_id=2, pad_token_id=0, batch_size=7, log=QUIET)
+    manifest = Manifest.read(tmp_path / "dref", "dref")
+    reasons = set()
+    for shard in manifest.shards:
+        for key, meta, arrays in ShardCursor(tmp_path / "dref" / shard.name, "dref", shard.num_samples):
+            ids = torch.tensor(np.concatenate([arrays["prompt_ids"], arrays["response_ids"]]))[None].long()
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            mask[0, len(arrays["prompt_ids"]):] = True
+            with torch.no_grad():  # each sample alone, unpadded
+                alone = sequence_logprobs(model, ids, torch.ones_like(mask), mask).logps.item()
+            assert meta["logp_ref"] == pytest.approx(alone, rel=1e-5, abs=1e-4), key
+            assert key.endswith("-s0") and 1 <= len(arrays["response_ids"]) <= 20
+            reasons.add(meta["stop_reason"])
+            assert (meta["stop_reason"] == "eos") == (arrays["response_ids"][-1] == 2)
+    assert reasons <= {"eos", "length"} and "length" in reasons
+    greedy = generate(model, [np.array([1])], [0], SamplingParams(max_new_tokens=16, temperature=0), 2, 0, torch.device("cpu"))
+    assert tokenizer.decode(greedy[0][0]).startswith("Once upon a time, there was a little girl named Lily")
+    drawn = generate(model, [np.array([1])] * 4, [1, 2, 3, 4], SamplingParams(max_new_tokens=12), 2, 0, torch.device("cpu"))
+    texts = [tokenizer.decode(response) for response, _ in drawn]
+    assert len(set(texts)) > 1 and all(text.split() for text in texts)  # distinct stories, made of words
+
+
+def worker_pids(parent: int) -> list[int]:
+    children = []
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(status.parent.name))
+    return children
+
+
+def test_sigkill_of_one_rank_then_rerun_gives_the_uninterrupted_output(stories, tmp_path):
+    common = ["--model", stories["model"], "--pairs", stories["pairs"], "--num-samples", 3, "--max-new-tokens", 48,
+              "--seed", 5, "--batch-size", 4]
+    run_tool("sample_reference.py", *common, "--out", tmp_path / "clean")
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(REPO / "tools" / "sample_reference.py"), *map(str, common), "--out", str(out)]
+    job = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("shard-*.tar")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = worker_pids(job.pid)
+    assert workers, "no worker processes found"
+    os.kill(max(workers), signal.SIGKILL)  # one rank dies mid-job
+    job.communicate(timeout=120)
+    assert job.returncode != 0
+    total = len(Manifest.read(stories["pairs"]).shards)
+    assert not (out / "manifest.json").exists() and len(list(out.glob("shard-*.tar"))) < total
+    rerun = run_tool("sample_reference.py", *common, "--out", out, nproc=2)
+    assert "already done" in rerun.stderr
+    assert tree(out) == tree(tmp_path / "clean")
+    assert not list(out.glob(".*.tmp-*"))
+
+
+def test_bad_sampling_parameters_are_refused(stories, tmp_path):
+    result = run_tool("sample_reference.py", "--model", stories["model"], "--pairs", stories["pairs"], "--out", tmp_path,
+                      "--num-samples", 1, "--max-new-tokens", 8, "--top-p", 0, check=False)
+    assert result.returncode == 2 and "--top-p must be in (0, 1]" in result.stderr
