@@ -29,15 +29,10 @@ die() { echo "multi_node.sh: $*" >&2; exit 2; }
 [[ "$RDZV_ENDPOINT" =~ ^.+:[0-9]+$ ]] || die "RDZV_ENDPOINT must look like host:port, got '$RDZV_ENDPOINT'"
 JOB_ID=${JOB_ID:-mpo_dist}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-    NPROC_PER_NODE=0
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-    fi
-    [[ "$NPROC_PER_NODE" -ge 1 ]] || NPROC_PER_NODE=1
-fi
-
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$REPO/launch/_gpus.sh"
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(gpu_count)}
+
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 exec torchrun \

@@ -13,19 +13,15 @@ fi
 CONFIG=$1
 shift
 
+# Make the package importable without installing it (the config path stays relative to the caller).
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$REPO/launch/_gpus.sh"
 if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then
     NPROC=$1
     shift
 else
-    NPROC=0
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-    fi
-    [[ "$NPROC" -ge 1 ]] || NPROC=1
+    NPROC=$(gpu_count)
 fi
-
-# Make the package importable without installing it (the config path stays relative to the caller).
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 exec torchrun --standalone --nproc-per-node "$NPROC" -m mpo_dist.train --config "$CONFIG" "$@"

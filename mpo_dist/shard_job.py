@@ -70,12 +70,12 @@ def stderr_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_tool(name: str, body: Callable[..., None]) -> int:
+def run_tool(name: str, body: Callable[..., None], backend: str | None = None) -> int:
     """A tool's `main`: join the process group (torchrun) or run alone, report input errors in one
     line per rank with exit code 2, always leave the process group."""
     from mpo_dist.distributed import destroy_distributed, init_distributed
 
-    info = init_distributed()
+    info = init_distributed(backend=backend)
     try:
         body(info)
     except (ValueError, FileNotFoundError) as error:

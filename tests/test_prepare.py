@@ -594,7 +594,7 @@ def test_cli_exits_2_with_a_message(case, tmp_path, bad_jsonl, gpt2_dir, capsys)
     argv = [item for key, value in args.items() for item in (f"--{key}", value)] + extra
     assert cli_main()(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("prepare_pairs: error:")
+    assert err.startswith("prepare_pairs: error on rank 0:")
     for word in expected:
         assert word in err
 

@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
-from mpo_dist.distributed import barrier, destroy_distributed, init_distributed
+from mpo_dist.distributed import barrier
+from mpo_dist.shard_job import run_tool
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,15 +44,9 @@ def main(argv=None) -> int:
         truncation=args.truncation, chat_template=args.chat_template, append_eos=args.append_eos,
         strict=args.strict, format=args.format,
     )
-    info = init_distributed(backend="gloo")
-    try:
-        prepare_pairs(args.input, args.tokenizer, args.out, options, info.rank, info.world_size, barrier=barrier)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"prepare_pairs: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
+    # gloo: this is CPU work; the process group only provides the final barrier.
+    return run_tool("prepare_pairs", lambda info: prepare_pairs(args.input, args.tokenizer, args.out, options, info.rank,
+                                                                info.world_size, barrier=barrier), backend="gloo")
 
 
 if __name__ == "__main__":
