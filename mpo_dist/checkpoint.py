@@ -28,6 +28,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.checkpoint.stateful import Stateful
 
 INFO_NAME = "checkpoint.json"
+HF_FILES_DIR = "hf"  # config.json, generation config and tokenizer: what conversion to Hugging Face needs
+MODEL_PREFIX = "model_optimizer.model."  # where the model's tensors live in a checkpoint
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -93,7 +95,9 @@ class Checkpointer:
     def _rank_key(self, name: str, dp_rank: int) -> str:
         return f"{name}/dp_rank_{dp_rank}"
 
-    def save(self, step: int, states: dict[str, Stateful], rank_local: dict[str, Stateful]) -> Path:
+    def save(self, step: int, states: dict[str, Stateful], rank_local: dict[str, Stateful],
+             write_extra: Callable[[Path], None] | None = None) -> Path:
+        """Save atomically; rank 0 calls `write_extra(folder)` for small side files before completing it."""
         final = step_folder(self.root, step)
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
@@ -108,6 +112,8 @@ class Checkpointer:
             info = {"step": step, "dp_world_size": self.dp_world_size,
                     "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                     "rank_local": sorted(rank_local)}
+            if write_extra is not None:
+                write_extra(tmp)
             (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
             if final.exists():
                 shutil.rmtree(final)

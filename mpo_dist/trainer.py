@@ -9,8 +9,7 @@ reference log-probs come from the shards. Host syncs happen only at logging step
 
 from __future__ import annotations
 
-import itertools
-import sys
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
-from mpo_dist.checkpoint import Checkpointer, ModelOptimizerState, RNGState
+from mpo_dist.checkpoint import HF_FILES_DIR, Checkpointer, ModelOptimizerState, RNGState
 from mpo_dist.config import Config, save_config
 from mpo_dist.data.collate import stack_rows
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
@@ -150,8 +149,20 @@ class Trainer(Stateful):
                  f"{self.dp_world_size}: model, optimizer and schedule were resharded, but the data position is "
                  "per rank and cannot follow; the data stream restarts from the beginning of a new epoch order")
 
+    def _write_hf_files(self, folder: Path) -> None:
+        """The model's config, generation config and tokenizer, so a checkpoint converts on its own."""
+        target = folder / HF_FILES_DIR
+        config = self.model.config
+        config.architectures = [type(self.model).__name__.removeprefix("FSDP")]
+        config.save_pretrained(str(target))
+        source = Path(self.config.model.path) if self.config.model.path else None
+        if source is not None and (source / "generation_config.json").is_file():
+            shutil.copy2(source / "generation_config.json", target / "generation_config.json")
+        if source is not None and any((source / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+            load_tokenizer(source).save_pretrained(str(target))
+
     def save_checkpoint(self) -> Path:
-        folder = self.checkpointer.save(self.step, *self._checkpoint_states())
+        folder = self.checkpointer.save(self.step, *self._checkpoint_states(), write_extra=self._write_hf_files)
         log0(f"mpo_dist: checkpoint saved to {folder}")
         return folder
 

@@ -1,7 +1,9 @@
-"""Shared test fixtures: the real third-party assets in ../shared/data (see its README.md)."""
+"""Shared test fixtures: the real third-party assets in ../shared/data (see its README.md), the toy and
+stories260K training inputs, and a torchrun helper for the trainer."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,73 @@ def require_shared(*parts: str) -> Path:
 def shared_data():
     """`shared_data("gpt2-tokenizer")` -> the asset's path, failing the test when it is absent."""
     return require_shared
+
+
+QUIET = lambda message: None  # noqa: E731  (a log callback that prints nothing)
+
+
+@pytest.fixture(scope="session")
+def toy_inputs(tmp_path_factory) -> dict[str, Path]:
+    """The quickstart's inputs, small: the digit-sorting task, its tiny random-init Llama (the policy's
+    start and the reference), pairs shards, reference log-probs and D_ref samples."""
+    from transformers import AutoModelForCausalLM
+
+    from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
+    from mpo_dist.data.toy_task import write_toy_task
+    from mpo_dist.reference import score_pairs
+    from mpo_dist.sampling import SamplingParams, sample_dref
+
+    root = tmp_path_factory.mktemp("toy")
+    pairs_jsonl, model_dir = write_toy_task(root / "toy", num_records=1200, seed=0)
+    prepare_pairs(pairs_jsonl, model_dir, root / "pairs",
+                  PrepareOptions(samples_per_shard=300, max_length=64, max_prompt_length=32), log=QUIET)
+    reference = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    score_pairs(reference, root / "pairs", root / "reference", batch_size=64, log=QUIET)
+    sample_dref(reference, root / "pairs", root / "dref", SamplingParams(num_samples=1, max_new_tokens=10),
+                eos_token_id=reference.config.eos_token_id, pad_token_id=0, batch_size=100, log=QUIET)
+    return {"root": root, "model": model_dir, "pairs": root / "pairs", "reference": root / "reference", "dref": root / "dref"}
+
+
+@pytest.fixture(scope="session")
+def stories_inputs(tmp_path_factory) -> dict[str, Path]:
+    """stories260K (real pretrained weights) with 40 HH-RLHF pairs prepared by its tokenizer and scored by it."""
+    from transformers import AutoModelForCausalLM
+
+    from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
+    from mpo_dist.reference import score_pairs
+
+    root = tmp_path_factory.mktemp("stories")
+    model = require_shared("stories260K")
+    records = require_shared("hh-rlhf-harmless-test", "pairs.jsonl").read_text().splitlines()[:40]
+    (root / "hh.jsonl").write_text("\n".join(records) + "\n")
+    prepare_pairs(root / "hh.jsonl", model, root / "pairs",
+                  PrepareOptions(samples_per_shard=8, max_length=160, max_prompt_length=96), log=QUIET)
+    score_pairs(AutoModelForCausalLM.from_pretrained(str(model)), root / "pairs", root / "reference", batch_size=4, log=QUIET)
+    return {"root": root, "model": model, "pairs": root / "pairs", "reference": root / "reference"}
+
+
+def torchrun_command(nproc: int, target: list[str]) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *target]
+
+
+TRAIN_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def train(*overrides, nproc: int = 2, check: bool = True, timeout: int = 300):
+    """`torchrun -m mpo_dist.train --config configs/tiny_cpu.yaml OVERRIDES` with its output captured."""
+    import subprocess
+
+    result = subprocess.run(torchrun_command(nproc, ["-m", "mpo_dist.train", "--config", str(TRAIN_CONFIG), *map(str, overrides)]),
+                            env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def toy_overrides(toy: dict, out: Path, **extra) -> list[str]:
+    values = {"job.output_dir": out, "model.path": toy["model"], "data.pairs": toy["pairs"],
+              "data.reference": toy["reference"], "data.dref": toy["dref"], "metrics.log_interval": 1, **extra}
+    return [f"{key}={value}" for key, value in values.items()]

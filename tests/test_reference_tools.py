@@ -15,12 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import QUIET, REPO, SUBPROCESS_ENV as ENV
 from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
 from mpo_dist.data.shards import Manifest, ShardCursor
-
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-QUIET = lambda message: None
 
 
 def run_tool(tool: str, *args, nproc: int = 1, rendezvous: list[str] | None = None, check: bool = True):
@@ -41,14 +38,8 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def stories(tmp_path_factory, shared_data):
-    root = tmp_path_factory.mktemp("reference")
-    model = shared_data("stories260K")
-    records = shared_data("hh-rlhf-harmless-test", "pairs.jsonl").read_text().splitlines()[:40]
-    (root / "hh.jsonl").write_text("\n".join(records) + "\n")
-    prepare_pairs(root / "hh.jsonl", model, root / "pairs",
-                  PrepareOptions(samples_per_shard=8, max_length=160, max_prompt_length=96), log=QUIET)
-    return {"root": root, "model": model, "pairs": root / "pairs"}
+def stories(stories_inputs):
+    return stories_inputs
 
 
 def free_port() -> int:

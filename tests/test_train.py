@@ -12,48 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
-from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
-from mpo_dist.data.toy_task import write_toy_task
-from mpo_dist.reference import score_pairs
-from mpo_dist.sampling import SamplingParams, sample_dref
-
-CONFIG = str(REPO / "configs" / "tiny_cpu.yaml")
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-QUIET = lambda message: None
-
-
-def torchrun(*args, nproc: int = 2, extra: tuple = (), check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", *extra]
-    if not extra:
-        command += ["--standalone", "--nproc-per-node", str(nproc)]
-    result = subprocess.run(command + ["-m", "mpo_dist.train", "--config", CONFIG, *args], env=ENV, cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> dict[str, Path]:
-    """The quickstart's task: data, tiny random-init Llama (policy start and reference), shards, reference."""
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("toy")
-    pairs_jsonl, model_dir = write_toy_task(root / "toy", num_records=1200, seed=0)
-    prepare_pairs(pairs_jsonl, model_dir, root / "pairs", PrepareOptions(samples_per_shard=300, max_length=64,
-                                                                          max_prompt_length=32), log=QUIET)
-    reference = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    score_pairs(reference, root / "pairs", root / "reference", batch_size=64, log=QUIET)
-    sample_dref(reference, root / "pairs", root / "dref", SamplingParams(num_samples=1, max_new_tokens=10),
-                eos_token_id=reference.config.eos_token_id, pad_token_id=0, batch_size=100, log=QUIET)
-    return {"root": root, "model": model_dir, "pairs": root / "pairs", "reference": root / "reference", "dref": root / "dref"}
-
-
-def overrides(toy, out: Path, **extra) -> list[str]:
-    values = {"job.output_dir": out, "model.path": toy["model"], "data.pairs": toy["pairs"],
-              "data.reference": toy["reference"], "data.dref": toy["dref"], "metrics.log_interval": 1, **extra}
-    return [f"{key}={value}" for key, value in values.items()]
+from conftest import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, toy_overrides, train
 
 
 def logged(stdout: str, field: str) -> list[float]:
@@ -76,8 +35,8 @@ def flat_checkpoint(folder: Path, tmp_path: Path) -> dict:
     return flatten(torch.load(target, weights_only=False))
 
 
-def test_two_process_mpo_learns_the_task(toy, tmp_path):
-    result = torchrun(*overrides(toy, tmp_path / "run", **{"training.steps": 30}))
+def test_two_process_mpo_learns_the_task(toy_inputs, tmp_path):
+    result = train(*toy_overrides(toy_inputs, tmp_path / "run", **{"training.steps": 30}))
     accuracy, loss = logged(result.stdout, "acc"), logged(result.stdout, "loss")
     assert len(accuracy) == 30
     assert accuracy[0] < 0.8 and min(accuracy[-5:]) > 0.95  # preference accuracy rises on a learnable task
@@ -87,15 +46,15 @@ def test_two_process_mpo_learns_the_task(toy, tmp_path):
     assert "TensorBoard logs in" in result.stdout
 
 
-def test_resume_equals_uninterrupted_and_reshards(toy, tmp_path):
+def test_resume_equals_uninterrupted_and_reshards(toy_inputs, tmp_path):
     import shutil
 
     steps = {"training.steps": 6, "checkpoint.interval": 3, "checkpoint.keep": 3, "optim.warmup_steps": 2}
-    torchrun(*overrides(toy, tmp_path / "full", **steps))
+    train(*toy_overrides(toy_inputs, tmp_path / "full", **steps))
     # "Stopped at step 3": a run folder holding only the step-3 checkpoint, resumed with resume=auto.
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003", tmp_path / "cut" / "checkpoints" / "step-00000003")
-    resumed = torchrun(*overrides(toy, tmp_path / "cut", **steps))
+    resumed = train(*toy_overrides(toy_inputs, tmp_path / "cut", **steps))
     assert "resumed from" in resumed.stdout and "step 4/6" in resumed.stdout and "step 3/6" not in resumed.stdout
     full = flat_checkpoint(tmp_path / "full" / "checkpoints" / "step-00000006", tmp_path)
     cut = flat_checkpoint(tmp_path / "cut" / "checkpoints" / "step-00000006", tmp_path)
@@ -113,19 +72,19 @@ def test_resume_equals_uninterrupted_and_reshards(toy, tmp_path):
     # The same checkpoint at another world size: model and optimizer reshard, the data position cannot follow.
     (tmp_path / "one" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003", tmp_path / "one" / "checkpoints" / "step-00000003")
-    single = torchrun(*overrides(toy, tmp_path / "one", **steps), nproc=1)
+    single = train(*toy_overrides(toy_inputs, tmp_path / "one", **steps), nproc=1)
     assert "written by 2 data-parallel ranks, now 1" in single.stdout
     assert "step 6/6" in single.stdout
 
 
-def test_crash_during_save_keeps_last_good_checkpoint(toy, tmp_path):
+def test_crash_during_save_keeps_last_good_checkpoint(toy_inputs, tmp_path):
     run = tmp_path / "run"
-    torchrun(*overrides(toy, run, **{"training.steps": 2, "checkpoint.interval": 1}))
+    train(*toy_overrides(toy_inputs, run, **{"training.steps": 2, "checkpoint.interval": 1}))
     # A save that died half-way leaves only a temp folder: it is ignored and the newest complete one used.
     broken = run / "checkpoints" / "step-00000003.tmp"
     broken.mkdir()
     (broken / "__0_0.distcp").write_bytes(b"partial")
-    result = torchrun(*overrides(toy, run, **{"training.steps": 3, "checkpoint.interval": 1}))
+    result = train(*toy_overrides(toy_inputs, run, **{"training.steps": 3, "checkpoint.interval": 1}))
     assert "resumed from" in result.stdout and "step-00000002" in result.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
 
@@ -136,12 +95,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_nodes_with_c10d_rendezvous(toy, tmp_path):
+def test_two_nodes_with_c10d_rendezvous(toy_inputs, tmp_path):
     rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                   "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", "two-nodes-test"]
-    args = overrides(toy, tmp_path / "run", **{"training.steps": 4})
-    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "-m", "mpo_dist.train", "--config", CONFIG, *args]
-    nodes = [subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = toy_overrides(toy_inputs, tmp_path / "run", **{"training.steps": 4})
+    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "-m", "mpo_dist.train", "--config",
+               str(TRAIN_CONFIG), *args]
+    nodes = [subprocess.Popen(command, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
@@ -149,32 +109,25 @@ def test_two_nodes_with_c10d_rendezvous(toy, tmp_path):
     assert "on 2 x cpu" in log and "step 4/4" in log
 
 
-def test_gpt2_architecture_trains(toy, tmp_path):
+def test_gpt2_architecture_trains(toy_inputs, tmp_path):
     gpt2 = "{model_type: gpt2, n_embd: 64, n_layer: 2, n_head: 4, n_positions: 64, vocab_size: 16}"
-    result = torchrun(*overrides(toy, tmp_path / "run", **{"training.steps": 20, "model.path": "", "model.config": gpt2}))
+    result = train(*toy_overrides(toy_inputs, tmp_path / "run", **{"training.steps": 20, "model.path": "", "model.config": gpt2}))
     assert "GPT2LMHeadModel" in result.stdout
     loss = logged(result.stdout, "loss")
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.1
 
 
-def test_stories260k_on_hh_rlhf_writes_every_metric(tmp_path, shared_data):
+def test_stories260k_on_hh_rlhf_writes_every_metric(tmp_path, stories_inputs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from transformers import AutoModelForCausalLM
 
     from shard_factory import dref_from_pairs
 
-    model_dir = shared_data("stories260K")
-    records = shared_data("hh-rlhf-harmless-test", "pairs.jsonl").read_text().splitlines()[:96]
-    (tmp_path / "hh.jsonl").write_text("\n".join(records) + "\n")
-    prepare_pairs(tmp_path / "hh.jsonl", model_dir, tmp_path / "pairs",
-                  PrepareOptions(samples_per_shard=50, max_length=128, max_prompt_length=64), log=QUIET)
-    score_pairs(AutoModelForCausalLM.from_pretrained(str(model_dir)), tmp_path / "pairs", tmp_path / "reference",
-                batch_size=16, log=QUIET)
-    dref_from_pairs(tmp_path / "pairs", tmp_path / "reference", tmp_path / "dref", limit=40)
+    dref_from_pairs(stories_inputs["pairs"], stories_inputs["reference"], tmp_path / "dref", limit=40)
+    model_dir, pairs, reference = stories_inputs["model"], stories_inputs["pairs"], stories_inputs["reference"]
     run = tmp_path / "run"
-    torchrun(*[f"{k}={v}" for k, v in {
-        "job.output_dir": run, "model.path": model_dir, "data.pairs": tmp_path / "pairs",
-        "data.reference": tmp_path / "reference", "data.dref": tmp_path / "dref", "loss.tau": 0.05,
+    train(*[f"{k}={v}" for k, v in {
+        "job.output_dir": run, "model.path": model_dir, "data.pairs": pairs,
+        "data.reference": reference, "data.dref": tmp_path / "dref", "loss.tau": 0.05,
         "data.batch_size": 4, "data.dref_batch_size": 4, "training.global_batch_size": 16, "training.steps": 3,
         "optim.lr": 1e-4, "metrics.log_interval": 1, "metrics.peak_tflops": 1.0, "model.dtype": "float32"}.items()])
     events = EventAccumulator(str(run / "tensorboard"))
@@ -195,14 +148,14 @@ def test_stories260k_on_hh_rlhf_writes_every_metric(tmp_path, shared_data):
     ("batch does not divide", {"training.global_batch_size": 30}, "training.global_batch_size=30 is not a multiple"),
     ("beta <= 0", {"loss.beta": 0}, "loss.beta must be > 0"),
 ])
-def test_bad_inputs_fail_before_training_on_every_rank(toy, tmp_path, case, override, message):
-    result = torchrun(*overrides(toy, tmp_path / "run", **override), check=False)
+def test_bad_inputs_fail_before_training_on_every_rank(toy_inputs, tmp_path, case, override, message):
+    result = train(*toy_overrides(toy_inputs, tmp_path / "run", **override), check=False)
     assert result.returncode != 0
     assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # one report per rank
     assert "step 1/" not in result.stdout
 
 
-def test_tokenizer_mismatch_is_refused(toy, tmp_path, shared_data):
-    result = torchrun(*overrides(toy, tmp_path / "run", **{"model.path": shared_data("stories260K")}), check=False)
+def test_tokenizer_mismatch_is_refused(toy_inputs, tmp_path, shared_data):
+    result = train(*toy_overrides(toy_inputs, tmp_path / "run", **{"model.path": shared_data("stories260K")}), check=False)
     assert result.returncode != 0
     assert "was tokenized with tokenizer" in result.stderr and "re-run tools/prepare_pairs.py" in result.stderr

@@ -1,0 +1,129 @@
+"""Training checkpoint (DCP, any world size) -> Hugging Face model folder with safetensors weights.
+
+Runs in one CPU process without a process group. The model tensors are read from the DCP files a
+group at a time (DCP reads only the byte ranges asked for, whatever world size wrote them) and
+each group is written as one safetensors file by DCP's own Hugging Face storage writer, so peak
+memory stays near one output shard, not the model. Tied weights (e.g. `lm_head.weight` tied to
+the embeddings) are stored once, as transformers expects. The folder is assembled under a temp
+name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageWriter
+
+from mpo_dist.checkpoint import HF_FILES_DIR, MODEL_PREFIX, read_info
+
+INDEX_NAME = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000' -> bytes (decimal units as Hugging Face uses them)."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    value = text.strip().upper()
+    for unit, factor in units.items():
+        if value.endswith(unit):
+            return int(float(value[: -len(unit)]) * factor)
+    return int(value)
+
+
+def _expected_tensors(hf_dir: Path) -> tuple[dict[str, torch.Size], set[str]]:
+    """The model's state-dict names and shapes (built on the meta device from config.json), and the tied ones."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mpo_dist.model import tied_parameter_names
+
+    config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}, tied_parameter_names(model)
+
+
+def _groups(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        if groups[-1] and used + sizes[name] > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += sizes[name]
+    return groups
+
+
+def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32",
+                       max_shard_bytes: int = 5 * 10**9, log: Callable[[str], None] = print) -> Path:
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
+    if not (checkpoint / ".metadata").is_file() and not (checkpoint / "checkpoint.json").is_file():
+        raise ValueError(f"--checkpoint {checkpoint} is not a training checkpoint (no DCP .metadata); "
+                         "pass a folder like OUTPUT_DIR/checkpoints/step-00000100")
+    info = read_info(checkpoint)  # refuses a save that crashed before completing
+    hf_dir = checkpoint / HF_FILES_DIR
+    if not (hf_dir / "config.json").is_file():
+        raise ValueError(f"--checkpoint {checkpoint} has no {HF_FILES_DIR}/config.json describing the model")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"--out {out_dir} exists and is not empty; choose a new folder")
+
+    stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    expected, tied = _expected_tensors(hf_dir)
+    names = [name for name in expected if name not in tied]
+    missing = [name for name in names if MODEL_PREFIX + name not in stored]
+    wrong = [f"{name} {tuple(stored[MODEL_PREFIX + name].size)} vs {tuple(expected[name])}" for name in names
+             if name not in missing and tuple(stored[MODEL_PREFIX + name].size) != tuple(expected[name])]
+    if missing or wrong:
+        raise ValueError(f"--checkpoint {checkpoint} does not hold the model its config.json describes: "
+                         f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(wrong)} of other shapes ({wrong[:3]})")
+
+    target = DTYPES[dtype]
+    element = torch.empty((), dtype=target).element_size()
+    sizes = {name: expected[name].numel() * element for name in names}
+    groups = _groups(names, sizes, max_shard_bytes)
+    index_of = {name: number for number, group in enumerate(groups, 1) for name in group}
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        weight_map: dict[str, str] = {}
+        for number, group in enumerate(groups, 1):
+            tensors = {MODEL_PREFIX + name: torch.empty(expected[name], dtype=stored[MODEL_PREFIX + name].properties.dtype)
+                       for name in group}
+            dcp.load(tensors, checkpoint_id=str(checkpoint), no_dist=True)
+            shard = {name: tensors[MODEL_PREFIX + name].to(target).contiguous() for name in group}
+            del tensors
+            # The writer names files model-XXXXX-of-NNNNN after the largest index in the mapping: add the last one.
+            mapping = {name: index_of[name] for name in group} | {"": len(groups)}
+            writer = HuggingFaceStorageWriter(str(tmp), fqn_to_index_mapping=mapping)
+            dcp.save(shard, storage_writer=writer, no_dist=True)
+            files = sorted(p.name for p in tmp.glob(f"model-{number:05d}-of-*.safetensors"))
+            weight_map.update(dict.fromkeys(group, files[0]))
+            log(f"convert_checkpoint: wrote {files[0]} ({len(group)} tensors, {sum(sizes[n] for n in group) / 2**20:.1f} MiB)")
+            del shard
+        total = sum(sizes.values())
+        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        for extra in hf_dir.iterdir():  # config, generation config, tokenizer files
+            shutil.copy2(extra, tmp / extra.name)
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"convert_checkpoint: step {info['step']} -> {out_dir} ({len(groups)} safetensors files, {total / 2**20:.1f} MiB, {dtype})")
+    return out_dir
