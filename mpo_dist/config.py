@@ -171,6 +171,9 @@ class CheckpointConfig:
     keep: int = opt(2, "complete checkpoints to keep (the oldest are deleted)")
     resume: str = opt("auto", "auto: newest complete checkpoint under job.output_dir/checkpoints, if any; "
                               "none: start fresh; or a checkpoint folder")
+    export_hf: bool = opt(False, "after the last step, also write the model as a Hugging Face folder "
+                                 "(safetensors) to job.output_dir/hf")
+    export_dtype: Literal["float32", "bfloat16"] = opt("bfloat16", "dtype of the exported weights")
 
     def validate(self) -> None:
         _check(self.interval >= 0, "checkpoint.interval", "must be >= 0", self.interval)

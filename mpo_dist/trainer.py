@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from mpo_dist.checkpoint import HF_FILES_DIR, Checkpointer, ModelOptimizerState, RNGState
 from mpo_dist.config import Config, save_config
+from mpo_dist.convert import convert_checkpoint
 from mpo_dist.data.collate import stack_rows
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
 from mpo_dist.data.shards import Manifest
@@ -233,10 +234,22 @@ class Trainer(Stateful):
                           epoch=micro_batches[-1][0]["epoch"])
                 window, window_steps, window_tokens, window_padded, window_start = {}, 0, 0, 0, time.monotonic()
             if (config.checkpoint.interval and self.step % config.checkpoint.interval == 0) or self.step == total:
-                self.save_checkpoint()
+                folder = self.save_checkpoint()
+        if config.checkpoint.export_hf:
+            self.export_hf(folder)
         if self.info.is_main and self.metrics.writer is not None:
             log0(f"mpo_dist: done; TensorBoard logs in {self.metrics.tensorboard_dir} "
                  f"(tensorboard --logdir {self.metrics.tensorboard_dir})")
+
+    def export_hf(self, checkpoint: Path) -> None:
+        """The final model as a Hugging Face folder, converted by rank 0 while the others wait."""
+        target = self.output_dir / "hf"
+        if self.info.is_main:
+            if target.exists():
+                shutil.rmtree(target)  # a previous export of this run; the new one replaces it
+            convert_checkpoint(checkpoint, target, self.config.checkpoint.export_dtype, log=log0)
+        if dist.is_initialized():
+            dist.barrier()
 
     def _log(self, window: dict, steps: int, tokens: int, padded: int, seconds: float, epoch: int) -> None:
         names = sorted(window)

@@ -1,0 +1,174 @@
+"""tools/convert_checkpoint.py: trainer checkpoints -> Hugging Face folders that from_pretrained loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import toy_overrides, train
+from mpo_dist.convert import convert_checkpoint
+
+QUIET = lambda message: None
+
+
+def checkpoint_model(folder: Path, tmp_path: Path, like: Path) -> torch.nn.Module:
+    """The trained model, rebuilt independently of the converter: DCP -> torch.save -> load_state_dict."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = tmp_path / "flat.pt"
+    dcp_to_torch_save(str(folder), str(flat))
+    state = torch.load(flat, weights_only=False)["model_optimizer"]["model"]
+    model = AutoModelForCausalLM.from_pretrained(str(like)).float()
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def test_trained_llama_converts_with_equal_logits(toy_inputs, tmp_path):
+    run = tmp_path / "run"
+    train(*toy_overrides(toy_inputs, run, **{"training.steps": 3}))
+    checkpoint = run / "checkpoints" / "step-00000003"
+    trained = checkpoint_model(checkpoint, tmp_path, toy_inputs["model"])
+    tokens = torch.randint(4, 16, (3, 12))
+    for name, size in [("one", 5 * 10**9), ("many", 40_000)]:
+        out = convert_checkpoint(checkpoint, tmp_path / name, "float32", size, log=QUIET)
+        files = sorted(p.name for p in out.glob("*.safetensors"))
+        assert (len(files) == 1) == (name == "one") and len(files) >= 1
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == set(files)
+        converted = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        assert torch.equal(logits(converted, tokens), logits(trained, tokens))
+        assert not torch.equal(logits(converted, tokens), logits(AutoModelForCausalLM.from_pretrained(str(toy_inputs["model"])), tokens))
+        assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    bf16 = convert_checkpoint(checkpoint, tmp_path / "bf16", "bfloat16", log=QUIET)
+    assert AutoModelForCausalLM.from_pretrained(str(bf16)).dtype == torch.bfloat16
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def step0_checkpoint(model_dir: Path, stories_inputs, out: Path) -> Path:
+    """A checkpoint written by the Trainer's own code before any step (one process)."""
+    import torch.distributed as dist
+
+    from mpo_dist.config import load_config
+    from mpo_dist.trainer import Trainer
+
+    config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"), [
+        f"job.output_dir={out}", f"model.path={model_dir}", f"data.pairs={stories_inputs['pairs']}",
+        f"data.reference={stories_inputs['reference']}", "loss.tau=0", "data.dref=", "data.batch_size=4",
+        "training.global_batch_size=4", "data.num_workers=0", "metrics.tensorboard=false"])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        trainer = Trainer(config)
+        folder = trainer.save_checkpoint()
+        trainer.close()
+    finally:
+        dist.destroy_process_group()
+    return folder
+
+
+def test_stories260k_tied_embeddings_step_0_generates_the_original_text(stories_inputs, tmp_path):
+    from mpo_dist.sampling import SamplingParams, generate
+    from mpo_dist.tokenizer import load_tokenizer
+
+    model_dir = stories_inputs["model"]
+    folder = step0_checkpoint(model_dir, stories_inputs, tmp_path / "run")
+    out = convert_checkpoint(folder, tmp_path / "hf", "float32", 300_000, log=QUIET)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"] and "model.embed_tokens.weight" in index["weight_map"]
+    assert len(set(index["weight_map"].values())) > 1
+    original = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    converted = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert converted.lm_head.weight.data_ptr() == converted.model.embed_tokens.weight.data_ptr()  # tied
+    tokens = torch.randint(3, 512, (2, 20))
+    assert torch.equal(logits(converted, tokens), logits(original, tokens))
+    tokenizer = load_tokenizer(out)
+    texts = [tokenizer.decode(generate(model, [np.array([1])], [0], SamplingParams(max_new_tokens=40, temperature=0), 2, 0,
+                                       torch.device("cpu"))[0][0]) for model in (original, converted)]
+    assert texts[0] == texts[1] and texts[1].startswith("Once upon a time, there was a little girl named Lily")
+
+
+def test_trained_stories260k_converts_with_equal_logits(stories_inputs, tmp_path):
+    run = tmp_path / "run"
+    train(f"job.output_dir={run}", f"model.path={stories_inputs['model']}", f"data.pairs={stories_inputs['pairs']}",
+          f"data.reference={stories_inputs['reference']}", "loss.tau=0", "data.dref=", "data.batch_size=4",
+          "training.global_batch_size=8", "training.steps=2", "optim.lr=1e-3", "checkpoint.export_hf=true",
+          "checkpoint.export_dtype=float32")
+    checkpoint = run / "checkpoints" / "step-00000002"
+    trained = checkpoint_model(checkpoint, tmp_path, stories_inputs["model"])
+    exported = AutoModelForCausalLM.from_pretrained(str(run / "hf")).eval()  # the trainer's own export
+    tokens = torch.randint(3, 512, (2, 16))
+    assert torch.equal(logits(exported, tokens), logits(trained, tokens))
+    original = AutoModelForCausalLM.from_pretrained(str(stories_inputs["model"])).eval()
+    assert not torch.equal(logits(exported, tokens), logits(original, tokens))
+
+
+def test_errors_name_the_problem_and_leave_nothing(toy_inputs, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(*toy_overrides(toy_inputs, run, **{"training.steps": 1}))
+    good = run / "checkpoints" / "step-00000001"
+
+    with pytest.raises(ValueError, match="is not a training checkpoint"):
+        convert_checkpoint(tmp_path, tmp_path / "out1", log=QUIET)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert_checkpoint(tmp_path / "nowhere", tmp_path / "out1", log=QUIET)
+
+    crashed = tmp_path / "crashed"
+    shutil.copytree(good, crashed)
+    (crashed / "checkpoint.json").unlink()  # what a save that died before completing looks like
+    with pytest.raises(FileNotFoundError, match="not a complete mpo_dist checkpoint"):
+        convert_checkpoint(crashed, tmp_path / "out2", log=QUIET)
+
+    other = tmp_path / "other"
+    shutil.copytree(good, other)
+    config = json.loads((other / "hf" / "config.json").read_text())
+    config["hidden_size"], config["intermediate_size"] = 32, 96
+    (other / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not hold the model its config.json describes"):
+        convert_checkpoint(other, tmp_path / "out3", log=QUIET)
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        convert_checkpoint(good, tmp_path / "taken", log=QUIET)
+
+    import mpo_dist.convert as convert
+
+    calls = []
+    real_load = convert.dcp.load
+
+    def failing_load(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk went away")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(convert.dcp, "load", failing_load)
+    with pytest.raises(OSError):
+        convert_checkpoint(good, tmp_path / "half", max_shard_bytes=40_000, log=QUIET)
+    assert not (tmp_path / "half").exists() and not list(tmp_path.glob(".half.tmp-*"))  # never half-written
+
+
+def test_cli_reports_errors(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_cli", Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "convert_checkpoint: error:" in capsys.readouterr().err
