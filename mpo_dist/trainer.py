@@ -217,7 +217,7 @@ class Trainer(Stateful):
         pair_iter = iter(self.pair_loader)
         dref_iter = iter(self.dref_loader) if self.dref_loader is not None else None
         window: dict[str, torch.Tensor] = {}
-        window_steps, window_tokens, window_padded, window_start = 0, 0, 0, time.monotonic()
+        window_steps, window_tokens, window_padded, window_rows, window_start = 0, 0, 0, 0, time.monotonic()
         while self.step < total:
             micro_batches = self._micro_batches(pair_iter, dref_iter)
             step_metrics = self.train_step(micro_batches)
@@ -225,14 +225,16 @@ class Trainer(Stateful):
             for pairs, dref in micro_batches:
                 window_tokens += pairs["num_tokens"] + (dref["num_tokens"] if dref else 0)
                 window_padded += pairs["num_padded_tokens"] + (dref["num_padded_tokens"] if dref else 0)
+                window_rows += pairs["input_ids"].shape[0] + (dref["input_ids"].shape[0] if dref else 0)
                 self.pairs_seen += int((~pairs["is_pad"]).sum())
             for name, value in step_metrics.items():
                 window[name] = window.get(name, 0) + value
             window_steps += 1
             if self.step % config.metrics.log_interval == 0 or self.step in (1, total):
-                self._log(window, window_steps, window_tokens, window_padded, time.monotonic() - window_start,
+                self._log(window, window_steps, (window_tokens, window_padded, window_rows), time.monotonic() - window_start,
                           epoch=micro_batches[-1][0]["epoch"])
-                window, window_steps, window_tokens, window_padded, window_start = {}, 0, 0, 0, time.monotonic()
+                window, window_steps, window_tokens, window_padded, window_rows = {}, 0, 0, 0, 0
+                window_start = time.monotonic()
             if (config.checkpoint.interval and self.step % config.checkpoint.interval == 0) or self.step == total:
                 folder = self.save_checkpoint()
         if config.checkpoint.export_hf:
@@ -251,14 +253,14 @@ class Trainer(Stateful):
         if dist.is_initialized():
             dist.barrier()
 
-    def _log(self, window: dict, steps: int, tokens: int, padded: int, seconds: float, epoch: int) -> None:
+    def _log(self, window: dict, steps: int, counts: tuple[int, int, int], seconds: float, epoch: int) -> None:
+        """Reduce the window's sums over ranks once, then log. `counts`: real tokens, padded tokens, rows."""
         names = sorted(window)
-        values = torch.stack([window[name].float() for name in names] + [torch.tensor(float(tokens), device=self.device),
-                                                                         torch.tensor(float(padded), device=self.device)])
+        values = torch.stack([window[name].float() for name in names] + [torch.tensor(float(c), device=self.device) for c in counts])
         if dist.is_initialized():
             dist.all_reduce(values)
         values = values.tolist()  # the one host sync, at logging steps only
-        global_tokens, global_padded = values[-2], values[-1]
+        global_tokens, global_padded, global_rows = values[-3:]
         self.tokens_seen += int(global_tokens)
         metrics = {name: value / steps for name, value in zip(names, values)}
         out = {
@@ -276,7 +278,7 @@ class Trainer(Stateful):
         out.update({f"loss/{name}": value for name, value in metrics.items()})
         if self._peak_tflops:
             model_config = self.model.config
-            mean_length = global_padded / max(1, steps * self.grad_accum * self.info.world_size * 2 * self.config.data.batch_size)
+            mean_length = global_padded / max(global_rows, 1)  # attention cost grows with the padded length
             per_token = flops_per_token(self._flop_params, model_config.num_hidden_layers, model_config.hidden_size, mean_length)
             out["throughput/mfu"] = per_token * global_padded / seconds / self.info.world_size / (self._peak_tflops * 1e12)
         self.metrics.write(self.step, out)

@@ -159,3 +159,15 @@ def test_tokenizer_mismatch_is_refused(toy_inputs, tmp_path, shared_data):
     result = train(*toy_overrides(toy_inputs, tmp_path / "run", **{"model.path": shared_data("stories260K")}), check=False)
     assert result.returncode != 0
     assert "was tokenized with tokenizer" in result.stderr and "re-run tools/prepare_pairs.py" in result.stderr
+
+
+def test_hsdp_mesh_and_activation_checkpointing_train_the_same(toy_inputs, tmp_path):
+    """HSDP (2 replicas x 1 shard) and recomputed activations are other ways to run the same
+    computation: the logged losses and margins equal plain FSDP's."""
+    runs = {}
+    for name, extra in {"fsdp": {}, "hsdp": {"parallel.dp_replicate": 2},
+                        "recompute": {"parallel.activation_checkpointing": "true"}}.items():
+        result = train(*toy_overrides(toy_inputs, tmp_path / name, **{"training.steps": 3, **extra}))
+        runs[name] = (logged(result.stdout, "loss"), logged(result.stdout, "margin"))
+    assert len(runs["fsdp"][0]) == 3
+    assert runs["hsdp"] == runs["fsdp"] and runs["recompute"] == runs["fsdp"]
