@@ -14,11 +14,9 @@
 #   NNODES=2 NPROC_PER_NODE=1 RDZV_ENDPOINT=localhost:29500 bash launch/multi_node.sh configs/tiny_cpu.yaml
 # HSDP: set parallel.dp_replicate to the number of nodes (replicate across nodes, shard within one).
 set -euo pipefail
-
-if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
-    exit 2
-fi
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$REPO/launch/_common.sh"
+usage_unless_config "$0" "$@"
 CONFIG=$1
 shift
 
@@ -29,8 +27,6 @@ die() { echo "multi_node.sh: $*" >&2; exit 2; }
 [[ "$RDZV_ENDPOINT" =~ ^.+:[0-9]+$ ]] || die "RDZV_ENDPOINT must look like host:port, got '$RDZV_ENDPOINT'"
 JOB_ID=${JOB_ID:-mpo_dist}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-source "$REPO/launch/_gpus.sh"
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(gpu_count)}
 
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"

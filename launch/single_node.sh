@@ -5,17 +5,13 @@
 #   torchrun --standalone --nproc-per-node NPROC -m mpo_dist.train --config CONFIG [overrides ...]
 # Example: bash launch/single_node.sh configs/llama-1b.yaml 8 training.steps=200
 set -euo pipefail
-
-if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
-    exit 2
-fi
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$REPO/launch/_common.sh"
+usage_unless_config "$0" "$@"
 CONFIG=$1
 shift
 
 # Make the package importable without installing it (the config path stays relative to the caller).
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-source "$REPO/launch/_gpus.sh"
 if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then
     NPROC=$1
     shift
