@@ -11,13 +11,13 @@ usage_unless_config "$0" "$@"
 CONFIG=$1
 shift
 
-# Make the package importable without installing it (the config path stays relative to the caller).
 if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then
     NPROC=$1
     shift
 else
     NPROC=$(gpu_count)
 fi
+# Make the package importable without installing it (the config path stays relative to the caller).
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 exec torchrun --standalone --nproc-per-node "$NPROC" -m mpo_dist.train --config "$CONFIG" "$@"
