@@ -96,14 +96,18 @@ def dpo_loss(
     beta: float,
     label_smoothing: float = 0.0,
     *,
+    label: Tensor | None = None,
     weight: Tensor | None = None,
 ) -> LossOutput:
-    """DPO: `-logsigmoid(beta * (z - z_ref))`; with label smoothing e (conservative DPO):
-    `-(1 - e) * logsigmoid(beta * h) - e * logsigmoid(-beta * h)`. Its optimum is unbounded."""
+    """DPO: `-logsigmoid(beta * (z - z_ref))`. Its optimum is unbounded. With label smoothing e
+    (conservative DPO) and/or a soft label l, the target probability is `q = l (1 - e) + (1 - l) e`
+    and the loss `-q logsigmoid(beta h) - (1 - q) logsigmoid(-beta h)`."""
     z = policy_chosen_logps - policy_rejected_logps
     z_ref = ref_chosen_logps - ref_rejected_logps
     h = beta * (z - z_ref)
-    per_pair = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    target = 1.0 if label is None else label
+    q = target * (1 - label_smoothing) + (1 - target) * label_smoothing
+    per_pair = -q * F.logsigmoid(h) - (1 - q) * F.logsigmoid(-h)
     loss = _mean(per_pair, weight)
     metrics = {"dpo_term": loss, **_pair_metrics(policy_chosen_logps, policy_rejected_logps, z, z_ref, weight), "loss": loss}
     return LossOutput(loss, metrics)
@@ -116,12 +120,15 @@ def ipo_loss(
     ref_rejected_logps: Tensor,
     beta: float,
     *,
+    label: Tensor | None = None,
     weight: Tensor | None = None,
 ) -> LossOutput:
-    """IPO: `((z - z_ref) - 1/(2 beta))**2`, optimum `z = z_ref + 1/(2 beta)`."""
+    """IPO: `((z - z_ref) - 1/(2 beta))**2`, optimum `z = z_ref + 1/(2 beta)`; with a soft label l
+    the target margin is `(l - 1/2) / beta`."""
     z = policy_chosen_logps - policy_rejected_logps
     z_ref = ref_chosen_logps - ref_rejected_logps
-    loss = _mean((z - z_ref - 1 / (2 * beta)) ** 2, weight)
+    target = 0.5 if label is None else label - 0.5
+    loss = _mean((z - z_ref - target / beta) ** 2, weight)
     metrics = {"ipo_term": loss, **_pair_metrics(policy_chosen_logps, policy_rejected_logps, z, z_ref, weight), "loss": loss}
     return LossOutput(loss, metrics)
 

@@ -42,7 +42,18 @@ def build_model(model: ModelConfig) -> nn.Module:
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     lm.config.use_cache = False
+    disable_dropout(lm)
     return lm
+
+
+def disable_dropout(lm: nn.Module) -> None:
+    """No dropout in the policy (as TRL's DPOTrainer does by default): its log-probs are compared
+    with reference log-probs computed without dropout, and at step 0 they must be equal."""
+    for module in lm.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 @torch.no_grad()
@@ -60,12 +71,31 @@ def materialize_model(lm: nn.Module, model: ModelConfig, device: torch.device, s
 def load_pretrained_weights(lm: nn.Module, path: str | Path) -> None:
     """Read each rank's slices of the safetensors weights into the (possibly sharded) model."""
     import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     path = Path(path)
-    if not list(path.glob("*.safetensors")):
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
         raise FileNotFoundError(f"model.path {path}: no *.safetensors weights (convert .bin weights to safetensors first)")
-    state = {name: tensor for name, tensor in lm.state_dict().items() if name not in tied_parameter_names(lm)}
+    stored: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            stored.update(handle.keys())
+    # Some files name the base model's tensors without its prefix (GPT-2: "h.0..." for "transformer.h.0...").
+    prefix = lm.base_model_prefix + "."
+    state, missing = {}, []
+    for name, tensor in lm.state_dict().items():
+        if name in tied_parameter_names(lm):
+            continue
+        key = name if name in stored else name.removeprefix(prefix) if name.removeprefix(prefix) in stored else None
+        if key is None:
+            missing.append(name)
+        else:
+            state[key] = tensor
+    if missing:
+        raise ValueError(f"model.path {path}: the safetensors files lack {len(missing)} of the model's tensors "
+                         f"(e.g. {missing[:3]}); do they belong to the config.json beside them?")
     dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not torch.distributed.is_initialized())
 
 

@@ -61,6 +61,10 @@ def _pick(logits: torch.Tensor, generators: list[torch.Generator], params: Sampl
     return torch.cat([torch.multinomial(row, 1, generator=generator) for row, generator in zip(probs, generators)])
 
 
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
 def _kv_cache(model) -> dict:
     """A fresh KV cache under the keyword this transformers version uses (`cache`, formerly `past_key_values`)."""
     import inspect
@@ -72,9 +76,11 @@ def _kv_cache(model) -> dict:
 
 
 @torch.no_grad()
-def generate(model, prompts: list[np.ndarray], seeds: list[int], params: SamplingParams, eos_token_id: int | None,
-             pad_token_id: int, device: torch.device) -> list[tuple[np.ndarray, str]]:
-    """Sample one response per prompt (left-padded batch, KV cache); returns (token ids, stop reason)."""
+def generate(model, prompts: list[np.ndarray], seeds: list[int], params: SamplingParams,
+             eos_token_ids: int | list[int] | None, pad_token_id: int, device: torch.device) -> list[tuple[np.ndarray, str]]:
+    """Sample one response per prompt (left-padded batch, KV cache); returns (token ids, stop reason).
+    A response ends at any of `eos_token_ids` (chat models often have several, e.g. end of turn)."""
+    eos = torch.tensor(_as_list(eos_token_ids), dtype=torch.long, device=device)
     batch = pad_sequences(prompts, [np.zeros(0, np.int64)] * len(prompts), pad_token_id, padding_side="left")
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     positions = position_ids_for(attention_mask)
@@ -88,12 +94,13 @@ def generate(model, prompts: list[np.ndarray], seeds: list[int], params: Samplin
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(params.max_new_tokens):
         tokens = _pick(out.logits[:, -1].float(), generators, params)
-        for row, token in enumerate(tokens.tolist()):
+        stops = torch.isin(tokens, eos)
+        for row, (token, stop) in enumerate(zip(tokens.tolist(), stops.tolist())):
             if not finished[row]:
                 responses[row].append(token)
-                if token == eos_token_id:
+                if stop:
                     reasons[row] = "eos"
-        finished |= tokens == eos_token_id if eos_token_id is not None else finished
+        finished |= stops
         if bool(finished.all()):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
@@ -105,7 +112,7 @@ def generate(model, prompts: list[np.ndarray], seeds: list[int], params: Samplin
 
 @torch.no_grad()
 def sample_shard(model, pairs_dir: Path, shard: ShardInfo, out_path: Path, params: SamplingParams, batch_size: int,
-                 eos_token_id: int | None, pad_token_id: int, device: torch.device) -> tuple[int, list[int]]:
+                 eos_token_ids: int | list[int] | None, pad_token_id: int, device: torch.device) -> tuple[int, list[int]]:
     """D_ref samples for one pairs shard into `out_path`; returns (tokens sampled, per-sample lengths)."""
     jobs = [(f"{key}-s{k}", arrays["prompt_ids"], sample_seed(params.seed, key, k))
             for key, _, arrays in ShardCursor(pairs_dir / shard.name, "pairs", shard.num_samples)
@@ -115,7 +122,7 @@ def sample_shard(model, pairs_dir: Path, shard: ShardInfo, out_path: Path, param
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             prompts = [prompt for _, prompt, _ in chunk]
-            results = generate(model, prompts, [seed for _, _, seed in chunk], params, eos_token_id, pad_token_id, device)
+            results = generate(model, prompts, [seed for _, _, seed in chunk], params, eos_token_ids, pad_token_id, device)
             responses = [response for response, _ in results]
             rows = pad_sequences(prompts, responses, pad_token_id)
             scored = sequence_logprobs(model, rows["input_ids"].to(device), rows["attention_mask"].to(device),
@@ -134,7 +141,7 @@ def sample_dref(
     out_dir: str | Path,
     params: SamplingParams,
     *,
-    eos_token_id: int | None,
+    eos_token_ids: int | list[int] | None,
     pad_token_id: int,
     rank: int = 0,
     world_size: int = 1,
@@ -152,7 +159,7 @@ def sample_dref(
 
     def make(index: int, shard: ShardInfo) -> int:
         sampled, _ = sample_shard(model, pairs_dir, shard, out_dir / shard.name, params, batch_size,
-                                  eos_token_id, pad_token_id, device)
+                                  eos_token_ids, pad_token_id, device)
         return sampled
 
     totals = run_shard_job("sample_reference", pairs.shards, out_dir, make, rank=rank, world_size=world_size,

@@ -51,7 +51,7 @@ def toy_inputs(tmp_path_factory) -> dict[str, Path]:
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir))
     score_pairs(reference, root / "pairs", root / "reference", batch_size=64, log=QUIET)
     sample_dref(reference, root / "pairs", root / "dref", SamplingParams(num_samples=1, max_new_tokens=10),
-                eos_token_id=reference.config.eos_token_id, pad_token_id=0, batch_size=100, log=QUIET)
+                eos_token_ids=reference.config.eos_token_id, pad_token_id=0, batch_size=100, log=QUIET)
     return {"root": root, "model": model_dir, "pairs": root / "pairs", "reference": root / "reference", "dref": root / "dref"}
 
 

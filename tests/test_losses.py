@@ -29,13 +29,16 @@ def ref_mpo(pc, pr, rc, rr, beta, dref=None, tau=0.0, label=None):
     return total + tau * (-dref).mean() if dref is not None else total
 
 
-def ref_dpo(pc, pr, rc, rr, beta, eps=0.0):
+def ref_dpo(pc, pr, rc, rr, beta, eps=0.0, label=None):
     h = beta * ((pc - pr) - (rc - rr))
-    return (-(1 - eps) * torch.log(sig(h)) - eps * torch.log(sig(-h))).mean()
+    label = torch.ones_like(h) if label is None else label
+    q = label * (1 - eps) + (1 - label) * eps
+    return (-q * torch.log(sig(h)) - (1 - q) * torch.log(sig(-h))).mean()
 
 
-def ref_ipo(pc, pr, rc, rr, beta):
-    return (((pc - pr) - (rc - rr) - 1 / (2 * beta)) ** 2).mean()
+def ref_ipo(pc, pr, rc, rr, beta, label=None):
+    label = torch.ones_like(pc) if label is None else label
+    return (((pc - pr) - (rc - rr) - (label - 0.5) / beta) ** 2).mean()
 
 
 def assert_same_value_and_grads(ours, reference, inputs):
@@ -67,6 +70,18 @@ def test_dpo_matches_formula(eps):
 def test_ipo_matches_formula():
     pc, pr, rc, rr = random_logps(seed=2)
     assert_same_value_and_grads(ipo_loss(pc, pr, rc, rr, 0.3).loss, ref_ipo(pc, pr, rc, rr, 0.3), [pc, pr, rc, rr])
+
+
+def test_soft_labels_in_dpo_and_ipo():
+    pc, pr, rc, rr = random_logps(seed=6)
+    label = torch.rand(16, dtype=torch.float64)
+    assert_same_value_and_grads(dpo_loss(pc, pr, rc, rr, 0.3, 0.1, label=label).loss,
+                                ref_dpo(pc, pr, rc, rr, 0.3, 0.1, label), [pc, pr, rc, rr])
+    assert_same_value_and_grads(ipo_loss(pc, pr, rc, rr, 0.3, label=label).loss,
+                                ref_ipo(pc, pr, rc, rr, 0.3, label), [pc, pr, rc, rr])
+    ones = torch.ones(16, dtype=torch.float64)  # a label of 1 is the plain loss
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, 0.3, label=ones).loss, dpo_loss(pc, pr, rc, rr, 0.3).loss)
+    torch.testing.assert_close(ipo_loss(pc, pr, rc, rr, 0.3, label=ones).loss, ipo_loss(pc, pr, rc, rr, 0.3).loss)
 
 
 def test_metrics_are_scalars_with_expected_values():

@@ -144,7 +144,7 @@ def test_stored_logp_ref_equals_a_rescoring_and_samples_read_like_stories(storie
     model = AutoModelForCausalLM.from_pretrained(str(stories["model"])).eval()
     tokenizer = load_tokenizer(stories["model"])
     sample_dref(model, stories["pairs"], tmp_path / "dref", SamplingParams(num_samples=1, max_new_tokens=20, seed=0),
-                eos_token_id=2, pad_token_id=0, batch_size=7, log=QUIET)
+                eos_token_ids=2, pad_token_id=0, batch_size=7, log=QUIET)
     manifest = Manifest.read(tmp_path / "dref", "dref")
     reasons = set()
     for shard in manifest.shards:
@@ -206,3 +206,19 @@ def test_bad_sampling_parameters_are_refused(stories, tmp_path):
     result = run_tool("sample_reference.py", "--model", stories["model"], "--pairs", stories["pairs"], "--out", tmp_path,
                       "--num-samples", 1, "--max-new-tokens", 8, "--top-p", 0, check=False)
     assert result.returncode == 2 and "--top-p must be in (0, 1]" in result.stderr
+
+
+def test_any_of_several_eos_ids_ends_a_response(stories):
+    """Chat models stop at any of several tokens (e.g. end of turn): each one ends a sample."""
+    from transformers import AutoModelForCausalLM
+
+    from mpo_dist.sampling import SamplingParams, generate
+
+    model = AutoModelForCausalLM.from_pretrained(str(stories["model"])).eval()
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    text, reason = generate(model, [np.array([1])], [0], greedy, None, 0, torch.device("cpu"))[0]
+    assert reason == "length" and len(text) == 12
+    stop_at = int(text[3])  # the 4th greedy token, declared a second stop token
+    cut, reason = generate(model, [np.array([1])], [0], greedy, [2, stop_at], 0, torch.device("cpu"))[0]
+    first = list(text).index(stop_at)
+    assert reason == "eos" and cut.tolist() == text[: first + 1].tolist()

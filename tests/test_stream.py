@@ -287,3 +287,29 @@ def test_resume_at_another_data_parallel_size_says_so(shards):
     with pytest.raises(ValueError, match="saved with dp_world_size=2, now dp_world_size=3"):
         resumed.load_state_dict(first.state_dict())
         next(iter(resumed))
+
+
+def test_fewer_batches_per_epoch_than_workers_keeps_streaming(tmp_path):
+    """One batch per epoch and two workers: batches alternate between workers across epochs, and the
+    stream equals the single-process one (no worker waits for a batch that never comes)."""
+    make_dref(tmp_path / "dref", [3])
+    config = lambda workers: DataConfig(pairs="unused", dref=str(tmp_path / "dref"), dref_batch_size=2,
+                                        num_workers=workers)
+    streams = []
+    for workers in (0, 2):
+        loader = build_dref_loader(config(workers), seed=0, dp_rank=0, dp_world_size=2, pad_token_id=0)
+        batches = run(loader, 5)
+        assert [b["epoch"] for b in batches] == [0, 1, 2, 3, 4]
+        streams.append([b["keys"] for b in batches])
+    assert streams[0] == streams[1]
+
+
+@pytest.mark.parametrize("change", [{"batch_size": 2}, {"shuffle_window": 4}, {"tail": "drop"}])
+def test_resume_with_other_batching_is_refused(shards, change):
+    root, _ = shards
+    first = loader_for(root, 0, 2, num_workers=0)
+    next(iter(first))
+    resumed = loader_for(root, 0, 2, num_workers=0, **change)
+    with pytest.raises(ValueError, match="batching settings"):
+        resumed.load_state_dict(first.state_dict())
+        next(iter(resumed))

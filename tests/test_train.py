@@ -171,3 +171,13 @@ def test_hsdp_mesh_and_activation_checkpointing_train_the_same(toy_inputs, tmp_p
         runs[name] = (logged(result.stdout, "loss"), logged(result.stdout, "margin"))
     assert len(runs["fsdp"][0]) == 3
     assert runs["hsdp"] == runs["fsdp"] and runs["recompute"] == runs["fsdp"]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_dpo_and_ipo_train_on_the_same_shards(toy_inputs, tmp_path, loss):
+    extra = {"loss.name": loss, "loss.tau": 0, "data.dref": "", "training.steps": 12}
+    if loss == "dpo":
+        extra["loss.label_smoothing"] = 0.1
+    result = train(*toy_overrides(toy_inputs, tmp_path / "run", **extra))
+    accuracy = logged(result.stdout, "acc")
+    assert len(accuracy) == 12 and max(accuracy[-3:]) > accuracy[0] + 0.2

@@ -44,13 +44,12 @@ def main(argv=None) -> int:
         pairs = Manifest.read(args.pairs, "pairs")
         model = load_reference_model(args.model, pairs, Path(args.pairs), args.dtype, device)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos = eos[0] if isinstance(eos, list) else eos
         if eos is None:
-            eos = model.config.eos_token_id
+            eos = model.config.eos_token_id  # generation config lists every stop token (e.g. end of turn)
         pad = pairs.info.get("tokenizer", {}).get("pad_token_id") or 0
         model_info = {"model": {"path": str(Path(args.model).resolve()), "dtype": args.dtype,
                                 "weights_hash": weights_fingerprint(args.model) if info.is_main else None}}
-        sample_dref(model, args.pairs, args.out, params, eos_token_id=eos, pad_token_id=pad, rank=info.rank,
+        sample_dref(model, args.pairs, args.out, params, eos_token_ids=eos, pad_token_id=pad, rank=info.rank,
                     world_size=info.world_size, batch_size=args.batch_size, device=device, model_info=model_info,
                     barrier=barrier)
 

@@ -1,12 +1,19 @@
 """A stateful, resumable stream of collated batches over a shard set, for one data-parallel rank.
 
-The rank's batches per epoch come from `sampler.plan_epoch`; this worker yields every
-`num_workers`-th of them. The state is (epoch, batches this worker has yielded), read eagerly at
-the start of `__iter__`, so a resumed stream continues exactly where the saved one stopped.
+The rank's batches per epoch come from `sampler.plan_epoch`. Numbering the rank's batches across
+epochs 0, 1, 2, ..., batch `g` is made by DataLoader worker `g % num_workers`: the order in which
+the loader interleaves its workers, so the stream does not depend on the number of workers, and no
+worker sits idle (or waits forever) in an epoch with fewer batches than workers. The state is
+(epoch, batches this worker has yielded in it, the epoch's first batch number modulo the number of
+workers), read eagerly at the start of `__iter__`, so a resumed stream continues exactly where the
+saved one stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -37,7 +44,10 @@ class ShardStream(IterableDataset):
         self._plan = partial(plan_epoch, self._sizes, self._lengths, spec, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size)
         # Fixed batches: the same every epoch. Token budgets: epoch 0's count (others differ slightly).
         self.batches_per_epoch = len(self._plan(epoch=0).batches)
-        self._epoch, self._yielded = 0, 0  # this worker's position
+        self._epoch, self._yielded, self._offset = 0, 0, 0  # this worker's position
+        # What the saved position means: the same shards and batching, or the position is meaningless.
+        names = [shard.name for shard in source.shards.manifest.shards]
+        self._plan_id = hashlib.sha256(json.dumps([names, self._sizes, asdict(spec)]).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ Stateful
 
@@ -46,6 +56,8 @@ class ShardStream(IterableDataset):
         return {
             "epoch": self._epoch,
             "yielded": self._yielded,
+            "offset": self._offset,
+            "plan": self._plan_id,
             "worker_id": worker_id,
             "num_workers": num_workers,
             "dp_rank": self.dp_rank,
@@ -63,26 +75,38 @@ class ShardStream(IterableDataset):
                     "The data position is defined per rank and worker; resume with the same data.num_workers, "
                     "number of data-parallel ranks and seed (model and optimizer state can still be resharded)"
                 )
-        self._epoch, self._yielded = int(state["epoch"]), int(state["yielded"])
+        if state["plan"] != self._plan_id:
+            raise ValueError(
+                "cannot resume the data stream: the shards or the batching settings (data.batch_size, "
+                "data.batching, data.max_tokens, data.shuffle, data.shuffle_window, data.tail) differ from "
+                "those the position was saved with; restore them to resume, or start a new run"
+            )
+        self._epoch, self._yielded, self._offset = int(state["epoch"]), int(state["yielded"]), int(state["offset"])
+
+    def restart_at_epoch(self, epoch: int) -> None:
+        """Start at the beginning of `epoch` (when a saved position cannot be used)."""
+        self._epoch, self._yielded, self._offset = epoch, 0, 0
 
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[dict]:
         worker_id, num_workers = _worker()
-        epoch, skip = self._epoch, self._yielded  # eager: a lazy read can skip a whole epoch
+        # Eager: a lazy read of the position can skip a whole epoch.
+        epoch, skip, offset = self._epoch, self._yielded, self._offset
         while self.num_epochs is None or epoch < self.num_epochs:
             plan = self._plan(epoch=epoch)
-            mine = plan.batches[worker_id::num_workers]
+            first = (worker_id - offset) % num_workers  # this worker's first batch of the epoch
+            mine = plan.batches[first::num_workers]
             reader = _WindowReader(self.source, plan, mine, self.spec.shuffle_window)
             for index in range(skip, len(mine)):
                 batch = mine[index]
                 samples = [reader.get(int(position)) for position in batch.positions]
                 out = self.collate(samples, batch.is_pad)
                 out["epoch"] = epoch
-                self._epoch, self._yielded = epoch, index + 1
+                self._epoch, self._yielded, self._offset = epoch, index + 1, offset
                 yield out
-            epoch, skip = epoch + 1, 0
-            self._epoch, self._yielded = epoch, 0
+            epoch, skip, offset = epoch + 1, 0, (offset + len(plan.batches)) % num_workers
+            self._epoch, self._yielded, self._offset = epoch, 0, offset
 
     def __len__(self) -> int:
         return self.batches_per_epoch

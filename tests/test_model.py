@@ -1,0 +1,63 @@
+"""Building the policy the way the trainer does: meta device, FSDP2, weights read slice by slice."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from mpo_dist.config import ModelConfig, ParallelConfig
+from mpo_dist.model import build_model, materialize_model
+from mpo_dist.parallelize import apply_fsdp, build_mesh
+
+
+@pytest.fixture()
+def one_process_group():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def sharded_policy(path: Path) -> torch.nn.Module:
+    config = ModelConfig(path=str(path), dtype="float32")
+    policy = build_model(config)
+    apply_fsdp(policy, build_mesh(ParallelConfig(), 1, "cpu"), ParallelConfig(), "float32")
+    materialize_model(policy, config, torch.device("cpu"), seed=0)
+    return policy.train()  # training mode: dropout must still be off
+
+
+def gpt2_folder(folder: Path, strip_prefix: bool, drop: str | None = None) -> AutoModelForCausalLM:
+    """A GPT-2 folder whose file names the base model's tensors without `transformer.` (as the
+    original GPT-2 checkpoints do) or with it; dropout is on in its config."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
+                                                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.3))
+    folder.mkdir()
+    model.config.save_pretrained(str(folder))
+    state = {k.removeprefix("transformer.") if strip_prefix else k: v.contiguous()
+             for k, v in model.state_dict().items() if k != "lm_head.weight" and k != drop}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return model.eval()
+
+
+@pytest.mark.parametrize("strip_prefix", [True, False])
+def test_gpt2_weights_load_with_or_without_the_base_prefix(tmp_path, one_process_group, strip_prefix):
+    original = gpt2_folder(tmp_path / "gpt2", strip_prefix)
+    policy = sharded_policy(tmp_path / "gpt2")
+    tokens = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(policy(tokens).logits, original(tokens).logits)
+
+
+def test_missing_weights_are_named(tmp_path, one_process_group):
+    gpt2_folder(tmp_path / "gpt2", True, drop="transformer.h.1.mlp.c_fc.weight")
+    with pytest.raises(ValueError, match=r"lack 1 of the model's tensors .*transformer\.h\.1\.mlp\.c_fc\.weight"):
+        sharded_policy(tmp_path / "gpt2")
