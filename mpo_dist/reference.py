@@ -19,7 +19,7 @@ from mpo_dist.data.collate import collate_pairs
 from mpo_dist.data.samples import write_reference_shard
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
 from mpo_dist.logprobs import sequence_logprobs
-from mpo_dist.shard_job import run_shard_job, stderr_log
+from mpo_dist.shard_job import manifest_fingerprint, run_shard_job, stderr_log
 from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 
@@ -95,10 +95,11 @@ def score_pairs(
     pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
     pairs = Manifest.read(pairs_dir, "pairs")
     model.eval()
+    params = {"pairs": manifest_fingerprint(pairs_dir), "batch_size": batch_size, **(model_info or {})}
     totals = run_shard_job(
         "score_reference", pairs.shards, out_dir,
         lambda index, shard: score_shard(model, pairs_dir, shard, out_dir / shard.name, batch_size, device),
-        rank=rank, world_size=world_size, barrier=barrier, log=log)
+        rank=rank, world_size=world_size, barrier=barrier, log=log, params=params)
     if rank != 0:
         return None
     manifest = Manifest("ref_logps", pairs.tokenizer_hash, [ShardInfo(s.name, s.num_samples) for s in pairs.shards],

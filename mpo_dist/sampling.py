@@ -22,7 +22,7 @@ import torch
 from mpo_dist.data.collate import pad_sequences
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo, ShardWriter
 from mpo_dist.logprobs import position_ids_for, sequence_logprobs
-from mpo_dist.shard_job import run_shard_job, stderr_log
+from mpo_dist.shard_job import manifest_fingerprint, run_shard_job, stderr_log
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,10 @@ def sample_dref(
                                   eos_token_ids, pad_token_id, device)
         return sampled
 
+    job = {"pairs": manifest_fingerprint(pairs_dir), "sampling": asdict(params), "batch_size": batch_size,
+           "eos_token_ids": eos_token_ids, **(model_info or {})}
     totals = run_shard_job("sample_reference", pairs.shards, out_dir, make, rank=rank, world_size=world_size,
-                           barrier=barrier, log=log, unit="tokens sampled")
+                           barrier=barrier, log=log, params=job, unit="tokens sampled")
     if rank != 0:
         return None
     shards = []

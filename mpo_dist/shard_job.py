@@ -9,12 +9,37 @@ manifest after all ranks are done.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from mpo_dist.data.shards import ShardInfo
+from mpo_dist.data.shards import MANIFEST_NAME, ShardInfo, atomic_write_bytes
+
+JOB_FILE = ".job.json"
+
+
+def manifest_fingerprint(shard_dir: Path) -> str:
+    return "sha256:" + hashlib.sha256((Path(shard_dir) / MANIFEST_NAME).read_bytes()).hexdigest()[:32]
+
+
+def claim_output_dir(name: str, out_dir: Path, params: dict[str, Any]) -> None:
+    """Record what the shards in `out_dir` are made from; a rerun must match, so a resumed job never
+    mixes shards of two models or two settings."""
+    job_file = out_dir / JOB_FILE
+    if job_file.exists():
+        previous = json.loads(job_file.read_text())
+        changed = sorted(key for key in set(previous) | set(params) if previous.get(key) != params.get(key))
+        if changed:
+            raise ValueError(f"--out {out_dir} holds {name} shards made with other settings ({', '.join(changed)} "
+                             f"differ, see {job_file}); use a new --out folder or delete this one")
+        return
+    if out_dir.exists() and any(out_dir.glob("shard-*.tar")):
+        raise ValueError(f"--out {out_dir} already holds shards not made by this {name} job; use a new folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(job_file, json.dumps(params, indent=1, sort_keys=True).encode())
 
 
 def remove_stale_temp_files(out_dir: Path) -> int:
@@ -35,14 +60,17 @@ def run_shard_job(
     world_size: int,
     barrier: Callable[[], None],
     log: Callable[[str], None],
+    params: dict[str, Any] | None = None,
     unit: str = "tokens",
 ) -> dict:
     """Run `make_shard(index, shard) -> amount of work` for this rank's unfinished shards.
 
-    Returns this rank's totals: shards made, shards skipped, work done and seconds.
+    `params` (checked by rank 0) describe what the shards are made from. Returns this rank's
+    totals: shards made, shards skipped, work done and seconds.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
+        claim_output_dir(name, out_dir, params or {})
         removed = remove_stale_temp_files(out_dir)
         if removed:
             log(f"{name}: removed {removed} temp files left by an interrupted run")

@@ -57,7 +57,7 @@ def test_scoring_does_not_depend_on_the_number_of_processes(stories, tmp_path):
     result = run_tool("score_reference.py", *common, "--out", tmp_path / "two", nproc=2)
     assert "tokens/s" in result.stderr and "ETA" in result.stderr
     one, two = tree(tmp_path / "one"), tree(tmp_path / "two")
-    assert len(one) == len(Manifest.read(stories["pairs"]).shards) + 1
+    assert len(one) == len(Manifest.read(stories["pairs"]).shards) + 2  # shards, manifest.json, .job.json
     assert {k: v for k, v in one.items() if k != "manifest.json"} == {k: v for k, v in two.items() if k != "manifest.json"}
     manifest = Manifest.read(tmp_path / "one", "ref_logps")
     assert manifest.info["model"]["weights_hash"].startswith("sha256:")
@@ -127,7 +127,7 @@ def test_sampling_is_identical_on_1_process_2_processes_and_2_nodes(stories, tmp
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     one = tree(tmp_path / "one")
-    assert len(one) == len(Manifest.read(stories["pairs"]).shards) + 1
+    assert len(one) == len(Manifest.read(stories["pairs"]).shards) + 2  # shards, manifest.json, .job.json
     assert tree(tmp_path / "two") == one and tree(tmp_path / "nodes") == one  # the manifest too
     manifest = Manifest.read(tmp_path / "one", "dref")
     assert manifest.num_samples == 2 * Manifest.read(stories["pairs"]).num_samples
@@ -222,3 +222,18 @@ def test_any_of_several_eos_ids_ends_a_response(stories):
     cut, reason = generate(model, [np.array([1])], [0], greedy, [2, stop_at], 0, torch.device("cpu"))[0]
     first = list(text).index(stop_at)
     assert reason == "eos" and cut.tolist() == text[: first + 1].tolist()
+
+
+def test_a_rerun_with_other_settings_is_refused(stories, tmp_path):
+    common = ["--model", stories["model"], "--pairs", stories["pairs"], "--out", tmp_path / "dref",
+              "--num-samples", 1, "--max-new-tokens", 4]
+    run_tool("sample_reference.py", *common)
+    (tmp_path / "dref" / "shard-000001.tar").unlink()  # an unfinished job
+    changed = run_tool("sample_reference.py", *common, "--seed", 9, check=False)
+    assert changed.returncode == 2 and "made with other settings (sampling differ" in changed.stderr
+    assert not (tmp_path / "dref" / "shard-000001.tar").exists()
+    run_tool("sample_reference.py", *common)  # the same settings finish the job
+    assert (tmp_path / "dref" / "shard-000001.tar").exists()
+    scored = run_tool("score_reference.py", "--model", stories["model"], "--pairs", stories["pairs"],
+                      "--out", tmp_path / "dref", check=False)
+    assert scored.returncode == 2 and "--out" in scored.stderr
