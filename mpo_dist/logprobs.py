@@ -41,14 +41,18 @@ def _decoder_and_head(model):
 
 
 def _final_logits_transform(model):
-    """Architectures that rescale logits after the projection (Gemma 2/3 soft-capping, Cohere scale)."""
+    """Architectures that rescale logits after the projection (Gemma 2/3 soft-capping, Cohere's
+    scale, Granite's divisor), as their own forward does."""
     config = model.config
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
 
     def transform(logits: torch.Tensor) -> torch.Tensor:
         if scale is not None:
             logits = logits * scale
+        if divisor:
+            logits = logits / divisor
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return logits

@@ -78,7 +78,10 @@ class Trainer(Stateful):
         self.device = torch.device("cuda", self.info.local_rank) if cuda else torch.device("cpu")
         self.output_dir = Path(config.job.output_dir)
         torch.manual_seed(config.job.seed)
-        self.step, self.tokens_seen, self.pairs_seen = 0, 0, 0
+        self.step = 0
+        # Progress: global totals as of the last checkpoint, plus what this rank has done since.
+        self.pairs_seen, self.tokens_seen, self._local_pairs, self._local_tokens = 0, 0, 0, 0
+        self.epochs = {"pairs": 0, "dref": 0}  # epoch of the last batch taken from each stream
 
         # Everything that can be wrong with the inputs is checked here, on every rank, before the model is built.
         self.dp_rank, self.dp_world_size = self.info.rank, self.info.world_size  # all ranks are data-parallel
@@ -123,10 +126,21 @@ class Trainer(Stateful):
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "pairs_seen": self.pairs_seen}
+        pairs, tokens = self._progress()
+        return {"step": self.step, "tokens_seen": tokens, "pairs_seen": pairs,
+                "pairs_epoch": self.epochs["pairs"], "dref_epoch": self.epochs["dref"]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen, self.pairs_seen = int(state["step"]), int(state["tokens_seen"]), int(state["pairs_seen"])
+        self.epochs = {"pairs": int(state["pairs_epoch"]), "dref": int(state["dref_epoch"])}
+        self._local_pairs = self._local_tokens = 0
+
+    def _progress(self) -> tuple[int, int]:
+        """Real pairs and tokens trained on, over all ranks (a collective: every rank calls it)."""
+        local = torch.tensor([self._local_pairs, self._local_tokens], dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(local)
+        return self.pairs_seen + int(local[0]), self.tokens_seen + int(local[1])
 
     def _checkpoint_states(self) -> tuple[dict[str, Stateful], dict[str, Stateful]]:
         shared = {"model_optimizer": ModelOptimizerState(self.model, self.optimizer),
@@ -146,9 +160,14 @@ class Trainer(Stateful):
         info = self.checkpointer.load(folder, *self._checkpoint_states())
         log0(f"mpo_dist: resumed from {folder} at step {self.step}")
         if not info["rank_local_restored"]:
+            # The position within an epoch is per rank; the epoch is not: go on with the next one.
+            self.pair_loader.dataset.restart_at_epoch(self.epochs["pairs"] + 1)
+            if self.dref_loader is not None:
+                self.dref_loader.dataset.restart_at_epoch(self.epochs["dref"] + 1)
             log0(f"mpo_dist: WARNING: {folder} was written by {info['dp_world_size']} data-parallel ranks, now "
                  f"{self.dp_world_size}: model, optimizer and schedule were resharded, but the data position is "
-                 "per rank and cannot follow; the data stream restarts from the beginning of a new epoch order")
+                 f"per rank and cannot follow; data restarts at the beginning of epoch {self.epochs['pairs'] + 1} "
+                 f"(the rest of epoch {self.epochs['pairs']} is skipped)")
 
     def _write_hf_files(self, folder: Path) -> None:
         """The model's config, generation config and tokenizer, so a checkpoint converts on its own."""
@@ -223,16 +242,20 @@ class Trainer(Stateful):
             step_metrics = self.train_step(micro_batches)
             self.step += 1
             for pairs, dref in micro_batches:
-                window_tokens += pairs["num_tokens"] + (dref["num_tokens"] if dref else 0)
+                tokens = pairs["num_tokens"] + (dref["num_tokens"] if dref else 0)
+                window_tokens += tokens
                 window_padded += pairs["num_padded_tokens"] + (dref["num_padded_tokens"] if dref else 0)
                 window_rows += pairs["input_ids"].shape[0] + (dref["input_ids"].shape[0] if dref else 0)
-                self.pairs_seen += int((~pairs["is_pad"]).sum())
+                self._local_pairs += int((~pairs["is_pad"]).sum())
+                self._local_tokens += tokens
+            self.epochs["pairs"] = micro_batches[-1][0]["epoch"]
+            if micro_batches[-1][1] is not None:
+                self.epochs["dref"] = micro_batches[-1][1]["epoch"]
             for name, value in step_metrics.items():
                 window[name] = window.get(name, 0) + value
             window_steps += 1
             if self.step % config.metrics.log_interval == 0 or self.step in (1, total):
-                self._log(window, window_steps, (window_tokens, window_padded, window_rows), time.monotonic() - window_start,
-                          epoch=micro_batches[-1][0]["epoch"])
+                self._log(window, window_steps, (window_tokens, window_padded, window_rows), time.monotonic() - window_start)
                 window, window_steps, window_tokens, window_padded, window_rows = {}, 0, 0, 0, 0
                 window_start = time.monotonic()
             if (config.checkpoint.interval and self.step % config.checkpoint.interval == 0) or self.step == total:
@@ -253,7 +276,7 @@ class Trainer(Stateful):
         if dist.is_initialized():
             dist.barrier()
 
-    def _log(self, window: dict, steps: int, counts: tuple[int, int, int], seconds: float, epoch: int) -> None:
+    def _log(self, window: dict, steps: int, counts: tuple[int, int, int], seconds: float) -> None:
         """Reduce the window's sums over ranks once, then log. `counts`: real tokens, padded tokens, rows."""
         names = sorted(window)
         values = torch.stack([window[name].float() for name in names] + [torch.tensor(float(c), device=self.device) for c in counts])
@@ -261,7 +284,7 @@ class Trainer(Stateful):
             dist.all_reduce(values)
         values = values.tolist()  # the one host sync, at logging steps only
         global_tokens, global_padded, global_rows = values[-3:]
-        self.tokens_seen += int(global_tokens)
+        pairs_seen, tokens_seen = self._progress()
         metrics = {name: value / steps for name, value in zip(names, values)}
         out = {
             "loss/total": metrics.pop("loss"),
@@ -273,7 +296,7 @@ class Trainer(Stateful):
             "throughput/tokens_per_s_per_device": global_tokens / seconds / self.info.world_size,
             "throughput/padding": 1 - global_tokens / max(global_padded, 1),
             "memory/peak_gib": peak_memory_bytes(self.device) / 2**30,
-            "progress/epoch": epoch, "progress/pairs_seen": self.pairs_seen * self.dp_world_size,
+            "progress/epoch": self.epochs["pairs"], "progress/pairs_seen": pairs_seen, "progress/tokens_seen": tokens_seen,
         }
         out.update({f"loss/{name}": value for name, value in metrics.items()})
         if self._peak_tflops:

@@ -118,3 +118,18 @@ def test_chunked_peak_memory_is_bounded_and_below_naive():
     logits_small = 4 * 512 * 50257 * 4
     assert naive_small > logits_small and naive_large > 1.8 * naive_small  # grows with batch x length
     assert chunked_small < naive_small / 4 and chunked_large < 1.3 * chunked_small  # a few chunks' worth
+
+
+def test_architectures_that_rescale_logits_match_their_own_forward():
+    """Granite divides the logits by logits_scaling, Gemma 2 soft-caps them: as their forward does."""
+    from transformers import Gemma2Config, GraniteConfig
+
+    configs = [GraniteConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0),
+               Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0)]
+    for config in configs:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).float().eval()
+        prompts, responses = random_rows(97, seed=4)
+        assert_matches_naive(model, pad_sequences(prompts, responses, pad_token_id=0), prompts, responses, chunk_tokens=9)

@@ -74,6 +74,7 @@ def test_resume_equals_uninterrupted_and_reshards(toy_inputs, tmp_path):
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003", tmp_path / "one" / "checkpoints" / "step-00000003")
     single = train(*toy_overrides(toy_inputs, tmp_path / "one", **steps), nproc=1)
     assert "written by 2 data-parallel ranks, now 1" in single.stdout
+    assert "data restarts at the beginning of epoch 1" in single.stdout
     assert "step 6/6" in single.stdout
 
 
@@ -138,6 +139,7 @@ def test_stories260k_on_hh_rlhf_writes_every_metric(tmp_path, stories_inputs):
                 "throughput/tokens_per_s", "throughput/mfu", "memory/peak_gib"}
     assert expected <= tags, expected - tags
     assert [event.step for event in events.Scalars("loss/total")] == [1, 2, 3]
+    assert events.Scalars("progress/pairs_seen")[-1].value == 3 * 16  # global, no padding in 40 pairs on 2 x 4
     # Step 1 starts at the reference: in float32 the policy's log-probs equal the scored ones.
     assert abs(events.Scalars("reward/margin")[0].value) < 1e-3
     assert abs(events.Scalars("loss/dref_kl")[0].value) < 1e-3
