@@ -61,3 +61,32 @@ def test_missing_weights_are_named(tmp_path, one_process_group):
     gpt2_folder(tmp_path / "gpt2", True, drop="transformer.h.1.mlp.c_fc.weight")
     with pytest.raises(ValueError, match=r"lack 1 of the model's tensors .*transformer\.h\.1\.mlp\.c_fc\.weight"):
         sharded_policy(tmp_path / "gpt2")
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("llama", {}), ("qwen2", {}), ("mistral", {}), ("gpt_neox", {}),
+    ("gpt2", {"n_embd": 32, "n_layer": 3, "n_head": 4}),
+])
+def test_decoder_layers_are_found_and_sharded(one_process_group, model_type, extra):
+    """Every decoder layer becomes its own FSDP unit, for the architectures users bring."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from mpo_dist.model import decoder_layers
+
+    sizes = {} if extra else {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                              "num_attention_heads": 4, "num_key_value_heads": 2}
+    if model_type == "gpt_neox":
+        sizes.pop("num_key_value_heads")
+    policy = build_model(ModelConfig(config={"model_type": model_type, "vocab_size": 64, **sizes, **extra}))
+    apply_fsdp(policy, build_mesh(ParallelConfig(), 1, "cpu"), ParallelConfig(), "bfloat16")
+    layers = decoder_layers(policy)
+    assert len(layers) == 3 and all(isinstance(layer, FSDPModule) for layer in layers)
+    assert isinstance(policy, FSDPModule)
+    materialize_model(policy, ModelConfig(config={"model_type": model_type}), torch.device("cpu"), seed=0)
+    tokens = torch.randint(0, 64, (2, 8))
+    from mpo_dist.logprobs import sequence_logprobs
+
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    out = sequence_logprobs(policy, tokens, mask, mask)
+    out.logps.sum().backward()
+    assert torch.isfinite(out.logps).all() and all(p.grad is not None for p in policy.parameters())
