@@ -33,6 +33,24 @@ def shared_data():
 QUIET = lambda message: None  # noqa: E731  (a log callback that prints nothing)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def one_process_group():
+    """A gloo process group of this test process alone, for code that needs one (FSDP2, DCP)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def toy_inputs(tmp_path_factory) -> dict[str, Path]:
     """The quickstart's inputs, small: the digit-sorting task, its tiny random-init Llama (the policy's

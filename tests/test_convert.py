@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +54,8 @@ def test_trained_llama_converts_with_equal_logits(toy_inputs, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(str(bf16)).dtype == torch.bfloat16
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def step0_checkpoint(model_dir: Path, stories_inputs, out: Path) -> Path:
     """A checkpoint written by the Trainer's own code before any step (one process)."""
-    import torch.distributed as dist
-
     from mpo_dist.config import load_config
     from mpo_dist.trainer import Trainer
 
@@ -72,17 +63,13 @@ def step0_checkpoint(model_dir: Path, stories_inputs, out: Path) -> Path:
         f"job.output_dir={out}", f"model.path={model_dir}", f"data.pairs={stories_inputs['pairs']}",
         f"data.reference={stories_inputs['reference']}", "loss.tau=0", "data.dref=", "data.batch_size=4",
         "training.global_batch_size=4", "data.num_workers=0", "metrics.tensorboard=false"])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        trainer = Trainer(config)
-        folder = trainer.save_checkpoint()
-        trainer.close()
-    finally:
-        dist.destroy_process_group()
+    trainer = Trainer(config)
+    folder = trainer.save_checkpoint()
+    trainer.close()
     return folder
 
 
-def test_stories260k_tied_embeddings_step_0_generates_the_original_text(stories_inputs, tmp_path):
+def test_stories260k_tied_embeddings_step_0_generates_the_original_text(stories_inputs, tmp_path, one_process_group):
     from mpo_dist.sampling import SamplingParams, generate
     from mpo_dist.tokenizer import load_tokenizer
 

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from mpo_dist.config import ModelConfig, ParallelConfig
 from mpo_dist.model import build_model, materialize_model
 from mpo_dist.parallelize import apply_fsdp, build_mesh
-
-
-@pytest.fixture()
-def one_process_group():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def sharded_policy(path: Path) -> torch.nn.Module:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QUIET, REPO, SUBPROCESS_ENV as ENV
+from conftest import QUIET, REPO, SUBPROCESS_ENV as ENV, free_port
 from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
 from mpo_dist.data.shards import Manifest, ShardCursor
 
@@ -42,12 +41,6 @@ def stories(stories_inputs):
     return stories_inputs
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------------------- scoring
 
 
@@ -64,11 +57,9 @@ def test_scoring_does_not_depend_on_the_number_of_processes(stories, tmp_path):
     assert manifest.tokenizer_hash == Manifest.read(stories["pairs"]).tokenizer_hash
 
 
-def test_scored_logps_equal_the_trainers_at_step_0(stories, tmp_path):
+def test_scored_logps_equal_the_trainers_at_step_0(stories, tmp_path, one_process_group):
     """The trainer's path (meta init, FSDP2, DCP weight loading, FSDP forward method) reproduces the
     scored reference log-probs of the same model, pair by pair."""
-    import torch.distributed as dist
-
     from mpo_dist.config import ModelConfig, ParallelConfig
     from mpo_dist.data.collate import collate_pairs
     from mpo_dist.data.samples import PairSource
@@ -80,19 +71,15 @@ def test_scored_logps_equal_the_trainers_at_step_0(stories, tmp_path):
 
     score_pairs(AutoModelForCausalLM.from_pretrained(str(stories["model"])), stories["pairs"], tmp_path / "ref",
                 batch_size=3, log=QUIET)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        config = ModelConfig(path=str(stories["model"]), dtype="float32")
-        policy = build_model(config)
-        apply_fsdp(policy, build_mesh(ParallelConfig(), 1, "cpu"), ParallelConfig(), "float32")
-        materialize_model(policy, config, torch.device("cpu"), seed=0)
-        source = PairSource(stories["pairs"], tmp_path / "ref")
-        samples = [source.read(i) for i in range(len(source.shards))]
-        rows = collate_pairs(samples, np.zeros(len(samples), bool), pad_token_id=0)
-        with torch.no_grad():
-            logps = sequence_logprobs(policy, rows["input_ids"], rows["attention_mask"], rows["response_mask"]).logps
-    finally:
-        dist.destroy_process_group()
+    config = ModelConfig(path=str(stories["model"]), dtype="float32")
+    policy = build_model(config)
+    apply_fsdp(policy, build_mesh(ParallelConfig(), 1, "cpu"), ParallelConfig(), "float32")
+    materialize_model(policy, config, torch.device("cpu"), seed=0)
+    source = PairSource(stories["pairs"], tmp_path / "ref")
+    samples = [source.read(i) for i in range(len(source.shards))]
+    rows = collate_pairs(samples, np.zeros(len(samples), bool), pad_token_id=0)
+    with torch.no_grad():
+        logps = sequence_logprobs(policy, rows["input_ids"], rows["attention_mask"], rows["response_mask"]).logps
     size = len(samples)
     stored = torch.tensor([[s["ref_chosen_logp"] for s in samples], [s["ref_rejected_logp"] for s in samples]])
     torch.testing.assert_close(torch.stack([logps[:size], logps[size:]]), stored, rtol=2e-6, atol=1e-4)

@@ -4,7 +4,6 @@ two 'nodes', a non-Llama architecture, a real pretrained model, and input errors
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, toy_overrides, train
+from conftest import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, free_port, toy_overrides, train
 
 
 def logged(stdout: str, field: str) -> list[float]:
@@ -88,12 +87,6 @@ def test_crash_during_save_keeps_last_good_checkpoint(toy_inputs, tmp_path):
     result = train(*toy_overrides(toy_inputs, run, **{"training.steps": 3, "checkpoint.interval": 1}))
     assert "resumed from" in result.stdout and "step-00000002" in result.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_nodes_with_c10d_rendezvous(toy_inputs, tmp_path):
