@@ -8,7 +8,6 @@ Hugging Face reader, so no rank ever holds the full model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -84,9 +83,10 @@ def load_pretrained_weights(lm: nn.Module, path: str | Path) -> None:
             stored.update(handle.keys())
     # Some files name the base model's tensors without its prefix (GPT-2: "h.0..." for "transformer.h.0...").
     prefix = lm.base_model_prefix + "."
+    tied = tied_parameter_names(lm)
     state, missing = {}, []
     for name, tensor in lm.state_dict().items():
-        if name in tied_parameter_names(lm):
+        if name in tied:
             continue
         key = name if name in stored else name.removeprefix(prefix) if name.removeprefix(prefix) in stored else None
         if key is None:
@@ -132,14 +132,3 @@ def count_parameters(lm: nn.Module, exclude_embeddings: bool = False) -> int:
     if exclude_embeddings:
         total -= lm.get_input_embeddings().weight.numel()
     return total
-
-
-def model_summary(lm: nn.Module) -> str:
-    config = lm.config
-    return json.dumps({
-        "architecture": type(lm).__name__,
-        "parameters": count_parameters(lm),
-        "layers": getattr(config, "num_hidden_layers", None),
-        "hidden": getattr(config, "hidden_size", None),
-        "vocab": getattr(config, "vocab_size", None),
-    })

@@ -20,7 +20,7 @@ from mpo_dist.data.samples import write_reference_shard
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
 from mpo_dist.logprobs import sequence_logprobs
 from mpo_dist.shard_job import manifest_fingerprint, run_shard_job, stderr_log
-from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
+from mpo_dist.tokenizer import tokenizer_beside_model, tokenizer_fingerprint
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:
@@ -41,9 +41,9 @@ def load_reference_model(model_dir: str | Path, pairs: Manifest, pairs_dir: Path
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model {model_dir}: no config.json; expected a Hugging Face model folder")
-    has_tokenizer = any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    if has_tokenizer:
-        model_hash = tokenizer_fingerprint(load_tokenizer(model_dir))
+    tokenizer = tokenizer_beside_model(model_dir)
+    if tokenizer is not None:
+        model_hash = tokenizer_fingerprint(tokenizer)
         if model_hash != pairs.tokenizer_hash:
             raise ValueError(f"--model {model_dir} has tokenizer {model_hash}, but --pairs {pairs_dir} was tokenized "
                              f"with {pairs.tokenizer_hash}; use the reference model that matches the policy's tokenizer")

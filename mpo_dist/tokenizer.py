@@ -27,6 +27,16 @@ def load_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
+def tokenizer_beside_model(model_dir: str | os.PathLike | None):
+    """The tokenizer saved in a model folder, or None when the folder has none (or there is no folder)."""
+    if not model_dir:
+        return None
+    path = Path(model_dir)
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return load_tokenizer(path)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of what decides token ids: the vocabulary/merges/normaliser, special tokens, chat template.
 

@@ -31,7 +31,7 @@ from mpo_dist.metrics import MetricLogger, flops_per_token, peak_memory_bytes, p
 from mpo_dist.model import build_model, count_parameters, load_model_config, materialize_model
 from mpo_dist.optim import build_lr_scheduler, build_optimizer
 from mpo_dist.parallelize import apply_fsdp, build_mesh
-from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
+from mpo_dist.tokenizer import tokenizer_beside_model, tokenizer_fingerprint
 
 
 def log0(message: str) -> None:
@@ -54,16 +54,17 @@ def resolve_grad_accum(config: Config, dp_world_size: int) -> int:
     return accum
 
 
-def check_data_matches_model(config: Config, pairs: Manifest, model_config) -> None:
-    """Refuse pairs tokenized with another tokenizer than the model's, naming the options."""
+def check_data_matches_model(config: Config, pairs: Manifest, model_config, tokenizer) -> None:
+    """Refuse pairs tokenized with another tokenizer than the model's (`tokenizer`, None when the
+    model folder has none), naming the options."""
     vocab = pairs.info.get("tokenizer", {}).get("vocab_size")
     if vocab is not None and vocab > model_config.vocab_size:
         raise ValueError(f"data.pairs {config.data.pairs} uses a {vocab}-token vocabulary but the model has "
                          f"{model_config.vocab_size} embeddings; prepare the pairs with the model's tokenizer")
-    path = Path(config.model.path) if config.model.path else None
-    if path is not None and any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        model_hash = tokenizer_fingerprint(load_tokenizer(path))
+    if tokenizer is not None:
+        model_hash = tokenizer_fingerprint(tokenizer)
         if model_hash != pairs.tokenizer_hash:
+            path = config.model.path
             raise ValueError(
                 f"data.pairs {config.data.pairs} was tokenized with tokenizer {pairs.tokenizer_hash}, but model.path "
                 f"{path} has tokenizer {model_hash}; re-run tools/prepare_pairs.py with --tokenizer {path}"
@@ -90,7 +91,8 @@ class Trainer(Stateful):
         self.pair_loader = build_pair_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
                                              dp_world_size=self.dp_world_size, pad_token_id=0, num_epochs=None)
         pairs_manifest = self.pair_loader.dataset.source.shards.manifest
-        check_data_matches_model(config, pairs_manifest, model_config)
+        self.tokenizer = tokenizer_beside_model(config.model.path)  # also saved into every checkpoint
+        check_data_matches_model(config, pairs_manifest, model_config, self.tokenizer)
         self.pad_token_id = int(pairs_manifest.info.get("tokenizer", {}).get("pad_token_id") or 0)
         self.use_dref = config.loss.name == "mpo" and config.loss.tau > 0
         self.dref_loader = None
@@ -178,8 +180,8 @@ class Trainer(Stateful):
         source = Path(self.config.model.path) if self.config.model.path else None
         if source is not None and (source / "generation_config.json").is_file():
             shutil.copy2(source / "generation_config.json", target / "generation_config.json")
-        if source is not None and any((source / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-            load_tokenizer(source).save_pretrained(str(target))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(target))
 
     def save_checkpoint(self) -> Path:
         folder = self.checkpointer.save(self.step, *self._checkpoint_states(), write_extra=self._write_hf_files)
