@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The container's entrypoint: torchrun with every argument passed through, so one image serves
+# The container's entrypoint: torchrun (as python -m mpo_dist.launcher, which turns an input error into
+# one line per rank and exit code 2) with every argument passed through, so one image serves
 # single-node and multi-node training and the tools:
 #   docker run IMAGE --nproc-per-node 8 -m mpo_dist.train --config configs/llama-1b.yaml optim.lr=5e-7
 #   docker run IMAGE --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node0:29500 \
@@ -26,4 +27,4 @@ for i in "${!args[@]}"; do
         break
     fi
 done
-exec torchrun "${launcher[@]}" "${args[@]}"
+exec "${PYTHON:-python}" -m mpo_dist.launcher "${launcher[@]}" "${args[@]}"

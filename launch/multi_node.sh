@@ -10,8 +10,11 @@
 #   MAX_RESTARTS    times torchrun restarts the workers after a failure (default: 0); a restart resumes
 #                   from the newest checkpoint since checkpoint.resume defaults to auto
 #   NODE_RANK is not needed: c10d assigns node ranks (global rank 0 may be on any node).
-# To try it on one machine, run in two shells:
-#   NNODES=2 NPROC_PER_NODE=1 RDZV_ENDPOINT=localhost:29500 bash launch/multi_node.sh configs/tiny_cpu.yaml
+# To try it on one machine after the quickstart, run in two shells:
+#   NNODES=2 NPROC_PER_NODE=1 RDZV_ENDPOINT=localhost:29500 bash launch/multi_node.sh configs/tiny_cpu.yaml \
+#       job.output_dir=outputs/two-nodes
+# torchrun runs as python -m mpo_dist.launcher ($PYTHON, default python): input errors end in one line
+# per rank and exit code 2.
 # HSDP: set parallel.dp_replicate to the number of nodes (replicate across nodes, shard within one).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,7 +34,7 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-$(gpu_count)}
 
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-exec torchrun \
+exec "${PYTHON:-python}" -m mpo_dist.launcher \
     --nnodes "$NNODES" \
     --nproc-per-node "$NPROC_PER_NODE" \
     --rdzv-backend c10d \

@@ -5,22 +5,24 @@
 #    tiny random-init Llama, which is the starting policy and the reference;
 # 2. tokenize the pairs into shards, score them with the reference, and sample D_ref responses from
 #    the reference for MPO's second KL term (2 processes each);
-# 3. train with MPO under torchrun on 2 processes (FSDP2, gloo): preference accuracy rises.
+# 3. train with MPO under torchrun (python -m mpo_dist.launcher) on 2 processes (FSDP2, gloo):
+#    preference accuracy rises.
 set -euo pipefail
 OUT=${1:-outputs/quickstart}
 cd "$(dirname "$0")/.."
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # what torchrun would pick for 2 processes, without its warning
 
 rm -rf "$OUT"
 python tools/make_toy_data.py --out "$OUT/toy" --records 4000
-torchrun --standalone --nproc-per-node 2 tools/prepare_pairs.py \
+python -m mpo_dist.launcher --standalone --nproc-per-node 2 tools/prepare_pairs.py \
     --input "$OUT/toy/pairs.jsonl" --tokenizer "$OUT/toy/model" --out "$OUT/pairs" \
     --samples-per-shard 500 --max-length 64 --max-prompt-length 32
-torchrun --standalone --nproc-per-node 2 tools/score_reference.py \
+python -m mpo_dist.launcher --standalone --nproc-per-node 2 tools/score_reference.py \
     --model "$OUT/toy/model" --pairs "$OUT/pairs" --out "$OUT/reference" --batch-size 64
-torchrun --standalone --nproc-per-node 2 tools/sample_reference.py \
+python -m mpo_dist.launcher --standalone --nproc-per-node 2 tools/sample_reference.py \
     --model "$OUT/toy/model" --pairs "$OUT/pairs" --out "$OUT/dref" --num-samples 1 --max-new-tokens 12 --batch-size 100
-torchrun --standalone --nproc-per-node 2 -m mpo_dist.train --config configs/tiny_cpu.yaml \
+python -m mpo_dist.launcher --standalone --nproc-per-node 2 -m mpo_dist.train --config configs/tiny_cpu.yaml \
     job.output_dir="$OUT/run" model.path="$OUT/toy/model" data.pairs="$OUT/pairs" data.reference="$OUT/reference" \
     data.dref="$OUT/dref"
-echo "quickstart: checkpoints in $OUT/run/checkpoints, TensorBoard: tensorboard --logdir $OUT/run/tensorboard"
+echo "quickstart: checkpoints in $OUT/run/checkpoints, metrics in $OUT/run/metrics.jsonl, TensorBoard: tensorboard --logdir $OUT/run/tensorboard"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Train on one machine: one process per GPU, rendezvous on this host only.
+# (torchrun runs as python -m mpo_dist.launcher: input errors end in one line per rank and exit 2.)
 #   bash launch/single_node.sh CONFIG [NPROC] [section.key=value ...]
 # NPROC defaults to the number of GPUs (nvidia-smi -L), or 1 without a GPU. Equivalent to:
 #   torchrun --standalone --nproc-per-node NPROC -m mpo_dist.train --config CONFIG [overrides ...]
@@ -20,4 +21,4 @@ fi
 # Make the package importable without installing it (the config path stays relative to the caller).
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-exec torchrun --standalone --nproc-per-node "$NPROC" -m mpo_dist.train --config "$CONFIG" "$@"
+exec "${PYTHON:-python}" -m mpo_dist.launcher --standalone --nproc-per-node "$NPROC" -m mpo_dist.train --config "$CONFIG" "$@"

@@ -17,11 +17,13 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from mpo_dist.errors import InputError
+
 COMMAND_LINE = "command line"
 DEFAULT = "default"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value is unknown, mistyped or out of range; the message says which and where."""
 
 
@@ -219,6 +221,22 @@ class Config:
         if not self.data.reference:
             raise _Invalid("data.reference is required: the losses compare with reference log-probs "
                            "(made by tools/score_reference.py)", "data.reference")
+
+
+def grad_accum_for(config: Config, dp_world_size: int) -> int:
+    """Micro-batches per step, so that a step holds training.global_batch_size pairs at any world size
+    (training.grad_accum when global_batch_size is 0)."""
+    if not config.training.global_batch_size:
+        return config.training.grad_accum
+    per_micro = config.data.batch_size * dp_world_size
+    accum, remainder = divmod(config.training.global_batch_size, per_micro)
+    if remainder or accum == 0:
+        raise ConfigError(
+            f"training.global_batch_size={config.training.global_batch_size} is not a multiple of "
+            f"data.batch_size ({config.data.batch_size}) x data-parallel ranks ({dp_world_size}) = {per_micro}; "
+            "change training.global_batch_size or data.batch_size"
+        )
+    return accum
 
 
 # ---- loading -------------------------------------------------------------------------------------

@@ -1,4 +1,10 @@
-"""Process-group set-up and teardown, and the rank facts the rest of the code is handed explicitly."""
+"""The process group and every collective the rest of the code uses.
+
+This is the one module of `mpo_dist` that calls `torch.distributed` collectives; the others ask it
+for rank facts (`RankInfo`, `is_main`, `device_for`) and for the few collectives they need
+(`all_reduce_sum`, `barrier`). Each of them is a no-op without a process group, so the same code
+runs in one plain process, under torchrun, and in unit tests.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ class RankInfo:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -23,26 +30,75 @@ class RankInfo:
 
 def rank_info_from_env() -> RankInfo:
     """What torchrun (or SLURM via torchrun) says about this process; one process when unset."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     return RankInfo(
         rank=int(os.environ.get("RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        world_size=world_size,
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
     )
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> RankInfo:
-    """Join the process group when launched by torchrun with several processes.
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_ADDR" in os.environ
 
-    The backend defaults to NCCL when CUDA is available and gloo otherwise (CPU tests, tools).
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800, single_process_group: bool = False) -> RankInfo:
+    """Join the process group when several processes run; return this process's rank facts.
+
+    The backend defaults to NCCL when CUDA is available and gloo otherwise (CPU, tools). With
+    `single_process_group`, a process started without torchrun (plain `python -m ...`) gets a
+    group of its own, for code that needs one at any size (FSDP2 meshes, DCP).
     """
     info = rank_info_from_env()
-    if info.world_size > 1 and not dist.is_initialized():
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    if dist.is_initialized():
+        return info
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    timeout = timedelta(seconds=timeout_s)
+    if info.world_size > 1 or (single_process_group and launched_by_torchrun()):
+        dist.init_process_group(backend=backend, timeout=timeout)
+    elif single_process_group:
+        # No torchrun: nothing to rendezvous with, so an in-process store instead of env:// (RANK, MASTER_ADDR).
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return info
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(info: RankInfo) -> torch.device:
+    """This process's device: its local GPU, or the CPU."""
+    return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def configure_cpu_threads(info: RankInfo, threads: int = 0) -> int:
+    """Intra-op threads for this process: `threads` when given, else OMP_NUM_THREADS when set (torchrun
+    sets 1 per process), else the machine's cores shared among the processes of this node, so several
+    processes never oversubscribe the cores. Returns the number set."""
+    if threads <= 0:
+        from_env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(from_env) if from_env.isdigit() and int(from_env) > 0 else max(1, (os.cpu_count() or 1) // info.local_world_size)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def has_process_group() -> bool:
+    """Whether collectives (and DCP's coordinated save and load) span a process group."""
+    return dist.is_initialized()
+
+
+def is_main() -> bool:
+    """Rank 0 of the process group, or the only process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def barrier() -> None:
@@ -50,6 +106,22 @@ def barrier() -> None:
         dist.barrier()
 
 
-def destroy_distributed() -> None:
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all ranks, in place; returns it."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_ranks_succeeded(succeeded: bool) -> bool:
+    """Whether `succeeded` holds on every rank (a collective: every rank calls it). Lets ranks that
+    waited for another's check stop cleanly with it instead of dying in a later collective."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.is_initialized() and dist.get_backend() == "nccl" else None
+    failures = all_reduce_sum(torch.tensor([0.0 if succeeded else 1.0], device=device))
+    return failures.item() == 0
+
+
+def log_main(message: str) -> None:
+    """Print on rank 0 only (progress lines that every rank would repeat)."""
+    if is_main():
+        print(message, flush=True)

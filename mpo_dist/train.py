@@ -1,45 +1,55 @@
-"""Entry point: `torchrun ... -m mpo_dist.train --config configs/X.yaml [section.key=value ...]`."""
+"""Entry point: `torchrun ... -m mpo_dist.train --config configs/X.yaml [section.key=value ...]`.
+
+Also runs as one plain process (`python -m mpo_dist.train ...`). An input error (config, shards,
+data/model mismatch) prints one line per rank and exits 2; anything else keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mpo_dist.config import ConfigError, load_config
-from mpo_dist.distributed import destroy_distributed
+from mpo_dist.cli import run_main
+from mpo_dist.config import config_to_dict, describe_config, load_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Preference optimisation (MPO, DPO, IPO) with FSDP2.")
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser = argparse.ArgumentParser(
+        description="Preference optimisation (MPO, DPO, IPO) with FSDP2. Run under torchrun for several "
+                    "processes, or as one plain process.",
+        epilog="Every option is a section.key of the config: --options lists them with defaults and "
+               "descriptions; --print-config shows the resolved config of --config and the overrides.")
+    parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("--options", action="store_true", help="list every config option (key, type, default, meaning) and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=3e-6")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.options and not args.config:
+        parser.error("--config is required (or --options to list the config options)")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"mpo_dist: config error: {error}", file=sys.stderr)
-        return 2
-    from mpo_dist.data.shards import ShardError
-    from mpo_dist.distributed import rank_info_from_env
-    from mpo_dist.trainer import Trainer  # heavy imports after the config is known to be valid
+    if args.options:
+        print(describe_config(), end="")
+        return 0
+    if args.print_config:
+        import yaml
 
+        return run_main("mpo_dist", lambda info: print(yaml.safe_dump(config_to_dict(load_config(args.config, args.overrides)),
+                                                                     sort_keys=False), end=""))
     trainer = None
-    try:
+
+    def body(info) -> None:
+        nonlocal trainer
+        config = load_config(args.config, args.overrides)
+        from mpo_dist.trainer import Trainer  # heavy imports after the config is known to be valid
+
         trainer = Trainer(config)
         trainer.train()
-    except (ShardError, ValueError, FileNotFoundError) as error:
-        # Input errors are found on every rank before training: one clear line each, no traceback.
-        print(f"mpo_dist: error on rank {rank_info_from_env().rank}: {error}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if trainer is not None:
-            trainer.close()
-        destroy_distributed()
-    return 0
+
+    return run_main("mpo_dist", body, single_process_group=True, cleanup=lambda: trainer is not None and trainer.close())
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mpo_dist.config import (Config, ConfigError, DataConfig, describe_config, load_config,
+from mpo_dist.config import (Config, ConfigError, DataConfig, describe_config, grad_accum_for, load_config,
                              save_config)
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
@@ -219,3 +219,23 @@ def test_loss_options_of_another_loss_are_errors():
     with pytest.raises(ConfigError, match=r"loss.label_smoothing applies to loss.name=dpo only"):
         load_config(str(TINY), ["loss.label_smoothing=0.1"])
     assert load_config(str(TINY), ["loss.name=dpo", "loss.tau=0", "loss.label_smoothing=0.1"]).loss.label_smoothing == 0.1
+
+
+@pytest.mark.parametrize("global_batch, batch, ranks, accum", [(64, 8, 2, 4), (16, 8, 2, 1), (48, 4, 3, 4), (24, 24, 1, 1)])
+def test_global_batch_sets_the_accumulation(global_batch, batch, ranks, accum):
+    config = load_config(str(TINY), [f"training.global_batch_size={global_batch}", f"data.batch_size={batch}"])
+    assert grad_accum_for(config, ranks) == accum
+    assert accum * batch * ranks == global_batch  # a step holds exactly the global batch at any world size
+
+
+def test_without_global_batch_the_accumulation_is_as_configured():
+    config = load_config(str(TINY), ["training.global_batch_size=0", "training.grad_accum=3"])
+    assert grad_accum_for(config, 2) == 3 and grad_accum_for(config, 8) == 3
+
+
+@pytest.mark.parametrize("global_batch, ranks", [(30, 2), (8, 2)])
+def test_global_batch_that_does_not_divide_names_the_options(global_batch, ranks):
+    config = load_config(str(TINY), [f"training.global_batch_size={global_batch}", "data.batch_size=8"])
+    with pytest.raises(ConfigError, match=rf"training.global_batch_size={global_batch} is not a multiple of "
+                                          rf"data.batch_size \(8\) x data-parallel ranks \({ranks}\)"):
+        grad_accum_for(config, ranks)

@@ -48,9 +48,9 @@ def test_script_syntax(path):
 
 
 def test_multi_node_requires_rdzv_endpoint(tmp_path):
-    # A fake torchrun on PATH records any call: the script must refuse before reaching it.
-    marker = tmp_path / "torchrun_called"
-    fake = tmp_path / "bin" / "torchrun"
+    # A fake python on PATH records any call: the script must refuse before reaching the launcher.
+    marker = tmp_path / "launcher_called"
+    fake = tmp_path / "bin" / "python"
     fake.parent.mkdir()
     fake.write_text(f"#!/bin/sh\ntouch {marker}\n")
     fake.chmod(0o755)
@@ -63,8 +63,8 @@ def test_multi_node_requires_rdzv_endpoint(tmp_path):
 
 
 def test_multi_node_command(tmp_path):
-    # With the variables set, the script execs torchrun with the c10d rendezvous flags and passes overrides.
-    fake = tmp_path / "bin" / "torchrun"
+    # With the variables set, the script execs the launcher (torchrun) with the c10d rendezvous flags and overrides.
+    fake = tmp_path / "bin" / "python"
     fake.parent.mkdir()
     fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     fake.chmod(0o755)
@@ -74,6 +74,7 @@ def test_multi_node_command(tmp_path):
                              "training.steps=3"], env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     args = " ".join(result.stdout.split("\n"))
+    assert args.startswith("-m mpo_dist.launcher ")
     for expected in ("--nnodes 2", "--nproc-per-node 1", "--rdzv-backend c10d", "--rdzv-endpoint localhost:29500",
                      "--rdzv-id t1", "--max-restarts 0",
                      "-m mpo_dist.train --config configs/tiny_cpu.yaml training.steps=3"):

@@ -1,0 +1,78 @@
+"""What every command-line entry point shares: argument parsing, the process group, and errors.
+
+`run_main` is the one error path of the trainer and the tools: an `InputError` (bad option, flag,
+file or shard) prints one line naming what to change and exits with code 2 on every rank that
+found it; any other exception is re-raised with its traceback after the process group is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Callable
+
+from mpo_dist.distributed import RankInfo, configure_cpu_threads, destroy_distributed, init_distributed
+from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, InputError
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default in --help.
+
+    A default of None ("not given") and the off state of an on/off flag say nothing, so they are not
+    shown; an option whose default depends on others says so in its help text instead.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def tool_parser(description: str) -> argparse.ArgumentParser:
+    """A tool's parser: `description` (its module docstring) as written; every option needs a help
+    text, since argparse shows the default only beside one."""
+    return argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads per process; 0: OMP_NUM_THREADS if set (torchrun sets 1), else the "
+                             "cores divided among this node's processes")
+
+
+def quiet_known_warnings() -> None:
+    """Warnings that users cannot act on (set once by an entry point, never at import time)."""
+    # torchdata 0.11 calls a deprecated torch API on every loader.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+    # Random init of sharded parameters on a CPU mesh: the trainer seeds and initialises per rank itself.
+    warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+
+
+def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None = None,
+             single_process_group: bool = False, threads: int | None = None,
+             cleanup: Callable[[], None] = lambda: None) -> int:
+    """Join the process group (torchrun) or run alone, run `body(info)`, always leave the group.
+
+    Returns 0, or 2 after printing an input error in one line; other exceptions propagate.
+    `threads` (None: leave torch's setting) is passed to `configure_cpu_threads`.
+    """
+    quiet_known_warnings()
+    info = init_distributed(backend=backend, single_process_group=single_process_group)
+    if threads is not None:
+        configure_cpu_threads(info, threads)
+    try:
+        body(info)
+    except InputError as error:
+        where = f" (rank {info.rank})" if info.world_size > 1 else ""
+        # One write call: lines of several ranks sharing a terminal or pipe never interleave.
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"{name}: error{where}: {error}\n".encode())
+        return INPUT_ERROR_EXIT_CODE
+    finally:
+        try:
+            cleanup()
+        finally:
+            destroy_distributed()
+    return 0

@@ -1,0 +1,18 @@
+"""The one exception family for bad input: what a user can fix by changing an option, flag or file.
+
+Entry points print an `InputError` as one line naming the option, flag, file, shard or key at fault
+and exit with code 2; every other exception is a bug or an environment failure and keeps its
+traceback. Library code raises `InputError` (or a subclass) only for input the caller handed it.
+"""
+
+from __future__ import annotations
+
+INPUT_ERROR_EXIT_CODE = 2
+
+
+class InputError(ValueError):
+    """A config value, tool argument, file or shard that cannot be used; the message says which and why."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file or folder named by an option or flag does not exist or lacks what it must hold."""

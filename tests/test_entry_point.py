@@ -1,0 +1,79 @@
+"""`python -m mpo_dist.train` as a user meets it: one plain process without torchrun, the error
+path (input errors: one line, exit 2; anything else: traceback), and the option listings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, toy_overrides
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def test_one_plain_process_trains_without_torchrun(toy_inputs, tmp_path):
+    env = {key: value for key, value in SUBPROCESS_ENV.items() if key not in TORCHRUN_VARIABLES}
+    result = subprocess.run([sys.executable, "-m", "mpo_dist.train", "--config", str(TRAIN_CONFIG),
+                             *toy_overrides(toy_inputs, tmp_path / "run", **{"training.steps": 2})],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 1 x cpu" in result.stdout
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "checkpoint.json").is_file()
+
+
+def run_in_process(toy_inputs, out, *overrides):
+    from mpo_dist.train import main
+
+    return main(["--config", str(TRAIN_CONFIG), *toy_overrides(toy_inputs, out, **{"training.steps": 1,
+                                                                                  "data.num_workers": 0}), *overrides])
+
+
+def test_input_error_is_one_line_and_exit_2(toy_inputs, tmp_path, capfd, monkeypatch):
+    for variable in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    code = run_in_process(toy_inputs, tmp_path / "run", "training.global_batch_size=30")
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("mpo_dist: error: training.global_batch_size=30 is not a multiple"), err
+
+
+def test_unexpected_error_keeps_its_traceback_and_leaves_the_process_group(toy_inputs, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from mpo_dist.trainer import Trainer
+
+    for variable in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+    def broken_train(self):
+        raise ValueError("a bug deep inside the step")  # a ValueError, but not an input error
+
+    monkeypatch.setattr(Trainer, "train", broken_train)
+    with pytest.raises(ValueError, match="a bug deep inside the step"):
+        run_in_process(toy_inputs, tmp_path / "run")
+    assert not dist.is_initialized()
+
+
+def test_options_and_resolved_config_are_printed(capsys):
+    from mpo_dist.train import main
+
+    assert main(["--options"]) == 0
+    table = capsys.readouterr().out
+    assert "| `loss.beta` | float | `0.1` |" in table and "`checkpoint.resume`" in table
+    assert main(["--config", str(TRAIN_CONFIG), "--print-config", "optim.lr=0.5", "loss.beta=0.3"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["optim"]["lr"] == 0.5 and resolved["loss"]["beta"] == 0.3
+    assert resolved["data"]["batch_size"] == yaml.safe_load(TRAIN_CONFIG.read_text())["data"]["batch_size"]
+
+
+def test_help_points_to_the_option_listing():
+    result = subprocess.run([sys.executable, "-m", "mpo_dist.train", "--help"], env=SUBPROCESS_ENV, cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--options" in result.stdout and "--print-config" in result.stdout
