@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
+
+from mpo_dist.distributed import barrier, has_process_group, world_size
+from mpo_dist.errors import MissingInputError
 
 INFO_NAME = "checkpoint.json"
 HF_FILES_DIR = "hf"  # config.json, generation config and tokenizer: what conversion to Hugging Face needs
@@ -78,7 +80,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def read_info(folder: Path) -> dict[str, Any]:
     info_path = Path(folder) / INFO_NAME
     if not info_path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{folder}: not a complete mpo_dist checkpoint (no {INFO_NAME}); a save may have crashed, "
             "or this is not a checkpoint folder"
         )
@@ -103,14 +105,14 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         payload: dict[str, Any] = {name: state.state_dict() for name, state in states.items()}
         for name, state in rank_local.items():
             payload[self._rank_key(name, self.dp_rank)] = io.BytesIO(pickle.dumps(state.state_dict()))
-        dcp.save(payload, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        dcp.save(payload, checkpoint_id=str(tmp), no_dist=not has_process_group())
         if self.rank == 0:
             info = {"step": step, "dp_world_size": self.dp_world_size,
-                    "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    "world_size": world_size(),
                     "rank_local": sorted(rank_local)}
             if write_extra is not None:
                 write_extra(tmp)
@@ -119,7 +121,7 @@ class Checkpointer:
                 shutil.rmtree(final)
             tmp.rename(final)
             self._prune()
-        _barrier()
+        barrier()
         return final
 
     def _prune(self) -> None:
@@ -140,7 +142,7 @@ class Checkpointer:
         if same_dp:
             for name in rank_local:
                 payload[self._rank_key(name, self.dp_rank)] = io.BytesIO()
-        dcp.load(payload, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+        dcp.load(payload, checkpoint_id=str(folder), no_dist=not has_process_group())
         for name, state in states.items():
             state.load_state_dict(payload[name])
         if same_dp:
@@ -149,8 +151,3 @@ class Checkpointer:
                 buffer.seek(0)
                 state.load_state_dict(pickle.loads(buffer.read()))
         return {**info, "rank_local_restored": same_dp}
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

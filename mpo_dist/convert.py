@@ -21,9 +21,16 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageWriter
 
 from mpo_dist.checkpoint import HF_FILES_DIR, MODEL_PREFIX, read_info
+from mpo_dist.distributed import barrier, is_main
+from mpo_dist.errors import InputError, MissingInputError
 
 INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# How the inputs of convert_checkpoint are named in its error messages.
+TOOL_NAMES = {"checkpoint": "--checkpoint", "out": "--out", "dtype": "--dtype"}
+EXPORT_NAMES = {"checkpoint": "the final checkpoint", "out": "checkpoint.export_hf's folder",
+                "dtype": "checkpoint.export_dtype"}
 
 
 def parse_size(text: str) -> int:
@@ -61,21 +68,23 @@ def _groups(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[lis
 
 
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32",
-                       max_shard_bytes: int = 5 * 10**9, log: Callable[[str], None] = print) -> Path:
+                       max_shard_bytes: int = 5 * 10**9, log: Callable[[str], None] = print,
+                       names: dict[str, str] = TOOL_NAMES) -> Path:
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    name_checkpoint, name_out, name_dtype = names["checkpoint"], names["out"], names["dtype"]
     if not checkpoint.is_dir():
-        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
+        raise MissingInputError(f"{name_checkpoint} {checkpoint} does not exist")
     if not (checkpoint / ".metadata").is_file() and not (checkpoint / "checkpoint.json").is_file():
-        raise ValueError(f"--checkpoint {checkpoint} is not a training checkpoint (no DCP .metadata); "
+        raise InputError(f"{name_checkpoint} {checkpoint} is not a training checkpoint (no DCP .metadata); "
                          "pass a folder like OUTPUT_DIR/checkpoints/step-00000100")
     info = read_info(checkpoint)  # refuses a save that crashed before completing
     hf_dir = checkpoint / HF_FILES_DIR
     if not (hf_dir / "config.json").is_file():
-        raise ValueError(f"--checkpoint {checkpoint} has no {HF_FILES_DIR}/config.json describing the model")
+        raise InputError(f"{name_checkpoint} {checkpoint} has no {HF_FILES_DIR}/config.json describing the model")
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise InputError(f"{name_dtype} must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"--out {out_dir} exists and is not empty; choose a new folder")
+        raise InputError(f"{name_out} {out_dir} exists and is not empty; choose a new folder")
 
     stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     expected, tied = _expected_tensors(hf_dir)
@@ -84,7 +93,7 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str =
     wrong = [f"{name} {tuple(stored[MODEL_PREFIX + name].size)} vs {tuple(expected[name])}" for name in names
              if name not in missing and tuple(stored[MODEL_PREFIX + name].size) != tuple(expected[name])]
     if missing or wrong:
-        raise ValueError(f"--checkpoint {checkpoint} does not hold the model its config.json describes: "
+        raise InputError(f"{name_checkpoint} {checkpoint} does not hold the model its config.json describes: "
                          f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(wrong)} of other shapes ({wrong[:3]})")
 
     target = DTYPES[dtype]
@@ -127,3 +136,26 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str =
         raise
     log(f"convert_checkpoint: step {info['step']} -> {out_dir} ({len(groups)} safetensors files, {total / 2**20:.1f} MiB, {dtype})")
     return out_dir
+
+
+def write_hf_files(folder: Path, model, source_dir: str | None, tokenizer) -> None:
+    """The model's config, generation config and tokenizer into `folder/hf`, so that a checkpoint
+    converts on its own. `source_dir`: the Hugging Face folder the model was loaded from, if any."""
+    target = Path(folder) / HF_FILES_DIR
+    config = model.config
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    config.save_pretrained(str(target))
+    if source_dir and (Path(source_dir) / "generation_config.json").is_file():
+        shutil.copy2(Path(source_dir) / "generation_config.json", target / "generation_config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(target))
+
+
+def export_hf(checkpoint: Path, target: Path, dtype: str, log: Callable[[str], None] = print) -> None:
+    """The model of `checkpoint` as a Hugging Face folder at `target` (an earlier export there is
+    replaced); rank 0 converts while the other ranks wait."""
+    if is_main():
+        if target.exists():
+            shutil.rmtree(target)
+        convert_checkpoint(checkpoint, target, dtype, log=log, names=EXPORT_NAMES)
+    barrier()

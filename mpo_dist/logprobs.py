@@ -6,18 +6,26 @@ output projection + log-softmax run over chunks of `chunk_tokens` positions, eac
 checkpointing: a chunk's logits live only while that chunk is computed, in the forward and again in
 the backward, so peak memory for logits is one chunk's, whatever the batch and length.
 
+The contract with the model: the log-prob path calls the decoder and the head itself, not
+`model.forward`, so a wrapper that hooks `forward` (FSDP gathers sharded parameters around it)
+must hook it too. This module therefore gives the model one method, `model.token_logprobs`
+(`add_logprob_method`, done by `model.build_model` and on first use of a plain model), and
+everything goes through it; `parallelize.apply_fsdp` registers that method with FSDP like `forward`.
+
 Rows may be right- or left-padded (as the collator makes them): position ids count real tokens
 only, so both give the same numbers, also for absolute-position models like GPT-2.
 """
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_TOKENS = 1024
+LOGPROB_METHOD = "token_logprobs"  # the model method that wrappers must treat like forward
 
 
 @dataclass
@@ -67,7 +75,10 @@ def _chunk_token_logps(head, transform, hidden: torch.Tensor, targets: torch.Ten
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
-    """log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1, shape [rows, length - 1], float32."""
+    """log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1, flattened: [rows * (length - 1)], float32.
+
+    Flat rather than a [rows, length - 1] view: a view returned through FSDP's forward hooks could
+    lose its backward hook to an in-place op; the caller reshapes."""
     decoder, head = _decoder_and_head(model)
     transform = _final_logits_transform(model)
     hidden = decoder(
@@ -83,7 +94,14 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             pieces.append(checkpoint(_chunk_token_logps, head, transform, hidden[chunk], targets[chunk], use_reentrant=False))
         else:
             pieces.append(_chunk_token_logps(head, transform, hidden[chunk], targets[chunk]))
-    return torch.cat(pieces).view(rows, length - 1)
+    return torch.cat(pieces)
+
+
+def add_logprob_method(model) -> None:
+    """Give `model` the method `model.token_logprobs(input_ids, attention_mask, chunk_tokens)`,
+    the single entry of this module's forward; a no-op when it has it already."""
+    if not hasattr(model, LOGPROB_METHOD):
+        setattr(model, LOGPROB_METHOD, types.MethodType(token_logprobs, model))
 
 
 def sequence_logprobs(
@@ -98,12 +116,8 @@ def sequence_logprobs(
     A batch may stack chosen, rejected and D_ref rows: one forward serves them all.
     """
     mask = response_mask[:, 1:]  # the first token has no prediction; a response never starts there
-    # A sharded model carries token_logprobs as an FSDP forward method (parallelize.py).
-    forward = getattr(model, "token_logprobs", None)
-    if forward is None:
-        token_logps = token_logprobs(model, input_ids, attention_mask, chunk_tokens)
-    else:
-        token_logps = forward(input_ids, attention_mask, chunk_tokens)
+    add_logprob_method(model)
+    token_logps = getattr(model, LOGPROB_METHOD)(input_ids, attention_mask, chunk_tokens).view(mask.shape)
     return SequenceLogprobs(
         logps=torch.where(mask, token_logps, 0.0).sum(-1),
         num_tokens=mask.sum(-1),

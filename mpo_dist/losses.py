@@ -1,4 +1,4 @@
-"""Preference losses as pure functions of per-sequence log-prob sums (SPEC.md, "The losses").
+"""Preference losses as pure functions of per-sequence log-prob sums (formulas in README, "Losses").
 
 Tensors in, tensors out: no `.item()`, no collectives, so they test in one process and the trainer
 reduces across ranks once. Each returns a `LossOutput` whose `.loss` is a scalar and whose
@@ -54,8 +54,8 @@ def mpo_loss(
     beta: float,
     dref_policy_logps: Tensor | None = None,
     tau: float = 0.0,
-    label: Tensor | None = None,
     *,
+    label: Tensor | None = None,
     dref_ref_logps: Tensor | None = None,
     weight: Tensor | None = None,
     dref_weight: Tensor | None = None,

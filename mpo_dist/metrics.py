@@ -1,15 +1,51 @@
-"""Throughput, MFU, memory, and the logger: a console line and TensorBoard events on rank 0."""
+"""What a run reports and where: logged names, a step-window accumulator, throughput/MFU/memory
+formulas, and the writer (console line, TensorBoard and `metrics.jsonl`, on rank 0).
+
+The losses return short metric names (`accuracy`, `kl_pair`, ...); `logged_name` is the one
+place that maps them to the names users read (`reward/accuracy`, `loss/kl_pair`, ...).
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from mpo_dist.distributed import all_reduce_sum
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+# Loss metric -> logged name; any other loss metric (a loss term) is logged as loss/<name>.
+_LOSS_METRIC_NAMES = {
+    "loss": "loss/total",
+    "accuracy": "reward/accuracy",
+    "reward_margin": "reward/margin",
+    "p": "reward/p",
+    "chosen_logps": "logps/chosen",
+    "rejected_logps": "logps/rejected",
+    "grad_norm": "optim/grad_norm",
+}
+
+# The console line: (logged name, label, format), in order; absent values are left out.
+_CONSOLE_FIELDS = [
+    ("loss/total", "loss", "{:.4f}"), ("reward/accuracy", "acc", "{:.3f}"), ("reward/margin", "margin", "{:+.3f}"),
+    ("reward/p", "p", "{:.3f}"), ("loss/dref_kl", "kl(ref|pol)", "{:.3f}"), ("optim/lr", "lr", "{:.2e}"),
+    ("optim/grad_norm", "gnorm", "{:.3f}"), ("throughput/tokens_per_s", "tok/s", "{:,.0f}"),
+    ("throughput/mfu", "mfu", "{:.1%}"), ("memory/peak_gib", "mem GiB", "{:.2f}"),
+]
 
 # Peak dense bf16 TFLOP/s per device, for MFU when metrics.peak_tflops is 0.
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                      "B200": 2250.0, "GH200": 989.0}
+
+
+def logged_name(metric: str) -> str:
+    return _LOSS_METRIC_NAMES.get(metric, f"loss/{metric}")
 
 
 def peak_tflops(configured: float, device: torch.device) -> float | None:
@@ -23,10 +59,16 @@ def peak_tflops(configured: float, device: torch.device) -> float | None:
     return None
 
 
-def flops_per_token(num_params_without_embeddings: int, num_layers: int, hidden: int, seq_len: int) -> float:
+def flops_per_token(num_params_without_embeddings: int, num_layers: int, hidden: int, seq_len: float) -> float:
     """Training FLOPs per token (forward + backward): 6N for the matmuls with the weights, plus
     attention scores and values, 12 * layers * hidden * sequence length (PaLM, appendix B)."""
     return 6 * num_params_without_embeddings + 12 * num_layers * hidden * seq_len
+
+
+def mfu(flops_per_token_: float, tokens: float, seconds: float, devices: int, peak_tflops_: float) -> float:
+    """Model FLOPs utilisation: the FLOPs of `tokens` (padded: the hardware computes them) per second
+    per device, as a fraction of the device's peak."""
+    return flops_per_token_ * tokens / seconds / devices / (peak_tflops_ * 1e12)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -39,18 +81,86 @@ def peak_memory_bytes(device: torch.device) -> int:
     return 0
 
 
-class MetricLogger:
-    """Rank 0 writes; other ranks only keep time. Values are plain floats (reduced by the caller)."""
+class StepWindow:
+    """What the steps since the last log add up to on this rank, reduced over ranks once per log.
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, log=print):
-        self.enabled, self.total_steps, self.log = enabled, total_steps, log
-        self.tensorboard_dir = Path(output_dir) / "tensorboard"
-        self.writer = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+    `summed` metrics are this rank's shares of global values (summed over ranks they give the global
+    value); `replicated` ones are equal on every rank (the clipped gradient norm) and are not summed.
+    Counts (real tokens, padded tokens, rows) are host numbers known without a device sync.
+    """
 
-            self.writer = SummaryWriter(str(self.tensorboard_dir))
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.summed: dict[str, torch.Tensor] = {}
+        self.replicated: dict[str, torch.Tensor] = {}
+        self.tokens = self.padded_tokens = self.rows = 0
         self.start = time.monotonic()
+
+    def add_step(self, summed: dict[str, torch.Tensor], replicated: dict[str, torch.Tensor],
+                 tokens: int, padded_tokens: int, rows: int) -> None:
+        for target, values in ((self.summed, summed), (self.replicated, replicated)):
+            for name, value in values.items():
+                target[name] = target.get(name, 0) + value.detach()
+        self.tokens += tokens
+        self.padded_tokens += padded_tokens
+        self.rows += rows
+        self.steps += 1
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        """Per-step means of the metrics under their logged names, plus global `tokens`,
+        `padded_tokens`, `rows` and `seconds` of the window (a collective: every rank calls it)."""
+        summed, replicated = sorted(self.summed), sorted(self.replicated)
+        counts = torch.tensor([self.tokens, self.padded_tokens, self.rows], dtype=torch.float64, device=device)
+        reduced = all_reduce_sum(torch.cat([torch.stack([self.summed[n].double() for n in summed]), counts])
+                                 if summed else counts)
+        local = [self.replicated[n].double().reshape(1) for n in replicated]
+        values = torch.cat([reduced, *local]).tolist()  # the one host sync, at logging steps only
+        metric_values = values[: len(summed)] + values[len(summed) + 3 :]
+        out = {logged_name(name): value / self.steps for name, value in zip(summed + replicated, metric_values)}
+        tokens, padded, rows = values[len(summed) : len(summed) + 3]
+        out.update(tokens=tokens, padded_tokens=padded, rows=rows, seconds=time.monotonic() - self.start)
+        return out
+
+
+class MetricLogger:
+    """Rank 0 writes a console line, TensorBoard scalars and one JSON object per logged step to
+    `metrics.jsonl`; other ranks write nothing. Values are plain floats (reduced by the caller).
+
+    On a resumed run (`start_step` > 0) points after `start_step` left by the interrupted run are
+    dropped from both files, so each step appears once."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, start_step: int = 0,
+                 log: Callable[[str], None] = print):
+        self.enabled, self.total_steps, self.start_step, self.log = enabled, total_steps, start_step, log
+        self.tensorboard_dir = Path(output_dir) / TENSORBOARD_DIR
+        self.jsonl_path = Path(output_dir) / METRICS_FILE
+        self.writer = None
+        self._jsonl = None
+        if enabled:
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=start_step + 1 if start_step else None)
+            self._jsonl = self._open_jsonl(start_step)
+        self.start = time.monotonic()
+
+    def _open_jsonl(self, start_step: int):
+        kept = []
+        if start_step and self.jsonl_path.is_file():
+            for line in self.jsonl_path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    continue  # a line cut by a crash
+        self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.jsonl_path, "w")
+        handle.writelines(line + "\n" for line in kept)
+        handle.flush()
+        return handle
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -59,24 +169,24 @@ class MetricLogger:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
             self.writer.flush()
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+        self.log(self.console_line(step, values))
+
+    def console_line(self, step: int, values: dict[str, float]) -> str:
         elapsed = time.monotonic() - self.start
-        done = step / self.total_steps
-        eta = elapsed / max(done, 1e-9) * (1 - done) if step else float("nan")
-        parts = [f"step {step}/{self.total_steps}", f"loss {values['loss/total']:.4f}",
-                 f"acc {values['reward/accuracy']:.3f}", f"margin {values['reward/margin']:+.3f}",
-                 f"p {values['reward/p']:.3f}"]
-        if "loss/dref_kl" in values:
-            parts.append(f"kl(ref|pol) {values['loss/dref_kl']:.3f}")
-        parts += [f"lr {values['optim/lr']:.2e}", f"gnorm {values['optim/grad_norm']:.3f}",
-                  f"{values['throughput/tokens_per_s']:,.0f} tok/s"]
-        if "throughput/mfu" in values:
-            parts.append(f"mfu {values['throughput/mfu']:.1%}")
-        parts += [f"mem {values['memory/peak_gib']:.2f}GiB", f"eta {_duration(eta)}"]
-        self.log(" | ".join(parts))
+        done = (step - self.start_step) / max(self.total_steps - self.start_step, 1)
+        eta = elapsed / max(done, 1e-9) * (1 - done) if step > self.start_step else math.nan
+        parts = [f"step {step}/{self.total_steps}"]
+        parts += [f"{label} {fmt.format(values[name])}" for name, label, fmt in _CONSOLE_FIELDS if name in values]
+        parts.append(f"eta {_duration(eta)}")
+        return " | ".join(parts)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
 
 
 def _duration(seconds: float) -> str:

@@ -14,6 +14,9 @@ import torch
 from torch import nn
 
 from mpo_dist.config import ModelConfig
+from mpo_dist.distributed import has_process_group
+from mpo_dist.errors import InputError, MissingInputError
+from mpo_dist.logprobs import add_logprob_method
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -24,17 +27,18 @@ def load_model_config(model: ModelConfig):
     if model.path:
         path = Path(model.path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path {path}: no config.json; expected a Hugging Face model folder")
+            raise MissingInputError(f"model.path {path}: no config.json; expected a Hugging Face model folder")
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     kwargs = dict(model.config)
     model_type = kwargs.pop("model_type", None)
     if model_type is None:
-        raise ValueError("model.config needs model_type (e.g. llama, qwen2, gpt2) for a random-init model")
+        raise InputError("model.config needs model_type (e.g. llama, qwen2, gpt2) for a random-init model")
     return AutoConfig.for_model(model_type, **kwargs)
 
 
 def build_model(model: ModelConfig) -> nn.Module:
-    """The causal LM's module tree on the meta device (no parameter memory), in float32."""
+    """The causal LM's module tree on the meta device (no parameter memory), in float32, with the
+    log-prob method (`logprobs.add_logprob_method`) the trainer calls instead of forward."""
     from transformers import AutoModelForCausalLM
 
     config = load_model_config(model)
@@ -42,6 +46,7 @@ def build_model(model: ModelConfig) -> nn.Module:
         lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     lm.config.use_cache = False
     disable_dropout(lm)
+    add_logprob_method(lm)
     return lm
 
 
@@ -76,7 +81,7 @@ def load_pretrained_weights(lm: nn.Module, path: str | Path) -> None:
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"model.path {path}: no *.safetensors weights (convert .bin weights to safetensors first)")
+        raise MissingInputError(f"model.path {path}: no *.safetensors weights (convert .bin weights to safetensors first)")
     stored: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
@@ -94,9 +99,9 @@ def load_pretrained_weights(lm: nn.Module, path: str | Path) -> None:
         else:
             state[key] = tensor
     if missing:
-        raise ValueError(f"model.path {path}: the safetensors files lack {len(missing)} of the model's tensors "
+        raise InputError(f"model.path {path}: the safetensors files lack {len(missing)} of the model's tensors "
                          f"(e.g. {missing[:3]}); do they belong to the config.json beside them?")
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not torch.distributed.is_initialized())
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not has_process_group())
 
 
 def tied_parameter_names(lm: nn.Module) -> set[str]:
@@ -128,7 +133,12 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
 
 
 def count_parameters(lm: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Parameters of `lm`; with `exclude_embeddings`, those whose matmuls cost FLOPs per token: the
+    input embedding (a lookup) is left out unless it is tied to the output head, whose matmul runs."""
     total = sum(p.numel() for p in lm.parameters())
     if exclude_embeddings:
-        total -= lm.get_input_embeddings().weight.numel()
+        embedding = lm.get_input_embeddings().weight
+        head = lm.get_output_embeddings()
+        if head is None or head.weight is not embedding:
+            total -= embedding.numel()
     return total

@@ -1,21 +1,24 @@
-"""The only place that shards, checkpoints activations or compiles: FSDP2 over a 1-D or HSDP mesh.
+"""How the model is distributed and compiled: FSDP2 over a 1-D or HSDP mesh, per-layer activation
+checkpointing and compile. The only module that knows about sharding.
 
 Order as in torchtitan: activation checkpointing, then compile, then `fully_shard` on every
 decoder layer and finally on the root (embeddings, final norm and the output projection, which
-stay in one group so tied embeddings remain one parameter).
+stay in one group so tied embeddings remain one parameter). Gradients are summed over the
+data-parallel ranks, not averaged: the step weights every pair by 1 / (pairs in the global batch),
+so the sum is the global mean whatever the mesh (FSDP, HSDP, or later other parallelism).
+(The log-prob head's own chunk-wise recomputation is part of the log-prob path, in logprobs.py.)
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from mpo_dist.config import ParallelConfig
-from mpo_dist.logprobs import token_logprobs
+from mpo_dist.errors import InputError
+from mpo_dist.logprobs import LOGPROB_METHOD
 from mpo_dist.model import DTYPES, decoder_layers
 
 
@@ -23,7 +26,7 @@ def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str) -> D
     """1-D ("dp_shard") for FSDP, or 2-D ("dp_replicate", "dp_shard") for HSDP across nodes."""
     shard = world_size // parallel.dp_replicate if parallel.dp_shard == -1 else parallel.dp_shard
     if parallel.dp_replicate * shard != world_size:
-        raise ValueError(
+        raise InputError(
             f"parallel.dp_replicate ({parallel.dp_replicate}) x parallel.dp_shard ({shard}) must equal the "
             f"number of processes ({world_size}); set parallel.dp_shard=-1 to use all of them"
         )
@@ -50,13 +53,14 @@ def apply_fsdp(lm: nn.Module, mesh: DeviceMesh, parallel: ParallelConfig, dtype_
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     fully_shard(lm, mesh=mesh, mp_policy=policy)
-    apply_logprob_forward(lm)
+    for module in lm.modules():
+        if isinstance(module, FSDPModule):
+            # A plain SUM (no AVG, no PreMulSum, which gloo lacks): the loss already carries 1 / global batch.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    # The log-prob path calls decoder and head itself: FSDP must gather the root's parameters
+    # (embeddings, norm, head) around that method as it does around forward.
+    if not hasattr(lm, LOGPROB_METHOD):
+        raise TypeError(f"{type(lm).__name__} has no {LOGPROB_METHOD}() method; build it with model.build_model")
+    register_fsdp_forward_method(lm, LOGPROB_METHOD)
     return lm
-
-
-def apply_logprob_forward(lm: nn.Module) -> None:
-    """Make `lm.token_logprobs(...)` a forward method that FSDP wraps like `forward`: the root's
-    parameters (embeddings, norm, head) are gathered around it, since the log-prob path calls the
-    decoder and the head itself instead of `lm.forward` (to avoid full-vocabulary logits)."""
-    lm.token_logprobs = types.MethodType(token_logprobs, lm)
-    register_fsdp_forward_method(lm, "token_logprobs")

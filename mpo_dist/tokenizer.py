@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from mpo_dist.errors import InputError, MissingInputError
+
 
 def load_tokenizer(path: str | os.PathLike):
     """Load a tokenizer from a local folder (never the hub), with a pad token set."""
@@ -14,13 +16,13 @@ def load_tokenizer(path: str | os.PathLike):
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+        raise MissingInputError(f"tokenizer folder {path} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: cannot load a tokenizer from this folder ({error})") from error
+        raise InputError(f"{path}: cannot load a tokenizer from this folder ({error})") from error
     if len(tokenizer) == 0:
-        raise ValueError(f"{path}: tokenizer has an empty vocabulary")
+        raise InputError(f"{path}: tokenizer has an empty vocabulary")
     if tokenizer.pad_token_id is None:
         # Padding positions are masked everywhere; any real id works, EOS is the convention.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -57,3 +59,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
     }
     digest.update(json.dumps(specials, sort_keys=True, default=str).encode())
     return "sha256:" + digest.hexdigest()[:32]
+
+
+def check_tokenizer_matches(manifest, model_vocab_size: int, tokenizer, *, data: str, model: str, fix: str) -> None:
+    """Refuse shards (`manifest`) tokenized by another tokenizer than the model's.
+
+    `tokenizer` is the one saved beside the model (None when the folder has none: then only the
+    vocabulary size can be compared). `data` and `model` name the inputs as the caller's user
+    knows them (config options in the trainer, flags in a tool); `fix` says what to do instead.
+    """
+    # The fingerprint first: a different tokenizer also explains a different vocabulary size.
+    if tokenizer is not None:
+        model_hash = tokenizer_fingerprint(tokenizer)
+        if model_hash != manifest.tokenizer_hash:
+            raise InputError(f"{data} was tokenized with tokenizer {manifest.tokenizer_hash}, but {model} has "
+                             f"tokenizer {model_hash}; {fix}")
+    vocab = manifest.info.get("tokenizer", {}).get("vocab_size")
+    if vocab is not None and vocab > model_vocab_size:
+        raise InputError(f"{data} uses a {vocab}-token vocabulary but {model} has {model_vocab_size} embeddings; {fix}")

@@ -2,104 +2,68 @@
 
 One optimizer step takes `grad_accum` micro-batches of pairs (plus, for MPO with tau > 0, one D_ref
 micro-batch each), runs one forward per micro-batch over chosen + rejected + D_ref rows, and
-weights every real pair by 1 / (real pairs in the global batch), so the gradient is that of the
-exact global mean whatever the world size, accumulation or padding. No reference model is loaded:
-reference log-probs come from the shards. Host syncs happen only at logging steps.
+weights every real pair by 1 / (real pairs in the global batch); gradients are summed over ranks
+(parallelize.py), so the gradient is that of the exact global mean whatever the world size,
+accumulation or padding. No reference model is loaded: reference log-probs come from the shards.
+Host syncs happen only at logging steps.
 """
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
-from mpo_dist.checkpoint import HF_FILES_DIR, Checkpointer, ModelOptimizerState, RNGState
-from mpo_dist.config import Config, save_config
-from mpo_dist.convert import convert_checkpoint
+from mpo_dist.checkpoint import Checkpointer, ModelOptimizerState, RNGState
+from mpo_dist.config import Config, grad_accum_for, save_config
+from mpo_dist.convert import export_hf, write_hf_files
 from mpo_dist.data.collate import stack_rows
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
-from mpo_dist.data.shards import Manifest
-from mpo_dist.distributed import init_distributed
+from mpo_dist.distributed import all_reduce_sum, device_for, init_distributed, log_main
 from mpo_dist.logprobs import sequence_logprobs
 from mpo_dist.losses import build_loss
-from mpo_dist.metrics import MetricLogger, flops_per_token, peak_memory_bytes, peak_tflops
+from mpo_dist.metrics import MetricLogger, StepWindow, flops_per_token, mfu, peak_memory_bytes, peak_tflops
 from mpo_dist.model import build_model, count_parameters, load_model_config, materialize_model
 from mpo_dist.optim import build_lr_scheduler, build_optimizer
 from mpo_dist.parallelize import apply_fsdp, build_mesh
-from mpo_dist.tokenizer import tokenizer_beside_model, tokenizer_fingerprint
+from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
-
-def log0(message: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(message, flush=True)
-
-
-def resolve_grad_accum(config: Config, dp_world_size: int) -> int:
-    """Micro-batches per step, so that a step holds training.global_batch_size pairs at any world size."""
-    if not config.training.global_batch_size:
-        return config.training.grad_accum
-    per_micro = config.data.batch_size * dp_world_size
-    accum, remainder = divmod(config.training.global_batch_size, per_micro)
-    if remainder or accum == 0:
-        raise ValueError(
-            f"training.global_batch_size={config.training.global_batch_size} is not a multiple of "
-            f"data.batch_size ({config.data.batch_size}) x data-parallel ranks ({dp_world_size}) = {per_micro}; "
-            "change training.global_batch_size or data.batch_size"
-        )
-    return accum
-
-
-def check_data_matches_model(config: Config, pairs: Manifest, model_config, tokenizer) -> None:
-    """Refuse pairs tokenized with another tokenizer than the model's (`tokenizer`, None when the
-    model folder has none), naming the options."""
-    vocab = pairs.info.get("tokenizer", {}).get("vocab_size")
-    if vocab is not None and vocab > model_config.vocab_size:
-        raise ValueError(f"data.pairs {config.data.pairs} uses a {vocab}-token vocabulary but the model has "
-                         f"{model_config.vocab_size} embeddings; prepare the pairs with the model's tokenizer")
-    if tokenizer is not None:
-        model_hash = tokenizer_fingerprint(tokenizer)
-        if model_hash != pairs.tokenizer_hash:
-            path = config.model.path
-            raise ValueError(
-                f"data.pairs {config.data.pairs} was tokenized with tokenizer {pairs.tokenizer_hash}, but model.path "
-                f"{path} has tokenizer {model_hash}; re-run tools/prepare_pairs.py with --tokenizer {path}"
-            )
+MicroBatch = tuple[dict, "dict | None"]  # (pairs, D_ref or None)
 
 
 class Trainer(Stateful):
     def __init__(self, config: Config):
         self.config = config
-        self.info = init_distributed()
-        cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", self.info.local_rank) if cuda else torch.device("cpu")
+        self.info = init_distributed(single_process_group=True)  # FSDP2 and DCP need a group at any size
+        self.device = device_for(self.info)
         self.output_dir = Path(config.job.output_dir)
         torch.manual_seed(config.job.seed)
         self.step = 0
         # Progress: global totals as of the last checkpoint, plus what this rank has done since.
         self.pairs_seen, self.tokens_seen, self._local_pairs, self._local_tokens = 0, 0, 0, 0
         self.epochs = {"pairs": 0, "dref": 0}  # epoch of the last batch taken from each stream
+        self.epoch_progress = 0.0  # epochs of pairs done, as a fraction
 
         # Everything that can be wrong with the inputs is checked here, on every rank, before the model is built.
         self.dp_rank, self.dp_world_size = self.info.rank, self.info.world_size  # all ranks are data-parallel
-        self.grad_accum = resolve_grad_accum(config, self.dp_world_size)
+        self.grad_accum = grad_accum_for(config, self.dp_world_size)
         model_config = load_model_config(config.model)
         self.pair_loader = build_pair_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
                                              dp_world_size=self.dp_world_size, pad_token_id=0, num_epochs=None)
-        pairs_manifest = self.pair_loader.dataset.source.shards.manifest
+        pairs = self.pair_loader.manifest
         self.tokenizer = tokenizer_beside_model(config.model.path)  # also saved into every checkpoint
-        check_data_matches_model(config, pairs_manifest, model_config, self.tokenizer)
-        self.pad_token_id = int(pairs_manifest.info.get("tokenizer", {}).get("pad_token_id") or 0)
-        self.use_dref = config.loss.name == "mpo" and config.loss.tau > 0
+        model_name = f"model.path {config.model.path}" if config.model.path else "the model of model.config"
+        check_tokenizer_matches(pairs, model_config.vocab_size, self.tokenizer, data=f"data.pairs {config.data.pairs}",
+                                model=model_name, fix="re-run tools/prepare_pairs.py with the model's tokenizer "
+                                                      f"(--tokenizer {config.model.path or 'DIR'})")
+        self.pad_token_id = int(pairs.info.get("tokenizer", {}).get("pad_token_id") or 0)
         self.dref_loader = None
-        if self.use_dref:
+        if config.loss.name == "mpo" and config.loss.tau > 0:
             self.dref_loader = build_dref_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
                                                  dp_world_size=self.dp_world_size, pad_token_id=self.pad_token_id,
-                                                 tokenizer_hash=pairs_manifest.tokenizer_hash)
+                                                 tokenizer_hash=pairs.tokenizer_hash)
         self.loss_fn = build_loss(config.loss)
 
         if self.info.is_main:
@@ -115,15 +79,15 @@ class Trainer(Stateful):
         self.scheduler = build_lr_scheduler(self.optimizer, config.optim, config.training.steps)
 
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", config.checkpoint.keep, self.info.rank,
-                                         self.dp_rank, self.dp_world_size, log=log0)
-        self.metrics = MetricLogger(self.output_dir, self.info.is_main, config.metrics.tensorboard,
-                                    config.training.steps, log=log0)
+                                         self.dp_rank, self.dp_world_size, log=log_main)
         self._peak_tflops = peak_tflops(config.metrics.peak_tflops, self.device)
         self._flop_params = count_parameters(self.model, exclude_embeddings=True)
         self._resume()
-        log0(f"mpo_dist: {type(self.model).__name__.removeprefix('FSDP')} with {count_parameters(self.model):,} parameters on "
-             f"{self.info.world_size} x {self.device.type}, {config.loss.name} loss, {self.grad_accum} micro-batches "
-             f"of {config.data.batch_size} pairs per rank per step, {config.training.steps} steps")
+        self.metrics = MetricLogger(self.output_dir, self.info.is_main, config.metrics.tensorboard,
+                                    config.training.steps, start_step=self.step, log=log_main)
+        log_main(f"mpo_dist: {type(self.model).__name__.removeprefix('FSDP')} with {count_parameters(self.model):,} "
+                 f"parameters on {self.info.world_size} x {self.device.type}, {config.loss.name} loss, {self.grad_accum} "
+                 f"micro-batches of {config.data.batch_size} pairs per rank per step, {config.training.steps} steps")
 
     # ------------------------------------------------------------------ state
 
@@ -139,9 +103,7 @@ class Trainer(Stateful):
 
     def _progress(self) -> tuple[int, int]:
         """Real pairs and tokens trained on, over all ranks (a collective: every rank calls it)."""
-        local = torch.tensor([self._local_pairs, self._local_tokens], dtype=torch.float64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(local)
+        local = all_reduce_sum(torch.tensor([self._local_pairs, self._local_tokens], dtype=torch.float64, device=self.device))
         return self.pairs_seen + int(local[0]), self.tokens_seen + int(local[1])
 
     def _checkpoint_states(self) -> tuple[dict[str, Stateful], dict[str, Stateful]]:
@@ -160,48 +122,33 @@ class Trainer(Stateful):
         if folder is None:
             return
         info = self.checkpointer.load(folder, *self._checkpoint_states())
-        log0(f"mpo_dist: resumed from {folder} at step {self.step}")
+        log_main(f"mpo_dist: resumed from {folder} at step {self.step}")
         if not info["rank_local_restored"]:
             # The position within an epoch is per rank; the epoch is not: go on with the next one.
-            self.pair_loader.dataset.restart_at_epoch(self.epochs["pairs"] + 1)
+            self.pair_loader.restart_at_epoch(self.epochs["pairs"] + 1)
             if self.dref_loader is not None:
-                self.dref_loader.dataset.restart_at_epoch(self.epochs["dref"] + 1)
-            log0(f"mpo_dist: WARNING: {folder} was written by {info['dp_world_size']} data-parallel ranks, now "
-                 f"{self.dp_world_size}: model, optimizer and schedule were resharded, but the data position is "
-                 f"per rank and cannot follow; data restarts at the beginning of epoch {self.epochs['pairs'] + 1} "
-                 f"(the rest of epoch {self.epochs['pairs']} is skipped)")
-
-    def _write_hf_files(self, folder: Path) -> None:
-        """The model's config, generation config and tokenizer, so a checkpoint converts on its own."""
-        target = folder / HF_FILES_DIR
-        config = self.model.config
-        config.architectures = [type(self.model).__name__.removeprefix("FSDP")]
-        config.save_pretrained(str(target))
-        source = Path(self.config.model.path) if self.config.model.path else None
-        if source is not None and (source / "generation_config.json").is_file():
-            shutil.copy2(source / "generation_config.json", target / "generation_config.json")
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(target))
+                self.dref_loader.restart_at_epoch(self.epochs["dref"] + 1)
+            log_main(f"mpo_dist: WARNING: {folder} was written by {info['dp_world_size']} data-parallel ranks, now "
+                     f"{self.dp_world_size}: model, optimizer and schedule were resharded, but the data position is "
+                     f"per rank and cannot follow; data restarts at the beginning of epoch {self.epochs['pairs'] + 1} "
+                     f"(the rest of epoch {self.epochs['pairs']} is skipped)")
 
     def save_checkpoint(self) -> Path:
-        folder = self.checkpointer.save(self.step, *self._checkpoint_states(), write_extra=self._write_hf_files)
-        log0(f"mpo_dist: checkpoint saved to {folder}")
+        folder = self.checkpointer.save(
+            self.step, *self._checkpoint_states(),
+            write_extra=lambda target: write_hf_files(target, self.model, self.config.model.path, self.tokenizer))
+        log_main(f"mpo_dist: checkpoint saved to {folder}")
         return folder
 
     # ------------------------------------------------------------------ training
 
-    def _micro_batches(self, pair_iter, dref_iter) -> list[tuple[dict, dict | None]]:
-        return [(next(pair_iter), next(dref_iter) if dref_iter is not None else None) for _ in range(self.grad_accum)]
-
-    def train_step(self, micro_batches: list[tuple[dict, dict | None]]) -> dict[str, torch.Tensor]:
-        """One optimizer step; returns this rank's share of the step's metrics (device tensors, summed
-        over ranks they give the global values)."""
+    def train_step(self, micro_batches: list[MicroBatch]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One optimizer step. Returns this rank's shares of the step's loss metrics (device tensors;
+        summed over ranks they give the global values) and the metrics equal on every rank."""
         device = self.device
         counts = torch.tensor([[float((~pairs["is_pad"]).sum()), float((~dref["is_pad"]).sum()) if dref else 0.0]
                                for pairs, dref in micro_batches], device=device).sum(0)
-        if dist.is_initialized():
-            dist.all_reduce(counts)  # real pairs and D_ref samples in the whole global batch
-        pair_count, dref_count = counts.clamp(min=1.0).unbind()
+        pair_count, dref_count = all_reduce_sum(counts).clamp(min=1.0).unbind()  # real samples in the global batch
         sums: dict[str, torch.Tensor] = {}
         for pairs, dref in micro_batches:
             rows = pairs if dref is None else stack_rows(pairs, dref, self.pad_token_id, self.config.data.padding_side)
@@ -216,7 +163,7 @@ class Trainer(Stateful):
             out = self.loss_fn(logps[:size], logps[size : 2 * size], pairs["ref_chosen_logps"].to(device),
                                pairs["ref_rejected_logps"].to(device), label=pairs["label"].to(device),
                                weight=weight, **kwargs)
-            (out.loss * self.dp_world_size).backward()  # FSDP averages gradients over ranks
+            out.loss.backward()  # gradients are summed over ranks: the weights make it the global mean
             for name, value in out.metrics.items():
                 sums[name] = sums.get(name, 0) + value.detach()
         max_norm = self.config.training.max_grad_norm or float("inf")
@@ -226,87 +173,71 @@ class Trainer(Stateful):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums["grad_norm"] = grad_norm.detach() / self.dp_world_size  # replicated: sums back to itself
-        return sums
+        return sums, {"grad_norm": grad_norm.detach()}
+
+    def _count(self, micro_batches: list[MicroBatch]) -> tuple[int, int, int]:
+        """Real tokens, padded tokens and rows of a step on this rank; advances the progress counters."""
+        tokens = padded = rows = 0
+        for pairs, dref in micro_batches:
+            for batch in (pairs, dref) if dref is not None else (pairs,):
+                tokens += batch["num_tokens"]
+                padded += batch["num_padded_tokens"]
+                rows += batch["input_ids"].shape[0]
+            self._local_pairs += int((~pairs["is_pad"]).sum())
+        self._local_tokens += tokens
+        last_pairs, last_dref = micro_batches[-1]
+        self.epochs["pairs"], self.epoch_progress = last_pairs["epoch"], last_pairs["epoch_progress"]
+        if last_dref is not None:
+            self.epochs["dref"] = last_dref["epoch"]
+        return tokens, padded, rows
 
     def train(self) -> None:
         config = self.config
         total = config.training.steps
         if self.step >= total:
-            log0(f"mpo_dist: already at step {self.step} of {total}; nothing to train")
+            log_main(f"mpo_dist: already at step {self.step} of {total} in {self.output_dir}; nothing to train "
+                     "(raise training.steps to go on, or use a new job.output_dir)")
             return
         pair_iter = iter(self.pair_loader)
         dref_iter = iter(self.dref_loader) if self.dref_loader is not None else None
-        window: dict[str, torch.Tensor] = {}
-        window_steps, window_tokens, window_padded, window_rows, window_start = 0, 0, 0, 0, time.monotonic()
+        window = StepWindow()
+        folder = None
         while self.step < total:
-            micro_batches = self._micro_batches(pair_iter, dref_iter)
-            step_metrics = self.train_step(micro_batches)
+            micro_batches = [(next(pair_iter), next(dref_iter) if dref_iter is not None else None)
+                             for _ in range(self.grad_accum)]
+            summed, replicated = self.train_step(micro_batches)
             self.step += 1
-            for pairs, dref in micro_batches:
-                tokens = pairs["num_tokens"] + (dref["num_tokens"] if dref else 0)
-                window_tokens += tokens
-                window_padded += pairs["num_padded_tokens"] + (dref["num_padded_tokens"] if dref else 0)
-                window_rows += pairs["input_ids"].shape[0] + (dref["input_ids"].shape[0] if dref else 0)
-                self._local_pairs += int((~pairs["is_pad"]).sum())
-                self._local_tokens += tokens
-            self.epochs["pairs"] = micro_batches[-1][0]["epoch"]
-            if micro_batches[-1][1] is not None:
-                self.epochs["dref"] = micro_batches[-1][1]["epoch"]
-            for name, value in step_metrics.items():
-                window[name] = window.get(name, 0) + value
-            window_steps += 1
+            window.add_step(summed, replicated, *self._count(micro_batches))
             if self.step % config.metrics.log_interval == 0 or self.step in (1, total):
-                self._log(window, window_steps, (window_tokens, window_padded, window_rows), time.monotonic() - window_start)
-                window, window_steps, window_tokens, window_padded, window_rows = {}, 0, 0, 0, 0
-                window_start = time.monotonic()
+                self._log(window.reduce(self.device))
+                window.reset()
             if (config.checkpoint.interval and self.step % config.checkpoint.interval == 0) or self.step == total:
                 folder = self.save_checkpoint()
         if config.checkpoint.export_hf:
-            self.export_hf(folder)
-        if self.info.is_main and self.metrics.writer is not None:
-            log0(f"mpo_dist: done; TensorBoard logs in {self.metrics.tensorboard_dir} "
-                 f"(tensorboard --logdir {self.metrics.tensorboard_dir})")
+            export_hf(folder, self.output_dir / "hf", config.checkpoint.export_dtype, log=log_main)
+        if self.metrics.writer is not None:
+            log_main(f"mpo_dist: done; TensorBoard logs in {self.metrics.tensorboard_dir} "
+                     f"(tensorboard --logdir {self.metrics.tensorboard_dir}), metrics in {self.metrics.jsonl_path}")
 
-    def export_hf(self, checkpoint: Path) -> None:
-        """The final model as a Hugging Face folder, converted by rank 0 while the others wait."""
-        target = self.output_dir / "hf"
-        if self.info.is_main:
-            if target.exists():
-                shutil.rmtree(target)  # a previous export of this run; the new one replaces it
-            convert_checkpoint(checkpoint, target, self.config.checkpoint.export_dtype, log=log0)
-        if dist.is_initialized():
-            dist.barrier()
-
-    def _log(self, window: dict, steps: int, counts: tuple[int, int, int], seconds: float) -> None:
-        """Reduce the window's sums over ranks once, then log. `counts`: real tokens, padded tokens, rows."""
-        names = sorted(window)
-        values = torch.stack([window[name].float() for name in names] + [torch.tensor(float(c), device=self.device) for c in counts])
-        if dist.is_initialized():
-            dist.all_reduce(values)
-        values = values.tolist()  # the one host sync, at logging steps only
-        global_tokens, global_padded, global_rows = values[-3:]
+    def _log(self, window: dict[str, float]) -> None:
         pairs_seen, tokens_seen = self._progress()
-        metrics = {name: value / steps for name, value in zip(names, values)}
+        seconds, tokens, padded, rows = window.pop("seconds"), window.pop("tokens"), window.pop("padded_tokens"), window.pop("rows")
         out = {
-            "loss/total": metrics.pop("loss"),
-            "reward/accuracy": metrics.pop("accuracy"), "reward/margin": metrics.pop("reward_margin"),
-            "reward/p": metrics.pop("p"), "logps/chosen": metrics.pop("chosen_logps"),
-            "logps/rejected": metrics.pop("rejected_logps"), "optim/grad_norm": metrics.pop("grad_norm"),
+            **window,
             "optim/lr": self.scheduler.get_last_lr()[0],
-            "throughput/tokens_per_s": global_tokens / seconds,
-            "throughput/tokens_per_s_per_device": global_tokens / seconds / self.info.world_size,
-            "throughput/padding": 1 - global_tokens / max(global_padded, 1),
+            "throughput/tokens_per_s": tokens / seconds,
+            "throughput/tokens_per_s_per_device": tokens / seconds / self.info.world_size,
+            "throughput/padding": 1 - tokens / max(padded, 1),
             "memory/peak_gib": peak_memory_bytes(self.device) / 2**30,
-            "progress/epoch": self.epochs["pairs"], "progress/pairs_seen": pairs_seen, "progress/tokens_seen": tokens_seen,
+            "progress/epoch": self.epoch_progress, "progress/pairs_seen": pairs_seen, "progress/tokens_seen": tokens_seen,
         }
-        out.update({f"loss/{name}": value for name, value in metrics.items()})
         if self._peak_tflops:
             model_config = self.model.config
-            mean_length = global_padded / max(global_rows, 1)  # attention cost grows with the padded length
+            mean_length = padded / max(rows, 1)  # attention cost grows with the padded length
             per_token = flops_per_token(self._flop_params, model_config.num_hidden_layers, model_config.hidden_size, mean_length)
-            out["throughput/mfu"] = per_token * global_padded / seconds / self.info.world_size / (self._peak_tflops * 1e12)
+            out["throughput/mfu"] = mfu(per_token, padded, seconds, self.info.world_size, self._peak_tflops)
         self.metrics.write(self.step, out)
 
     def close(self) -> None:
-        self.metrics.close()
+        if hasattr(self, "metrics"):
+            self.metrics.close()

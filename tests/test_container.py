@@ -1,9 +1,10 @@
-"""The container's install path and entrypoint, exercised without a Docker engine: launch/install.sh
-(also run by .ci/run), hadolint on the Dockerfile, and launch/entrypoint.sh passing arguments to
-torchrun for training and for the tools."""
+"""The container's entrypoint, exercised without a Docker engine: hadolint on the Dockerfile, and
+launch/entrypoint.sh passing arguments to torchrun for training and for the tools (the install
+script it shares with CI runs in every .ci/run)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,16 +21,6 @@ def entrypoint(*args, cwd: Path = REPO, env: dict | None = None) -> subprocess.C
                           text=True, timeout=300)
 
 
-def test_dockerfile_uses_the_install_script_and_the_entrypoint():
-    dockerfile = (REPO / "Dockerfile").read_text()
-    assert "RUN bash launch/install.sh" in dockerfile
-    assert 'ENTRYPOINT ["/opt/mpo_dist/launch/entrypoint.sh"]' in dockerfile
-    assert "ARG BASE_IMAGE=" in dockerfile and "FROM ${BASE_IMAGE}" in dockerfile
-    assert "\nUSER " in dockerfile and "USER root" not in dockerfile
-    readme_tests = (REPO / "README.md").read_text().split("```bash\n")[2].split("\n```")[0]
-    assert "launch/install.sh" in readme_tests and readme_tests in (REPO / ".ci" / "run").read_text()
-
-
 def test_hadolint_passes():
     hadolint = Path(sys.executable).parent / "hadolint"
     result = subprocess.run([str(hadolint), "--config", str(REPO / ".hadolint.yaml"), str(REPO / "Dockerfile")],
@@ -42,7 +33,8 @@ def test_entrypoint_trains_with_arguments_passed_through(toy_inputs, tmp_path):
     result = entrypoint("--nproc-per-node", 2, "-m", "mpo_dist.train", "--config", "configs/tiny_cpu.yaml",
                         *toy_overrides(toy_inputs, out, **{"training.steps": 2}))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "on 2 x cpu" in result.stdout and "step 2/2" in result.stdout
+    assert "on 2 x cpu" in result.stdout
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert (out / "checkpoints" / "step-00000002" / "checkpoint.json").is_file()
 
 

@@ -47,7 +47,7 @@ def assert_matches_naive(model, batch, prompts, responses, chunk_tokens):
     """Every response token's log-prob to 1e-5; sums (tens to hundreds in size) to float32 rounding."""
     with torch.no_grad():
         out = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], chunk_tokens)
-        tokens = token_logprobs(model, batch["input_ids"], batch["attention_mask"], chunk_tokens)
+        tokens = token_logprobs(model, batch["input_ids"], batch["attention_mask"], chunk_tokens).view(len(batch["input_ids"]), -1)
         expected = naive_token_logps(model, prompts, responses)
     for row, want in enumerate(expected):
         got = tokens[row][batch["response_mask"][row, 1:]]
@@ -101,20 +101,26 @@ def test_stories260k_real_model(shared_data):
         assert_matches_naive(model, batch, prompts, responses, chunk_tokens=16)
 
 
+def bench_peak_increase(variant: str, batch: int) -> int:
+    """One variant of tools/bench_logprobs_memory.py, run as its own process (as the tool runs each)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, SUBPROCESS_ENV
+
+    command = [sys.executable, str(REPO / "tools" / "bench_logprobs_memory.py"), "--variant", variant, "--vocab", "50257",
+               "--batch", str(batch), "--length", "512", "--chunk-tokens", "256", "--device", "cpu"]
+    result = subprocess.run(command, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_increase_bytes"]
+
+
 def test_chunked_peak_memory_is_bounded_and_below_naive():
     """Measured peak memory (forward + backward, fresh processes): the chunked path's peak does
     not grow with the batch, the naive full log-softmax's does."""
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "tools" / "bench_logprobs_memory.py"
-    spec = importlib.util.spec_from_file_location("bench_logprobs_memory", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    small = bench.measure(vocab=50257, batch=4, length=512, chunk_tokens=256)
-    large = bench.measure(vocab=50257, batch=8, length=512, chunk_tokens=256)
-    naive_small, chunked_small = small["naive"]["peak_increase_bytes"], small["chunked"]["peak_increase_bytes"]
-    naive_large, chunked_large = large["naive"]["peak_increase_bytes"], large["chunked"]["peak_increase_bytes"]
+    naive_small, chunked_small = bench_peak_increase("naive", 4), bench_peak_increase("chunked", 4)
+    naive_large, chunked_large = bench_peak_increase("naive", 8), bench_peak_increase("chunked", 8)
     logits_small = 4 * 512 * 50257 * 4
     assert naive_small > logits_small and naive_large > 1.8 * naive_small  # grows with batch x length
     assert chunked_small < naive_small / 4 and chunked_large < 1.3 * chunked_small  # a few chunks' worth

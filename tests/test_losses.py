@@ -1,4 +1,4 @@
-"""MPO, DPO and IPO against a direct float64 evaluation of SPEC.md's formulas; optima; extreme inputs."""
+"""MPO, DPO and IPO against a direct float64 evaluation of the formulas (README, Losses); optima; extreme inputs."""
 
 import math
 
@@ -15,7 +15,7 @@ def random_logps(n=16, seed=0):
     return [(-8 * torch.rand(n, generator=g, dtype=torch.float64) - 26).requires_grad_() for _ in range(4)]
 
 
-# Independent references: plain sigmoid/log arithmetic, exactly as SPEC.md writes the formulas.
+# Independent references: plain sigmoid/log arithmetic, exactly as the formulas are written.
 def sig(x):
     return 1 / (1 + torch.exp(-x))
 

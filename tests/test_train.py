@@ -3,7 +3,7 @@ two 'nodes', a non-Llama architecture, a real pretrained model, and input errors
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +14,13 @@ import torch
 from conftest import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, free_port, toy_overrides, train
 
 
-def logged(stdout: str, field: str) -> list[float]:
-    """Values of one field of the console lines, e.g. 'acc'."""
-    return [float(part.split()[1]) for line in stdout.splitlines() if line.startswith("step ")
-            for part in line.split(" | ") if part.startswith(field + " ")]
+def logged(run: Path, name: str) -> list[float]:
+    """One metric of every logged step, from the run's metrics.jsonl (e.g. 'reward/accuracy')."""
+    return [record[name] for record in records(run)]
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def flat_checkpoint(folder: Path, tmp_path: Path) -> dict:
@@ -36,9 +39,11 @@ def flat_checkpoint(folder: Path, tmp_path: Path) -> dict:
 
 def test_two_process_mpo_learns_the_task(toy_inputs, tmp_path):
     result = train(*toy_overrides(toy_inputs, tmp_path / "run", **{"training.steps": 30}))
-    accuracy, loss = logged(result.stdout, "acc"), logged(result.stdout, "loss")
+    accuracy, loss = logged(tmp_path / "run", "reward/accuracy"), logged(tmp_path / "run", "loss/total")
     assert len(accuracy) == 30
     assert accuracy[0] < 0.8 and min(accuracy[-5:]) > 0.95  # preference accuracy rises on a learnable task
+    epochs = logged(tmp_path / "run", "progress/epoch")  # a fraction: one batch per rank per step
+    assert 0 < epochs[0] < 0.1 and epochs == pytest.approx([(step + 1) * epochs[0] for step in range(30)])
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.1
     assert (tmp_path / "run" / "checkpoints" / "step-00000030" / "checkpoint.json").is_file()
     assert (tmp_path / "run" / "config.yaml").is_file()
@@ -54,7 +59,7 @@ def test_resume_equals_uninterrupted_and_reshards(toy_inputs, tmp_path):
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003", tmp_path / "cut" / "checkpoints" / "step-00000003")
     resumed = train(*toy_overrides(toy_inputs, tmp_path / "cut", **steps))
-    assert "resumed from" in resumed.stdout and "step 4/6" in resumed.stdout and "step 3/6" not in resumed.stdout
+    assert "resumed from" in resumed.stdout and [r["step"] for r in records(tmp_path / "cut")] == [4, 5, 6]
     full = flat_checkpoint(tmp_path / "full" / "checkpoints" / "step-00000006", tmp_path)
     cut = flat_checkpoint(tmp_path / "cut" / "checkpoints" / "step-00000006", tmp_path)
     tensors = [key for key, value in full.items() if isinstance(value, torch.Tensor)]
@@ -74,7 +79,7 @@ def test_resume_equals_uninterrupted_and_reshards(toy_inputs, tmp_path):
     single = train(*toy_overrides(toy_inputs, tmp_path / "one", **steps), nproc=1)
     assert "written by 2 data-parallel ranks, now 1" in single.stdout
     assert "data restarts at the beginning of epoch 1" in single.stdout
-    assert "step 6/6" in single.stdout
+    assert records(tmp_path / "one")[-1]["step"] == 6
 
 
 def test_crash_during_save_keeps_last_good_checkpoint(toy_inputs, tmp_path):
@@ -87,6 +92,7 @@ def test_crash_during_save_keeps_last_good_checkpoint(toy_inputs, tmp_path):
     result = train(*toy_overrides(toy_inputs, run, **{"training.steps": 3, "checkpoint.interval": 1}))
     assert "resumed from" in result.stdout and "step-00000002" in result.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    assert [r["step"] for r in records(run)] == [1, 2, 3]  # each step logged once across the restart
 
 
 def test_two_nodes_with_c10d_rendezvous(toy_inputs, tmp_path):
@@ -100,14 +106,14 @@ def test_two_nodes_with_c10d_rendezvous(toy_inputs, tmp_path):
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     log = "".join(out for out, _ in outputs)
-    assert "on 2 x cpu" in log and "step 4/4" in log
+    assert "on 2 x cpu" in log and records(tmp_path / "run")[-1]["step"] == 4
 
 
 def test_gpt2_architecture_trains(toy_inputs, tmp_path):
     gpt2 = "{model_type: gpt2, n_embd: 64, n_layer: 2, n_head: 4, n_positions: 64, vocab_size: 16}"
     result = train(*toy_overrides(toy_inputs, tmp_path / "run", **{"training.steps": 20, "model.path": "", "model.config": gpt2}))
     assert "GPT2LMHeadModel" in result.stdout
-    loss = logged(result.stdout, "loss")
+    loss = logged(tmp_path / "run", "loss/total")
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.1
 
 
@@ -145,9 +151,12 @@ def test_stories260k_on_hh_rlhf_writes_every_metric(tmp_path, stories_inputs):
 ])
 def test_bad_inputs_fail_before_training_on_every_rank(toy_inputs, tmp_path, case, override, message):
     result = train(*toy_overrides(toy_inputs, tmp_path / "run", **override), check=False)
-    assert result.returncode != 0
-    assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # one report per rank
-    assert "step 1/" not in result.stdout
+    assert result.returncode == 2  # the workers' input-error code, passed through by the launcher
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mpo_dist: error")]
+    assert sorted(line.split(":")[1] for line in errors) == [" error (rank 0)", " error (rank 1)"], result.stderr[-3000:]
+    assert all(message in line for line in errors)  # one line per rank, naming the option
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_tokenizer_mismatch_is_refused(toy_inputs, tmp_path, shared_data):
@@ -162,8 +171,8 @@ def test_hsdp_mesh_and_activation_checkpointing_train_the_same(toy_inputs, tmp_p
     runs = {}
     for name, extra in {"fsdp": {}, "hsdp": {"parallel.dp_replicate": 2},
                         "recompute": {"parallel.activation_checkpointing": "true"}}.items():
-        result = train(*toy_overrides(toy_inputs, tmp_path / name, **{"training.steps": 3, **extra}))
-        runs[name] = (logged(result.stdout, "loss"), logged(result.stdout, "margin"))
+        train(*toy_overrides(toy_inputs, tmp_path / name, **{"training.steps": 3, **extra}))
+        runs[name] = (logged(tmp_path / name, "loss/total"), logged(tmp_path / name, "reward/margin"))
     assert len(runs["fsdp"][0]) == 3
     assert runs["hsdp"] == runs["fsdp"] and runs["recompute"] == runs["fsdp"]
 
@@ -173,6 +182,6 @@ def test_dpo_and_ipo_train_on_the_same_shards(toy_inputs, tmp_path, loss):
     extra = {"loss.name": loss, "loss.tau": 0, "data.dref": "", "training.steps": 12}
     if loss == "dpo":
         extra["loss.label_smoothing"] = 0.1
-    result = train(*toy_overrides(toy_inputs, tmp_path / "run", **extra))
-    accuracy = logged(result.stdout, "acc")
+    train(*toy_overrides(toy_inputs, tmp_path / "run", **extra))
+    accuracy = logged(tmp_path / "run", "reward/accuracy")
     assert len(accuracy) == 12 and max(accuracy[-3:]) > accuracy[0] + 0.2

@@ -1,0 +1,124 @@
+"""The checkpointer in one process without a process group: atomic saves, pruning, latest, exact restore."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+
+from conftest import QUIET
+from mpo_dist.checkpoint import INFO_NAME, Checkpointer, ModelOptimizerState, complete_checkpoints, read_info
+from mpo_dist.errors import InputError
+
+# DCP says once per call that it saves/loads in a single process: that is what these tests do.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+class Counter(Stateful):
+    def __init__(self, value: int = 0):
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):  # so that the optimizer has state (step, exp_avg, exp_avg_sq)
+        model(torch.randn(5, 4)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {f"param.{name}": value.detach().clone() for name, value in model.named_parameters()}
+    for index, parameter in enumerate(model.parameters()):
+        for key, value in optimizer.state[parameter].items():
+            out[f"optim.{index}.{key}"] = torch.as_tensor(value).clone()
+    return out
+
+
+def checkpointer(root: Path, keep: int = 2, dp_world_size: int = 1) -> Checkpointer:
+    return Checkpointer(root, keep, rank=0, dp_rank=0, dp_world_size=dp_world_size, log=QUIET)
+
+
+def test_save_is_atomic_and_ignores_a_crashed_save(tmp_path):
+    model, optimizer = model_and_optimizer(0)
+    crashed = tmp_path / "step-00000005.tmp"  # what a save that crashed leaves behind
+    crashed.mkdir(parents=True)
+    (crashed / "junk").write_text("x")
+    assert checkpointer(tmp_path).latest() is None and complete_checkpoints(tmp_path) == []
+
+    seen = {}
+
+    def write_extra(folder: Path) -> None:  # called while the save is still in its temporary folder
+        seen.update(folder=folder, final_exists=(tmp_path / "step-00000005").exists(),
+                    info_exists=(folder / INFO_NAME).exists(), junk=(folder / "junk").exists())
+        (folder / "extra.txt").write_text("side file")
+
+    final = checkpointer(tmp_path).save(5, {"model_optimizer": ModelOptimizerState(model, optimizer)},
+                                        {"counter": Counter(3)}, write_extra=write_extra)
+    assert final == tmp_path / "step-00000005"
+    assert seen == {"folder": crashed, "final_exists": False, "info_exists": False, "junk": False}
+    assert not crashed.exists() and (final / "extra.txt").read_text() == "side file"
+    info = read_info(final)
+    assert info["step"] == 5 and info["dp_world_size"] == 1 and info["rank_local"] == ["counter"]
+
+    (tmp_path / "step-00000009.tmp").mkdir()  # a newer crashed save, and a folder that was never completed
+    (tmp_path / "step-00000008").mkdir()
+    assert checkpointer(tmp_path).latest() == final
+    assert complete_checkpoints(tmp_path) == [final]
+
+
+def test_prune_keeps_the_newest_and_latest_picks_the_newest(tmp_path):
+    model, optimizer = model_and_optimizer(0)
+    saver = checkpointer(tmp_path, keep=2)
+    for step in (10, 20, 30):
+        saver.save(step, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000020", "step-00000030"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000020", "step-00000030"]
+    assert saver.latest() == tmp_path / "step-00000030"
+
+
+def test_load_restores_model_optimizer_and_rank_local_state_exactly(tmp_path):
+    model, optimizer = model_and_optimizer(0)
+    saved = snapshot(model, optimizer)
+    folder = checkpointer(tmp_path).save(1, {"model_optimizer": ModelOptimizerState(model, optimizer)},
+                                         {"counter": Counter(42)})
+
+    other_model, other_optimizer = model_and_optimizer(1)  # other weights and optimizer moments
+    assert any(not torch.equal(saved[k], v) for k, v in snapshot(other_model, other_optimizer).items())
+    counter = Counter(0)
+    info = checkpointer(tmp_path).load(folder, {"model_optimizer": ModelOptimizerState(other_model, other_optimizer)},
+                                       {"counter": counter})
+    restored = snapshot(other_model, other_optimizer)
+    assert restored.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(restored[key], value), key  # bitwise
+    assert counter.value == 42 and info["step"] == 1 and info["rank_local_restored"] is True
+
+    # Another data-parallel size: global state is restored, the per-rank state is not.
+    counter = Counter(0)
+    info = checkpointer(tmp_path, dp_world_size=2).load(folder, {"model_optimizer": ModelOptimizerState(other_model, other_optimizer)},
+                                                        {"counter": counter})
+    assert counter.value == 0 and info["rank_local_restored"] is False
+
+
+def test_a_folder_without_checkpoint_json_is_refused(tmp_path):
+    model, optimizer = model_and_optimizer(0)
+    folder = checkpointer(tmp_path).save(1, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
+    (folder / INFO_NAME).unlink()
+    with pytest.raises(InputError, match="not a complete mpo_dist checkpoint"):
+        read_info(folder)
+    with pytest.raises(InputError, match="not a complete mpo_dist checkpoint"):
+        checkpointer(tmp_path).load(folder, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
+    assert checkpointer(tmp_path).latest() is None
+    assert folder.is_dir()  # refused, not removed
