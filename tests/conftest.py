@@ -1,15 +1,36 @@
-"""Shared test fixtures: the real third-party assets in ../shared/data (see its README.md), the toy and
-stories260K training inputs, and a torchrun helper for the trainer."""
+"""Shared test helpers and fixtures: the repository root, the real third-party assets in ../shared/data
+(see its README.md), the toy and stories260K training inputs, and subprocess helpers (tools, torchrun,
+the trainer) with one quiet environment. Test files import these names from here: never redefine them."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = REPO.parent / "shared" / "data"
+TRAIN_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+
+# For every subprocess a test starts: this checkout importable, warnings off, one thread per process,
+# and none of the torchrun variables of an enclosing launch (a child would join the wrong group).
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+SUBPROCESS_ENV = {
+    **{key: value for key, value in os.environ.items() if key not in _TORCHRUN_VARIABLES},
+    "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    "PYTHONWARNINGS": "ignore",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def pytest_configure(config):
+    """In-process tests are spared the warnings the entry points silence (none is set at import time)."""
+    from mpo_dist.cli import quiet_known_warnings
+
+    quiet_known_warnings()
 
 
 def require_shared(*parts: str) -> Path:
@@ -34,6 +55,7 @@ QUIET = lambda message: None  # noqa: E731  (a log callback that prints nothing)
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a rendezvous or a process group)."""
     import socket
 
     with socket.socket() as sock:
@@ -92,19 +114,19 @@ def stories_inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def torchrun_command(nproc: int, target: list[str]) -> list[str]:
-    import sys
+    """`torchrun --standalone --nproc-per-node NPROC TARGET...` (TARGET: a script, or `-m module`)."""
+    """torchrun as the launch scripts run it (mpo_dist.launcher: torchrun passing input errors through as exit 2)."""
+    return [sys.executable, "-m", "mpo_dist.launcher", "--standalone", "--nproc-per-node", str(nproc), *target]
 
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *target]
 
-
-TRAIN_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
-SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+def run_tool(script_name: str, *args, cwd: str | os.PathLike | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python tools/SCRIPT_NAME ARGS...` in SUBPROCESS_ENV, output captured as text; the caller checks it."""
+    return subprocess.run([sys.executable, str(REPO / "tools" / script_name), *map(str, args)], env=SUBPROCESS_ENV,
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def train(*overrides, nproc: int = 2, check: bool = True, timeout: int = 300):
     """`torchrun -m mpo_dist.train --config configs/tiny_cpu.yaml OVERRIDES` with its output captured."""
-    import subprocess
-
     result = subprocess.run(torchrun_command(nproc, ["-m", "mpo_dist.train", "--config", str(TRAIN_CONFIG), *map(str, overrides)]),
                             env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

@@ -15,6 +15,7 @@ from mpo_dist.data.loader import build_dref_loader, build_pair_loader
 from mpo_dist.data.sampler import BatchSpec, plan_epoch
 from mpo_dist.data.samples import PairSource
 from mpo_dist.data.shards import ShardError
+from mpo_dist.errors import InputError
 from shard_factory import make_dref, make_pairs, make_reference, ref_logps_of
 
 UNEVEN = [7, 13, 5, 11, 2]  # 5 shards of different sizes, 38 samples
@@ -109,8 +110,40 @@ def test_resume_mid_epoch_equals_uninterrupted(shards, workers, batching):
         assert len(rest) == len(full) - cut, f"cut {cut}"
         for expected, got in zip(full[cut:], rest):
             assert expected["keys"] == got["keys"] and expected["epoch"] == got["epoch"]
+            assert expected["epoch_progress"] == got["epoch_progress"]
             assert torch.equal(expected["input_ids"], got["input_ids"])
             assert torch.equal(expected["is_pad"], got["is_pad"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epoch_progress_is_the_fraction_of_the_epoch_done(shards, workers):
+    root, _ = shards
+    batches = run(loader_for(root, 1, 2, epochs=2, num_workers=workers))
+    n = 7  # 38 samples padded to 42 = 2 ranks x 7 batches of 3
+    assert len(batches) == 2 * n
+    assert [b["epoch_progress"] for b in batches] == pytest.approx([k / n for k in range(1, 2 * n + 1)])
+    assert [b["epoch"] for b in batches] == [0] * n + [1] * n
+
+
+def test_loader_manifest_and_restart_at_epoch(shards):
+    root, keys = shards
+    loader = loader_for(root, 0, 1, epochs=3)
+    assert loader.manifest.kind == "pairs" and loader.manifest.num_samples == len(keys)
+    loader.restart_at_epoch(2)
+    batches = run(loader)
+    assert {b["epoch"] for b in batches} == {2} and sorted(flat(batches)) == sorted(keys)
+    assert batches[0]["epoch_progress"] == pytest.approx(2 + 1 / len(batches))
+
+
+def test_importing_the_loader_leaves_warning_filters_alone():
+    import importlib
+    import warnings
+
+    import mpo_dist.data.loader as loader_module
+
+    before = list(warnings.filters)
+    importlib.reload(loader_module)
+    assert warnings.filters == before
 
 
 def test_resume_with_other_num_workers_is_refused(shards):
@@ -120,7 +153,7 @@ def test_resume_with_other_num_workers_is_refused(shards):
     next(iterator)
     state = first.state_dict()
     other = loader_for(root, 0, 2, num_workers=0)
-    with pytest.raises(ValueError, match="saved with data.num_workers=2, now data.num_workers=0"):
+    with pytest.raises(InputError, match="saved with data.num_workers=2, now data.num_workers=0"):
         other.load_state_dict(state)
 
 
@@ -132,13 +165,19 @@ def test_token_budget_plans_equal_counts_for_all_ranks():
     assert len({len(plan.batches) for plan in plans}) == 1
     real = [int(plan.ids[p]) for plan in plans for b in plan.batches for p, pad in zip(b.positions, b.is_pad) if not pad]
     assert sorted(real) == list(range(sum(sizes)))
-    with pytest.raises(ValueError, match="data.max_tokens"):
+    with pytest.raises(InputError, match="data.max_tokens"):
         plan_epoch(sizes, lengths, BatchSpec(max_tokens=100, sequences_per_sample=2), seed=0, epoch=0, dp_rank=0, dp_world_size=1)
+
+
+def test_sample_over_the_token_budget_fails_when_the_loader_is_built(shards):
+    root, _ = shards
+    with pytest.raises(InputError, match="exceeds data.max_tokens=40"):
+        loader_for(root, 0, 1, batching="tokens", max_tokens=40)
 
 
 def test_too_little_data_for_one_batch_per_rank(tmp_path):
     make_pairs(tmp_path / "pairs", [3])
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(InputError, match="fewer than one batch"):
         build_pair_loader(DataConfig(pairs=str(tmp_path / "pairs"), batch_size=2, tail="drop"), seed=0, dp_rank=0,
                           dp_world_size=2, pad_token_id=0)
 
@@ -274,6 +313,7 @@ def test_dref_stream_cycles_past_one_epoch(tmp_path):
     batches = run(loader, 12)  # 5 batches per epoch: more than two epochs
     assert [b["epoch"] for b in batches] == [0] * 5 + [1] * 5 + [2] * 2
     assert sorted(flat(batches[:5])) == sorted(keys)
+    assert loader.manifest.kind == "dref" and loader.manifest.tokenizer_hash == "sha256:test"
     assert batches[0]["ref_logps"].dtype == torch.float32 and batches[0]["input_ids"].shape[0] == 2
     with pytest.raises(ShardError, match="data.dref .* differs from the pairs'"):
         build_dref_loader(config, seed=0, dp_rank=0, dp_world_size=1, pad_token_id=0, tokenizer_hash="sha256:x")
@@ -284,7 +324,7 @@ def test_resume_at_another_data_parallel_size_says_so(shards):
     first = loader_for(root, 0, 2, num_workers=0)
     next(iter(first))
     resumed = loader_for(root, 0, 3, num_workers=0)
-    with pytest.raises(ValueError, match="saved with dp_world_size=2, now dp_world_size=3"):
+    with pytest.raises(InputError, match="saved with dp_world_size=2, now dp_world_size=3"):
         resumed.load_state_dict(first.state_dict())
         next(iter(resumed))
 
@@ -310,6 +350,6 @@ def test_resume_with_other_batching_is_refused(shards, change):
     first = loader_for(root, 0, 2, num_workers=0)
     next(iter(first))
     resumed = loader_for(root, 0, 2, num_workers=0, **change)
-    with pytest.raises(ValueError, match="batching settings"):
+    with pytest.raises(InputError, match="batching settings"):
         resumed.load_state_dict(first.state_dict())
         next(iter(resumed))

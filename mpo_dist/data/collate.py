@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mpo_dist.errors import InputError
+
 
 def pad_sequences(
     prompts: Sequence[np.ndarray],
@@ -23,7 +25,7 @@ def pad_sequences(
 ) -> dict[str, torch.Tensor]:
     """`prompt_i + response_i` rows padded to a common length, with attention and response masks."""
     if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        raise InputError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     width = max(lengths)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of

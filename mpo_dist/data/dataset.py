@@ -3,10 +3,13 @@
 The rank's batches per epoch come from `sampler.plan_epoch`. Numbering the rank's batches across
 epochs 0, 1, 2, ..., batch `g` is made by DataLoader worker `g % num_workers`: the order in which
 the loader interleaves its workers, so the stream does not depend on the number of workers, and no
-worker sits idle (or waits forever) in an epoch with fewer batches than workers. The state is
-(epoch, batches this worker has yielded in it, the epoch's first batch number modulo the number of
-workers), read eagerly at the start of `__iter__`, so a resumed stream continues exactly where the
-saved one stopped.
+worker sits idle (or waits forever) in an epoch with fewer batches than workers. In epoch `e` a
+worker therefore starts at the epoch's batch `(worker_id - offset) % num_workers`, where `offset`
+is the number of batches of the epochs before `e`, modulo `num_workers`.
+
+The state is (epoch, batches this worker has yielded in it, offset), read eagerly at the start of
+`__iter__`, so a resumed stream continues exactly where the saved one stopped. Every batch carries
+`epoch` and `epoch_progress`: the epoch plus the fraction of its batches done, this one included.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mpo_dist.data.sampler import BatchSpec, EpochPlan, plan_epoch
+from mpo_dist.data.sampler import BatchSpec, EpochPlan, check_batching, plan_epoch
+from mpo_dist.data.shards import Manifest
+from mpo_dist.errors import InputError
 
 
 class ShardStream(IterableDataset):
@@ -41,42 +46,43 @@ class ShardStream(IterableDataset):
         self.seed, self.dp_rank, self.dp_world_size, self.num_epochs = seed, dp_rank, dp_world_size, num_epochs
         self._sizes = source.shards.sizes
         self._lengths = source.shards.lengths() if spec.max_tokens else None
+        check_batching(self._sizes, self._lengths, spec, dp_world_size)  # bad settings fail here, not in a worker
         self._plan = partial(plan_epoch, self._sizes, self._lengths, spec, seed=seed, dp_rank=dp_rank, dp_world_size=dp_world_size)
-        # Fixed batches: the same every epoch. Token budgets: epoch 0's count (others differ slightly).
-        self.batches_per_epoch = len(self._plan(epoch=0).batches)
         self._epoch, self._yielded, self._offset = 0, 0, 0  # this worker's position
         # What the saved position means: the same shards and batching, or the position is meaningless.
-        names = [shard.name for shard in source.shards.manifest.shards]
+        names = [shard.name for shard in self.manifest.shards]
         self._plan_id = hashlib.sha256(json.dumps([names, self._sizes, asdict(spec)]).encode()).hexdigest()[:16]
 
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest of the shards this stream reads (pairs or D_ref)."""
+        return self.source.shards.manifest
+
     # ------------------------------------------------------------------ Stateful
+    # The position is per worker: the loader (loader.ShardLoader) refuses another number of workers.
 
     def state_dict(self) -> dict[str, Any]:
-        worker_id, num_workers = _worker()
         return {
             "epoch": self._epoch,
             "yielded": self._yielded,
             "offset": self._offset,
             "plan": self._plan_id,
-            "worker_id": worker_id,
-            "num_workers": num_workers,
             "dp_rank": self.dp_rank,
             "dp_world_size": self.dp_world_size,
             "seed": self.seed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        worker_id, num_workers = _worker()
-        expected = {"num_workers": num_workers, "dp_world_size": self.dp_world_size, "dp_rank": self.dp_rank, "seed": self.seed}
+        expected = {"dp_world_size": self.dp_world_size, "dp_rank": self.dp_rank, "seed": self.seed}
         for key, value in expected.items():
             if state[key] != value:
-                raise ValueError(
+                raise InputError(
                     f"cannot resume the data stream: it was saved with {key}={state[key]}, now {key}={value}. "
                     "The data position is defined per rank and worker; resume with the same data.num_workers, "
                     "number of data-parallel ranks and seed (model and optimizer state can still be resharded)"
                 )
         if state["plan"] != self._plan_id:
-            raise ValueError(
+            raise InputError(
                 "cannot resume the data stream: the shards or the batching settings (data.batch_size, "
                 "data.batching, data.max_tokens, data.shuffle, data.shuffle_window, data.tail) differ from "
                 "those the position was saved with; restore them to resume, or start a new run"
@@ -103,13 +109,12 @@ class ShardStream(IterableDataset):
                 samples = [reader.get(int(position)) for position in batch.positions]
                 out = self.collate(samples, batch.is_pad)
                 out["epoch"] = epoch
+                done = first + index * num_workers + 1  # the epoch's batches up to this one, on this rank
+                out["epoch_progress"] = epoch + done / len(plan.batches)
                 self._epoch, self._yielded, self._offset = epoch, index + 1, offset
                 yield out
             epoch, skip, offset = epoch + 1, 0, (offset + len(plan.batches)) % num_workers
             self._epoch, self._yielded, self._offset = epoch, 0, offset
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
 
 
 class _WindowReader:

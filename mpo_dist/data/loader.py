@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -12,10 +11,8 @@ from mpo_dist.data.collate import collate_dref, collate_pairs
 from mpo_dist.data.dataset import ShardStream, identity
 from mpo_dist.data.sampler import BatchSpec
 from mpo_dist.data.samples import DrefSource, PairSource
-from mpo_dist.data.shards import ShardError
-
-# torchdata 0.11 calls a deprecated torch API on every loader; the warning is not actionable here.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+from mpo_dist.data.shards import Manifest, ShardError
+from mpo_dist.errors import InputError
 
 
 def batch_spec(data: DataConfig, sequences_per_sample: int, batch_size: int) -> BatchSpec:
@@ -34,12 +31,23 @@ class ShardLoader(StatefulDataLoader):
     """StatefulDataLoader whose state also records num_workers: the saved position is per worker,
     so resuming with another count must fail clearly rather than inside torchdata."""
 
+    dataset: ShardStream
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest of the shards this loader reads: the pairs' or D_ref's."""
+        return self.dataset.manifest
+
+    def restart_at_epoch(self, epoch: int) -> None:
+        """Start at the beginning of `epoch` (when a saved position cannot be used)."""
+        self.dataset.restart_at_epoch(epoch)
+
     def state_dict(self) -> dict:
         return {"num_workers": self.num_workers, "loader": super().state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_workers") != self.num_workers:
-            raise ValueError(
+            raise InputError(
                 f"cannot resume the data stream: it was saved with data.num_workers={state.get('num_workers')}, "
                 f"now data.num_workers={self.num_workers}; resume with the same value"
             )
@@ -76,8 +84,9 @@ def build_dref_loader(data: DataConfig, *, seed: int, dp_rank: int, dp_world_siz
         source = DrefSource(data.dref)
     except (ShardError, FileNotFoundError) as error:
         raise ShardError(f"data.dref={data.dref}: {error}") from error
-    if tokenizer_hash is not None and source.shards.manifest.tokenizer_hash != tokenizer_hash:
-        raise ShardError(f"data.dref {data.dref}: tokenizer {source.shards.manifest.tokenizer_hash} differs from "
+    manifest = source.shards.manifest
+    if tokenizer_hash is not None and manifest.tokenizer_hash != tokenizer_hash:
+        raise ShardError(f"data.dref {data.dref}: tokenizer {manifest.tokenizer_hash} differs from "
                          f"the pairs' {tokenizer_hash}; resample D_ref with the policy's tokenizer")
     collate = partial(collate_dref, pad_token_id=pad_token_id, padding_side=data.padding_side,
                       pad_to_multiple_of=data.pad_to_multiple_of)

@@ -1,9 +1,11 @@
-"""Preference records -> tokenized pairs shards (SPEC.md data contract 1), on one or many processes.
+"""Preference records -> tokenized pairs shards (the pairs data contract), on one or many processes.
 
 Shard `i` holds the kept records among input records `[i*N, (i+1)*N)`, N = samples_per_shard, so
 the output is the same whatever the number of processes: process `r` of `W` writes the shards with
-`i % W == r`. Each shard is written atomically with a small stats file beside it; a rerun skips
-shards whose stats exist. After a barrier, rank 0 writes the manifest and the report.
+`i % W == r`. Each shard is written atomically with a small stats file beside it (in `.prepare/`);
+a rerun skips shards whose stats exist. The output folder is claimed, swept of stale temp files and
+progress is reported by `shard_job` (the tools' one resumable-job mechanism). After a barrier,
+rank 0 writes the manifest and the report.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,34 +28,48 @@ from mpo_dist.data.raw_records import (
     parse_record,
     resolve_format,
 )
+from mpo_dist.distributed import barrier
+from mpo_dist.errors import InputError, MissingInputError
+from mpo_dist.shard_job import Progress, start_job, stderr_log
 from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 STATS_DIR = ".prepare"
 REPORT_NAME = "prepare_report.json"
-DROP_REASONS = ("malformed", "empty_prompt", "empty_response", "too_long", "identical_responses")
+PROMPT_LENGTH_CAP = 512  # the default prompt limit, unless half of --max-length is less
+
+
+def default_max_prompt_length(max_length: int) -> int:
+    """The prompt limit when none is given: 512, or half of a smaller `max_length` (room for the response)."""
+    return min(PROMPT_LENGTH_CAP, max_length // 2)
 
 
 @dataclass
 class PrepareOptions:
     samples_per_shard: int = 1000
     max_length: int = 1024
-    max_prompt_length: int = 512
+    max_prompt_length: int | None = None  # None: default_max_prompt_length(max_length)
     truncation: str = "truncate"  # "truncate": cut prompt (left) then responses (right); "drop": drop too-long records
     chat_template: bool = False
     append_eos: bool = True
     strict: bool = False
     format: str = "auto"
 
+    def __post_init__(self) -> None:
+        if self.max_prompt_length is None:
+            self.max_prompt_length = default_max_prompt_length(self.max_length)
+
     def validate(self) -> None:
         if self.samples_per_shard < 1:
-            raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+            raise InputError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+        if self.max_length < 2:
+            raise InputError(f"--max-length must be >= 2 (a prompt token and a response token), got {self.max_length}")
         if not 1 <= self.max_prompt_length < self.max_length:
-            raise ValueError(
+            raise InputError(
                 f"--max-prompt-length ({self.max_prompt_length}) must be >= 1 and below --max-length "
                 f"({self.max_length}) to leave room for the response"
             )
         if self.truncation not in ("truncate", "drop"):
-            raise ValueError(f"--truncation must be 'truncate' or 'drop', got {self.truncation!r}")
+            raise InputError(f"--truncation must be 'truncate' or 'drop', got {self.truncation!r}")
 
 
 @dataclass
@@ -82,7 +96,7 @@ class PairTokenizer:
     def __init__(self, tokenizer, options: PrepareOptions):
         self.tokenizer, self.options = tokenizer, options
         if options.chat_template and tokenizer.chat_template is None:
-            raise ValueError("--chat-template was given but the tokenizer has no chat template")
+            raise InputError("--chat-template was given but the tokenizer has no chat template")
         # Special tokens the tokenizer puts before text (e.g. BOS); kept when a prompt is cut from the left.
         self.prefix = [] if options.chat_template else tokenizer("", add_special_tokens=True)["input_ids"]
         self.suffix = [tokenizer.eos_token_id] if options.append_eos and tokenizer.eos_token_id is not None else []
@@ -99,11 +113,14 @@ class PairTokenizer:
 
     def __call__(self, pairs: list[RawPair]) -> list[dict | str]:
         prompts = [self._prompt_text(pair) for pair in pairs]
-        encode = lambda texts: self.tokenizer([t or "" for t in texts], add_special_tokens=False)["input_ids"]
-        prompt_ids = encode(prompts)
-        chosen_ids = encode([pair.chosen for pair in pairs])
-        rejected_ids = encode([pair.rejected for pair in pairs])
+        prompt_ids = self._encode(prompts)
+        chosen_ids = self._encode([pair.chosen for pair in pairs])
+        rejected_ids = self._encode([pair.rejected for pair in pairs])
         return [self._finish(*args) for args in zip(pairs, prompts, prompt_ids, chosen_ids, rejected_ids)]
+
+    def _encode(self, texts: list[str | None]) -> list[list[int]]:
+        # verbose=False: no "sequence length is longer than the maximum" warning for texts that are truncated here.
+        return self.tokenizer([t or "" for t in texts], add_special_tokens=False, verbose=False)["input_ids"]
 
     def _finish(self, pair: RawPair, prompt_text, prompt_body, chosen, rejected) -> dict | str:
         options = self.options
@@ -146,14 +163,15 @@ def prepare_pairs(
     options: PrepareOptions,
     rank: int = 0,
     world_size: int = 1,
-    barrier: Callable[[], None] = lambda: None,
-    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
+    log: Callable[[str], None] = stderr_log,
 ) -> dict | None:
-    """Write this rank's shards; rank 0 then writes manifest and report and returns the summary."""
+    """Write this rank's shards; rank 0 then writes manifest and report and returns the summary.
+
+    Callable in one process without a process group (rank 0 of 1) as well as under torchrun."""
     options.validate()
     input_path, out_dir = Path(input_path), Path(out_dir)
     if not input_path.is_file():
-        raise FileNotFoundError(f"--input {input_path} does not exist")
+        raise MissingInputError(f"--input {input_path} does not exist")
     tokenizer = load_tokenizer(tokenizer_dir)
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
     fmt = resolve_format(input_path, options.format)
@@ -166,18 +184,15 @@ def prepare_pairs(
                       "pad_token_id": tokenizer.pad_token_id},
     }
     tokenize = PairTokenizer(tokenizer, options)  # fails on a bad --chat-template before --out is claimed
-    if rank == 0:
-        _claim_output_dir(out_dir, params)
-    barrier()  # the others read the parameters rank 0 recorded
-    if rank != 0:
-        _claim_output_dir(out_dir, params)
+    start_job("prepare_pairs", out_dir, params, rank=rank, log=log)
+    stats_dir.mkdir(exist_ok=True)
 
     per_shard = options.samples_per_shard
-    progress = ProgressFile(input_path) if not fmt.startswith("parquet") else None
-    meter = _Progress(log, progress, enabled=rank == 0)
+    source = ProgressFile(input_path) if not fmt.startswith("parquet") else None
+    progress = Progress("prepare_pairs", "records", log, enabled=rank == 0)
     pending: list[tuple[str, object]] = []
     num_records = 0
-    for where, raw in iter_raw_records(input_path, fmt, progress):
+    for where, raw in iter_raw_records(input_path, fmt, source):
         shard = num_records // per_shard
         num_records += 1
         if shard % world_size == rank and not (stats_dir / f"{shard_name(shard)}.json").exists():
@@ -185,32 +200,16 @@ def prepare_pairs(
             if len(pending) == per_shard:
                 _write_shard(shard, pending, tokenize, fmt, out_dir, options.strict, input_path)
                 pending = []
-        meter.update(num_records)
+        if progress.due():  # by input bytes consumed; Parquet row groups give no such measure
+            progress.report(num_records, source.done / source.total if source and source.total else None)
     if pending:
         _write_shard((num_records - 1) // per_shard, pending, tokenize, fmt, out_dir, options.strict, input_path)
-    meter.update(num_records, final=True)
     barrier()
     if rank != 0:
         return None
     if num_records == 0:
-        raise ValueError(f"--input {input_path} holds no records")
+        raise InputError(f"--input {input_path} holds no records")
     return _finish(out_dir, math.ceil(num_records / per_shard), tokenizer_hash, params, log)
-
-
-def _claim_output_dir(out_dir: Path, params: dict) -> None:
-    """Refuse an output folder that holds other work; a rerun with the same parameters resumes."""
-    params_file = out_dir / STATS_DIR / "params.json"
-    if params_file.exists():
-        if json.loads(params_file.read_text()) != params:
-            raise ValueError(
-                f"--out {out_dir} holds shards prepared with other parameters ({params_file}); "
-                "use a new --out folder or delete this one"
-            )
-        return
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"--out {out_dir} is not empty and was not written by prepare_pairs; use a new folder")
-    (out_dir / STATS_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(params_file, json.dumps(params, indent=1).encode())
 
 
 def _write_shard(index: int, records, tokenize: PairTokenizer, fmt: str, out_dir: Path, strict: bool, input_path: Path) -> None:
@@ -225,7 +224,7 @@ def _write_shard(index: int, records, tokenize: PairTokenizer, fmt: str, out_dir
             result = results[offset]
             if isinstance(result, str):
                 if strict:
-                    raise ValueError(f"{input_path}: {where}: {result} (--strict stops at the first record not kept)")
+                    raise InputError(f"{input_path}: {where}: {result} (--strict stops at the first record not kept)")
                 stats.dropped.append([where, result])
                 continue
             result["meta"]["where"] = where
@@ -290,23 +289,3 @@ def format_summary(summary: dict, by_reason: dict[str, list[str]], out_dir: Path
     lines.append(f"  every record not kept, with its reason: {out_dir / REPORT_NAME}")
     return "\n".join(lines)
 
-
-class _Progress:
-    """Progress with rate and ETA on rank 0, by input bytes consumed, at most every few seconds."""
-
-    def __init__(self, log, source: ProgressFile | None, enabled: bool, every_s: float = 5.0):
-        self.log, self.source, self.enabled, self.every_s = log, source, enabled, every_s
-        self.start = self.last = time.monotonic()
-
-    def update(self, records: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self.last < self.every_s):
-            return
-        self.last = now
-        rate = records / max(now - self.start, 1e-9)
-        message = f"prepare_pairs: {records} records read, {rate:,.0f} records/s"
-        if self.source is not None and self.source.total and not final:
-            fraction = self.source.done / self.source.total
-            eta = (now - self.start) * (1 - fraction) / max(fraction, 1e-9)
-            message += f", {fraction:.0%} of input, ETA {eta:.0f}s"
-        self.log(message)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from mpo_dist.errors import InputError
+
 FORMATS = ("auto", "jsonl", "hh", "parquet")
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
@@ -29,7 +31,7 @@ class RawPair:
 
 
 class MalformedRecord(ValueError):
-    pass
+    """One record that cannot be used: reported with its line or row, never raised out of this module."""
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -43,17 +45,17 @@ def detect_format(path: str | os.PathLike) -> str:
                 try:
                     first = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}: first record is not JSON ({error}); pass --format") from error
+                    raise InputError(f"{path}: first record is not JSON ({error}); pass --format") from error
                 if isinstance(first, dict) and "prompt" in first:
                     return "jsonl"
                 if isinstance(first, dict) and {"chosen", "rejected"} <= first.keys():
                     return "hh"
-                raise ValueError(
+                raise InputError(
                     f"{path}: cannot tell the format from the first record's keys "
                     f"{sorted(first) if isinstance(first, dict) else type(first).__name__}; "
                     "expected prompt/chosen/rejected (jsonl) or chosen/rejected dialogues (hh)"
                 )
-    raise ValueError(f"{path}: no records")
+    raise InputError(f"{path}: no records")
 
 
 def _open_text(path: Path):
@@ -97,7 +99,7 @@ def iter_raw_records(path: str | os.PathLike, fmt: str, progress: ProgressFile |
             try:
                 line = text.readline()
             except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, OSError) as error:
-                raise ValueError(f"{path}: unreadable at line {line_no} ({error})") from error
+                raise InputError(f"{path}: unreadable at line {line_no} ({error})") from error
             if not line:
                 return
             if line.strip():
@@ -110,7 +112,7 @@ def _iter_parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         table = pq.ParquetFile(path)
     except Exception as error:  # pyarrow raises several unrelated types for a bad file
-        raise ValueError(f"{path}: not a readable Parquet file ({error})") from error
+        raise InputError(f"{path}: not a readable Parquet file ({error})") from error
     row = 0
     for batch in table.iter_batches(batch_size=4096):
         for record in batch.to_pylist():
@@ -121,7 +123,7 @@ def _iter_parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
 def resolve_format(path: str | os.PathLike, fmt: str) -> str:
     """'auto' -> the detected format; Parquet with a 'prompt' column reads as jsonl records."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise InputError(f"--format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt == "parquet":
@@ -130,7 +132,7 @@ def resolve_format(path: str | os.PathLike, fmt: str) -> str:
         try:
             names = pq.ParquetFile(path).schema_arrow.names
         except Exception as error:
-            raise ValueError(f"{path}: not a readable Parquet file ({error})") from error
+            raise InputError(f"{path}: not a readable Parquet file ({error})") from error
         return "parquet-prompt" if "prompt" in names else "parquet-hh"
     return fmt
 

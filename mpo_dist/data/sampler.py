@@ -1,6 +1,7 @@
 """Which samples each rank reads in an epoch, in which batches: pure functions, no I/O, no torch.distributed.
 
-The recipe (SPEC.md's pitfalls explain why not webdataset's node splitting):
+The recipe (webdataset's node splitting is not used: it gives ranks unequal sample counts, and
+ranks that run out first hang the others in a collective):
 1. one seeded global order per epoch, shared by all ranks: shards in a shuffled order, each
    shard's samples in file order (so reading stays sequential);
 2. the tail padded with flagged duplicates (masked out of the loss) or dropped, so that every rank
@@ -8,9 +9,9 @@ The recipe (SPEC.md's pitfalls explain why not webdataset's node splitting):
 3. inside its slice a rank shuffles within windows of `shuffle_window` consecutive samples (a
    window is read in one forward pass) and cuts batches: `batch_size` samples, or as many as fit
    a padded-token budget (`max_tokens`), with extra all-padding batches so every rank yields the
-   same number of batches;
-4. batch `j` of a rank goes to DataLoader worker `j % num_workers`, which is the order the loader
-   interleaves workers in, so a rank's stream does not depend on the number of workers.
+   same number of batches.
+
+Which DataLoader worker makes which of a rank's batches is decided by the stream (dataset.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from mpo_dist.errors import InputError
 
 # Distinct streams of randomness derived from (seed, epoch[, rank]).
 _SHARD_ORDER, _WINDOW_ORDER, _BATCH_ORDER = 0, 1, 2
@@ -37,9 +40,9 @@ class BatchSpec:
 
     def __post_init__(self):
         if (self.batch_size > 0) == (self.max_tokens > 0):
-            raise ValueError("set exactly one of batch_size (fixed batches) or max_tokens (token budget)")
+            raise InputError("set exactly one of batch_size (fixed batches) or max_tokens (token budget)")
         if self.shuffle_window < 1:
-            raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
+            raise InputError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
 
 
 @dataclass
@@ -53,8 +56,6 @@ class EpochPlan:
     ids: np.ndarray  # global sample id (manifest order) at each position of this rank's slice
     is_pad: np.ndarray  # tail duplicates, per position
     batches: list[Batch]
-    dropped: int  # samples of the epoch that no rank reads (drop_tail)
-
 
 
 def epoch_order(shard_sizes: Sequence[int], seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -64,6 +65,29 @@ def epoch_order(shard_sizes: Sequence[int], seed: int, epoch: int, shuffle: bool
     if shuffle:
         shard_order = np.random.default_rng([seed, epoch, _SHARD_ORDER]).permutation(len(shard_sizes))
     return np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in shard_order] or [np.zeros(0, np.int64)])
+
+
+def check_batching(shard_sizes: Sequence[int], lengths: np.ndarray | None, spec: BatchSpec, dp_world_size: int) -> int:
+    """Raise InputError if these shards cannot be cut into batches for `dp_world_size` ranks; without
+    planning, so a stream can check at construction. Returns the samples an epoch keeps (all ranks)."""
+    total = int(sum(shard_sizes))
+    unit = dp_world_size * (spec.batch_size or 1)
+    kept = (total // unit) * unit if spec.drop_tail else -(-total // unit) * unit
+    if kept == 0:
+        raise InputError(
+            f"{total} samples are fewer than one batch on every rank ({unit} = {dp_world_size} ranks x "
+            f"{spec.batch_size or 1}); use more data, fewer ranks or a smaller batch"
+        )
+    if spec.max_tokens:
+        if lengths is None:
+            raise InputError("token-budget batching needs per-sample lengths in the shard manifests")
+        longest = int(np.max(lengths))
+        if spec.sequences_per_sample * longest > spec.max_tokens:
+            raise InputError(
+                f"a sample of {longest} tokens x {spec.sequences_per_sample} sequences exceeds "
+                f"data.max_tokens={spec.max_tokens}; raise it or prepare with a smaller --max-length"
+            )
+    return kept
 
 
 def plan_epoch(
@@ -77,15 +101,9 @@ def plan_epoch(
     dp_world_size: int,
 ) -> EpochPlan:
     """This rank's samples and batches for `epoch`. `lengths[id]` (tokens) is needed for token budgets."""
+    kept = check_batching(shard_sizes, lengths, spec, dp_world_size)
     order = epoch_order(shard_sizes, seed, epoch, spec.shuffle)
     total = len(order)
-    unit = dp_world_size * (spec.batch_size or 1)
-    kept = (total // unit) * unit if spec.drop_tail else -(-total // unit) * unit
-    if kept == 0:
-        raise ValueError(
-            f"{total} samples are fewer than one batch on every rank ({unit} = {dp_world_size} ranks x "
-            f"{spec.batch_size or 1}); use more data, fewer ranks or a smaller batch"
-        )
     padded = np.resize(order, kept)  # wraps around: duplicates of the epoch's first samples
     pad = np.arange(kept) >= total
     per_rank = kept // dp_world_size
@@ -106,7 +124,7 @@ def plan_epoch(
         filler = Batch(np.zeros(1, np.int64), np.ones(1, bool))
         batches += [filler] * (most - len(batches))
     start = dp_rank * per_rank
-    return EpochPlan(padded[start : start + per_rank], pad[start : start + per_rank], batches, total - min(kept, total))
+    return EpochPlan(padded[start : start + per_rank], pad[start : start + per_rank], batches)
 
 
 def _window_shuffled(count: int, spec: BatchSpec, seed: int, epoch: int, rank: int) -> np.ndarray:
@@ -121,9 +139,8 @@ def _window_shuffled(count: int, spec: BatchSpec, seed: int, epoch: int, rank: i
 
 
 def _token_batches(ids, is_pad, lengths, spec: BatchSpec, seed: int, epoch: int, rank: int) -> list[Batch]:
-    """Greedy packing under the padded-token budget, longest first within each window."""
-    if lengths is None:
-        raise ValueError("token-budget batching needs per-sample lengths in the shard manifests")
+    """Greedy packing under the padded-token budget, longest first within each window (every sample
+    fits the budget alone: `check_batching`)."""
     rng = np.random.default_rng([seed, epoch, _BATCH_ORDER, rank])
     sample_lengths = lengths[ids]
     batches: list[Batch] = []
@@ -135,11 +152,6 @@ def _token_batches(ids, is_pad, lengths, spec: BatchSpec, seed: int, epoch: int,
         window_batches, current, longest = [], [], 0
         for position in window:
             length = int(sample_lengths[position])
-            if spec.sequences_per_sample * length > spec.max_tokens:
-                raise ValueError(
-                    f"a sample of {length} tokens x {spec.sequences_per_sample} sequences exceeds "
-                    f"data.max_tokens={spec.max_tokens}; raise it or prepare with a smaller --max-length"
-                )
             if current and spec.sequences_per_sample * (len(current) + 1) * max(longest, length) > spec.max_tokens:
                 window_batches.append(np.array(current))
                 current, longest = [], 0

@@ -71,9 +71,6 @@ class ShardSet:
 class PairSource:
     """Pairs, joined sample by sample with their reference log-probs when `reference` is given."""
 
-    kind = "pairs"
-    sequences_per_sample = 2
-
     def __init__(self, pairs_dir: str | os.PathLike, reference_dir: str | os.PathLike | None = None):
         self.shards = ShardSet(pairs_dir, "pairs")
         self.reference = ShardSet(reference_dir, "ref_logps") if reference_dir else None
@@ -99,9 +96,6 @@ class PairSource:
 
 class DrefSource:
     """Prompts with responses pre-sampled from the reference model, and their logp_ref (MPO's tau term)."""
-
-    kind = "dref"
-    sequences_per_sample = 1
 
     def __init__(self, dref_dir: str | os.PathLike):
         self.shards = ShardSet(dref_dir, "dref")

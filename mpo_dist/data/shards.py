@@ -18,16 +18,18 @@ from typing import Any, Iterator
 import numpy as np
 import webdataset as wds
 
+from mpo_dist.errors import InputError
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 _MAGIC = b"MPO1"
 _HEADER_LEN = struct.Struct("<I")
 
-# The three shard sets of SPEC.md's data contracts: manifest kind -> tar member extension.
+# The three shard sets of the data contracts (README): manifest kind -> tar member extension.
 KIND_EXTENSIONS = {"pairs": "pair", "ref_logps": "ref", "dref": "dref"}
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """A shard or manifest that cannot be used; the message names the file (and key) at fault."""
 
 
@@ -158,12 +160,10 @@ class ShardWriter:
         self._file = open(self._tmp, "wb")
         # mtime=0: no PAX headers (smaller files, faster reads) and byte-identical reruns.
         self._tar = wds.TarWriter(self._file, mtime=0)
-        self.keys: list[str] = []
 
     def write(self, key: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         check_key(key)
         self._tar.write({"__key__": key, self.extension: encode_record(meta, arrays)})
-        self.keys.append(key)
 
     def close(self) -> None:
         self._tar.close()

@@ -1,7 +1,8 @@
 """Run under torchrun: every rank streams its share with 2 workers and joins a collective per batch.
 
 If ranks yielded different numbers of batches, the all_reduce below would block until the timeout.
-Rank 0 writes every rank's (key, is_pad) list to the JSON file named by argv[2].
+Rank 0 writes, for every rank, its (key, is_pad, epoch) samples and each batch's (epoch, epoch_progress) to
+the JSON file named by argv[2].
 """
 
 import json
@@ -22,13 +23,14 @@ def main() -> None:
     data = DataConfig(pairs=f"{root}/pairs", reference=f"{root}/ref", batch_size=3, num_workers=2, shuffle_window=8,
                       batching=sys.argv[3], max_tokens=200 if sys.argv[3] == "tokens" else 0)
     loader = build_pair_loader(data, seed=11, dp_rank=rank, dp_world_size=world, pad_token_id=0, num_epochs=2)
-    seen = []
+    seen, progress = [], []
     for batch in loader:
         step = torch.ones(1)
         dist.all_reduce(step)  # a step's collective: every rank must be here the same number of times
         seen += [(key, bool(pad), batch["epoch"]) for key, pad in zip(batch["keys"], batch["is_pad"])]
+        progress.append((batch["epoch"], batch["epoch_progress"]))
     gathered = [None] * world
-    dist.all_gather_object(gathered, seen)
+    dist.all_gather_object(gathered, {"samples": seen, "progress": progress})
     if rank == 0:
         with open(out, "w") as handle:
             json.dump(gathered, handle)
