@@ -1,16 +1,21 @@
-"""Scoring pairs with the reference model: reference log-prob shards (SPEC.md data contract 2).
+"""The reference model for the reference tools, and scoring pairs with it (the reference log-prob
+data contract).
 
-For every pairs shard, a shard of the same name with the same keys in the same order holding
-`logp_ref` of chosen and rejected (sums over response tokens, computed by `logprobs.py` exactly as
-the trainer computes the policy's) and token counts. Each shard is scored alone, in file order and
-fixed batches, so the numbers do not depend on how many ranks ran the job.
+`open_reference` is the one place where the reference tools load the model: on this rank's device,
+refused when its tokenizer or vocabulary is not the pairs', with its EOS ids, the pad id the pairs
+were made with and the model record that manifests and job files carry.
+
+Scoring writes, for every pairs shard, a shard of the same name with the same keys in the same
+order holding `logp_ref` of chosen and rejected (sums over response tokens, computed by
+`logprobs.py` exactly as the trainer computes the policy's) and token counts. Each shard is scored
+alone, in file order and fixed batches, so the numbers do not depend on how many ranks ran the job.
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -18,9 +23,11 @@ import torch
 from mpo_dist.data.collate import collate_pairs
 from mpo_dist.data.samples import write_reference_shard
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
+from mpo_dist.distributed import RankInfo, device_for
+from mpo_dist.errors import InputError, MissingInputError
 from mpo_dist.logprobs import sequence_logprobs
-from mpo_dist.shard_job import manifest_fingerprint, run_shard_job, stderr_log
-from mpo_dist.tokenizer import tokenizer_beside_model, tokenizer_fingerprint
+from mpo_dist.shard_job import check_batch_size, describe_totals, manifest_fingerprint, run_shard_job, stderr_log
+from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:
@@ -35,24 +42,47 @@ def weights_fingerprint(model_dir: str | Path) -> str:
 
 
 def load_reference_model(model_dir: str | Path, pairs: Manifest, pairs_dir: Path, dtype: str, device: torch.device):
-    """The reference model, refused when its tokenizer is not the one that made the pairs."""
-    from transformers import AutoModelForCausalLM
+    """The reference model, refused (before its weights are read) when its tokenizer is not the one
+    that made the pairs or its vocabulary is smaller than theirs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model_dir}: no config.json; expected a Hugging Face model folder")
-    tokenizer = tokenizer_beside_model(model_dir)
-    if tokenizer is not None:
-        model_hash = tokenizer_fingerprint(tokenizer)
-        if model_hash != pairs.tokenizer_hash:
-            raise ValueError(f"--model {model_dir} has tokenizer {model_hash}, but --pairs {pairs_dir} was tokenized "
-                             f"with {pairs.tokenizer_hash}; use the reference model that matches the policy's tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).to(device)
-    vocab = pairs.info.get("tokenizer", {}).get("vocab_size")
-    if vocab is not None and vocab > model.config.vocab_size:
-        raise ValueError(f"--pairs {pairs_dir} uses a {vocab}-token vocabulary but --model {model_dir} has "
-                         f"{model.config.vocab_size} embeddings")
-    return model.eval()
+        raise MissingInputError(f"--model {model_dir}: no config.json; expected a Hugging Face model folder")
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"--model {model_dir}: cannot read its config.json ({first_line})") from error
+    check_tokenizer_matches(pairs, config.vocab_size, tokenizer_beside_model(model_dir), data=f"--pairs {pairs_dir}",
+                            model=f"--model {model_dir}", fix="use the reference model that matches the policy's tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=getattr(torch, dtype))
+    return model.to(device).eval()
+
+
+class Reference(NamedTuple):
+    model: torch.nn.Module
+    device: torch.device
+    eos_token_ids: int | list[int] | None  # every id that ends a sampled response
+    pad_token_id: int  # the pad id the pairs were prepared with
+    model_info: dict  # {"model": {path, dtype, weights_hash}} for manifests and job files
+
+
+def open_reference(model_dir: str | Path, pairs_dir: str | Path, dtype: str, info: RankInfo) -> Reference:
+    """The reference model on this rank's device, checked against the pairs (see `load_reference_model`).
+
+    Only rank 0 hashes the weights (reading every byte again): it alone claims the output folder."""
+    pairs = Manifest.read(pairs_dir, "pairs")
+    device = device_for(info)
+    model = load_reference_model(model_dir, pairs, Path(pairs_dir), dtype, device)
+    # The generation config lists every stop token (e.g. end of turn as well as end of text).
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if eos is None:
+        eos = model.config.eos_token_id
+    pad = pairs.info.get("tokenizer", {}).get("pad_token_id") or 0
+    model_info = {"model": {"path": str(Path(model_dir).resolve()), "dtype": dtype,
+                            "weights_hash": weights_fingerprint(model_dir) if info.is_main else None}}
+    return Reference(model, device, eos, pad, model_info)
 
 
 @torch.no_grad()
@@ -88,10 +118,12 @@ def score_pairs(
     batch_size: int = 8,
     device: torch.device = torch.device("cpu"),
     model_info: dict | None = None,
-    barrier: Callable[[], None] = lambda: None,
     log: Callable[[str], None] = stderr_log,
 ) -> Manifest | None:
-    """Write this rank's reference shards; rank 0 then writes and returns the manifest."""
+    """Write this rank's reference shards; rank 0 then writes and returns the manifest.
+
+    Callable in one process without a process group (rank 0 of 1) as well as under torchrun."""
+    check_batch_size(batch_size)
     pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
     pairs = Manifest.read(pairs_dir, "pairs")
     model.eval()
@@ -99,14 +131,13 @@ def score_pairs(
     totals = run_shard_job(
         "score_reference", pairs.shards, out_dir,
         lambda index, shard: score_shard(model, pairs_dir, shard, out_dir / shard.name, batch_size, device),
-        rank=rank, world_size=world_size, barrier=barrier, log=log, params=params)
+        rank=rank, world_size=world_size, log=log, params=params)
     if rank != 0:
         return None
     manifest = Manifest("ref_logps", pairs.tokenizer_hash, [ShardInfo(s.name, s.num_samples) for s in pairs.shards],
                         info={"created_by": "tools/score_reference.py", "pairs": str(pairs_dir.resolve()),
                               "pairs_num_samples": pairs.num_samples, **(model_info or {})})
     manifest.write(out_dir)
-    rate = totals["work"] / totals["seconds"] if totals["seconds"] else 0.0
     log(f"score_reference: {pairs.num_samples} pairs in {len(pairs.shards)} shards scored into {out_dir} "
-        f"(rank 0: {totals['made']} shards made, {totals['skipped']} already done, {rate:,.0f} tokens/s)")
+        f"({describe_totals(totals)})")
     return manifest

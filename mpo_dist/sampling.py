@@ -1,4 +1,4 @@
-"""Sampling D_ref from the reference model (SPEC.md data contract 3): MPO's point-wise KL samples.
+"""Sampling D_ref from the reference model (the D_ref data contract): MPO's point-wise KL samples.
 
 For every prompt of the pairs shards, K responses are sampled with a KV cache in left-padded
 batches. Each response has its own random generator, seeded from (seed, sample key, k): a sample
@@ -22,7 +22,8 @@ import torch
 from mpo_dist.data.collate import pad_sequences
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo, ShardWriter
 from mpo_dist.logprobs import position_ids_for, sequence_logprobs
-from mpo_dist.shard_job import manifest_fingerprint, run_shard_job, stderr_log
+from mpo_dist.errors import InputError
+from mpo_dist.shard_job import check_batch_size, describe_totals, manifest_fingerprint, run_shard_job, stderr_log
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,13 @@ class SamplingParams:
 
     def validate(self) -> None:
         if self.num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
+            raise InputError(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+            raise InputError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise InputError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
 def sample_seed(seed: int, key: str, k: int) -> int:
@@ -148,11 +149,13 @@ def sample_dref(
     batch_size: int = 16,
     device: torch.device = torch.device("cpu"),
     model_info: dict | None = None,
-    barrier: Callable[[], None] = lambda: None,
     log: Callable[[str], None] = stderr_log,
 ) -> Manifest | None:
-    """Write this rank's D_ref shards (one per pairs shard, same name); rank 0 then writes the manifest."""
+    """Write this rank's D_ref shards (one per pairs shard, same name); rank 0 then writes the manifest.
+
+    Callable in one process without a process group (rank 0 of 1) as well as under torchrun."""
     params.validate()
+    check_batch_size(batch_size)
     pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
     pairs = Manifest.read(pairs_dir, "pairs")
     model.eval()
@@ -165,7 +168,7 @@ def sample_dref(
     job = {"pairs": manifest_fingerprint(pairs_dir), "sampling": asdict(params), "batch_size": batch_size,
            "eos_token_ids": eos_token_ids, **(model_info or {})}
     totals = run_shard_job("sample_reference", pairs.shards, out_dir, make, rank=rank, world_size=world_size,
-                           barrier=barrier, log=log, params=job, unit="tokens sampled")
+                           log=log, params=job, unit="tokens sampled")
     if rank != 0:
         return None
     shards = []
@@ -178,8 +181,6 @@ def sample_dref(
         "created_by": "tools/sample_reference.py", "pairs": str(pairs_dir.resolve()), "sampling": asdict(params),
         "batch_size": batch_size, **(model_info or {})})
     manifest.write(out_dir)
-    rate = totals["work"] / totals["seconds"] if totals["seconds"] else 0.0
     log(f"sample_reference: {manifest.num_samples} samples ({params.num_samples} per prompt) in {len(shards)} shards "
-        f"written to {out_dir} (rank 0: {totals['made']} shards made, {totals['skipped']} already done, "
-        f"{rate:,.0f} tokens sampled/s)")
+        f"written to {out_dir} ({describe_totals(totals, 'tokens sampled')})")
     return manifest

@@ -1,10 +1,17 @@
-"""Shard-parallel jobs over a pairs shard set: every rank takes its share, resumable, with progress.
+"""Resumable jobs that write a folder of shards on one process or many: the one mechanism behind the
+tools that make shards (prepare_pairs, score_reference, sample_reference).
 
-Used by the reference tools (scoring, D_ref sampling). Output shard `i` depends only on input shard
-`i` (never on the rank or the number of ranks), rank `r` of `W` makes the shards with `i % W == r`,
-each is written atomically, and a finished shard is skipped by a rerun, so a crashed or preempted
-job is resumed by running it again. Rank 0 reports progress with rate and ETA, then writes the
-manifest after all ranks are done.
+- `start_job`: rank 0 claims the output folder (`OUT/.job.json` records what the output is made
+  from; a rerun with the same parameters resumes, other parameters or a folder holding anything
+  else are refused naming `--out`) and removes temp files of writers that were killed; no rank
+  writes before that is done.
+- `Progress`: rate and ETA on rank 0, at most every few seconds.
+- `run_shard_job`: output shard `i` depends only on input shard `i` (never on the rank or the number
+  of ranks); rank `r` of `W` makes the shards with `i % W == r`, each written atomically, and a
+  finished shard is skipped by a rerun, so a crashed or preempted job is resumed by running it again.
+
+Each job's own step (e.g. prepare's sharding by record index) decides what "finished" means; the
+claim, the temp-file sweep and the progress lines are shared.
 """
 
 from __future__ import annotations
@@ -17,8 +24,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mpo_dist.data.shards import MANIFEST_NAME, ShardInfo, atomic_write_bytes
+from mpo_dist.distributed import all_ranks_succeeded, barrier
+from mpo_dist.errors import InputError
 
 JOB_FILE = ".job.json"
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
 
 
 def manifest_fingerprint(shard_dir: Path) -> str:
@@ -26,28 +44,74 @@ def manifest_fingerprint(shard_dir: Path) -> str:
 
 
 def claim_output_dir(name: str, out_dir: Path, params: dict[str, Any]) -> None:
-    """Record what the shards in `out_dir` are made from; a rerun must match, so a resumed job never
-    mixes shards of two models or two settings."""
+    """Record what the output in `out_dir` is made from; a rerun must match, so a resumed job never
+    mixes shards of two models, two inputs or two settings."""
     job_file = out_dir / JOB_FILE
+    params = json.loads(json.dumps(params))  # compare as the file stores them (tuples become lists)
     if job_file.exists():
         previous = json.loads(job_file.read_text())
         changed = sorted(key for key in set(previous) | set(params) if previous.get(key) != params.get(key))
         if changed:
-            raise ValueError(f"--out {out_dir} holds {name} shards made with other settings ({', '.join(changed)} "
-                             f"differ, see {job_file}); use a new --out folder or delete this one")
+            raise InputError(f"--out {out_dir} holds output made with other settings ({', '.join(changed)} differ, "
+                             f"see {job_file}); use a new --out folder or delete this one")
         return
-    if out_dir.exists() and any(out_dir.glob("shard-*.tar")):
-        raise ValueError(f"--out {out_dir} already holds shards not made by this {name} job; use a new folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"--out {out_dir} is not empty and was not written by {name}; use a new --out folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(job_file, json.dumps(params, indent=1, sort_keys=True).encode())
 
 
 def remove_stale_temp_files(out_dir: Path) -> int:
-    """Temp files of shards whose writer was killed: safe to delete before any rank starts writing."""
-    stale = [path for path in out_dir.glob(".*.tmp-*") if path.is_file()]
+    """Temp files (`.NAME.tmp-PID`, anywhere under `out_dir`) of writers that were killed: safe to
+    delete before any rank starts writing."""
+    stale = [path for path in out_dir.rglob(".*.tmp-*") if path.is_file()]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
+
+
+def start_job(name: str, out_dir: Path, params: dict[str, Any], *, rank: int, log: Callable[[str], None]) -> None:
+    """Rank 0 claims `out_dir` for `params` and sweeps temp files; every rank waits until it has.
+
+    Rank 0 alone decides, so `params` may hold what only rank 0 computes (the weights hash). When it
+    refuses the folder, every other rank raises an input error too, so the job ends with one line
+    per rank and exit code 2 rather than with ranks dying in a later collective.
+    """
+    refused = None
+    if rank == 0:
+        try:
+            claim_output_dir(name, out_dir, params)
+        except InputError as error:
+            refused = error
+        else:
+            removed = remove_stale_temp_files(out_dir)
+            if removed:
+                log(f"{name}: removed {removed} temp files left by an interrupted run")
+    if not all_ranks_succeeded(refused is None):  # nobody writes before the folder is claimed and swept
+        raise refused or InputError(f"--out {out_dir} was refused by rank 0 (its message says why)")
+
+
+class Progress:
+    """Work done, rate and ETA, logged at most every `every_s` seconds (the first time after
+    `first_after_s`, default `every_s`); silent when not `enabled` (ranks other than 0)."""
+
+    def __init__(self, name: str, unit: str, log: Callable[[str], None], *, enabled: bool = True,
+                 every_s: float = 5.0, first_after_s: float | None = None):
+        self.name, self.unit, self.log, self.enabled, self.every_s = name, unit, log, enabled, every_s
+        self.start = time.monotonic()
+        self._last = self.start - every_s + (every_s if first_after_s is None else first_after_s)
+
+    def due(self) -> bool:
+        return self.enabled and time.monotonic() - self._last >= self.every_s
+
+    def report(self, work: float, fraction: float | None = None, detail: str = "") -> None:
+        """Log `work` (in units) and its rate; with `fraction` of the job done, also the ETA."""
+        now = self._last = time.monotonic()
+        elapsed = max(now - self.start, 1e-9)
+        message = f"{self.name}: {detail}{work:,.0f} {self.unit}, {work / elapsed:,.0f} {self.unit}/s"
+        if fraction is not None:
+            message += f", {fraction:.0%} done, ETA {elapsed * (1 - fraction) / max(fraction, 1e-9):.0f}s"
+        self.log(message)
 
 
 def run_shard_job(
@@ -58,58 +122,37 @@ def run_shard_job(
     *,
     rank: int,
     world_size: int,
-    barrier: Callable[[], None],
     log: Callable[[str], None],
-    params: dict[str, Any] | None = None,
+    params: dict[str, Any],
     unit: str = "tokens",
 ) -> dict:
     """Run `make_shard(index, shard) -> amount of work` for this rank's unfinished shards.
 
-    `params` (checked by rank 0) describe what the shards are made from. Returns this rank's
-    totals: shards made, shards skipped, work done and seconds.
+    `params` describe what the shards are made from (see `start_job`). Returns this rank's totals:
+    shards made, shards skipped, work done, seconds and rate.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        claim_output_dir(name, out_dir, params or {})
-        removed = remove_stale_temp_files(out_dir)
-        if removed:
-            log(f"{name}: removed {removed} temp files left by an interrupted run")
-    barrier()  # nobody writes before the stale files are gone
+    start_job(name, out_dir, params, rank=rank, log=log)
     mine = [(index, shard) for index, shard in enumerate(shards) if index % world_size == rank]
     todo = [(index, shard) for index, shard in mine if not (out_dir / shard.name).exists()]
     if rank == 0 and len(todo) < len(mine):
         log(f"{name}: {len(mine) - len(todo)} of rank 0's {len(mine)} shards already done; resuming")
-    start, work = time.monotonic(), 0
+    # The first shard is reported at once: shards are few and slow, the first line shows the rate.
+    progress = Progress(name, unit, log, enabled=rank == 0, first_after_s=0.0)
+    work = 0
     for done, (index, shard) in enumerate(todo, 1):
         work += make_shard(index, shard)
-        if rank == 0:
-            elapsed = time.monotonic() - start
-            log(f"{name}: rank 0 {done}/{len(todo)} shards, {work / elapsed:,.0f} {unit}/s, "
-                f"ETA {elapsed / done * (len(todo) - done):.0f}s (each of {world_size} ranks does about as much)")
-    seconds = time.monotonic() - start
+        if progress.due():
+            progress.report(work, done / len(todo), f"rank 0 of {world_size}, {done}/{len(todo)} shards, ")
+    seconds = time.monotonic() - progress.start
     barrier()
     missing = [shard.name for shard in shards if not (out_dir / shard.name).exists()]
     if missing:
         raise RuntimeError(f"{name}: {len(missing)} shards missing after every rank finished ({missing[:3]}...); rerun")
-    return {"made": len(todo), "skipped": len(mine) - len(todo), "work": work, "seconds": seconds}
+    return {"made": len(todo), "skipped": len(mine) - len(todo), "work": work, "seconds": seconds,
+            "rate": work / seconds if seconds else 0.0}
 
 
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def run_tool(name: str, body: Callable[..., None], backend: str | None = None) -> int:
-    """A tool's `main`: join the process group (torchrun) or run alone, report input errors in one
-    line per rank with exit code 2, always leave the process group."""
-    from mpo_dist.distributed import destroy_distributed, init_distributed
-
-    info = init_distributed(backend=backend)
-    try:
-        body(info)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"{name}: error on rank {info.rank}: {error}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
-
+def describe_totals(totals: dict, unit: str = "tokens") -> str:
+    """Rank 0's share of a finished `run_shard_job`, for the tool's summary line."""
+    return (f"rank 0: {totals['made']} shards made, {totals['skipped']} already done, "
+            f"{totals['rate']:,.0f} {unit}/s")

@@ -151,11 +151,16 @@ def test_errors_name_the_problem_and_leave_nothing(toy_inputs, tmp_path, monkeyp
     assert not (tmp_path / "half").exists() and not list(tmp_path.glob(".half.tmp-*"))  # never half-written
 
 
-def test_cli_reports_errors(tmp_path, capsys):
-    import importlib.util
+def test_cli_reports_errors(tmp_path):
+    import subprocess
+    import sys
 
-    spec = importlib.util.spec_from_file_location("convert_cli", Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
-    assert "convert_checkpoint: error:" in capsys.readouterr().err
+    from conftest import REPO, SUBPROCESS_ENV
+
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "--checkpoint", str(tmp_path),
+                             "--out", str(tmp_path / "out")], env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()  # one line naming the flag, no traceback
+    assert line.startswith("convert_checkpoint: error:") and "--checkpoint" in line
+    assert not (tmp_path / "out").exists()

@@ -1,13 +1,14 @@
-"""tools/prepare_pairs.py and mpo_dist.data.prepare: preference records -> pairs shards (SPEC.md data contract 1).
+"""tools/prepare_pairs.py and mpo_dist.data.prepare: preference records -> pairs shards (the pairs
+data contract); also every tool's --help.
 
 Runs on the real assets in ../shared/data (HH-RLHF harmless test split, GPT-2 and stories260K
 tokenizers) and on small synthetic files; every expected value is computed here independently.
+The tools are run as commands, the way users run them.
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SUBPROCESS_ENV
 from mpo_dist.data.prepare import REPORT_NAME, STATS_DIR, PrepareOptions, prepare_pairs
 from mpo_dist.data.shards import MANIFEST_NAME, Manifest, ShardCursor, shard_name
 from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -40,11 +41,9 @@ def prepare(input_path, tokenizer_dir, out, **options) -> dict:
     return prepare_pairs(input_path, tokenizer_dir, out, PrepareOptions(**options), log=lambda message: None)
 
 
-def cli_main():
-    spec = importlib.util.spec_from_file_location("prepare_pairs_cli", REPO / "tools" / "prepare_pairs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+def run_prepare_pairs(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / "prepare_pairs.py"), *map(str, args)],
+                          env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def read_samples(out: Path) -> list[tuple[str, str, dict, dict]]:
@@ -540,7 +539,7 @@ def test_rerun_rewrites_a_missing_shard_identically_and_skips_the_rest(tmp_path,
 
     with pytest.raises(ValueError) as error:
         prepare(pairs_jsonl, gpt2_dir, out, samples_per_shard=PER_SHARD, max_length=2048)
-    assert "--out" in str(error.value) and "other parameters" in str(error.value)
+    assert "--out" in str(error.value) and "other settings (options differ" in str(error.value)
     assert tree(out) == before
 
 
@@ -582,7 +581,7 @@ def test_argument_errors_name_the_option_or_file(tmp_path, bad_jsonl, gpt2_dir):
 
 
 @pytest.mark.parametrize("case", ["input", "tokenizer", "lengths"])
-def test_cli_exits_2_with_a_message(case, tmp_path, bad_jsonl, gpt2_dir, capsys):
+def test_cli_exits_2_with_a_one_line_message(case, tmp_path, bad_jsonl, gpt2_dir):
     args = {"input": str(bad_jsonl), "tokenizer": str(gpt2_dir), "out": str(tmp_path / "out")}
     extra, expected = [], []
     if case == "input":
@@ -591,12 +590,72 @@ def test_cli_exits_2_with_a_message(case, tmp_path, bad_jsonl, gpt2_dir, capsys)
         args["tokenizer"], expected = str(tmp_path / "no-tokenizer"), ["no-tokenizer"]
     else:
         extra, expected = ["--max-length", "32", "--max-prompt-length", "32"], ["--max-prompt-length", "--max-length"]
-    argv = [item for key, value in args.items() for item in (f"--{key}", value)] + extra
-    assert cli_main()(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("prepare_pairs: error on rank 0:")
+    result = run_prepare_pairs(*[item for key, value in args.items() for item in (f"--{key}", value)], *extra)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = result.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("prepare_pairs: error:")
     for word in expected:
-        assert word in err
+        assert word in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_prompt_limit_follows_a_smaller_max_length(tmp_path, subset_jsonl, gpt2_dir):
+    assert PrepareOptions().max_prompt_length == 512
+    assert PrepareOptions(max_length=512).max_prompt_length == 256
+    assert PrepareOptions(max_length=4096).max_prompt_length == 512
+    assert PrepareOptions(max_length=512, max_prompt_length=400).max_prompt_length == 400
+    out = tmp_path / "out"
+    result = run_prepare_pairs("--input", subset_jsonl, "--tokenizer", gpt2_dir, "--out", out, "--max-length", 64)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = Manifest.read(out, "pairs")
+    assert manifest.info["options"]["max_prompt_length"] == 32 and manifest.info["options"]["max_length"] == 64
+    samples = read_samples(out)
+    assert len(samples) == 199 and max(len(arrays["prompt_ids"]) for _, _, _, arrays in samples) == 32
+
+
+def test_no_sequence_length_warning_for_texts_that_are_truncated(tmp_path, gpt2_dir):
+    """Texts over the tokenizer's model_max_length are truncated by prepare itself, so transformers'
+    warning that they would not fit the model only misleads."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    short = tmp_path / "gpt2-64"
+    AutoTokenizer.from_pretrained(str(gpt2_dir), local_files_only=True, model_max_length=64).save_pretrained(str(short))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # transformers' loggers do not propagate to pytest's capture
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        load_tokenizer(short)(["word " * 100], verbose=True)
+        assert any("Token indices sequence length" in r.getMessage() for r in records)  # what this test would see
+        records.clear()
+        path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * 100, "chosen": " a", "rejected": " b"}])
+        assert prepare(path, short, tmp_path / "out", max_length=128)["truncated_prompt"] == 1
+    finally:
+        logger.removeHandler(handler)
+    assert not any("Token indices sequence length" in r.getMessage() for r in records)
+
+
+TOOLS = sorted(path.name for path in (REPO / "tools").glob("*.py"))
+
+
+def test_every_tool_help_shows_its_defaults():
+    assert "prepare_pairs.py" in TOOLS and len(TOOLS) >= 8
+    jobs = {tool: subprocess.Popen([sys.executable, str(REPO / "tools" / tool), "--help"], env=SUBPROCESS_ENV, cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for tool in TOOLS}
+    helps = {}
+    for tool, job in jobs.items():
+        helps[tool], err = job.communicate(timeout=300)
+        assert job.returncode == 0, (tool, err[-3000:])
+        assert "(default: " in helps[tool], tool
+    flat = {tool: " ".join(text.split()) for tool, text in helps.items()}  # argparse wraps lines
+    assert "--max-length MAX_LENGTH max prompt + response tokens (default: 1024)" in flat["prepare_pairs.py"]
+    assert "(default: 512, or half of a smaller --max-length)" in flat["prepare_pairs.py"]
+    assert "(default: None)" not in flat["prepare_pairs.py"]
+    for tool in ("prepare_pairs.py", "score_reference.py", "sample_reference.py"):  # the tools that compute
+        assert "--threads THREADS CPU threads per process" in flat[tool] and "(default: 0)" in flat[tool], tool
 
 
 # ---------------------------------------------------------------------------- 9. chat template

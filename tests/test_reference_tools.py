@@ -86,14 +86,28 @@ def test_scored_logps_equal_the_trainers_at_step_0(stories, tmp_path, one_proces
 
 
 def test_a_tokenizer_that_did_not_make_the_pairs_is_refused(stories, tmp_path, shared_data):
+    from transformers import AutoTokenizer
+
+    # The same vocabulary, another tokenizer (a chat template changes what prompts become).
+    templated = tmp_path / "stories-chat"
+    tokenizer = AutoTokenizer.from_pretrained(str(stories["model"]), local_files_only=True)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(str(templated))
+    prepare_pairs(stories["root"] / "hh.jsonl", templated, tmp_path / "templated-pairs",
+                  PrepareOptions(samples_per_shard=20, max_length=160), log=QUIET)
+    # Another vocabulary too (50257 tokens for a model of 512 embeddings).
     prepare_pairs(stories["root"] / "hh.jsonl", shared_data("gpt2-tokenizer"), tmp_path / "gpt2-pairs",
                   PrepareOptions(samples_per_shard=20), log=QUIET)
     for tool, extra in [("score_reference.py", []), ("sample_reference.py", ["--num-samples", 1, "--max-new-tokens", 4])]:
-        result = run_tool(tool, "--model", stories["model"], "--pairs", tmp_path / "gpt2-pairs", "--out", tmp_path / tool,
-                          *extra, check=False)
-        assert result.returncode == 2
-        assert "has tokenizer" in result.stderr and "was tokenized with" in result.stderr
-        assert not (tmp_path / tool / "manifest.json").exists()
+        for pairs, words in [("templated-pairs", ["has tokenizer", "was tokenized with"]),
+                             ("gpt2-pairs", ["--pairs", "--model"])]:
+            out = tmp_path / f"{tool}-{pairs}"
+            result = run_tool(tool, "--model", stories["model"], "--pairs", tmp_path / pairs, "--out", out, *extra,
+                              check=False)
+            assert result.returncode == 2, result.stderr[-3000:]
+            [line] = result.stderr.strip().splitlines()
+            assert line.startswith(f"{tool[:-3]}: error: ") and all(word in line for word in words), line
+            assert not (out / "manifest.json").exists()
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -193,6 +207,12 @@ def test_bad_sampling_parameters_are_refused(stories, tmp_path):
     result = run_tool("sample_reference.py", "--model", stories["model"], "--pairs", stories["pairs"], "--out", tmp_path,
                       "--num-samples", 1, "--max-new-tokens", 8, "--top-p", 0, check=False)
     assert result.returncode == 2 and "--top-p must be in (0, 1]" in result.stderr
+    assert result.stderr.strip().splitlines() == ["sample_reference: error: --top-p must be in (0, 1], got 0.0"]
+    result = run_tool("score_reference.py", "--model", stories["model"], "--pairs", stories["pairs"],
+                      "--out", tmp_path / "ref", "--batch-size", 0, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["score_reference: error: --batch-size must be >= 1, got 0"]
+    assert not (tmp_path / "ref").exists()
 
 
 def test_any_of_several_eos_ids_ends_a_response(stories):

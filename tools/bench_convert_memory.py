@@ -9,12 +9,13 @@ resident memory (Linux VmHWM) during the conversion (libraries are imported befo
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from mpo_dist.cli import run_main, tool_parser
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,14 +56,18 @@ def write_checkpoint(root: Path, hidden: int, layers: int, vocab: int) -> tuple[
     return folder, sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--shard-sizes", default="50MB,5GB")
+def main(argv=None) -> int:
+    parser = tool_parser(__doc__)
+    parser.add_argument("--hidden", type=int, default=768, help="hidden size of the random Llama (64 per head)")
+    parser.add_argument("--layers", type=int, default=8, help="its decoder layers")
+    parser.add_argument("--vocab", type=int, default=32000, help="its vocabulary")
+    parser.add_argument("--shard-sizes", default="50MB,5GB", help="--max-shard-size values to measure, comma-separated")
     parser.add_argument("--measure", nargs=3, metavar=("CHECKPOINT", "OUT", "SIZE"), help="internal: one conversion")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    return run_main("bench_convert_memory", lambda info: bench(args))
+
+
+def bench(args) -> None:
     if args.measure:
         print(json.dumps(convert_and_measure(*args.measure)))
         return
@@ -79,5 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
-    main()
+    sys.exit(main())

@@ -6,9 +6,10 @@ Runs fixed-size batches and token-budget batches over the same shards in one pro
 (num_workers=0, so the figure is per process; a DataLoader worker adds one such process).
 """
 
-import argparse
+import sys
 import time
 
+from mpo_dist.cli import run_main, tool_parser
 from mpo_dist.config import DataConfig
 from mpo_dist.data.loader import build_pair_loader
 
@@ -26,14 +27,18 @@ def measure(data: DataConfig, epochs: int) -> dict:
     return {"pairs_per_s": pairs / seconds, "batches": batches, "pairs": pairs, "padding": 1 - real / padded}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", required=True)
-    parser.add_argument("--reference", default="")
-    parser.add_argument("--batch-size", type=int, default=8)
+def main(argv=None) -> int:
+    parser = tool_parser(__doc__)
+    parser.add_argument("--pairs", required=True, help="pairs shards")
+    parser.add_argument("--reference", default="", help="reference log-prob shards to join (empty: none)")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per batch of the fixed-size run")
     parser.add_argument("--max-tokens", type=int, default=4096, help="budget of the token-budget run")
-    parser.add_argument("--epochs", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the shards per run")
+    args = parser.parse_args(argv)
+    return run_main("bench_loader", lambda info: bench(args))
+
+
+def bench(args) -> None:
     common = dict(pairs=args.pairs, reference=args.reference, num_workers=0, batch_size=args.batch_size)
     runs = {
         f"fixed, {args.batch_size} pairs": DataConfig(**common),
@@ -47,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,6 @@ resident memory (Linux VmHWM) above what it held before the step, or on CUDA the
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from mpo_dist.cli import run_main, tool_parser
 
 
 def _rss_kib(field: str) -> int:
@@ -78,15 +79,19 @@ def measure(vocab: int, batch: int, length: int, chunk_tokens: int, device: str 
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--chunk-tokens", type=int, default=1024)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+def main(argv=None) -> int:
+    parser = tool_parser(__doc__)
+    parser.add_argument("--vocab", type=int, default=50257, help="vocabulary of the tiny Llama")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--length", type=int, default=1024, help="tokens per sequence")
+    parser.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per log-softmax chunk of the chunked path")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--variant", choices=["naive", "chunked"], help="internal: run one variant and print JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    return run_main("bench_logprobs_memory", lambda info: bench(args))
+
+
+def bench(args) -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.vocab, args.batch, args.length, args.chunk_tokens, args.device)))
         return
@@ -101,5 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    main()
+    sys.exit(main())

@@ -6,25 +6,23 @@ DIR is a checkpoint folder such as OUTPUT_DIR/checkpoints/step-00000100, written
 processes. Runs on one CPU process; memory stays near one output shard.
 """
 
-import argparse
 import sys
 
-from mpo_dist.convert import convert_checkpoint, parse_size
+from mpo_dist.cli import run_main, tool_parser
+from mpo_dist.convert import DTYPES, convert_checkpoint, parse_size
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint folder (checkpoints/step-N)")
     parser.add_argument("--out", required=True, help="new folder for the Hugging Face model")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the saved weights")
+    # type=parse_size: argparse reports a size it cannot read as a usage error (exit 2) naming the flag.
+    parser.add_argument("--max-shard-size", default="5GB", type=parse_size,
+                        help="largest safetensors file, e.g. 5GB, 500MB")
     args = parser.parse_args(argv)
-    try:
-        convert_checkpoint(args.checkpoint, args.out, args.dtype, parse_size(args.max_shard_size))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"convert_checkpoint: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("convert_checkpoint",
+                    lambda info: convert_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size))
 
 
 if __name__ == "__main__":

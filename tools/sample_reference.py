@@ -8,52 +8,41 @@ its prompt's key and its index, so the output is identical whatever the number o
 nodes; a rerun skips finished shards.
 """
 
-import argparse
 import sys
-from pathlib import Path
 
-import torch
-
-from mpo_dist.data.shards import Manifest
-from mpo_dist.distributed import barrier
-from mpo_dist.reference import load_reference_model, weights_fingerprint
+from mpo_dist.cli import add_threads_flag, run_main, tool_parser
+from mpo_dist.reference import open_reference
 from mpo_dist.sampling import SamplingParams, sample_dref
-from mpo_dist.shard_job import run_tool
+from mpo_dist.shard_job import check_batch_size
 
 
 def main(argv=None) -> int:
     defaults = SamplingParams()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--model", required=True, help="reference model: a local Hugging Face folder")
     parser.add_argument("--pairs", required=True, help="pairs shards whose prompts are sampled")
     parser.add_argument("--out", required=True, help="output folder for D_ref shards")
     parser.add_argument("--num-samples", type=int, required=True, help="responses per prompt (K)")
-    parser.add_argument("--max-new-tokens", type=int, required=True)
+    parser.add_argument("--max-new-tokens", type=int, required=True, help="longest response")
     parser.add_argument("--temperature", type=float, default=defaults.temperature,
                         help="1 samples pi_ref itself (what MPO assumes); 0 is greedy")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling; 1 samples pi_ref itself")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="with the prompt key and k, seeds each sample")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's compute dtype")
+    add_threads_flag(parser)
     args = parser.parse_args(argv)
     params = SamplingParams(args.num_samples, args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
     def body(info):
-        params.validate()
-        device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        pairs = Manifest.read(args.pairs, "pairs")
-        model = load_reference_model(args.model, pairs, Path(args.pairs), args.dtype, device)
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        if eos is None:
-            eos = model.config.eos_token_id  # generation config lists every stop token (e.g. end of turn)
-        pad = pairs.info.get("tokenizer", {}).get("pad_token_id") or 0
-        model_info = {"model": {"path": str(Path(args.model).resolve()), "dtype": args.dtype,
-                                "weights_hash": weights_fingerprint(args.model) if info.is_main else None}}
-        sample_dref(model, args.pairs, args.out, params, eos_token_ids=eos, pad_token_id=pad, rank=info.rank,
-                    world_size=info.world_size, batch_size=args.batch_size, device=device, model_info=model_info,
-                    barrier=barrier)
+        params.validate()  # before the model is loaded
+        check_batch_size(args.batch_size)
+        reference = open_reference(args.model, args.pairs, args.dtype, info)
+        sample_dref(reference.model, args.pairs, args.out, params, eos_token_ids=reference.eos_token_ids,
+                    pad_token_id=reference.pad_token_id, rank=info.rank, world_size=info.world_size,
+                    batch_size=args.batch_size, device=reference.device, model_info=reference.model_info)
 
-    return run_tool("sample_reference", body)
+    return run_main("sample_reference", body, threads=args.threads)
 
 
 if __name__ == "__main__":
