@@ -7,7 +7,7 @@
 #                   (the node whose address it is hosts the store)
 #   JOB_ID          rendezvous id, the same on every node and new for every job (default: mpo_dist)
 #   NPROC_PER_NODE  processes per node (default: number of GPUs from nvidia-smi -L, or 1 without a GPU)
-#   MAX_RESTARTS    times torchrun restarts the workers after a failure (default: 0); a restart resumes
+#   MAX_RESTARTS    times torchrun restarts the workers after a failure (default: 3); a restart resumes
 #                   from the newest checkpoint since checkpoint.resume defaults to auto
 #   NODE_RANK is not needed: c10d assigns node ranks (global rank 0 may be on any node).
 # To try it on one machine after the quickstart, run in two shells:
@@ -29,7 +29,7 @@ die() { echo "multi_node.sh: $*" >&2; exit 2; }
 [[ -n "${RDZV_ENDPOINT:-}" ]] || die "set RDZV_ENDPOINT to host:port of the rendezvous (one node's address, the same on every node), e.g. RDZV_ENDPOINT=node0:29500"
 [[ "$RDZV_ENDPOINT" =~ ^.+:[0-9]+$ ]] || die "RDZV_ENDPOINT must look like host:port, got '$RDZV_ENDPOINT'"
 JOB_ID=${JOB_ID:-mpo_dist}
-MAX_RESTARTS=${MAX_RESTARTS:-0}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(gpu_count)}
 
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"

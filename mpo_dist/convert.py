@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mpo_dist.checkpoint import HF_FILES_DIR, MODEL_PREFIX, read_info
+from mpo_dist.dcp_reader import SafeFileSystemReader
 from mpo_dist.distributed import barrier, is_main
 from mpo_dist.errors import InputError, MissingInputError
+from mpo_dist.tokenizer import load_tokenizer
 
 INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -53,6 +57,40 @@ def _expected_tensors(hf_dir: Path) -> tuple[dict[str, torch.Size], set[str]]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return {name: tensor.shape for name, tensor in model.state_dict().items()}, tied_parameter_names(model)
+
+
+# What reading a truncated, zero-byte or overwritten DCP file raises (an OSError is the machine's, not the file's).
+_DAMAGE = (EOFError, pickle.UnpicklingError, CheckpointException, RuntimeError)
+
+
+def _read(read: Callable, name: str, checkpoint: Path):
+    """`read()`, with damage to the checkpoint's files reported as an input error naming it."""
+    try:
+        return read()
+    except _DAMAGE as error:
+        cause = error
+        if isinstance(error, CheckpointException) and error.failures:
+            cause = next(iter(error.failures.values()))  # DCP wraps (what the read raised, its traceback)
+            cause = cause[0] if isinstance(cause, tuple) else cause
+        raise InputError(f"{name} {checkpoint} is damaged: reading its DCP files failed ({_first_line(cause)}); "
+                         "convert an earlier checkpoint") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return type(error).__name__ + (f": {text.splitlines()[0][:200]}" if text else "")
+
+
+def _check_tokenizer(hf_dir: Path, what: str) -> None:
+    """A checkpoint that carries a tokenizer must carry one that loads, or the converted folder would not."""
+    if not any((hf_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return  # a random-init model without a tokenizer: nothing to check
+    try:
+        load_tokenizer(hf_dir)
+    except (InputError, OSError) as error:
+        why = "tokenizer.json is missing" if not (hf_dir / "tokenizer.json").is_file() else _first_line(error)
+        raise InputError(f"{what}: the tokenizer in {hf_dir} cannot be loaded ({why}), so the converted folder "
+                         "would not load either") from error
 
 
 def _groups(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
@@ -86,7 +124,8 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str =
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"{name_out} {out_dir} exists and is not empty; choose a new folder")
 
-    stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    _check_tokenizer(hf_dir, f"{name_checkpoint} {checkpoint}")
+    stored = _read(lambda: SafeFileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata, name_checkpoint, checkpoint)
     expected, tied = _expected_tensors(hf_dir)
     names = [name for name in expected if name not in tied]
     missing = [name for name in names if MODEL_PREFIX + name not in stored]
@@ -109,7 +148,8 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str =
         for number, group in enumerate(groups, 1):
             tensors = {MODEL_PREFIX + name: torch.empty(expected[name], dtype=stored[MODEL_PREFIX + name].properties.dtype)
                        for name in group}
-            dcp.load(tensors, checkpoint_id=str(checkpoint), no_dist=True)
+            _read(lambda: dcp.load(tensors, storage_reader=SafeFileSystemReader(str(checkpoint)), no_dist=True),
+                  name_checkpoint, checkpoint)
             shard = {name: tensors[MODEL_PREFIX + name].to(target).contiguous() for name in group}
             del tensors
             # The writer names files model-XXXXX-of-NNNNN after the largest index in the mapping: add the last one.

@@ -59,11 +59,32 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800, single
         torch.cuda.set_device(info.local_rank)
     timeout = timedelta(seconds=timeout_s)
     if info.world_size > 1 or (single_process_group and launched_by_torchrun()):
-        dist.init_process_group(backend=backend, timeout=timeout)
+        store = _store_of_this_restart(info, timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size, timeout=timeout)
     elif single_process_group:
         # No torchrun: nothing to rendezvous with, so an in-process store instead of env:// (RANK, MASTER_ADDR).
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return info
+
+
+def _store_of_this_restart(info: RankInfo, timeout: timedelta) -> dist.Store | None:
+    """The rendezvous store for the process group, with keys of this restart only.
+
+    torchrun's c10d rendezvous keeps one TCP store for the whole job and hands it to the workers of
+    every restart (TORCHELASTIC_USE_AGENT_STORE) without a per-restart prefix, so after
+    `--max-restarts` a new worker could read the dead workers' gloo/NCCL addresses left in it and
+    fail to connect ("connectFullMesh failed", or a hang until the timeout). A prefix per
+    restart (TORCHELASTIC_RESTART_COUNT) keeps each round's keys apart. None: let env:// decide.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=False, timeout=timeout)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"mpo_dist/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/restart_{restart}", store)
 
 
 def destroy_distributed() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import toy_overrides, train
 from mpo_dist.convert import convert_checkpoint
+from mpo_dist.errors import InputError
 
 QUIET = lambda message: None
 
@@ -134,6 +137,24 @@ def test_errors_name_the_problem_and_leave_nothing(toy_inputs, tmp_path, monkeyp
     with pytest.raises(ValueError, match="exists and is not empty"):
         convert_checkpoint(good, tmp_path / "taken", log=QUIET)
 
+    # Damage is an input error naming the checkpoint: a truncated tensor file, a cut metadata file, a
+    # tokenizer that would not load from the converted folder.
+    for case, damage, message in [
+        ("truncated", lambda folder: truncate(sorted(folder.glob("*.distcp"))[0], 1000), r"damaged: .* \(EOFError\)"),
+        ("empty", lambda folder: truncate(sorted(folder.glob("*.distcp"))[-1], 0), r"damaged: .* \(EOFError\)"),
+        ("cut-metadata", lambda folder: truncate(folder / ".metadata", 100), r"damaged: .* \(UnpicklingError"),
+        ("no-tokenizer-json", lambda folder: (folder / "hf" / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+        ("hostile-metadata", lambda folder: (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(tmp_path / "ran"))),
+         r"refusing to load posix.system"),
+    ]:
+        damaged = tmp_path / case
+        shutil.copytree(good, damaged)
+        damage(damaged)
+        with pytest.raises(InputError, match=f"{damaged} .*{message}|{damaged}: .*{message}"):
+            convert_checkpoint(damaged, tmp_path / f"out-{case}", log=QUIET)
+        assert not (tmp_path / f"out-{case}").exists()
+    assert not (tmp_path / "ran").exists()  # the hostile metadata's code never ran
+
     import mpo_dist.convert as convert
 
     calls = []
@@ -149,6 +170,20 @@ def test_errors_name_the_problem_and_leave_nothing(toy_inputs, tmp_path, monkeyp
     with pytest.raises(OSError):
         convert_checkpoint(good, tmp_path / "half", max_shard_bytes=40_000, log=QUIET)
     assert not (tmp_path / "half").exists() and not list(tmp_path.glob(".half.tmp-*"))  # never half-written
+
+
+class RunsCode:
+    """What a hostile pickle holds: unpickling it would run a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
 
 
 def test_cli_reports_errors(tmp_path):
