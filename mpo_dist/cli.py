@@ -13,8 +13,11 @@ import sys
 import warnings
 from typing import Callable
 
-from mpo_dist.distributed import RankInfo, configure_cpu_threads, destroy_distributed, init_distributed
+from mpo_dist.distributed import RankInfo, configure_cpu_threads, destroy_distributed, init_distributed, wait_for_peers
 from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, InputError
+
+
+INPUT_ERROR_GRACE_S = 10.0  # how long a rank with an input error waits for the others to report theirs
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -62,6 +65,7 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
     info = init_distributed(backend=backend, single_process_group=single_process_group)
     if threads is not None:
         configure_cpu_threads(info, threads)
+    peers_waited = True
     try:
         body(info)
     except InputError as error:
@@ -69,10 +73,13 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
         # One write call: lines of several ranks sharing a terminal or pipe never interleave.
         sys.stderr.flush()
         os.write(sys.stderr.fileno(), f"{name}: error{where}: {error}\n".encode())
+        # The ranks usually find the same error: let each say so before torchrun stops the others.
+        peers_waited = wait_for_peers(INPUT_ERROR_GRACE_S)
         return INPUT_ERROR_EXIT_CODE
     finally:
         try:
             cleanup()
         finally:
-            destroy_distributed()
+            if peers_waited:  # else a collective may still be pending: leaving the group could block
+                destroy_distributed()
     return 0

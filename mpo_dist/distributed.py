@@ -9,6 +9,7 @@ runs in one plain process, under torchrun, and in unit tests.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -140,6 +141,25 @@ def all_ranks_succeeded(succeeded: bool) -> bool:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.is_initialized() and dist.get_backend() == "nccl" else None
     failures = all_reduce_sum(torch.tensor([0.0 if succeeded else 1.0], device=device))
     return failures.item() == 0
+
+
+def wait_for_peers(seconds: float) -> bool:
+    """Wait up to `seconds` for every rank to reach this point (a barrier that gives up); returns
+    whether they all did. For ranks stopping on an input error: each had time to say what it found
+    before the first exit makes torchrun stop the others."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    done = threading.Event()
+
+    def barrier_then_set() -> None:
+        try:
+            dist.barrier()
+            done.set()
+        except Exception:  # a peer that left: nothing to wait for
+            pass
+
+    threading.Thread(target=barrier_then_set, daemon=True).start()
+    return done.wait(seconds)
 
 
 def log_main(message: str) -> None:

@@ -1,9 +1,9 @@
 """torchrun, with input errors passed through: `python -m mpo_dist.launcher [torchrun options] -m mpo_dist.train ...`.
 
-Takes exactly torchrun's options. When every failed worker exited with the input-error code (2),
-the workers have already printed one line each saying what to change: the launcher then exits 2
-itself instead of adding torchrun's multi-screen `ChildFailedError` report. Any other failure is
-reported by torchrun as usual. The launch scripts and the container entrypoint use it.
+Takes exactly torchrun's options. When the workers stopped on an input error (some exited with
+code 2 after printing one line each saying what to change, the others exited 2 too or were
+stopped by torchrun's signal), the launcher exits 2 itself instead of adding torchrun's
+multi-screen `ChildFailedError` report. Any other failure is reported by torchrun as usual. The launch scripts and the container entrypoint use it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(argv))
     except ChildFailedError as failed:
-        if {failure.exitcode for failure in failed.failures.values()} == {INPUT_ERROR_EXIT_CODE}:
+        codes = {failure.exitcode for failure in failed.failures.values()}
+        # A negative code is a signal: torchrun stopping the ranks left once one had exited.
+        if INPUT_ERROR_EXIT_CODE in codes and all(code == INPUT_ERROR_EXIT_CODE or code < 0 for code in codes):
             return INPUT_ERROR_EXIT_CODE
         raise
     return 0
