@@ -9,6 +9,8 @@ Scoring writes, for every pairs shard, a shard of the same name with the same ke
 order holding `logp_ref` of chosen and rejected (sums over response tokens, computed by
 `logprobs.py` exactly as the trainer computes the policy's) and token counts. Each shard is scored
 alone, in file order and fixed batches, so the numbers do not depend on how many ranks ran the job.
+The manifest records what the shards were made from (`shard_job.made_from`: the pairs' fingerprint,
+the model's path, weights hash, dtype and tokenizer hash), which the trainer checks before step 1.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
 from mpo_dist.distributed import RankInfo, device_for
 from mpo_dist.errors import InputError, MissingInputError
 from mpo_dist.logprobs import sequence_logprobs
-from mpo_dist.shard_job import check_batch_size, describe_totals, manifest_fingerprint, run_shard_job, stderr_log
+from mpo_dist.shard_job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
 
@@ -65,7 +67,7 @@ class Reference(NamedTuple):
     device: torch.device
     eos_token_ids: int | list[int] | None  # every id that ends a sampled response
     pad_token_id: int  # the pad id the pairs were prepared with
-    model_info: dict  # {"model": {path, dtype, weights_hash}} for manifests and job files
+    model_info: dict  # {"model": {path, dtype, weights_hash, tokenizer_hash}} for manifests and job files
 
 
 def open_reference(model_dir: str | Path, pairs_dir: str | Path, dtype: str, info: RankInfo) -> Reference:
@@ -80,8 +82,10 @@ def open_reference(model_dir: str | Path, pairs_dir: str | Path, dtype: str, inf
     if eos is None:
         eos = model.config.eos_token_id
     pad = pairs.info.get("tokenizer", {}).get("pad_token_id") or 0
+    # load_reference_model refused any tokenizer but the pairs': the model's is theirs.
     model_info = {"model": {"path": str(Path(model_dir).resolve()), "dtype": dtype,
-                            "weights_hash": weights_fingerprint(model_dir) if info.is_main else None}}
+                            "weights_hash": weights_fingerprint(model_dir) if info.is_main else None,
+                            "tokenizer_hash": pairs.tokenizer_hash}}
     return Reference(model, device, eos, pad, model_info)
 
 
@@ -135,8 +139,8 @@ def score_pairs(
     if rank != 0:
         return None
     manifest = Manifest("ref_logps", pairs.tokenizer_hash, [ShardInfo(s.name, s.num_samples) for s in pairs.shards],
-                        info={"created_by": "tools/score_reference.py", "pairs": str(pairs_dir.resolve()),
-                              "pairs_num_samples": pairs.num_samples, **(model_info or {})})
+                        info={"created_by": "tools/score_reference.py", "pairs_num_samples": pairs.num_samples,
+                              **made_from(pairs_dir, pairs.tokenizer_hash, model, model_info)})
     manifest.write(out_dir)
     log(f"score_reference: {pairs.num_samples} pairs in {len(pairs.shards)} shards scored into {out_dir} "
         f"({describe_totals(totals)})")

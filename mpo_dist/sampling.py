@@ -6,7 +6,8 @@ does not depend on the rank, the number of ranks or nodes, or which other prompt
 batch (batches are formed per shard in file order, so even floating-point batch effects repeat).
 The stored `logp_ref(y|x)` is a re-scoring of prompt + response with `logprobs.py`, the trainer's
 own computation, at temperature 1: with the default temperature 1 and top-p 1 the responses are
-draws from pi_ref itself, as MPO's estimator of KL(pi_ref || pi_theta) assumes.
+draws from pi_ref itself, as MPO's estimator of KL(pi_ref || pi_theta) assumes. Like the reference's,
+the manifest records the pairs' fingerprint and the model, dtype and tokenizer (`shard_job.made_from`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from mpo_dist.data.collate import pad_sequences
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo, ShardWriter
 from mpo_dist.logprobs import position_ids_for, sequence_logprobs
 from mpo_dist.errors import InputError
-from mpo_dist.shard_job import check_batch_size, describe_totals, manifest_fingerprint, run_shard_job, stderr_log
+from mpo_dist.shard_job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,8 @@ def sample_dref(
                    for _, _, arrays in ShardCursor(out_dir / shard.name, "dref", count)]
         shards.append(ShardInfo(shard.name, count, lengths))
     manifest = Manifest("dref", pairs.tokenizer_hash, shards, info={
-        "created_by": "tools/sample_reference.py", "pairs": str(pairs_dir.resolve()), "sampling": asdict(params),
-        "batch_size": batch_size, **(model_info or {})})
+        "created_by": "tools/sample_reference.py", "sampling": asdict(params), "batch_size": batch_size,
+        **made_from(pairs_dir, pairs.tokenizer_hash, model, model_info)})
     manifest.write(out_dir)
     log(f"sample_reference: {manifest.num_samples} samples ({params.num_samples} per prompt) in {len(shards)} shards "
         f"written to {out_dir} ({describe_totals(totals, 'tokens sampled')})")

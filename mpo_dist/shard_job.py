@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mpo_dist.data.shards import MANIFEST_NAME, ShardInfo, atomic_write_bytes
+from mpo_dist.data.shards import MANIFEST_NAME, ShardInfo, atomic_write_bytes, check_shard_name
 from mpo_dist.distributed import all_ranks_succeeded, barrier
 from mpo_dist.errors import InputError
 
@@ -40,7 +40,22 @@ def check_batch_size(batch_size: int) -> None:
 
 
 def manifest_fingerprint(shard_dir: Path) -> str:
+    """What a shard set is, in one string: a hash of its manifest (shard names, counts, lengths, how
+    it was made). Shards made from a shard set record it; the trainer compares (`check_provenance`)."""
     return "sha256:" + hashlib.sha256((Path(shard_dir) / MANIFEST_NAME).read_bytes()).hexdigest()[:32]
+
+
+def made_from(pairs_dir: Path, pairs_tokenizer_hash: str, model, model_info: dict | None) -> dict[str, Any]:
+    """The provenance a reference or D_ref manifest records: the pairs (folder and fingerprint) and the
+    model (path, weights hash, dtype, tokenizer hash). Without `model_info` (a model handed in by
+    code, not a tool) the dtype is read from the model's parameters."""
+    record = dict((model_info or {}).get("model") or {})
+    if "dtype" not in record:
+        param = next(iter(model.parameters()), None)
+        record["dtype"] = None if param is None else str(param.dtype).removeprefix("torch.")
+    record.setdefault("tokenizer_hash", pairs_tokenizer_hash)
+    return {"pairs": str(Path(pairs_dir).resolve()), "pairs_fingerprint": manifest_fingerprint(pairs_dir),
+            **(model_info or {}), "model": record}
 
 
 def claim_output_dir(name: str, out_dir: Path, params: dict[str, Any]) -> None:
@@ -51,6 +66,11 @@ def claim_output_dir(name: str, out_dir: Path, params: dict[str, Any]) -> None:
     if job_file.exists():
         previous = json.loads(job_file.read_text())
         changed = sorted(key for key in set(previous) | set(params) if previous.get(key) != params.get(key))
+        if changed and not holds_output(out_dir):
+            # A run that stopped before writing anything (e.g. --strict at the first record) left only its
+            # claim: nothing would be mixed, so a run with other settings (a fixed input) takes the folder.
+            atomic_write_bytes(job_file, json.dumps(params, indent=1, sort_keys=True).encode())
+            return
         if changed:
             raise InputError(f"--out {out_dir} holds output made with other settings ({', '.join(changed)} differ, "
                              f"see {job_file}); use a new --out folder or delete this one")
@@ -59,6 +79,22 @@ def claim_output_dir(name: str, out_dir: Path, params: dict[str, Any]) -> None:
         raise InputError(f"--out {out_dir} is not empty and was not written by {name}; use a new --out folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(job_file, json.dumps(params, indent=1, sort_keys=True).encode())
+
+
+def holds_output(out_dir: Path) -> bool:
+    """Whether `out_dir` holds any file but the job's claim and temp files of killed writers."""
+    return any(path.is_file() and path.name != JOB_FILE and ".tmp-" not in path.name for path in out_dir.rglob("*"))
+
+
+def release_output_dir(out_dir: Path) -> None:
+    """Undo a claim that produced nothing (the run stopped before its first shard): the folder is left
+    free for a rerun with any settings (empty folders below it removed). A folder holding output is left alone."""
+    if not out_dir.is_dir() or holds_output(out_dir):
+        return
+    (out_dir / JOB_FILE).unlink(missing_ok=True)
+    for path in sorted(out_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def remove_stale_temp_files(out_dir: Path) -> int:
@@ -131,6 +167,8 @@ def run_shard_job(
     `params` describe what the shards are made from (see `start_job`). Returns this rank's totals:
     shards made, shards skipped, work done, seconds and rate.
     """
+    for shard in shards:  # output names come from an input manifest: never a path out of --out
+        check_shard_name(shard.name, f"--out {out_dir}")
     start_job(name, out_dir, params, rank=rank, log=log)
     mine = [(index, shard) for index, shard in enumerate(shards) if index % world_size == rank]
     todo = [(index, shard) for index, shard in mine if not (out_dir / shard.name).exists()]

@@ -10,14 +10,17 @@ from mpo_dist.data.samples import write_reference_shard
 from mpo_dist.data.shards import Manifest, ShardInfo, ShardWriter, shard_name
 
 TOKENIZER_HASH = "sha256:test"
+VOCAB_SIZE = 100  # recorded in the pairs manifest as prepare_pairs does
 
 
 def pair_key(shard: int, index: int) -> str:
     return f"s{shard:03d}-{index:04d}"
 
 
-def make_pairs(directory: Path, shard_sizes: list[int], seed: int = 0, tokenizer_hash: str = TOKENIZER_HASH) -> list[str]:
-    """Pairs whose token ids encode their key; lengths vary so token budgets matter. Returns all keys."""
+def make_pairs(directory: Path, shard_sizes: list[int], seed: int = 0, tokenizer_hash: str = TOKENIZER_HASH,
+               vocab_size: int = VOCAB_SIZE) -> list[str]:
+    """Pairs of token ids in 3..99 whose prompt text is their key; lengths vary so token budgets matter.
+    Returns all keys."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     shards, keys = [], []
@@ -35,7 +38,7 @@ def make_pairs(directory: Path, shard_sizes: list[int], seed: int = 0, tokenizer
                 lengths.append(len(prompt) + max(len(chosen), len(rejected)))
                 keys.append(key)
         shards.append(ShardInfo(shard_name(shard), size, lengths))
-    Manifest("pairs", tokenizer_hash, shards).write(directory)
+    Manifest("pairs", tokenizer_hash, shards, info={"tokenizer": {"vocab_size": vocab_size}}).write(directory)
     return keys
 
 
@@ -52,10 +55,11 @@ def make_reference(directory: Path, pairs_dir: Path, tokenizer_hash: str = TOKEN
     directory.mkdir(parents=True, exist_ok=True)
     pairs = Manifest.read(pairs_dir, "pairs")
     for shard in pairs.shards:
-        keys = [key for key, _, _ in ShardCursor(pairs_dir / shard.name, "pairs", shard.num_samples)]
+        samples = list(ShardCursor(pairs_dir / shard.name, "pairs", shard.num_samples))
+        keys = [key for key, _, _ in samples]
         logps = [ref_logps_of(key) for key in keys]
         write_reference_shard(directory / shard.name, keys, [c for c, _ in logps], [r for _, r in logps],
-                              [1] * len(keys), [1] * len(keys))
+                              [len(a["chosen_ids"]) for _, _, a in samples], [len(a["rejected_ids"]) for _, _, a in samples])
     Manifest("ref_logps", tokenizer_hash, [ShardInfo(s.name, s.num_samples) for s in pairs.shards]).write(directory)
 
 
@@ -93,3 +97,28 @@ def dref_from_pairs(pairs_dir: Path, reference_dir: Path, out_dir: Path, limit: 
                          {"prompt_ids": sample["prompt_ids"], "response_ids": sample["chosen_ids"]})
             lengths.append(len(sample["prompt_ids"]) + len(sample["chosen_ids"]))
     Manifest("dref", source.shards.manifest.tokenizer_hash, [ShardInfo(shard_name(0), len(lengths), lengths)]).write(out_dir)
+
+
+def make_sampled_dref(directory: Path, pairs_dir: Path, per_pair: int = 2) -> list[str]:
+    """D_ref shards as tools/sample_reference.py lays them out: one per pairs shard (same name), keys
+    `KEY-sK`, the pairs fingerprint and sampling parameters in the manifest. Returns all keys."""
+    from mpo_dist.data.shards import ShardCursor
+    from mpo_dist.shard_job import manifest_fingerprint
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pairs = Manifest.read(pairs_dir, "pairs")
+    shards, keys = [], []
+    for shard in pairs.shards:
+        lengths = []
+        with ShardWriter(directory / shard.name, "dref") as writer:
+            for key, _, arrays in ShardCursor(pairs_dir / shard.name, "pairs", shard.num_samples):
+                for k in range(per_pair):
+                    writer.write(f"{key}-s{k}", {"logp_ref": -1.0 - k, "stop_reason": "eos"},
+                                 {"prompt_ids": arrays["prompt_ids"], "response_ids": arrays["chosen_ids"]})
+                    lengths.append(len(arrays["prompt_ids"]) + len(arrays["chosen_ids"]))
+                    keys.append(f"{key}-s{k}")
+        shards.append(ShardInfo(shard.name, shard.num_samples * per_pair, lengths))
+    info = {"sampling": {"num_samples": per_pair}, "pairs": str(pairs_dir), "pairs_fingerprint": manifest_fingerprint(pairs_dir),
+            "model": {"dtype": "float32"}}
+    Manifest("dref", pairs.tokenizer_hash, shards, info=info).write(directory)
+    return keys

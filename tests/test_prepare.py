@@ -716,3 +716,59 @@ def test_tokenizer_fingerprint(tmp_path, gpt2_dir, stories_dir, gpt2, template_t
     assert tokenizer_fingerprint(stories) != tokenizer_fingerprint(gpt2)
     assert tokenizer_fingerprint(load_tokenizer(template_tokenizer_dir)) != tokenizer_fingerprint(gpt2)
     assert tokenizer_fingerprint(gpt2).startswith("sha256:")
+
+
+# ---------------------------------------------------------------------------- tool errors (issue 11, point 7)
+
+GOOD = [{"prompt": f"Q{i}", "chosen": f" a{i}", "rejected": f" b{i}"} for i in range(4)]
+
+
+def test_a_shard_of_only_malformed_records_is_reported_not_a_crash(tmp_path, gpt2_dir):
+    path = write_jsonl(tmp_path / "x.jsonl", GOOD[:2] + ["{not json", {"prompt": "Q"}] + GOOD[2:])
+    out = tmp_path / "out"
+    summary = prepare(path, gpt2_dir, out, samples_per_shard=2)  # shard 1 holds lines 3 and 4 only
+    assert summary["kept"] == 4 and summary["dropped"] == {"malformed": 2}
+    assert [where for where, _ in dropped(out)] == ["line 3", "line 4"]
+    assert [s.name for s in Manifest.read(out).shards] == [shard_name(0), shard_name(2)]
+
+
+def test_strict_stops_at_a_malformed_shards_first_record_and_a_fixed_rerun_starts_fresh(tmp_path, gpt2_dir):
+    path = write_jsonl(tmp_path / "x.jsonl", ["{not json", {"prompt": "Q"}] + GOOD)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"x\.jsonl: line 1: malformed: not valid JSON"):
+        prepare(path, gpt2_dir, out, samples_per_shard=2, strict=True, format="jsonl")
+    assert not out.exists() or sorted(p.name for p in out.rglob("*")) == []  # no claim, no .prepare/ left behind
+    write_jsonl(path, GOOD)  # the input fixed (another size): the rerun is not refused
+    assert prepare(path, gpt2_dir, out, samples_per_shard=2, strict=True)["kept"] == 4
+
+
+def test_a_claim_without_output_does_not_block_a_rerun_with_other_settings(tmp_path, gpt2_dir):
+    from mpo_dist.shard_job import JOB_FILE
+
+    out = tmp_path / "out"
+    (out / STATS_DIR).mkdir(parents=True)
+    (out / JOB_FILE).write_text(json.dumps({"options": "older run that wrote nothing"}))
+    assert prepare(write_jsonl(tmp_path / "x.jsonl", GOOD), gpt2_dir, out)["kept"] == 4
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_an_invalid_utf8_byte_is_one_malformed_record_with_its_line(tmp_path, gpt2_dir, compress):
+    lines = [json.dumps(record).encode() for record in GOOD]
+    lines[2] = lines[2].replace(b"Q2", b"Q\xff2")
+    data = b"\n".join(lines) + b"\n"
+    path = tmp_path / ("x.jsonl.gz" if compress else "x.jsonl")
+    path.write_bytes(gzip.compress(data) if compress else data)
+    out = tmp_path / "out"
+    summary = prepare(path, gpt2_dir, out, format="jsonl" if compress else "auto")
+    assert summary["kept"] == 3
+    assert dropped(out) == [("line 3", "malformed: not valid UTF-8 (byte 0xff at column 14)")]
+    with pytest.raises(ValueError, match=r"x\.jsonl(\.gz)?: line 3: malformed: not valid UTF-8"):
+        prepare(path, gpt2_dir, tmp_path / "strict", strict=True, format="jsonl")
+
+
+def test_an_invalid_utf8_byte_in_the_first_record_still_tells_the_format(tmp_path, gpt2_dir):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(json.dumps(GOOD[0]).encode().replace(b"Q0", b"Q\xfe") + b"\n" + json.dumps(GOOD[1]).encode() + b"\n")
+    out = tmp_path / "out"
+    assert prepare(path, gpt2_dir, out)["kept"] == 1
+    assert dropped(out)[0][0] == "line 1" and "not valid UTF-8" in dropped(out)[0][1]

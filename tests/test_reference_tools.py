@@ -16,7 +16,8 @@ import torch
 
 from conftest import QUIET, REPO, SUBPROCESS_ENV as ENV, free_port
 from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
-from mpo_dist.data.shards import Manifest, ShardCursor
+from mpo_dist.data.shards import Manifest, ShardCursor, ShardError, ShardInfo
+from mpo_dist.shard_job import manifest_fingerprint
 
 
 def run_tool(tool: str, *args, nproc: int = 1, rendezvous: list[str] | None = None, check: bool = True):
@@ -55,6 +56,10 @@ def test_scoring_does_not_depend_on_the_number_of_processes(stories, tmp_path):
     manifest = Manifest.read(tmp_path / "one", "ref_logps")
     assert manifest.info["model"]["weights_hash"].startswith("sha256:")
     assert manifest.tokenizer_hash == Manifest.read(stories["pairs"]).tokenizer_hash
+    # Provenance: the pairs it was scored from, and the model's dtype and tokenizer (checked by the trainer).
+    assert manifest.info["pairs_fingerprint"] == manifest_fingerprint(stories["pairs"])
+    assert manifest.info["model"]["dtype"] == "float32"
+    assert manifest.info["model"]["tokenizer_hash"] == manifest.tokenizer_hash
 
 
 def test_scored_logps_equal_the_trainers_at_step_0(stories, tmp_path, one_process_group):
@@ -133,6 +138,8 @@ def test_sampling_is_identical_on_1_process_2_processes_and_2_nodes(stories, tmp
     manifest = Manifest.read(tmp_path / "one", "dref")
     assert manifest.num_samples == 2 * Manifest.read(stories["pairs"]).num_samples
     assert manifest.info["sampling"] == {"num_samples": 2, "max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0, "seed": 3}
+    assert manifest.info["pairs_fingerprint"] == manifest_fingerprint(stories["pairs"])  # D_ref is made from the pairs too
+    assert manifest.info["model"]["dtype"] == "float32" and manifest.info["model"]["weights_hash"].startswith("sha256:")
 
 
 def test_stored_logp_ref_equals_a_rescoring_and_samples_read_like_stories(stories, tmp_path):
@@ -244,3 +251,33 @@ def test_a_rerun_with_other_settings_is_refused(stories, tmp_path):
     scored = run_tool("score_reference.py", "--model", stories["model"], "--pairs", stories["pairs"],
                       "--out", tmp_path / "dref", check=False)
     assert scored.returncode == 2 and "--out" in scored.stderr
+
+
+# ------------------------------------------------------------------------------------------- hostile input
+
+
+@pytest.mark.parametrize("tool", ["score", "sample"])
+def test_a_pairs_manifest_naming_a_shard_outside_its_folder_writes_nothing_outside_out(tmp_path, tool):
+    """A pairs manifest naming `../../victim.tar` is refused before any output is written."""
+    from mpo_dist.reference import score_pairs
+    from mpo_dist.sampling import SamplingParams, sample_dref
+
+    pairs = tmp_path / "data" / "pairs"
+    pairs.mkdir(parents=True)
+    Manifest("pairs", "sha256:x", [ShardInfo("../../victim.tar", 1)]).write(pairs)
+    out = tmp_path / "data" / "out"
+    run = {"score": lambda: score_pairs(torch.nn.Linear(1, 1), pairs, out, log=QUIET),
+           "sample": lambda: sample_dref(torch.nn.Linear(1, 1), pairs, out, SamplingParams(), eos_token_ids=None,
+                                         pad_token_id=0, log=QUIET)}[tool]
+    with pytest.raises(ShardError, match=r"pairs/manifest\.json: shard name '\.\./\.\./victim\.tar' is not a plain file name"):
+        run()
+    assert not (tmp_path / "victim.tar").exists() and not out.exists()
+
+
+def test_the_shard_job_refuses_a_path_as_an_output_name(tmp_path):
+    from mpo_dist.shard_job import run_shard_job
+
+    with pytest.raises(ShardError, match=r"shard name '\.\./x\.tar' is not a plain file name"):
+        run_shard_job("t", [ShardInfo("../x.tar", 1)], tmp_path / "out", lambda i, s: 0, rank=0, world_size=1,
+                      log=QUIET, params={})
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -146,15 +147,19 @@ def test_importing_the_loader_leaves_warning_filters_alone():
     assert warnings.filters == before
 
 
-def test_resume_with_other_num_workers_is_refused(shards):
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_resume_with_other_num_workers_continues_exactly(shards, workers):
+    """The position is global (epoch, batches done), not per worker: any number of workers resumes it."""
     root, _ = shards
-    first = loader_for(root, 0, 2, num_workers=2)
+    full = run(loader_for(root, 0, 2, epochs=2, num_workers=2))
+    first = loader_for(root, 0, 2, epochs=2, num_workers=2)
     iterator = iter(first)
-    next(iterator)
-    state = first.state_dict()
-    other = loader_for(root, 0, 2, num_workers=0)
-    with pytest.raises(InputError, match="saved with data.num_workers=2, now data.num_workers=0"):
-        other.load_state_dict(state)
+    for _ in range(5):
+        next(iterator)
+    other = loader_for(root, 0, 2, epochs=2, num_workers=workers)
+    other.load_state_dict(first.state_dict())
+    assert other.resume_note is None
+    assert [b["keys"] for b in run(other)] == [b["keys"] for b in full[5:]]
 
 
 def test_token_budget_plans_equal_counts_for_all_ranks():
@@ -261,7 +266,7 @@ def test_corrupt_record_names_file_and_key(shards):
     root, _ = shards
     path = root / "pairs" / "shard-000000.tar"
     data = bytearray(path.read_bytes())
-    where = data.find(b"MPO1", data.find(b"s000-0002.pair"))
+    where = data.find(b"MPO2", data.find(b"s000-0002.pair"))
     data[where : where + 4] = b"XXXX"
     path.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"shard-000000\.tar: sample 's000-0002'"):
@@ -319,14 +324,17 @@ def test_dref_stream_cycles_past_one_epoch(tmp_path):
         build_dref_loader(config, seed=0, dp_rank=0, dp_world_size=1, pad_token_id=0, tokenizer_hash="sha256:x")
 
 
-def test_resume_at_another_data_parallel_size_says_so(shards):
+def test_resume_with_another_global_batch_says_what_is_repeated(shards):
+    """2 ranks x 3 (a global batch of 6) resumed on 3 ranks x 3 (9): 6 samples done are not a whole
+    number of 9-sample rounds, so they are trained on again, and the note says so."""
     root, _ = shards
     first = loader_for(root, 0, 2, num_workers=0)
     next(iter(first))
     resumed = loader_for(root, 0, 3, num_workers=0)
-    with pytest.raises(InputError, match="saved with dp_world_size=2, now dp_world_size=3"):
-        resumed.load_state_dict(first.state_dict())
-        next(iter(resumed))
+    resumed.load_state_dict(first.state_dict())
+    assert "written by 2 data-parallel ranks, now 3" in resumed.resume_note
+    assert "the last 6 samples before it are trained on again" in resumed.resume_note
+    assert next(iter(resumed))["epoch_batch"] == 0
 
 
 def test_fewer_batches_per_epoch_than_workers_keeps_streaming(tmp_path):
@@ -344,7 +352,7 @@ def test_fewer_batches_per_epoch_than_workers_keeps_streaming(tmp_path):
     assert streams[0] == streams[1]
 
 
-@pytest.mark.parametrize("change", [{"batch_size": 2}, {"shuffle_window": 4}, {"tail": "drop"}])
+@pytest.mark.parametrize("change", [{"shuffle_window": 4}, {"tail": "drop"}, {"batching": "tokens", "max_tokens": 200}])
 def test_resume_with_other_batching_is_refused(shards, change):
     root, _ = shards
     first = loader_for(root, 0, 2, num_workers=0)
@@ -353,3 +361,119 @@ def test_resume_with_other_batching_is_refused(shards, change):
     with pytest.raises(InputError, match="batching settings"):
         resumed.load_state_dict(first.state_dict())
         next(iter(resumed))
+
+
+# ------------------------------------------------------------------------------------ values checked on read
+
+
+def _rewrite(path: Path, kind: str, count: int, change) -> None:
+    """Rewrite a shard (with valid checksums) through `change(index, key, meta, arrays)`."""
+    from mpo_dist.data.shards import ShardCursor, ShardWriter
+
+    samples = list(ShardCursor(path, kind, count))
+    with ShardWriter(path, kind) as writer:
+        for index, (key, meta, arrays) in enumerate(samples):
+            writer.write(*change(index, key, dict(meta), {name: np.array(a) for name, a in arrays.items()}))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda meta: meta.update(chosen_logp=float("nan")), "field 'chosen_logp' is nan (not finite)"),
+    (lambda meta: meta.update(rejected_logp=float("-inf")), "field 'rejected_logp' is -inf (not finite)"),
+    (lambda meta: meta.pop("chosen_logp"), "field 'chosen_logp' is missing"),
+])
+def test_bad_reference_values_are_named_errors_on_read(shards, edit, expected):
+    root, _ = shards
+    _rewrite(root / "ref" / "shard-000000.tar", "ref_logps", 7,
+             lambda i, key, meta, arrays: (key, (edit(meta), meta)[1] if i == 2 else meta, arrays))
+    source = PairSource(root / "pairs", root / "ref")
+    with pytest.raises(ShardError, match=rf"ref/shard-000000\.tar: sample 's000-0002': {re.escape(expected)}"):
+        [source.read(i) for i in range(7)]
+
+
+def test_token_id_beyond_the_vocabulary_is_a_named_error_on_read(shards):
+    root, _ = shards
+
+    def damage(index, key, meta, arrays):
+        if index == 1:
+            arrays["rejected_ids"][0] = 100  # the manifest records a 100-token vocabulary
+        return key, meta, arrays
+
+    _rewrite(root / "pairs" / "shard-000002.tar", "pairs", 5, damage)
+    with pytest.raises(ShardError, match=r"pairs/shard-000002\.tar: sample 's002-0001': array 'rejected_ids' holds "
+                                         r"token id 100 outside the vocabulary of 100 tokens"):
+        read_all(root)
+    with pytest.raises(ShardError, match="of 50 tokens"):  # the model's, when smaller
+        PairSource(root / "pairs", vocab_size=50).read(0)
+
+
+def test_dref_nan_logp_ref_is_a_named_error_on_read(tmp_path):
+    from mpo_dist.data.samples import DrefSource
+
+    make_dref(tmp_path / "dref", [3])
+    _rewrite(tmp_path / "dref" / "shard-000000.tar", "dref", 3,
+             lambda i, key, meta, arrays: (key, {**meta, "logp_ref": float("nan")} if i == 1 else meta, arrays))
+    source = DrefSource(tmp_path / "dref")
+    source.read(0)
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: sample 'd000-0001': field 'logp_ref' is nan"):
+        source.read(1)
+
+
+def test_record_without_meta_or_with_a_flipped_bit_names_shard_and_key(shards):
+    import json as json_lib
+    import struct
+    import zlib
+
+    from mpo_dist.data.shards import decode_record
+
+    root, _ = shards
+    header = json_lib.dumps({"arrays": []}).encode()
+    body = struct.pack("<I", len(header)) + header
+    with pytest.raises(ValueError, match="no 'meta' object"):
+        decode_record(b"MPO2" + struct.pack("<I", zlib.crc32(body)) + body)
+    with pytest.raises(ValueError, match="malformed record header"):
+        decode_record(b"MPO2\x00")
+    path = root / "pairs" / "shard-000000.tar"
+    data = bytearray(path.read_bytes())
+    where = data.find(b"s000-0004", data.find(b"s000-0004.pair") + 20)  # the key inside the record's meta
+    data[where + 1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: sample 's000-0004' \(index 4\) is corrupt .*checksum mismatch"):
+        read_all(root)
+
+
+def test_format_1_records_without_checksums_are_still_read(tmp_path):
+    import json as json_lib
+    import struct
+
+    from mpo_dist.data.shards import decode_record
+
+    header = json_lib.dumps({"meta": {"x": 1}, "arrays": [["ids", "<i4", 2]]}).encode()
+    record = b"MPO1" + struct.pack("<I", len(header)) + header + np.array([5, 6], np.int32).tobytes()
+    meta, arrays = decode_record(record)
+    assert meta == {"x": 1} and arrays["ids"].tolist() == [5, 6]
+
+
+def test_damaged_tar_header_on_read_is_damage_not_truncation(shards):
+    import tarfile
+
+    root, _ = shards
+    path = root / "pairs" / "shard-000001.tar"
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[3].offset
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"shard-000001\.tar: damaged tar header at byte {offset} \(after 3 samples\)"):
+        read_all(root)
+
+
+@pytest.mark.parametrize("name", ["../../victim.tar", "/tmp/victim.tar", "sub/shard.tar", "..", ""])
+def test_shard_names_must_be_plain_file_names(shards, name):
+    import json as json_lib
+
+    root, _ = shards
+    manifest = json_lib.loads((root / "pairs" / "manifest.json").read_text())
+    manifest["shards"][1]["name"] = name
+    (root / "pairs" / "manifest.json").write_text(json_lib.dumps(manifest))
+    with pytest.raises(ShardError, match=rf"pairs/manifest\.json: shard name '{name}' is not a plain file name"):
+        PairSource(root / "pairs")

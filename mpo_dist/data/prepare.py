@@ -30,7 +30,7 @@ from mpo_dist.data.raw_records import (
 )
 from mpo_dist.distributed import barrier
 from mpo_dist.errors import InputError, MissingInputError
-from mpo_dist.shard_job import Progress, start_job, stderr_log
+from mpo_dist.shard_job import Progress, release_output_dir, start_job, stderr_log
 from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 STATS_DIR = ".prepare"
@@ -112,6 +112,8 @@ class PairTokenizer:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def __call__(self, pairs: list[RawPair]) -> list[dict | str]:
+        if not pairs:  # every record of a shard malformed: the tokenizer fails on an empty batch
+            return []
         prompts = [self._prompt_text(pair) for pair in pairs]
         prompt_ids = self._encode(prompts)
         chosen_ids = self._encode([pair.chosen for pair in pairs])
@@ -175,7 +177,6 @@ def prepare_pairs(
     tokenizer = load_tokenizer(tokenizer_dir)
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
     fmt = resolve_format(input_path, options.format)
-    stats_dir = out_dir / STATS_DIR
     params = {
         # --strict decides whether to stop, not what a shard holds: a rerun may change it.
         "options": {key: value for key, value in asdict(options).items() if key != "strict"},
@@ -185,8 +186,26 @@ def prepare_pairs(
     }
     tokenize = PairTokenizer(tokenizer, options)  # fails on a bad --chat-template before --out is claimed
     start_job("prepare_pairs", out_dir, params, rank=rank, log=log)
-    stats_dir.mkdir(exist_ok=True)
+    try:
+        num_records = _write_shards(input_path, fmt, out_dir, tokenize, rank, world_size, log)
+    except BaseException:
+        if world_size == 1:  # alone, a run that stopped before its first shard leaves no claim behind
+            release_output_dir(out_dir)
+        raise
+    barrier()
+    if rank != 0:
+        return None
+    if num_records == 0:
+        release_output_dir(out_dir)
+        raise InputError(f"--input {input_path} holds no records")
+    return _finish(out_dir, math.ceil(num_records / options.samples_per_shard), tokenizer_hash, params, log)
 
+
+def _write_shards(input_path: Path, fmt: str, out_dir: Path, tokenize: PairTokenizer, rank: int, world_size: int,
+                  log: Callable[[str], None]) -> int:
+    """This rank's unfinished shards; returns the number of input records."""
+    options, stats_dir = tokenize.options, out_dir / STATS_DIR
+    stats_dir.mkdir(exist_ok=True)
     per_shard = options.samples_per_shard
     source = ProgressFile(input_path) if not fmt.startswith("parquet") else None
     progress = Progress("prepare_pairs", "records", log, enabled=rank == 0)
@@ -204,12 +223,7 @@ def prepare_pairs(
             progress.report(num_records, source.done / source.total if source and source.total else None)
     if pending:
         _write_shard((num_records - 1) // per_shard, pending, tokenize, fmt, out_dir, options.strict, input_path)
-    barrier()
-    if rank != 0:
-        return None
-    if num_records == 0:
-        raise InputError(f"--input {input_path} holds no records")
-    return _finish(out_dir, math.ceil(num_records / per_shard), tokenizer_hash, params, log)
+    return num_records
 
 
 def _write_shard(index: int, records, tokenize: PairTokenizer, fmt: str, out_dir: Path, strict: bool, input_path: Path) -> None:

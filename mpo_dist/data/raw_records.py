@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -59,11 +60,13 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def _open_text(path: Path):
+    """For telling the format from the first record only: a byte that is not UTF-8 is replaced here
+    and reported, with its line, as a malformed record by `parse_record`."""
     with open(path, "rb") as probe:
         gzipped = probe.read(2) == b"\x1f\x8b"
     if gzipped:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
 
 
 class ProgressFile:
@@ -82,7 +85,8 @@ def iter_raw_records(path: str | os.PathLike, fmt: str, progress: ProgressFile |
     """Yield `(where, raw)` for every record without parsing it ('line N' or 'row N').
 
     Parsing is left to `parse_record`, so a process that keeps only some records parses only those.
-    Blank JSONL lines are not records and are skipped.
+    JSON lines are yielded as bytes: a line that is not UTF-8 is one malformed record (decoded by
+    `parse_record`), not the end of the file. Blank JSONL lines are not records and are skipped.
     """
     path = Path(path)
     if fmt.startswith("parquet"):
@@ -92,13 +96,13 @@ def iter_raw_records(path: str | os.PathLike, fmt: str, progress: ProgressFile |
     head = raw.read(2)
     raw.seek(0)
     binary = gzip.GzipFile(fileobj=raw, mode="rb") if head == b"\x1f\x8b" else raw
-    with raw, io.TextIOWrapper(binary, encoding="utf-8", errors="strict") as text:
+    with raw, binary:
         line_no = 0
         while True:
             line_no += 1
             try:
-                line = text.readline()
-            except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, OSError) as error:
+                line = binary.readline()
+            except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as error:
                 raise InputError(f"{path}: unreadable at line {line_no} ({error})") from error
             if not line:
                 return
@@ -139,6 +143,11 @@ def resolve_format(path: str | os.PathLike, fmt: str) -> str:
 
 def parse_record(raw: Any, fmt: str) -> RawPair | str:
     """A raw JSON line or Parquet row -> RawPair, or the reason it is malformed."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return f"malformed: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)

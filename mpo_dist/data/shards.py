@@ -3,14 +3,21 @@
 A shard set is a folder of webdataset tars (`shard-000000.tar`, ...) plus `manifest.json`.
 Every sample is a single tar member `KEY.EXT` holding one packed record (a JSON header and raw
 1-D arrays): one member per sample reads ~3x faster than one member per field.
+
+Record format 2: `MPO2 | crc32 | header length | header | arrays` (little-endian uint32s); the CRC32
+covers everything after it, so a flipped bit anywhere in a record is found when it is read.
+Format 1 records (`MPO1 | header length | header | arrays`, no checksum) are still read.
+Shard names in a manifest are plain file names inside its folder (checked when it is read).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
 import tarfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,9 +28,12 @@ import webdataset as wds
 from mpo_dist.errors import InputError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
-_MAGIC = b"MPO1"
-_HEADER_LEN = struct.Struct("<I")
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # 1: records without checksums
+_MAGIC = b"MPO2"
+_MAGIC_V1 = b"MPO1"
+_UINT32 = struct.Struct("<I")
+_TAR_BLOCK = 512
 
 # The three shard sets of the data contracts (README): manifest kind -> tar member extension.
 KIND_EXTENSIONS = {"pairs": "pair", "ref_logps": "ref", "dref": "dref"}
@@ -31,6 +41,10 @@ KIND_EXTENSIONS = {"pairs": "pair", "ref_logps": "ref", "dref": "dref"}
 
 class ShardError(InputError):
     """A shard or manifest that cannot be used; the message names the file (and key) at fault."""
+
+
+class DamagedRecordError(ShardError):
+    """One sample's record is damaged (checksum, truncation, format) but the tar around it is sound."""
 
 
 def shard_name(index: int) -> str:
@@ -41,7 +55,7 @@ def shard_name(index: int) -> str:
 
 
 def encode_record(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
-    """Pack JSON-able `meta` and 1-D numpy `arrays` into one bytes object."""
+    """Pack JSON-able `meta` and 1-D numpy `arrays` into one checksummed bytes object (format 2)."""
     specs, blobs = [], []
     for name, array in arrays.items():
         array = np.ascontiguousarray(array)
@@ -50,22 +64,46 @@ def encode_record(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         specs.append([name, array.dtype.str, int(array.shape[0])])
         blobs.append(array.tobytes())
     header = json.dumps({"meta": meta, "arrays": specs}, ensure_ascii=False).encode()
-    return b"".join([_MAGIC, _HEADER_LEN.pack(len(header)), header, *blobs])
+    body = b"".join([_UINT32.pack(len(header)), header, *blobs])
+    return b"".join([_MAGIC, _UINT32.pack(zlib.crc32(body)), body])
 
 
 def decode_record(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Inverse of `encode_record`; raises ValueError on anything malformed."""
-    if data[:4] != _MAGIC:
+    """Inverse of `encode_record` (and reader of format-1 records, which carry no checksum);
+    raises ValueError on anything malformed, a checksum mismatch included."""
+    try:
+        return _decode(memoryview(data))
+    except ValueError:
+        raise
+    except (struct.error, KeyError, TypeError, IndexError) as error:
+        raise ValueError(f"malformed record header ({type(error).__name__}: {error})") from error
+
+
+def _decode(data: memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    magic = bytes(data[:4])
+    if magic == _MAGIC:
+        (stored,) = _UINT32.unpack_from(data, 4)
+        actual = zlib.crc32(data[8:])
+        if actual != stored:
+            raise ValueError(f"checksum mismatch (stored crc32 {stored:08x}, content has {actual:08x})")
+        start = 8
+    elif magic == _MAGIC_V1:
+        start = 4
+    else:
         raise ValueError("not a packed mpo_dist record (bad magic bytes)")
-    (header_len,) = _HEADER_LEN.unpack_from(data, 4)
-    start = 4 + _HEADER_LEN.size
-    header = json.loads(data[start : start + header_len])
+    (header_len,) = _UINT32.unpack_from(data, start)
+    start += _UINT32.size
+    if start + header_len > len(data):
+        raise ValueError("record header runs past the end of the record")
+    header = json.loads(bytes(data[start : start + header_len]))
+    if not isinstance(header, dict) or not isinstance(header.get("meta"), dict):
+        raise ValueError("record header has no 'meta' object")
     offset = start + header_len
     arrays = {}
     for name, dtype, length in header["arrays"]:
         dtype = np.dtype(dtype)
         end = offset + dtype.itemsize * length
-        if end > len(data):
+        if length < 0 or end > len(data):
             raise ValueError(f"array {name!r} runs past the end of the record")
         arrays[name] = np.frombuffer(data, dtype=dtype, count=length, offset=offset)
         offset = end
@@ -124,16 +162,31 @@ class Manifest:
             )
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ShardError(f"{path}: malformed manifest ({type(error).__name__}: {error})") from error
-        if manifest.format_version != FORMAT_VERSION:
-            raise ShardError(
-                f"{path}: format version {manifest.format_version}, this mpo_dist reads {FORMAT_VERSION}"
-            )
+        if manifest.format_version not in READABLE_FORMAT_VERSIONS:
+            raise ShardError(f"{path}: format version {manifest.format_version}, this mpo_dist reads "
+                             f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}")
         if expected_kind is not None and manifest.kind != expected_kind:
             raise ShardError(f"{path}: holds '{manifest.kind}' shards, expected '{expected_kind}'")
+        seen = set()
         for shard in manifest.shards:
+            check_shard_name(shard.name, path)
+            if shard.name in seen:
+                raise ShardError(f"{path}: shard {shard.name} is listed twice")
+            seen.add(shard.name)
+            if not isinstance(shard.num_samples, int) or shard.num_samples < 0:
+                raise ShardError(f"{path}: shard {shard.name} lists {shard.num_samples!r} samples")
             if shard.lengths is not None and len(shard.lengths) != shard.num_samples:
                 raise ShardError(f"{path}: shard {shard.name} lists {len(shard.lengths)} lengths for {shard.num_samples} samples")
         return manifest
+
+
+def check_shard_name(name: Any, manifest: str | os.PathLike) -> None:
+    """A shard name from a manifest must be a plain file name inside its folder: never a path."""
+    plain = (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+             and "\0" not in name and not os.path.isabs(name) and Path(name).name == name)
+    if not plain:
+        raise ShardError(f"{manifest}: shard name {name!r} is not a plain file name in the manifest's folder "
+                         "(no path separators, '..' or absolute paths); the manifest is damaged or hostile")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -199,44 +252,103 @@ def check_key(key: str) -> None:
 # ---------------------------------------------------------------------------- reading
 
 
+class _LeanTarInfo(tarfile.TarInfo):
+    """tarfile's member header, parsed fast for what shard writers produce (a checksummed ustar
+    header of a regular file with a plain name); anything else goes to tarfile's own parser, which
+    also raises its errors (a bad checksum, a short block, the end of the archive)."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        if (len(buf) != _TAR_BLOCK or buf[156:157] not in (b"0", b"\0") or buf[345] or buf[124] & 0x80
+                or buf[148:156].strip(b" \0").strip(b"01234567")):
+            return super().frombuf(buf, encoding, errors)
+        stored = buf[148:156].strip(b" \0")
+        if not stored or int(stored, 8) != sum(buf) - sum(buf[148:156]) + 256:
+            return super().frombuf(buf, encoding, errors)
+        obj = cls()
+        obj.name = buf[:100].split(b"\0", 1)[0].decode(encoding, errors)
+        obj.size = int(buf[124:136].strip(b" \0") or b"0", 8)
+        obj.type = tarfile.REGTYPE
+        return obj
+
+
 class ShardCursor:
     """Forward reader over one shard's samples; skipped members are seeked over, not read.
 
     `read(index)` returns (key, meta, arrays) of the sample at `index`; asking for an earlier
-    index than the last one reopens the file. Any tar damage raises ShardError naming the file.
+    index than the last one reopens the file. Any tar damage raises ShardError naming the file
+    (and the key, when a sample is damaged). `in_memory` reads the whole file at once: faster for
+    a pass over every sample (the pre-flight check), wasteful for a few samples.
     """
 
-    def __init__(self, path: str | os.PathLike, kind: str, num_samples: int):
+    def __init__(self, path: str | os.PathLike, kind: str, num_samples: int, in_memory: bool = False):
         self.path = Path(path)
         self.extension = KIND_EXTENSIONS[kind]
         self.num_samples = num_samples
+        self.in_memory = in_memory
         self._tar: tarfile.TarFile | None = None
+        self._data: bytes | None = None
         self._next_index = 0
 
     def _open(self) -> None:
         self.close()
         try:
-            self._tar = tarfile.open(self.path, mode="r:")
+            if self.in_memory:
+                self._data = self.path.read_bytes()
+            elif self.path.stat().st_size == 0:
+                raise ShardError(f"{self.path}: shard file is empty (0 bytes); it is truncated")
+            if self._data is not None and not self._data:
+                raise ShardError(f"{self.path}: shard file is empty (0 bytes); it is truncated")
+            fileobj = io.BytesIO(self._data) if self._data is not None else None
+            self._tar = tarfile.open(self.path if fileobj is None else None, mode="r:", fileobj=fileobj,
+                                     tarinfo=_LeanTarInfo)
         except FileNotFoundError:
             raise ShardError(f"{self.path}: shard file is missing") from None
         except (tarfile.TarError, OSError) as error:
             raise ShardError(f"{self.path}: not a readable tar file ({error})") from error
         self._next_index = 0
 
-    def _next_member(self) -> tarfile.TarInfo:
+    def _block_at(self, offset: int) -> bytes:
+        if self._data is not None:
+            return self._data[offset : offset + _TAR_BLOCK]
+        with open(self.path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(_TAR_BLOCK)
+
+    def _no_member(self) -> ShardError:
+        """tarfile ends an archive at a damaged header as it does at a real end: the block tells which."""
+        offset, count = self._tar.offset, self._next_index
+        block = self._block_at(offset)
+        if len(block) == _TAR_BLOCK and block.count(0) != _TAR_BLOCK:
+            return ShardError(f"{self.path}: damaged tar header at byte {offset} (after {count} samples); "
+                              "the file is corrupt")
+        why = "the file is truncated" if len(block) < _TAR_BLOCK else "the tar ends there: the manifest is stale"
+        return ShardError(f"{self.path}: ends after {count} samples but its manifest lists {self.num_samples}; {why}")
+
+    def _next_member(self) -> tarfile.TarInfo | None:
         try:
-            member = self._tar.next()
+            return self._tar.next()
         except (tarfile.TarError, OSError, EOFError) as error:
             raise ShardError(f"{self.path}: corrupt or truncated tar after sample {self._next_index} ({error})") from error
+
+    def _sample_member(self) -> tarfile.TarInfo:
+        member = self._next_member()
         if member is None:
-            raise ShardError(
-                f"{self.path}: ends after {self._next_index} samples but its manifest lists "
-                f"{self.num_samples}; the file is truncated or the manifest is stale"
-            )
+            raise self._no_member()
         key, _, extension = member.name.partition(".")
         if extension != self.extension or not member.isfile():
-            raise ShardError(f"{self.path}: unexpected member '{member.name}' (expected KEY.{self.extension})")
+            raise ShardError(f"{self.path}: unexpected member '{member.name}' at index {self._next_index} "
+                             f"(expected KEY.{self.extension})")
         return member
+
+    def _payload(self, member: tarfile.TarInfo) -> bytes:
+        if self._data is not None:
+            data = self._data[member.offset_data : member.offset_data + member.size]
+        else:
+            data = self._tar.extractfile(member).read()
+        if len(data) != member.size:
+            raise EOFError(f"read {len(data)} of {member.size} bytes: the file is truncated")
+        return data
 
     def read(self, index: int) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
         if not 0 <= index < self.num_samples:
@@ -244,34 +356,35 @@ class ShardCursor:
         if self._tar is None or index < self._next_index:
             self._open()
         while True:
-            member = self._next_member()
+            member = self._sample_member()
             self._next_index += 1
             if self._next_index - 1 == index:
                 break
         key = member.name.partition(".")[0]
         try:
-            data = self._tar.extractfile(member).read()
-            if len(data) != member.size:
-                raise EOFError(f"read {len(data)} of {member.size} bytes")
-            meta, arrays = decode_record(data)
+            meta, arrays = decode_record(self._payload(member))
         except (tarfile.TarError, OSError, EOFError, ValueError) as error:
-            raise ShardError(f"{self.path}: sample '{key}' (index {index}) is corrupt or truncated ({error})") from error
+            raise DamagedRecordError(f"{self.path}: sample '{key}' (index {index}) is corrupt or truncated ({error})") from error
         if index == self.num_samples - 1:
             self._check_end()
         return key, meta, arrays
 
     def _check_end(self) -> None:
-        try:
-            extra = self._tar.next()
-        except (tarfile.TarError, OSError, EOFError) as error:
-            raise ShardError(f"{self.path}: corrupt tar after its last sample ({error})") from error
+        extra = self._next_member()
         if extra is not None:
             raise ShardError(
                 f"{self.path}: holds more samples than the {self.num_samples} its manifest lists "
                 f"(next member '{extra.name}'); the manifest is stale"
             )
+        block = self._block_at(self._tar.offset)
+        if block.count(0) != len(block):
+            raise ShardError(f"{self.path}: damaged tar block at byte {self._tar.offset} after its last sample; "
+                             "the file is corrupt")
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, Any], dict[str, np.ndarray]]]:
+        if self.num_samples == 0:
+            self._open()
+            self._check_end()
         for index in range(self.num_samples):
             yield self.read(index)
 
@@ -279,3 +392,4 @@ class ShardCursor:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+        self._data = None
