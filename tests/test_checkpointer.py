@@ -122,3 +122,75 @@ def test_a_folder_without_checkpoint_json_is_refused(tmp_path):
         checkpointer(tmp_path).load(folder, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
     assert checkpointer(tmp_path).latest() is None
     assert folder.is_dir()  # refused, not removed
+
+
+# ------------------------------------------------------------------------------------ nothing unpickled
+
+
+def _ran(path):  # what a hostile pickle in a checkpoint would call on load
+    Path(path).write_text("code ran")
+
+
+class Hostile:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return _ran, (str(self.marker),)
+
+
+class Holder(Stateful):
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def test_loading_never_runs_a_pickle_stored_in_the_checkpoint(tmp_path):
+    """DCP stores a non-tensor value with torch.save and would read it with torch.load(weights_only=False);
+    the checkpointer reads such values with weights_only=True, so a crafted payload is refused, not run."""
+    marker = tmp_path / "marker"
+    folder = checkpointer(tmp_path / "ckpt").save(1, {"train_state": Holder(Hostile(marker))}, {})
+    assert not marker.exists()
+    with pytest.raises(BaseException, match="(?i)weights.only|unpickl|global"):
+        checkpointer(tmp_path / "ckpt").load(folder, {"train_state": Holder(0)}, {})
+    assert not marker.exists()
+
+
+def test_rank_local_state_is_tensors_and_comes_back_with_its_types(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from mpo_dist.checkpoint import RNGState
+
+    torch.manual_seed(3)
+    folder = checkpointer(tmp_path).save(1, {}, {"rng": RNGState(), "counter": Counter(7), "mixed": Holder({"n": 2, "x": 0.5})})
+    expected = torch.rand(4)  # what the saved RNG gives next
+    stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    rank_local = {key: value for key, value in stored.items() if "/dp_rank_" in key}
+    assert sorted(rank_local) == ["counter/dp_rank_0.value", "mixed/dp_rank_0.value.n", "mixed/dp_rank_0.value.x",
+                                  "rng/dp_rank_0.cpu"]
+    assert all(isinstance(value, TensorStorageMetadata) for value in rank_local.values())  # no bytes: no pickle
+    counter, mixed = Counter(0), Holder({"n": 0, "x": 0.0})
+    info = checkpointer(tmp_path).load(folder, {}, {"rng": RNGState(), "counter": counter, "mixed": mixed})
+    assert info["rank_local_restored"] and info["missing"] == []
+    assert counter.value == 7 and type(counter.value) is int and mixed.value == {"n": 2, "x": 0.5}
+    assert torch.equal(torch.rand(4), expected)
+    with pytest.raises(TypeError, match="only tensors, ints, floats and bools"):
+        checkpointer(tmp_path).save(2, {}, {"bad": Holder("a string")})
+
+
+def test_state_the_checkpoint_does_not_hold_is_reported_not_loaded(tmp_path):
+    """E.g. a checkpoint of an older version, whose per-rank state was a pickle: it is never read."""
+    model, optimizer = model_and_optimizer(0)
+    folder = checkpointer(tmp_path).save(1, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
+    counter, position = Counter(5), Counter(9)
+    info = checkpointer(tmp_path).load(folder, {"model_optimizer": ModelOptimizerState(model, optimizer),
+                                                "pair_loader": position}, {"rng": counter})
+    assert info["missing"] == ["pair_loader", "rng/dp_rank_0"] and not info["rank_local_restored"]
+    assert counter.value == 5 and position.value == 9

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mpo_dist.config import DataConfig
@@ -28,30 +29,55 @@ def batch_spec(data: DataConfig, sequences_per_sample: int, batch_size: int) -> 
 
 
 class ShardLoader(StatefulDataLoader):
-    """StatefulDataLoader whose state also records num_workers: the saved position is per worker,
-    so resuming with another count must fail clearly rather than inside torchdata."""
+    """A StatefulDataLoader over a ShardStream whose state is the global data position (dataset.py):
+    the epoch and the batches every rank has taken from it, as int64 tensors equal on every rank,
+    so it is saved once for all ranks and restored on any number of ranks and workers (`resume_note`
+    then says what, if anything, is not exact)."""
 
     dataset: ShardStream
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._position = (0, 0)  # (epoch, batches of it this rank's consumer has taken)
+        self.resume_note: str | None = None  # what `load_state_dict` did, when not an exact resume
+        self.resume_error: InputError | None = None  # why it could not resume (raised when iterating)
 
     @property
     def manifest(self) -> Manifest:
         """The manifest of the shards this loader reads: the pairs' or D_ref's."""
         return self.dataset.manifest
 
-    def restart_at_epoch(self, epoch: int) -> None:
-        """Start at the beginning of `epoch` (when a saved position cannot be used)."""
-        self.dataset.restart_at_epoch(epoch)
+    def set_micro_batches_per_step(self, count: int) -> None:
+        """Each step takes `count` batches per rank (fixed batches: epochs become whole global batches)."""
+        self.dataset.set_micro_batches_per_step(count)
 
-    def state_dict(self) -> dict:
-        return {"num_workers": self.num_workers, "loader": super().state_dict()}
+    def restart_at_epoch(self, epoch: int) -> None:
+        """Start at the beginning of `epoch`."""
+        self._position = (int(epoch), 0)
+
+    def __iter__(self):
+        if self.resume_error is not None:
+            raise self.resume_error
+        self.dataset.start_at(*self._position)  # a new iteration goes on where the last batch taken left off
+        for batch in super().__iter__():
+            self._position = (batch["epoch"], batch["epoch_batch"] + 1)
+            yield batch
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: torch.tensor(value, dtype=torch.int64)
+                for key, value in self.dataset.position_state(*self._position).items()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("num_workers") != self.num_workers:
-            raise InputError(
-                f"cannot resume the data stream: it was saved with data.num_workers={state.get('num_workers')}, "
-                f"now data.num_workers={self.num_workers}; resume with the same value"
-            )
-        super().load_state_dict(state["loader"])
+        """Resume at a saved position. A position this stream cannot use (other shards, seed or batching
+        settings) is kept as `resume_error` and raised when iterating: while loading a checkpoint it is
+        not mistaken for a damaged file."""
+        self.resume_note = self.resume_error = None
+        try:
+            self.resume_note = self.dataset.resume(state)
+        except InputError as error:
+            self.resume_error = error
+            return
+        self._position = self.dataset.start
 
 
 def _loader(stream: ShardStream, num_workers: int) -> ShardLoader:

@@ -4,12 +4,19 @@ The recipe (webdataset's node splitting is not used: it gives ranks unequal samp
 ranks that run out first hang the others in a collective):
 1. one seeded global order per epoch, shared by all ranks: shards in a shuffled order, each
    shard's samples in file order (so reading stays sequential);
-2. the tail padded with flagged duplicates (masked out of the loss) or dropped, so that every rank
-   gets the same number of samples; each rank takes a contiguous slice;
-3. inside its slice a rank shuffles within windows of `shuffle_window` consecutive samples (a
-   window is read in one forward pass) and cuts batches: `batch_size` samples, or as many as fit
-   a padded-token budget (`max_tokens`), with extra all-padding batches so every rank yields the
-   same number of batches.
+2. fixed batches (`batch_size`): the global order is shuffled within consecutive windows of
+   `shuffle_window` samples (the same permutation at any world size), its tail padded with flagged
+   duplicates (masked out of the loss) or dropped to a whole number of global batches
+   (`global_batch` = batch_size x ranks x micro-batches per step), and cut into micro-batch rounds
+   of batch_size x ranks samples, round i giving rank r its samples i*B*W + r*B ... + B - 1. So the
+   samples of global batch k (= step k of the epoch) are positions [k*G, (k+1)*G) of the global
+   order whatever the world size, and a position saved as "P samples of epoch e consumed" resumes
+   exactly on any number of ranks (`samples_to_batches`);
+3. token budgets (`max_tokens`): the tail padded or dropped to a multiple of the number of ranks,
+   each rank takes a contiguous slice, shuffles within windows of `shuffle_window` consecutive
+   samples of it and cuts batches of as many samples as fit the padded-token budget, with extra
+   all-padding batches so every rank yields the same number of batches. These batches depend on
+   the split over ranks: a position resumes exactly only at the same world size.
 
 Which DataLoader worker makes which of a rank's batches is decided by the stream (dataset.py).
 """
@@ -37,25 +44,33 @@ class BatchSpec:
     shuffle: bool = True
     shuffle_window: int = 1024
     drop_tail: bool = False
+    micro_batches_per_step: int = 1  # fixed batches: an epoch is a whole number of steps of this many per rank
 
     def __post_init__(self):
         if (self.batch_size > 0) == (self.max_tokens > 0):
             raise InputError("set exactly one of batch_size (fixed batches) or max_tokens (token budget)")
         if self.shuffle_window < 1:
             raise InputError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
+        if self.micro_batches_per_step < 1:
+            raise InputError(f"micro_batches_per_step must be >= 1, got {self.micro_batches_per_step}")
+
+    def global_batch(self, dp_world_size: int) -> int:
+        """Fixed batches: samples per step over all ranks (0 for token budgets)."""
+        return self.batch_size * dp_world_size * self.micro_batches_per_step
 
 
 @dataclass
 class Batch:
-    positions: np.ndarray  # indices into the rank's slice (EpochPlan.ids)
+    positions: np.ndarray  # indices into the rank's samples (EpochPlan.ids)
     is_pad: np.ndarray  # True where the sample only fills a shape and must not count
 
 
 @dataclass
 class EpochPlan:
-    ids: np.ndarray  # global sample id (manifest order) at each position of this rank's slice
+    ids: np.ndarray  # global sample id (manifest order) at each position of this rank's samples
     is_pad: np.ndarray  # tail duplicates, per position
     batches: list[Batch]
+    window: np.ndarray  # per position: the read window it belongs to (non-decreasing; read in one pass)
 
 
 def epoch_order(shard_sizes: Sequence[int], seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -67,16 +82,23 @@ def epoch_order(shard_sizes: Sequence[int], seed: int, epoch: int, shuffle: bool
     return np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in shard_order] or [np.zeros(0, np.int64)])
 
 
+def epoch_unit(spec: BatchSpec, dp_world_size: int) -> int:
+    """An epoch's kept samples are a multiple of this: the global batch, or the ranks for token budgets."""
+    return spec.global_batch(dp_world_size) if spec.batch_size else dp_world_size
+
+
 def check_batching(shard_sizes: Sequence[int], lengths: np.ndarray | None, spec: BatchSpec, dp_world_size: int) -> int:
     """Raise InputError if these shards cannot be cut into batches for `dp_world_size` ranks; without
     planning, so a stream can check at construction. Returns the samples an epoch keeps (all ranks)."""
     total = int(sum(shard_sizes))
-    unit = dp_world_size * (spec.batch_size or 1)
+    unit = epoch_unit(spec, dp_world_size)
     kept = (total // unit) * unit if spec.drop_tail else -(-total // unit) * unit
     if kept == 0:
+        what = (f"{dp_world_size} ranks x {spec.batch_size} x {spec.micro_batches_per_step} micro-batches per step"
+                if spec.batch_size else f"{dp_world_size} ranks x 1")
         raise InputError(
-            f"{total} samples are fewer than one batch on every rank ({unit} = {dp_world_size} ranks x "
-            f"{spec.batch_size or 1}); use more data, fewer ranks or a smaller batch"
+            f"{total} samples are fewer than one batch on every rank ({unit} = {what}); "
+            "use more data, fewer ranks or a smaller batch"
         )
     if spec.max_tokens:
         if lengths is None:
@@ -102,6 +124,8 @@ def plan_epoch(
 ) -> EpochPlan:
     """This rank's samples and batches for `epoch`. `lengths[id]` (tokens) is needed for token budgets."""
     kept = check_batching(shard_sizes, lengths, spec, dp_world_size)
+    if spec.batch_size:
+        return _fixed_plan(global_order(shard_sizes, spec, seed=seed, epoch=epoch), kept, spec, dp_rank, dp_world_size)
     order = epoch_order(shard_sizes, seed, epoch, spec.shuffle)
     total = len(order)
     padded = np.resize(order, kept)  # wraps around: duplicates of the epoch's first samples
@@ -111,31 +135,61 @@ def plan_epoch(
     def rank_batches(rank: int) -> list[Batch]:
         start = rank * per_rank
         ids, is_pad = padded[start : start + per_rank], pad[start : start + per_rank]
-        if spec.batch_size:
-            positions = _window_shuffled(per_rank, spec, seed, epoch, rank)
-            return [Batch(chunk, is_pad[chunk]) for chunk in np.split(positions, per_rank // spec.batch_size)]
         return _token_batches(ids, is_pad, lengths, spec, seed, epoch, rank)
 
     batches = rank_batches(dp_rank)
-    if spec.max_tokens:
-        # Every rank must run the same number of steps: pad with one-sample, all-padding batches
-        # up to the largest count, computed from the lengths in the manifests without any I/O.
-        most = max(len(rank_batches(rank)) if rank != dp_rank else len(batches) for rank in range(dp_world_size))
-        filler = Batch(np.zeros(1, np.int64), np.ones(1, bool))
-        batches += [filler] * (most - len(batches))
+    # Every rank must run the same number of steps: pad with one-sample, all-padding batches
+    # up to the largest count, computed from the lengths in the manifests without any I/O.
+    most = max(len(rank_batches(rank)) if rank != dp_rank else len(batches) for rank in range(dp_world_size))
+    filler = Batch(np.zeros(1, np.int64), np.ones(1, bool))
+    batches += [filler] * (most - len(batches))
     start = dp_rank * per_rank
-    return EpochPlan(padded[start : start + per_rank], pad[start : start + per_rank], batches)
+    return EpochPlan(padded[start : start + per_rank], pad[start : start + per_rank], batches,
+                     np.arange(per_rank) // spec.shuffle_window)
 
 
-def _window_shuffled(count: int, spec: BatchSpec, seed: int, epoch: int, rank: int) -> np.ndarray:
-    positions = np.arange(count)
-    if not spec.shuffle:
-        return positions
-    rng = np.random.default_rng([seed, epoch, _WINDOW_ORDER, rank])
-    for start in range(0, count, spec.shuffle_window):
-        window = positions[start : start + spec.shuffle_window]
-        window[:] = rng.permutation(window)
-    return positions
+def global_order(shard_sizes: Sequence[int], spec: BatchSpec, *, seed: int, epoch: int) -> np.ndarray:
+    """Fixed batches: the epoch's samples in the order they are consumed, at any world size (before
+    the tail is padded or dropped): the shard order, shuffled within windows of `shuffle_window`."""
+    order = epoch_order(shard_sizes, seed, epoch, spec.shuffle)
+    if spec.shuffle:
+        rng = np.random.default_rng([seed, epoch, _WINDOW_ORDER])
+        for start in range(0, len(order), spec.shuffle_window):
+            window = order[start : start + spec.shuffle_window]
+            window[:] = rng.permutation(window)
+    return order
+
+
+def _fixed_plan(order, kept: int, spec: BatchSpec, dp_rank: int, dp_world_size: int) -> EpochPlan:
+    total = len(order)
+    padded = np.resize(order, kept)  # wraps around: duplicates of the epoch's first (shuffled) samples
+    size, rounds = spec.batch_size, kept // (spec.batch_size * dp_world_size)
+    # This rank's share of micro-batch round i: global positions i*B*W + r*B ... + B - 1.
+    positions = (np.arange(rounds)[:, None] * size * dp_world_size + dp_rank * size + np.arange(size)).reshape(-1)
+    is_pad = positions >= total
+    batches = [Batch(np.arange(i * size, (i + 1) * size), is_pad[i * size : (i + 1) * size]) for i in range(rounds)]
+    return EpochPlan(padded[positions], is_pad, batches, positions // spec.shuffle_window)
+
+
+def samples_to_batches(samples: int, spec: BatchSpec, dp_world_size: int) -> tuple[int, int]:
+    """Fixed batches: (micro-batches each rank has done, samples it leaves to repeat) for a position of
+    `samples` consumed of the epoch's global order (the micro-batch round is batch_size x ranks)."""
+    round_size = spec.batch_size * dp_world_size
+    return samples // round_size, samples % round_size
+
+
+def token_samples_done(shard_sizes: Sequence[int], lengths: np.ndarray, spec: BatchSpec, *, seed: int, epoch: int,
+                       batches: int, dp_world_size: int) -> tuple[int, int]:
+    """Token budgets: (real samples of `epoch` in the first `batches` batches of every one of
+    `dp_world_size` ranks, real samples of the epoch that are trained on)."""
+    done = total = 0
+    for rank in range(dp_world_size):
+        plan = plan_epoch(shard_sizes, lengths, spec, seed=seed, epoch=epoch, dp_rank=rank, dp_world_size=dp_world_size)
+        for index, batch in enumerate(plan.batches):
+            real = int((~batch.is_pad).sum())
+            total += real
+            done += real if index < batches else 0
+    return done, total
 
 
 def _token_batches(ids, is_pad, lengths, spec: BatchSpec, seed: int, epoch: int, rank: int) -> list[Batch]:
