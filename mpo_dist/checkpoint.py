@@ -3,17 +3,25 @@
 A checkpoint is a folder `checkpoints/step-00000100/` holding DCP files plus `checkpoint.json`.
 It is written as `step-00000100.tmp/` and renamed by rank 0 only after every rank has finished
 and the metadata is written, so a crash during a save never leaves something that looks complete
-and never touches the previous checkpoint. The newest complete ones are kept (`checkpoint.keep`).
+and never touches the previous checkpoint. The newest complete ones are kept (`checkpoint.keep`), and
+older ones are pruned only once the new one is complete. `Checkpointer.resume` loads the newest
+intact one, passing over (with a warning) one whose files were damaged after it was completed.
 
 What is saved is handed in by name as Stateful objects; the checkpointer never looks inside them.
 Global state (model, optimizer, scheduler, train state) is shared by all ranks and resharded by
-DCP when the world size changes. Rank-local state (data loader position, RNG) is saved per
-data-parallel rank as bytes; it can only be restored at the same data-parallel size.
+DCP when the world size changes (the data loaders' positions are global too: see data/dataset.py).
+Rank-local state (RNG) is saved per data-parallel rank as tensors under `NAME/dp_rank_R`; it is
+restored only at the same data-parallel size.
+
+Nothing in a checkpoint runs code on load: DCP's `.metadata` pickle is read under an allowlist of
+DCP's own metadata types (`dcp_reader.SafeFileSystemReader`), rank-local state is tensors (ints
+and floats become 0-d tensors), and the plain values DCP stores for shared state (train-state
+counters, optimizer hyper-parameters, the schedule) are read with `torch.load(weights_only=True)`
+(`SafeLoadPlanner`), which builds only tensors and plain containers.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import re
@@ -23,11 +31,15 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from mpo_dist.distributed import barrier, has_process_group, world_size
-from mpo_dist.errors import MissingInputError
+from mpo_dist.dcp_reader import SafeFileSystemReader
+from mpo_dist.distributed import all_ranks_succeeded, barrier, has_process_group, world_size
+from mpo_dist.errors import InputError, MissingInputError
 
 INFO_NAME = "checkpoint.json"
 HF_FILES_DIR = "hf"  # config.json, generation config and tokenizer: what conversion to Hugging Face needs
@@ -51,7 +63,7 @@ class ModelOptimizerState(Stateful):
 
 
 class RNGState(Stateful):
-    """This process's torch (CPU and CUDA) RNG state."""
+    """This process's torch (CPU and CUDA) RNG state: uint8 tensors (no pickle)."""
 
     def state_dict(self) -> dict[str, Any]:
         state = {"cpu": torch.get_rng_state()}
@@ -61,8 +73,66 @@ class RNGState(Stateful):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["cpu"])
-        if "cuda" in state and torch.cuda.is_available():
+        if "cuda" in state and torch.cuda.is_available():  # a checkpoint written on CPU has none
             torch.cuda.set_rng_state(state["cuda"])
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, except that the non-tensor values DCP stores (it writes them with
+    torch.save) are read with `torch.load(weights_only=True)`: tensors and plain containers only,
+    never code. (DCP's `.metadata` is read by `SafeFileSystemReader`, under an allowlist.)"""
+
+    def load_bytes(self, read_item, value) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def _as_tensors(state: dict[str, Any], what: str) -> dict[str, Any]:
+    """Rank-local state for DCP: tensors as they are, ints, floats and bools as 0-d tensors, dicts
+    recursively; anything else (which DCP would pickle) is refused."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out[key] = _as_tensors(value, f"{what}.{key}")
+        elif isinstance(value, torch.Tensor):
+            out[key] = value
+        elif isinstance(value, (bool, int, float)):
+            out[key] = torch.tensor(value)
+        else:
+            raise TypeError(f"rank-local state {what}.{key} is a {type(value).__name__}: only tensors, ints, floats "
+                            "and bools are saved (nothing is pickled)")
+    return out
+
+
+def _like(template: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any]:
+    """`loaded` (tensors, as read) with the plain types of `template` (the state_dict it was saved from)."""
+    out: dict[str, Any] = {}
+    for key, value in loaded.items():
+        kind = template[key]
+        if isinstance(kind, dict):
+            out[key] = _like(kind, value)
+        elif isinstance(kind, torch.Tensor):
+            out[key] = value
+        else:
+            out[key] = type(kind)(value.item())
+    return out
+
+
+def _present(template: dict[str, Any], prefix: str, stored: set[str]) -> dict[str, Any]:
+    """The entries of `template` (flattened by DCP as PREFIX.KEY...) that the checkpoint holds."""
+    out: dict[str, Any] = {}
+    for key, value in template.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            found = _present(value, name, stored)
+            if found:
+                out[key] = found
+        elif name in stored:
+            out[key] = value
+    return out
 
 
 def step_folder(root: Path, step: int) -> Path:
@@ -70,11 +140,54 @@ def step_folder(root: Path, step: int) -> Path:
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first (temp folders of crashed saves are ignored)."""
+    """Complete checkpoints under `root`, oldest first (temp folders of crashed saves are ignored).
+    Complete means renamed from its temp folder, with its checkpoint.json; whether its files are
+    intact is `checkpoint_problem`'s question, asked when one is loaded."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / INFO_NAME).is_file()]
     return sorted(found, key=lambda p: p.name)
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """What makes a complete checkpoint unloadable, in a few words, or None when it looks intact.
+
+    Cheap (no tensor is read): checkpoint.json parses, DCP's `.metadata` loads (under the allowlist
+    of `SafeFileSystemReader`), and every byte range it lists lies within its
+    `.distcp` file: a truncated, zero-byte or missing data file is found here. Bits flipped inside a
+    tensor are not (there are no checksums); a load that fails is caught by `Checkpointer.resume`.
+    """
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / INFO_NAME).read_text())
+        int(info["step"]), int(info["dp_world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{INFO_NAME} cannot be read ({type(error).__name__}: {error})"
+    try:
+        metadata = SafeFileSystemReader(str(folder)).read_metadata()
+        ranges = list(metadata.storage_data.values())
+    except Exception as error:  # unpickling a damaged file raises almost anything
+        return f".metadata cannot be read ({type(error).__name__}: {error})"
+    sizes: dict[str, int] = {}
+    for item in ranges:
+        name = item.relative_path
+        if name not in sizes:
+            try:
+                sizes[name] = (folder / name).stat().st_size
+            except OSError:
+                return f"{name} is missing"
+        if sizes[name] < item.offset + item.length:
+            return f"{name} is truncated ({sizes[name]} bytes, the metadata needs {item.offset + item.length})"
+    return None
+
+
+class DamagedCheckpointError(InputError):
+    """A checkpoint folder that cannot be loaded: files truncated, missing or unreadable."""
+
+
+# What a damaged file makes dcp.load (which wraps them in CheckpointException, a BaseException) or
+# unpickling raise; anything else (a bug) propagates with its traceback.
+_LOAD_ERRORS = (CheckpointException, pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError)
 
 
 def read_info(folder: Path) -> dict[str, Any]:
@@ -108,46 +221,149 @@ class Checkpointer:
         barrier()
         payload: dict[str, Any] = {name: state.state_dict() for name, state in states.items()}
         for name, state in rank_local.items():
-            payload[self._rank_key(name, self.dp_rank)] = io.BytesIO(pickle.dumps(state.state_dict()))
+            key = self._rank_key(name, self.dp_rank)
+            payload[key] = _as_tensors(state.state_dict(), key)  # tensors only: nothing to unpickle on load
         dcp.save(payload, checkpoint_id=str(tmp), no_dist=not has_process_group())
+        # dcp.save fails on every rank together (it gathers the ranks' results); rank 0's completion
+        # below fails alone, so the ranks agree on it before anything is pruned.
+        error = None
         if self.rank == 0:
-            info = {"step": step, "dp_world_size": self.dp_world_size,
-                    "world_size": world_size(),
-                    "rank_local": sorted(rank_local)}
-            if write_extra is not None:
-                write_extra(tmp)
-            (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            self._prune()
+            try:
+                self._complete(tmp, final, {"step": step, "dp_world_size": self.dp_world_size,
+                                            "world_size": world_size(), "rank_local": sorted(rank_local)}, write_extra)
+            except Exception as caught:
+                error = caught
+        if not all_ranks_succeeded(error is None):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"checkpoint {final}: completing the save failed on rank 0 (see its error); "
+                               "the previous checkpoints are kept")
+        if self.rank == 0:
+            self._prune(final)
         barrier()
         return final
 
-    def _prune(self) -> None:
-        for old in complete_checkpoints(self.root)[: -self.keep]:
+    def _complete(self, tmp: Path, final: Path, info: dict[str, Any], write_extra: Callable[[Path], None] | None) -> None:
+        """Side files and checkpoint.json into `tmp`, then rename it to `final` (rank 0)."""
+        if write_extra is not None:
+            write_extra(tmp)
+        (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
+        replaced = final.with_name(final.name + ".replaced")  # not a step folder: ignored if a crash leaves it
+        if final.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+            final.rename(replaced)
+        tmp.rename(final)
+        shutil.rmtree(replaced, ignore_errors=True)
+
+    def _prune(self, newest: Path) -> None:
+        """Delete all but the newest `keep` complete checkpoints, and only once `newest` (the one just
+        written) is among them: a save that did not complete never costs an older checkpoint. Ones of
+        later steps than `newest` (left by a run resumed past a damaged checkpoint) neither count nor
+        go: each is replaced when the run saves its step again."""
+        found = complete_checkpoints(self.root)
+        if newest not in found:
+            self.log(f"mpo_dist: WARNING: {newest} is not a complete checkpoint after its save; nothing pruned")
+            return
+        up_to_newest = [p for p in found if p.name <= newest.name]
+        for old in up_to_newest[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
 
+    def resume(self, resume: str | Path, states: dict[str, Stateful],
+               rank_local: dict[str, Stateful]) -> tuple[Path | None, dict[str, Any]]:
+        """Load the checkpoint `resume` names (checkpoint.resume: "auto" or a folder); returns the
+        folder loaded (None: nothing to resume with "auto") and `load`'s info.
+
+        "auto" tries the complete checkpoints newest first and skips a damaged one with a warning
+        naming it, so a save spoilt after its completion (a truncated or zero-byte .distcp, an
+        unreadable .metadata) costs the steps since the previous one, not the run. When every one is
+        damaged, or a folder named explicitly is, a DamagedCheckpointError (an InputError) names it.
+        All ranks decide together (`all_ranks_succeeded`): dcp.load is a collective."""
+        if str(resume) != "auto":
+            folder = Path(resume)
+            if not (folder / INFO_NAME).is_file():
+                read_info(folder)  # not a complete checkpoint at all: its own message
+            problem = self._try_load(folder, states, rank_local)
+            if isinstance(problem, str):
+                raise DamagedCheckpointError(f"checkpoint.resume={folder}: this checkpoint is damaged ({problem}); "
+                                             "resume from another checkpoint, or set checkpoint.resume=none")
+            return folder, problem
+        candidates = complete_checkpoints(self.root)[::-1]
+        damaged = []
+        for folder in candidates:
+            outcome = self._try_load(folder, states, rank_local)
+            if not isinstance(outcome, str):
+                return folder, outcome
+            damaged.append(folder)
+            self.log(f"mpo_dist: WARNING: checkpoint {folder} is damaged ({outcome}); "
+                     + ("trying the previous one" if folder != candidates[-1] else "no older checkpoint is left"))
+        if damaged:
+            raise DamagedCheckpointError(
+                f"checkpoint.resume=auto: every checkpoint under {self.root} is damaged "
+                f"({', '.join(p.name for p in damaged)}); move them away to start fresh, or set checkpoint.resume=none")
+        return None, {}
+
+    def _try_load(self, folder: Path, states: dict[str, Stateful], rank_local: dict[str, Stateful]) -> dict[str, Any] | str:
+        """`load`'s info, or what is wrong with `folder` when any rank found it damaged (on the ranks
+        that did not, a message saying so). Every rank calls it."""
+        problem = checkpoint_problem(folder)
+        if not all_ranks_succeeded(problem is None):
+            return problem or "damaged as seen from another rank"
+        try:
+            info = self.load(folder, states, rank_local)
+        except _LOAD_ERRORS as error:
+            problem = _short_error(error)
+        if not all_ranks_succeeded(problem is None):
+            return problem or "loading failed on another rank"
+        return info
+
     def load(self, folder: str | Path, states: dict[str, Stateful], rank_local: dict[str, Stateful]) -> dict[str, Any]:
-        """Load everything; rank-local state only when the data-parallel size is the same.
-        Returns the checkpoint's info, with `rank_local_restored` telling which happened."""
+        """Load everything the checkpoint holds; rank-local state only when the data-parallel size is
+        the same. Nothing but DCP's `.metadata` is unpickled (`SafeLoadPlanner`). Returns the
+        checkpoint's info, with `rank_local_restored` (all of this rank's rank-local state was
+        restored) and `missing`: the names of states the checkpoint does not hold (left as they are;
+        e.g. state an older version stored as a pickle, which is never read)."""
         folder = Path(folder)
         info = read_info(folder)
-        payload: dict[str, Any] = {name: state.state_dict() for name, state in states.items()}
+        stored = set(SafeFileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+        present = {name: state for name, state in states.items()
+                   if any(key == name or key.startswith(name + ".") for key in stored)}
+        missing = [name for name in states if name not in present]
+        payload: dict[str, Any] = {name: state.state_dict() for name, state in present.items()}
         same_dp = info["dp_world_size"] == self.dp_world_size
-        if same_dp:
-            for name in rank_local:
-                payload[self._rank_key(name, self.dp_rank)] = io.BytesIO()
-        dcp.load(payload, checkpoint_id=str(folder), no_dist=not has_process_group())
-        for name, state in states.items():
-            state.load_state_dict(payload[name])
+        templates: dict[str, dict[str, Any]] = {}
         if same_dp:
             for name, state in rank_local.items():
-                buffer = payload[self._rank_key(name, self.dp_rank)]
-                buffer.seek(0)
-                state.load_state_dict(pickle.loads(buffer.read()))
-        return {**info, "rank_local_restored": same_dp}
+                key = self._rank_key(name, self.dp_rank)
+                templates[name] = state.state_dict()
+                found = _present(_as_tensors(templates[name], key), key, stored)
+                if found:
+                    payload[key] = found
+                else:
+                    missing.append(key)
+        dcp.load(payload, storage_reader=SafeFileSystemReader(str(folder)), planner=SafeLoadPlanner(),
+                 no_dist=not has_process_group())
+        for name, state in present.items():
+            state.load_state_dict(payload[name])
+        for name, state in rank_local.items():
+            key = self._rank_key(name, self.dp_rank)
+            if key in payload:
+                state.load_state_dict(_like(templates[name], payload[key]))
+        restored = same_dp and not any(key.startswith(f"{name}/") for name in rank_local for key in missing)
+        return {**info, "rank_local_restored": restored, "missing": missing}
+
+
+def _short_error(error: BaseException) -> str:
+    """One line for a load failure: DCP's CheckpointException holds the ranks' tracebacks; keep their last lines."""
+    if isinstance(error, CheckpointException):
+        causes = [_one_line(failure[0]) for failure in error.failures.values()]
+        return "loading failed: " + ("; ".join(dict.fromkeys(causes)) or "CheckpointException")
+    return f"loading failed: {_one_line(error)}"
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

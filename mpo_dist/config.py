@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -101,6 +102,10 @@ class DataConfig:
     padding_side: Literal["right", "left"] = opt("right", "side on which sequences are padded")
     pad_to_multiple_of: int = opt(1, "round padded lengths up to a multiple of this")
     dref_batch_size: int = opt(8, "D_ref samples per micro-batch per rank")
+    preflight: bool = opt(True, "before step 1, read every shard once (split over the ranks) and check it: tar members "
+                                "against the manifest, checksums, token ids, finite log-probs, keys in lockstep")
+    reference_dtype_mismatch: Literal["warn", "error"] = opt(
+        "warn", "reference or D_ref log-probs computed in another dtype than model.dtype: warn, or refuse")
 
     def validate(self) -> None:
         _check(bool(self.pairs), "data.pairs", "is required (a folder of pairs shards)", self.pairs)
@@ -159,12 +164,15 @@ class TrainingConfig:
                                     "accumulation; 0: data.batch_size x ranks x training.grad_accum")
     grad_accum: int = opt(1, "micro-batches per optimizer step, when training.global_batch_size is 0")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    max_nonfinite_steps: int = opt(10, "stop with an error after this many steps in a row whose loss or gradient "
+                                       "norm is NaN or inf (each such step is skipped: no update); 1: at the first")
 
     def validate(self) -> None:
         _check(self.steps >= 1, "training.steps", "must be >= 1", self.steps)
         _check(self.global_batch_size >= 0, "training.global_batch_size", "must be >= 0", self.global_batch_size)
         _check(self.grad_accum >= 1, "training.grad_accum", "must be >= 1", self.grad_accum)
         _check(self.max_grad_norm >= 0, "training.max_grad_norm", "must be >= 0 (0 disables)", self.max_grad_norm)
+        _check(self.max_nonfinite_steps >= 1, "training.max_nonfinite_steps", "must be >= 1", self.max_nonfinite_steps)
 
 
 @dataclass
@@ -208,6 +216,14 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self) -> None:
+        # NaN passes no range check and inf passes most (loss.beta=inf turns every weight NaN in a step):
+        # every float option must be finite, checked first so the message says so.
+        for section in fields(self):
+            for f in fields(section.type):
+                value = getattr(getattr(self, section.name), f.name)
+                if f.type is float or f.type == list[float]:
+                    _check(all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])),
+                           f"{section.name}.{f.name}", "must be finite (not NaN or inf)", value)
         for f in fields(self):
             getattr(self, f.name).validate()
         # Checks that span sections.

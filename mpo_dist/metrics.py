@@ -37,7 +37,9 @@ _CONSOLE_FIELDS = [
     ("reward/p", "p", "{:.3f}"), ("loss/dref_kl", "kl(ref|pol)", "{:.3f}"), ("optim/lr", "lr", "{:.2e}"),
     ("optim/grad_norm", "gnorm", "{:.3f}"), ("throughput/tokens_per_s", "tok/s", "{:,.0f}"),
     ("throughput/mfu", "mfu", "{:.1%}"), ("memory/peak_gib", "mem GiB", "{:.2f}"),
+    ("optim/skipped_steps", "skipped", "{:.0f}"),
 ]
+_CONSOLE_IF_NONZERO = {"optim/skipped_steps"}  # shown only once something happened
 
 # Peak dense bf16 TFLOP/s per device, for MFU when metrics.peak_tflops is 0.
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
@@ -86,7 +88,9 @@ class StepWindow:
 
     `summed` metrics are this rank's shares of global values (summed over ranks they give the global
     value); `replicated` ones are equal on every rank (the clipped gradient norm) and are not summed.
-    Counts (real tokens, padded tokens, rows) are host numbers known without a device sync.
+    Counts (real tokens, padded tokens, rows) are host numbers known without a device sync. A step
+    whose update was skipped (non-finite loss or gradient norm) adds its counts but not its metrics,
+    so one NaN step does not make the window's means NaN; the means are over the other steps.
     """
 
     def __init__(self):
@@ -100,13 +104,15 @@ class StepWindow:
         self.start = time.monotonic()
 
     def add_step(self, summed: dict[str, torch.Tensor], replicated: dict[str, torch.Tensor],
-                 tokens: int, padded_tokens: int, rows: int) -> None:
-        for target, values in ((self.summed, summed), (self.replicated, replicated)):
-            for name, value in values.items():
-                target[name] = target.get(name, 0) + value.detach()
+                 tokens: int, padded_tokens: int, rows: int, skipped: bool = False) -> None:
         self.tokens += tokens
         self.padded_tokens += padded_tokens
         self.rows += rows
+        if skipped:
+            return
+        for target, values in ((self.summed, summed), (self.replicated, replicated)):
+            for name, value in values.items():
+                target[name] = target.get(name, 0) + value.detach()
         self.steps += 1
 
     def reduce(self, device: torch.device) -> dict[str, float]:
@@ -178,7 +184,8 @@ class MetricLogger:
         done = (step - self.start_step) / max(self.total_steps - self.start_step, 1)
         eta = elapsed / max(done, 1e-9) * (1 - done) if step > self.start_step else math.nan
         parts = [f"step {step}/{self.total_steps}"]
-        parts += [f"{label} {fmt.format(values[name])}" for name, label, fmt in _CONSOLE_FIELDS if name in values]
+        parts += [f"{label} {fmt.format(values[name])}" for name, label, fmt in _CONSOLE_FIELDS
+                  if name in values and (values[name] or name not in _CONSOLE_IF_NONZERO)]
         parts.append(f"eta {_duration(eta)}")
         return " | ".join(parts)
 

@@ -5,11 +5,14 @@ micro-batch each), runs one forward per micro-batch over chosen + rejected + D_r
 weights every real pair by 1 / (real pairs in the global batch); gradients are summed over ranks
 (parallelize.py), so the gradient is that of the exact global mean whatever the world size,
 accumulation or padding. No reference model is loaded: reference log-probs come from the shards.
-Host syncs happen only at logging steps.
+Host syncs: one per step for the finite-value guard (a step whose global loss or gradient norm is
+NaN or inf is skipped, and too many in a row stop the run), the rest at logging steps only.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +24,22 @@ from mpo_dist.config import Config, grad_accum_for, save_config
 from mpo_dist.convert import export_hf, write_hf_files
 from mpo_dist.data.collate import stack_rows
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
-from mpo_dist.distributed import all_reduce_sum, device_for, init_distributed, log_main
+from mpo_dist.data.preflight import check_training_inputs
+from mpo_dist.distributed import all_ranks_succeeded, all_reduce_sum, device_for, init_distributed, log_main
 from mpo_dist.logprobs import sequence_logprobs
 from mpo_dist.losses import build_loss
 from mpo_dist.metrics import MetricLogger, StepWindow, flops_per_token, mfu, peak_memory_bytes, peak_tflops
 from mpo_dist.model import build_model, count_parameters, load_model_config, materialize_model
 from mpo_dist.optim import build_lr_scheduler, build_optimizer
 from mpo_dist.parallelize import apply_fsdp, build_mesh
+from mpo_dist.run_lock import OutputDirLockedError, RunLock
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
 MicroBatch = tuple[dict, "dict | None"]  # (pairs, D_ref or None)
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or inf that skipping steps did not cure (not an input error: a traceback)."""
 
 
 class Trainer(Stateful):
@@ -45,11 +54,20 @@ class Trainer(Stateful):
         self.pairs_seen, self.tokens_seen, self._local_pairs, self._local_tokens = 0, 0, 0, 0
         self.epochs = {"pairs": 0, "dref": 0}  # epoch of the last batch taken from each stream
         self.epoch_progress = 0.0  # epochs of pairs done, as a fraction
+        # The finite-value guard (train_step): updates skipped so far, and how many of the last steps in a row.
+        self.skipped_steps, self.nonfinite_in_a_row, self.last_step_skipped = 0, 0, False
+        self.run_lock: RunLock | None = None
+        self._take_run_lock()  # before any input is opened (a refused run builds nothing) or anything written
 
         # Everything that can be wrong with the inputs is checked here, on every rank, before the model is built.
         self.dp_rank, self.dp_world_size = self.info.rank, self.info.world_size  # all ranks are data-parallel
         self.grad_accum = grad_accum_for(config, self.dp_world_size)
         model_config = load_model_config(config.model)
+        uses_dref = config.loss.name == "mpo" and config.loss.tau > 0
+        check_training_inputs(config.data.pairs, config.data.reference or None, config.data.dref if uses_dref else None,
+                              vocab_size=model_config.vocab_size, model_dtype=config.model.dtype, rank=self.info.rank,
+                              world_size=self.info.world_size, preflight=config.data.preflight,
+                              on_dtype_mismatch=config.data.reference_dtype_mismatch, log=log_main)
         self.pair_loader = build_pair_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
                                              dp_world_size=self.dp_world_size, pad_token_id=0, num_epochs=None)
         pairs = self.pair_loader.manifest
@@ -60,7 +78,7 @@ class Trainer(Stateful):
                                                       f"(--tokenizer {config.model.path or 'DIR'})")
         self.pad_token_id = int(pairs.info.get("tokenizer", {}).get("pad_token_id") or 0)
         self.dref_loader = None
-        if config.loss.name == "mpo" and config.loss.tau > 0:
+        if uses_dref:
             self.dref_loader = build_dref_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
                                                  dp_world_size=self.dp_world_size, pad_token_id=self.pad_token_id,
                                                  tokenizer_hash=pairs.tokenizer_hash)
@@ -89,16 +107,31 @@ class Trainer(Stateful):
                  f"parameters on {self.info.world_size} x {self.device.type}, {config.loss.name} loss, {self.grad_accum} "
                  f"micro-batches of {config.data.batch_size} pairs per rank per step, {config.training.steps} steps")
 
+    def _take_run_lock(self) -> None:
+        """Rank 0 takes job.output_dir's run lock (run_lock.py); every rank learns the outcome (a collective)."""
+        error = None
+        if self.info.is_main:
+            try:
+                self.run_lock = RunLock(self.output_dir, log=log_main)
+                self.run_lock.acquire()
+            except Exception as caught:  # refused, or the folder cannot be written
+                error = caught
+        if not all_ranks_succeeded(error is None):
+            raise error or OutputDirLockedError(f"job.output_dir {self.output_dir}: rank 0 could not take the run lock "
+                                                "(see its error)")
+
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         pairs, tokens = self._progress()
         return {"step": self.step, "tokens_seen": tokens, "pairs_seen": pairs,
-                "pairs_epoch": self.epochs["pairs"], "dref_epoch": self.epochs["dref"]}
+                "pairs_epoch": self.epochs["pairs"], "dref_epoch": self.epochs["dref"],
+                "skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen, self.pairs_seen = int(state["step"]), int(state["tokens_seen"]), int(state["pairs_seen"])
         self.epochs = {"pairs": int(state["pairs_epoch"]), "dref": int(state["dref_epoch"])}
+        self.skipped_steps, self.nonfinite_in_a_row = int(state["skipped_steps"]), int(state["nonfinite_in_a_row"])
         self._local_pairs = self._local_tokens = 0
 
     def _progress(self) -> tuple[int, int]:
@@ -107,31 +140,46 @@ class Trainer(Stateful):
         return self.pairs_seen + int(local[0]), self.tokens_seen + int(local[1])
 
     def _checkpoint_states(self) -> tuple[dict[str, Stateful], dict[str, Stateful]]:
+        # The loaders' positions are global (equal on every rank: int64 tensors), so they are shared
+        # state and follow to any world size; only the RNG is per rank.
         shared = {"model_optimizer": ModelOptimizerState(self.model, self.optimizer),
-                  "scheduler": self.scheduler, "train_state": self}
-        rank_local: dict[str, Stateful] = {"pair_loader": self.pair_loader, "rng": RNGState()}
+                  "scheduler": self.scheduler, "train_state": self, "pair_loader": self.pair_loader}
         if self.dref_loader is not None:
-            rank_local["dref_loader"] = self.dref_loader
+            shared["dref_loader"] = self.dref_loader
+        rank_local: dict[str, Stateful] = {"rng": RNGState()}
         return shared, rank_local
 
     def _resume(self) -> None:
+        # Fixed batches: every epoch is whole steps of grad_accum micro-batches per rank, so a step
+        # takes the same samples at any world size (the same global batch) and positions convert.
+        for loader in (self.pair_loader, self.dref_loader):
+            if loader is not None:
+                loader.set_micro_batches_per_step(self.grad_accum)
         resume = self.config.checkpoint.resume
         if resume == "none":
             return
-        folder = self.checkpointer.latest() if resume == "auto" else Path(resume)
+        folder, info = self.checkpointer.resume(resume, *self._checkpoint_states())  # "auto" skips damaged ones
         if folder is None:
             return
-        info = self.checkpointer.load(folder, *self._checkpoint_states())
         log_main(f"mpo_dist: resumed from {folder} at step {self.step}")
-        if not info["rank_local_restored"]:
-            # The position within an epoch is per rank; the epoch is not: go on with the next one.
-            self.pair_loader.restart_at_epoch(self.epochs["pairs"] + 1)
-            if self.dref_loader is not None:
-                self.dref_loader.restart_at_epoch(self.epochs["dref"] + 1)
-            log_main(f"mpo_dist: WARNING: {folder} was written by {info['dp_world_size']} data-parallel ranks, now "
-                     f"{self.dp_world_size}: model, optimizer and schedule were resharded, but the data position is "
-                     f"per rank and cannot follow; data restarts at the beginning of epoch {self.epochs['pairs'] + 1} "
-                     f"(the rest of epoch {self.epochs['pairs']} is skipped)")
+        if info["dp_world_size"] != self.dp_world_size:
+            log_main(f"mpo_dist: {folder} was written by {info['dp_world_size']} data-parallel ranks, now "
+                     f"{self.dp_world_size}: model, optimizer and schedule were resharded; the RNG state is per rank "
+                     f"and is not restored (every rank goes on from job.seed's; dropout is off, so training does not "
+                     f"depend on it)")
+        for name, loader, what in (("pair_loader", self.pair_loader, "pairs"), ("dref_loader", self.dref_loader, "dref")):
+            if loader is None:
+                continue
+            if loader.resume_error is not None:
+                raise loader.resume_error
+            if name in info.get("missing", ()):
+                # An older checkpoint: its per-rank positions are pickles, never read. Go on with the next epoch.
+                loader.restart_at_epoch(self.epochs[what] + 1)
+                log_main(f"mpo_dist: WARNING: {folder} holds no global {what} data position (written by an older "
+                         f"mpo_dist, which pickled it per rank; it is not read): {what} data restarts at the beginning "
+                         f"of epoch {self.epochs[what] + 1} (the rest of epoch {self.epochs[what]} is skipped)")
+            elif loader.resume_note is not None:
+                log_main(f"mpo_dist: {what} data position {loader.resume_note}")
 
     def save_checkpoint(self) -> Path:
         folder = self.checkpointer.save(
@@ -170,8 +218,30 @@ class Trainer(Stateful):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
+        # The finite-value guard. Deciding needs the global loss and gradient norm on the host: one
+        # small all-reduce and this step's one host sync (.tolist()), the only one outside logging
+        # steps, accepted so that no NaN or inf ever reaches the weights. Every rank gets the same two
+        # numbers (the norm is global already), so every rank decides alike.
+        loss_share = sums["loss"].detach().float().reshape(1).clone()
+        loss_value, norm_value = torch.cat([all_reduce_sum(loss_share), grad_norm.detach().float().reshape(1)]).tolist()
+        self.last_step_skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+        if self.last_step_skipped:
+            # No optimizer step: parameters and optimizer state (moments, step count) stay as they were.
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+            log_main(f"mpo_dist: WARNING: step {self.step + 1}: non-finite loss {loss_value} or gradient norm "
+                     f"{norm_value}; update skipped ({self.nonfinite_in_a_row} in a row, "
+                     f"training.max_nonfinite_steps={self.config.training.max_nonfinite_steps})")
+        else:
+            self.optimizer.step()
+            self.nonfinite_in_a_row = 0
+        # The schedule steps on a skipped step too: it is a function of the step count, which counts
+        # the batches consumed, skipped or not; so the learning rate of step N is the same with or
+        # without earlier skips, the schedule still ends at training.steps, and scheduler.last_epoch
+        # stays equal to the saved step. (torch warns when it steps before any optimizer step.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return sums, {"grad_norm": grad_norm.detach()}
 
@@ -207,11 +277,20 @@ class Trainer(Stateful):
                              for _ in range(self.grad_accum)]
             summed, replicated = self.train_step(micro_batches)
             self.step += 1
-            window.add_step(summed, replicated, *self._count(micro_batches))
-            if self.step % config.metrics.log_interval == 0 or self.step in (1, total):
+            window.add_step(summed, replicated, *self._count(micro_batches), skipped=self.last_step_skipped)
+            stop = self.nonfinite_in_a_row >= config.training.max_nonfinite_steps
+            if self.step % config.metrics.log_interval == 0 or self.step in (1, total) or stop:
                 self._log(window.reduce(self.device))
                 window.reset()
+            if stop:
+                raise NonFiniteError(
+                    f"step {self.step}: the loss or gradient norm was NaN or inf in {self.nonfinite_in_a_row} steps in "
+                    f"a row (training.max_nonfinite_steps={config.training.max_nonfinite_steps}); each update was "
+                    f"skipped and the run stops here, its newest checkpoint being {self.checkpointer.latest() or 'none'}. "
+                    "Find what makes the loss non-finite (the inputs, optim.lr, loss.beta), or raise "
+                    "training.max_nonfinite_steps")
             if (config.checkpoint.interval and self.step % config.checkpoint.interval == 0) or self.step == total:
+                self._refuse_non_finite_state()
                 folder = self.save_checkpoint()
         if config.checkpoint.export_hf:
             export_hf(folder, self.output_dir / "hf", config.checkpoint.export_dtype, log=log_main)
@@ -230,6 +309,7 @@ class Trainer(Stateful):
             "throughput/padding": 1 - tokens / max(padded, 1),
             "memory/peak_gib": peak_memory_bytes(self.device) / 2**30,
             "progress/epoch": self.epoch_progress, "progress/pairs_seen": pairs_seen, "progress/tokens_seen": tokens_seen,
+            "optim/skipped_steps": self.skipped_steps,  # cumulative over the run, resumes included
         }
         if self._peak_tflops:
             model_config = self.model.config
@@ -238,6 +318,23 @@ class Trainer(Stateful):
             out["throughput/mfu"] = mfu(per_token, padded, seconds, self.info.world_size, self._peak_tflops)
         self.metrics.write(self.step, out)
 
+    def _refuse_non_finite_state(self) -> None:
+        """Raise NonFiniteError, saving nothing, when a parameter or optimizer-state tensor holds NaN or
+        inf on any rank (a collective; at checkpoint steps only). Skipped steps never get there; an
+        update that overflowed with a finite gradient could. Saving it would let pruning delete the
+        last finite checkpoint."""
+        tensors = list(self.model.parameters())
+        tensors += [value for state in self.optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+        local = [torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors if t.is_floating_point()]
+        finite = bool(torch.stack(local).all()) if local else True
+        if not all_ranks_succeeded(finite):
+            raise NonFiniteError(
+                f"step {self.step}: the parameters or optimizer state hold NaN or inf; no checkpoint is saved, so the "
+                f"newest one ({self.checkpointer.latest() or 'none'}) stays the last finite one. Lower optim.lr or "
+                "set training.max_grad_norm, and resume from it")
+
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+        if self.run_lock is not None:
+            self.run_lock.release()

@@ -138,3 +138,19 @@ def toy_overrides(toy: dict, out: Path, **extra) -> list[str]:
     values = {"job.output_dir": out, "model.path": toy["model"], "data.pairs": toy["pairs"],
               "data.reference": toy["reference"], "data.dref": toy["dref"], "metrics.log_interval": 1, **extra}
     return [f"{key}={value}" for key, value in values.items()]
+
+
+def flat_checkpoint(folder: Path, tmp_path: Path) -> dict:
+    """A DCP checkpoint folder as one flat {dotted.name: value} dict (via a torch.save copy in tmp_path)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = tmp_path / f"{folder.parent.parent.name}-{folder.name}.pt"
+    dcp_to_torch_save(str(folder), str(target))
+
+    def flatten(value, prefix=""):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: value}
+
+    return flatten(torch.load(target, weights_only=False))

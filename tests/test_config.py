@@ -239,3 +239,30 @@ def test_global_batch_that_does_not_divide_names_the_options(global_batch, ranks
     with pytest.raises(ConfigError, match=rf"training.global_batch_size={global_batch} is not a multiple of "
                                           rf"data.batch_size \(8\) x data-parallel ranks \({ranks}\)"):
         grad_accum_for(config, ranks)
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("loss.beta=inf", "inf"), ("loss.beta=nan", "nan"), ("loss.beta=.inf", "inf"), ("loss.tau=inf", "inf"),
+    ("optim.lr=inf", "inf"), ("optim.lr=-.inf", "-inf"), ("optim.eps=nan", "nan"), ("optim.weight_decay=inf", "inf"),
+    ("optim.betas=[0.9, .nan]", "[0.9, nan]"), ("training.max_grad_norm=inf", "inf"),
+    ("metrics.peak_tflops=nan", "nan"), ("optim.min_lr_ratio=nan", "nan"),
+])
+def test_non_finite_float_options_are_config_errors(override, shown):
+    """NaN passes no range check and inf passes most: every float option must be finite (a NaN or
+    inf hyper-parameter makes the loss non-finite from the first step)."""
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(str(TINY), [override])
+    assert str(e.value) == f"{key} must be finite (not NaN or inf), got {shown} (command line)"
+
+
+def test_label_smoothing_nan_is_a_config_error():
+    with pytest.raises(ConfigError, match=re.escape("loss.label_smoothing must be finite (not NaN or inf), got nan")):
+        load_config(str(TINY), ["loss.name=dpo", "loss.tau=0", "loss.label_smoothing=nan"])
+
+
+def test_max_nonfinite_steps_defaults_to_10_and_must_be_positive():
+    assert load_config(str(TINY)).training.max_nonfinite_steps == 10
+    assert load_config(str(TINY), ["training.max_nonfinite_steps=1"]).training.max_nonfinite_steps == 1
+    with pytest.raises(ConfigError, match=re.escape("training.max_nonfinite_steps must be >= 1, got 0 (command line)")):
+        load_config(str(TINY), ["training.max_nonfinite_steps=0"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, free_port, toy_overrides, train
+from conftest import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, flat_checkpoint, free_port, toy_overrides, train
 
 
 def logged(run: Path, name: str) -> list[float]:
@@ -21,20 +21,6 @@ def logged(run: Path, name: str) -> list[float]:
 
 def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def flat_checkpoint(folder: Path, tmp_path: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    target = tmp_path / f"{folder.parent.parent.name}-{folder.name}.pt"
-    dcp_to_torch_save(str(folder), str(target))
-
-    def flatten(value, prefix=""):
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: value}
-
-    return flatten(torch.load(target, weights_only=False))
 
 
 def test_two_process_mpo_learns_the_task(toy_inputs, tmp_path):
@@ -62,24 +48,35 @@ def test_resume_equals_uninterrupted_and_reshards(toy_inputs, tmp_path):
     assert "resumed from" in resumed.stdout and [r["step"] for r in records(tmp_path / "cut")] == [4, 5, 6]
     full = flat_checkpoint(tmp_path / "full" / "checkpoints" / "step-00000006", tmp_path)
     cut = flat_checkpoint(tmp_path / "cut" / "checkpoints" / "step-00000006", tmp_path)
-    tensors = [key for key, value in full.items() if isinstance(value, torch.Tensor)]
+    # (The RNG differs: the DataLoader draws its worker seed from it when the resumed run starts iterating.)
+    tensors = [key for key, value in full.items() if isinstance(value, torch.Tensor) and not key.startswith("rng/")]
     assert any(key.startswith("model_optimizer.model.") for key in tensors)
     assert any(".exp_avg_sq" in key for key in tensors)
     for key in tensors:  # model parameters and optimizer state, bitwise
         assert torch.equal(full[key], cut[key]), key
-    for rank in (0, 1):  # the same data was seen: identical loader positions
-        key = f"pair_loader/dp_rank_{rank}"
-        assert full[key].getvalue() == cut[key].getvalue()
+    positions = [key for key in full if key.startswith(("pair_loader.", "dref_loader."))]
+    assert "pair_loader.samples" in positions and "dref_loader.samples" in positions
+    for key in positions:  # the same data was seen: identical (global) loader positions
+        assert torch.equal(full[key], cut[key]), key
+    for rank in (0, 1):  # the RNG is per rank, as tensors (nothing pickled)
+        assert full[f"rng/dp_rank_{rank}.cpu"].dtype == torch.uint8
     assert full["train_state.step"] == cut["train_state.step"] == 6
     assert full["train_state.pairs_seen"] == cut["train_state.pairs_seen"]
 
-    # The same checkpoint at another world size: model and optimizer reshard, the data position cannot follow.
+    # The same checkpoint at another world size: model and optimizer reshard, and the data position
+    # (global) follows: the same global batch of 32 pairs per step, resumed at the next pair.
     (tmp_path / "one" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003", tmp_path / "one" / "checkpoints" / "step-00000003")
     single = train(*toy_overrides(toy_inputs, tmp_path / "one", **steps), nproc=1)
     assert "written by 2 data-parallel ranks, now 1" in single.stdout
-    assert "data restarts at the beginning of epoch 1" in single.stdout
-    assert records(tmp_path / "one")[-1]["step"] == 6
+    assert "96 samples (3 global batches of 32) of epoch 0 done; resumes exactly" in single.stdout
+    assert "data restarts" not in single.stdout
+    assert [r["step"] for r in records(tmp_path / "one")] == [4, 5, 6]
+    assert records(tmp_path / "one")[-1]["progress/pairs_seen"] == records(tmp_path / "full")[-1]["progress/pairs_seen"]
+    one = flat_checkpoint(tmp_path / "one" / "checkpoints" / "step-00000006", tmp_path)
+    for key in positions:
+        if not key.endswith(("dp_world_size", ".batches")):  # per-rank batches differ: 1 rank takes 2 per step
+            assert torch.equal(full[key], one[key]), key
 
 
 def test_crash_during_save_keeps_last_good_checkpoint(toy_inputs, tmp_path):
@@ -138,7 +135,7 @@ def test_stories260k_on_hh_rlhf_writes_every_metric(tmp_path, stories_inputs):
                 "throughput/tokens_per_s", "throughput/mfu", "memory/peak_gib"}
     assert expected <= tags, expected - tags
     assert [event.step for event in events.Scalars("loss/total")] == [1, 2, 3]
-    assert events.Scalars("progress/pairs_seen")[-1].value == 3 * 16  # global, no padding in 40 pairs on 2 x 4
+    assert events.Scalars("progress/pairs_seen")[-1].value == 40  # global: 40 real pairs, padded to 3 global batches of 16
     # Step 1 starts at the reference: in float32 the policy's log-probs equal the scored ones.
     assert abs(events.Scalars("reward/margin")[0].value) < 1e-3
     assert abs(events.Scalars("loss/dref_kl")[0].value) < 1e-3
@@ -185,3 +182,20 @@ def test_dpo_and_ipo_train_on_the_same_shards(toy_inputs, tmp_path, loss):
     train(*toy_overrides(toy_inputs, tmp_path / "run", **extra))
     accuracy = logged(tmp_path / "run", "reward/accuracy")
     assert len(accuracy) == 12 and max(accuracy[-3:]) > accuracy[0] + 0.2
+
+
+def test_reference_scored_on_other_pairs_is_refused_before_step_1(toy_inputs, tmp_path):
+    """Pairs re-prepared with other length limits (same tokenizer, keys and counts) against the
+    reference scored on the old ones: refused by its recorded pairs fingerprint, not trained on."""
+    from conftest import QUIET
+    from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
+
+    prepare_pairs(toy_inputs["root"] / "toy" / "pairs.jsonl", toy_inputs["model"], tmp_path / "pairs",
+                  PrepareOptions(samples_per_shard=300, max_length=48, max_prompt_length=24), log=QUIET)
+    result = train(*toy_overrides(toy_inputs, tmp_path / "run", **{"data.pairs": tmp_path / "pairs", "loss.tau": 0,
+                                                                    "data.dref": ""}), check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mpo_dist: error")]
+    assert len(errors) == 2 and all(f"data.reference {toy_inputs['reference']} was made from other pairs" in line
+                                    for line in errors), result.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
