@@ -4,7 +4,8 @@
 # 1. make the task (sort the digits: chosen is sorted, rejected has two neighbours swapped) and a
 #    tiny random-init Llama, which is the starting policy and the reference;
 # 2. tokenize the pairs into shards, score them with the reference, and sample D_ref responses from
-#    the reference for MPO's second KL term (2 processes each);
+#    the reference for MPO's second KL term (2 processes each), in bfloat16 like the training
+#    config's model.dtype, so that policy and reference log-probs agree at step 1;
 # 3. train with MPO under torchrun (python -m mpo_dist.launcher) on 2 processes (FSDP2, gloo):
 #    preference accuracy rises.
 set -euo pipefail
@@ -19,9 +20,10 @@ python -m mpo_dist.launcher --standalone --nproc-per-node 2 tools/prepare_pairs.
     --input "$OUT/toy/pairs.jsonl" --tokenizer "$OUT/toy/model" --out "$OUT/pairs" \
     --samples-per-shard 500 --max-length 64 --max-prompt-length 32
 python -m mpo_dist.launcher --standalone --nproc-per-node 2 tools/score_reference.py \
-    --model "$OUT/toy/model" --pairs "$OUT/pairs" --out "$OUT/reference" --batch-size 64
+    --model "$OUT/toy/model" --pairs "$OUT/pairs" --out "$OUT/reference" --batch-size 64 --dtype bfloat16
 python -m mpo_dist.launcher --standalone --nproc-per-node 2 tools/sample_reference.py \
-    --model "$OUT/toy/model" --pairs "$OUT/pairs" --out "$OUT/dref" --num-samples 1 --max-new-tokens 12 --batch-size 100
+    --model "$OUT/toy/model" --pairs "$OUT/pairs" --out "$OUT/dref" --num-samples 1 --max-new-tokens 12 --batch-size 100 \
+    --dtype bfloat16
 python -m mpo_dist.launcher --standalone --nproc-per-node 2 -m mpo_dist.train --config configs/tiny_cpu.yaml \
     job.output_dir="$OUT/run" model.path="$OUT/toy/model" data.pairs="$OUT/pairs" data.reference="$OUT/reference" \
     data.dref="$OUT/dref"
