@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -148,7 +149,7 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str =
         for number, group in enumerate(groups, 1):
             tensors = {MODEL_PREFIX + name: torch.empty(expected[name], dtype=stored[MODEL_PREFIX + name].properties.dtype)
                        for name in group}
-            _read(lambda: dcp.load(tensors, storage_reader=SafeFileSystemReader(str(checkpoint)), no_dist=True),
+            _read(partial(dcp.load, tensors, storage_reader=SafeFileSystemReader(str(checkpoint)), no_dist=True),
                   name_checkpoint, checkpoint)
             shard = {name: tensors[MODEL_PREFIX + name].to(target).contiguous() for name in group}
             del tensors

@@ -154,3 +154,16 @@ def flat_checkpoint(folder: Path, tmp_path: Path) -> dict:
         return {prefix[:-1]: value}
 
     return flatten(torch.load(target, weights_only=False))
+
+
+class Counter:
+    """The smallest Stateful (torch.distributed.checkpoint's protocol): one int that must survive a checkpoint."""
+
+    def __init__(self, value: int = 0):
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]

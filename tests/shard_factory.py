@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from mpo_dist.data.samples import write_reference_shard
-from mpo_dist.data.shards import Manifest, ShardInfo, ShardWriter, shard_name
+from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo, ShardWriter, shard_name
 
 TOKENIZER_HASH = "sha256:test"
 VOCAB_SIZE = 100  # recorded in the pairs manifest as prepare_pairs does
@@ -122,3 +123,15 @@ def make_sampled_dref(directory: Path, pairs_dir: Path, per_pair: int = 2) -> li
             "model": {"dtype": "float32"}}
     Manifest("dref", pairs.tokenizer_hash, shards, info=info).write(directory)
     return keys
+
+
+def rewrite(path: Path, kind: str, change) -> None:
+    """Rewrite a shard with valid checksums, `change(index, key, meta, arrays)` -> (key, meta, arrays) or None."""
+    with tarfile.open(path) as tar:
+        count = len(tar.getmembers())
+    samples = list(ShardCursor(path, kind, count))
+    with ShardWriter(path, kind) as writer:
+        for index, (key, meta, arrays) in enumerate(samples):
+            result = change(index, key, dict(meta), {name: np.array(a) for name, a in arrays.items()})
+            if result is not None:
+                writer.write(*result)

@@ -8,23 +8,12 @@ import pytest
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
-from conftest import QUIET
+from conftest import Counter, QUIET
 from mpo_dist.checkpoint import INFO_NAME, Checkpointer, ModelOptimizerState, complete_checkpoints, read_info
 from mpo_dist.errors import InputError
 
 # DCP says once per call that it saves/loads in a single process: that is what these tests do.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-
-
-class Counter(Stateful):
-    def __init__(self, value: int = 0):
-        self.value = value
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]
 
 
 def model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -4,7 +4,6 @@ path (input errors: one line, exit 2; anything else: traceback), and the option 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

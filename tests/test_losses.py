@@ -1,6 +1,5 @@
 """MPO, DPO and IPO against a direct float64 evaluation of the formulas (README, Losses); optima; extreme inputs."""
 
-import math
 
 import pytest
 import torch

@@ -8,15 +8,14 @@ import math
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import QUIET, free_port
 from mpo_dist.data.preflight import check_provenance, check_training_inputs, preflight_check
-from mpo_dist.data.shards import Manifest, ShardCursor, ShardError, ShardWriter
+from mpo_dist.data.shards import Manifest, ShardError
 from mpo_dist.errors import InputError
 from mpo_dist.shard_job import manifest_fingerprint
-from shard_factory import make_dref, make_pairs, make_reference, make_sampled_dref
+from shard_factory import make_dref, make_pairs, make_reference, make_sampled_dref, rewrite
 
 SIZES = [5, 6, 4]
 
@@ -53,18 +52,6 @@ def edit_manifest(folder: Path, edit) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     edit(manifest)
     (folder / "manifest.json").write_text(json.dumps(manifest))
-
-
-def rewrite(path: Path, kind: str, change) -> None:
-    """Rewrite a shard with valid checksums, `change(index, key, meta, arrays)` -> (key, meta, arrays) or None."""
-    with tarfile.open(path) as tar:
-        count = len(tar.getmembers())
-    samples = list(ShardCursor(path, kind, count))
-    with ShardWriter(path, kind) as writer:
-        for index, (key, meta, arrays) in enumerate(samples):
-            result = change(index, key, dict(meta), {name: np.array(a) for name, a in arrays.items()})
-            if result is not None:
-                writer.write(*result)
 
 
 # ------------------------------------------------------------------------------ a clean set

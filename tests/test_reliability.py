@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.stateful import Stateful
 
 import mpo_dist.trainer as trainer_module
-from conftest import QUIET, TRAIN_CONFIG, toy_overrides, train
+from conftest import Counter, QUIET, TRAIN_CONFIG, toy_overrides, train
 from mpo_dist.checkpoint import Checkpointer, DamagedCheckpointError, ModelOptimizerState, complete_checkpoints
 from mpo_dist.config import load_config
 from mpo_dist.errors import InputError
@@ -148,17 +147,6 @@ def test_non_finite_parameters_are_never_saved(make_trainer, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-
-class Counter(Stateful):
-    def __init__(self, value: int = 0):
-        self.value = value
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]
-
 
 def small_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model = torch.nn.Linear(4, 2)

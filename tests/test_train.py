@@ -199,3 +199,29 @@ def test_reference_scored_on_other_pairs_is_refused_before_step_1(toy_inputs, tm
     assert len(errors) == 2 and all(f"data.reference {toy_inputs['reference']} was made from other pairs" in line
                                     for line in errors), result.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_nan_in_a_reference_shard_is_refused_before_step_1(toy_inputs, tmp_path):
+    """The trainer's pre-flight check reads every shard before the model is built: one NaN reference
+    log-prob stops the run with a line naming shard, key and field, on every rank."""
+    import math
+    import shutil
+
+    from shard_factory import rewrite
+
+    reference = tmp_path / "reference"
+    shutil.copytree(toy_inputs["reference"], reference)
+    poisoned = {}
+
+    def poison(index, key, meta, arrays):
+        if index == 3:
+            meta["rejected_logp"] = math.nan
+            poisoned["key"] = key
+        return key, meta, arrays
+
+    rewrite(reference / "shard-000001.tar", "ref_logps", poison)
+    result = train(*toy_overrides(toy_inputs, tmp_path / "run", **{"data.reference": reference}), check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    expected = f"shard-000001.tar: sample '{poisoned['key']}': field 'rejected_logp' is nan (not finite)"
+    assert expected in result.stderr and "failed on another rank" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
