@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from mpo_dist.distributed import all_ranks_succeeded
 from mpo_dist.errors import InputError
 
 LOCK_NAME = "run.lock"
@@ -171,3 +172,18 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's process
     return True
+
+
+def take_run_lock(folder: str | Path, is_main: bool, log: Callable[[str], None] = print) -> RunLock | None:
+    """Rank 0 takes `folder`'s run lock; every rank learns the outcome (a collective), so a refused run
+    ends with an input error on every rank. Returns the lock on rank 0, None elsewhere."""
+    lock, error = None, None
+    if is_main:
+        try:
+            lock = RunLock(folder, log=log)
+            lock.acquire()
+        except Exception as caught:  # refused, or the folder cannot be written
+            error = caught
+    if not all_ranks_succeeded(error is None):
+        raise error or OutputDirLockedError(f"job.output_dir {folder}: rank 0 could not take the run lock (see its error)")
+    return lock

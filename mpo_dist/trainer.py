@@ -11,7 +11,6 @@ NaN or inf is skipped, and too many in a row stop the run), the rest at logging 
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,21 +24,18 @@ from mpo_dist.convert import export_hf, write_hf_files
 from mpo_dist.data.collate import stack_rows
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
 from mpo_dist.data.preflight import check_training_inputs
-from mpo_dist.distributed import all_ranks_succeeded, all_reduce_sum, device_for, init_distributed, log_main
+from mpo_dist.distributed import all_reduce_sum, device_for, init_distributed, log_main
+from mpo_dist.finite_guard import FiniteGuard, refuse_non_finite_state
 from mpo_dist.logprobs import sequence_logprobs
 from mpo_dist.losses import build_loss
 from mpo_dist.metrics import MetricLogger, StepWindow, flops_per_token, mfu, peak_memory_bytes, peak_tflops
 from mpo_dist.model import build_model, count_parameters, load_model_config, materialize_model
 from mpo_dist.optim import build_lr_scheduler, build_optimizer
 from mpo_dist.parallelize import apply_fsdp, build_mesh
-from mpo_dist.run_lock import OutputDirLockedError, RunLock
+from mpo_dist.run_lock import take_run_lock
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
 MicroBatch = tuple[dict, "dict | None"]  # (pairs, D_ref or None)
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced NaN or inf that skipping steps did not cure (not an input error: a traceback)."""
 
 
 class Trainer(Stateful):
@@ -54,10 +50,9 @@ class Trainer(Stateful):
         self.pairs_seen, self.tokens_seen, self._local_pairs, self._local_tokens = 0, 0, 0, 0
         self.epochs = {"pairs": 0, "dref": 0}  # epoch of the last batch taken from each stream
         self.epoch_progress = 0.0  # epochs of pairs done, as a fraction
-        # The finite-value guard (train_step): updates skipped so far, and how many of the last steps in a row.
-        self.skipped_steps, self.nonfinite_in_a_row, self.last_step_skipped = 0, 0, False
-        self.run_lock: RunLock | None = None
-        self._take_run_lock()  # before any input is opened (a refused run builds nothing) or anything written
+        self.guard = FiniteGuard(config.training.max_nonfinite_steps, log=log_main)
+        # Before any input is opened (a refused run builds nothing) or anything is written.
+        self.run_lock = take_run_lock(self.output_dir, self.info.is_main, log=log_main)
 
         # Everything that can be wrong with the inputs is checked here, on every rank, before the model is built.
         self.dp_rank, self.dp_world_size = self.info.rank, self.info.world_size  # all ranks are data-parallel
@@ -107,31 +102,17 @@ class Trainer(Stateful):
                  f"parameters on {self.info.world_size} x {self.device.type}, {config.loss.name} loss, {self.grad_accum} "
                  f"micro-batches of {config.data.batch_size} pairs per rank per step, {config.training.steps} steps")
 
-    def _take_run_lock(self) -> None:
-        """Rank 0 takes job.output_dir's run lock (run_lock.py); every rank learns the outcome (a collective)."""
-        error = None
-        if self.info.is_main:
-            try:
-                self.run_lock = RunLock(self.output_dir, log=log_main)
-                self.run_lock.acquire()
-            except Exception as caught:  # refused, or the folder cannot be written
-                error = caught
-        if not all_ranks_succeeded(error is None):
-            raise error or OutputDirLockedError(f"job.output_dir {self.output_dir}: rank 0 could not take the run lock "
-                                                "(see its error)")
-
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         pairs, tokens = self._progress()
         return {"step": self.step, "tokens_seen": tokens, "pairs_seen": pairs,
-                "pairs_epoch": self.epochs["pairs"], "dref_epoch": self.epochs["dref"],
-                "skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row}
+                "pairs_epoch": self.epochs["pairs"], "dref_epoch": self.epochs["dref"], **self.guard.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen, self.pairs_seen = int(state["step"]), int(state["tokens_seen"]), int(state["pairs_seen"])
         self.epochs = {"pairs": int(state["pairs_epoch"]), "dref": int(state["dref_epoch"])}
-        self.skipped_steps, self.nonfinite_in_a_row = int(state["skipped_steps"]), int(state["nonfinite_in_a_row"])
+        self.guard.load_state_dict(state)
         self._local_pairs = self._local_tokens = 0
 
     def _progress(self) -> tuple[int, int]:
@@ -218,23 +199,8 @@ class Trainer(Stateful):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        # The finite-value guard. Deciding needs the global loss and gradient norm on the host: one
-        # small all-reduce and this step's one host sync (.tolist()), the only one outside logging
-        # steps, accepted so that no NaN or inf ever reaches the weights. Every rank gets the same two
-        # numbers (the norm is global already), so every rank decides alike.
-        loss_share = sums["loss"].detach().float().reshape(1).clone()
-        loss_value, norm_value = torch.cat([all_reduce_sum(loss_share), grad_norm.detach().float().reshape(1)]).tolist()
-        self.last_step_skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
-        if self.last_step_skipped:
-            # No optimizer step: parameters and optimizer state (moments, step count) stay as they were.
-            self.skipped_steps += 1
-            self.nonfinite_in_a_row += 1
-            log_main(f"mpo_dist: WARNING: step {self.step + 1}: non-finite loss {loss_value} or gradient norm "
-                     f"{norm_value}; update skipped ({self.nonfinite_in_a_row} in a row, "
-                     f"training.max_nonfinite_steps={self.config.training.max_nonfinite_steps})")
-        else:
-            self.optimizer.step()
-            self.nonfinite_in_a_row = 0
+        if self.guard.step_is_finite(self.step + 1, sums["loss"], grad_norm):
+            self.optimizer.step()  # else: parameters and optimizer state (moments, step count) stay as they were
         # The schedule steps on a skipped step too: it is a function of the step count, which counts
         # the batches consumed, skipped or not; so the learning rate of step N is the same with or
         # without earlier skips, the schedule still ends at training.steps, and scheduler.last_epoch
@@ -277,20 +243,15 @@ class Trainer(Stateful):
                              for _ in range(self.grad_accum)]
             summed, replicated = self.train_step(micro_batches)
             self.step += 1
-            window.add_step(summed, replicated, *self._count(micro_batches), skipped=self.last_step_skipped)
-            stop = self.nonfinite_in_a_row >= config.training.max_nonfinite_steps
+            window.add_step(summed, replicated, *self._count(micro_batches), skipped=self.guard.last_skipped)
+            stop = self.guard.should_stop
             if self.step % config.metrics.log_interval == 0 or self.step in (1, total) or stop:
                 self._log(window.reduce(self.device))
                 window.reset()
             if stop:
-                raise NonFiniteError(
-                    f"step {self.step}: the loss or gradient norm was NaN or inf in {self.nonfinite_in_a_row} steps in "
-                    f"a row (training.max_nonfinite_steps={config.training.max_nonfinite_steps}); each update was "
-                    f"skipped and the run stops here, its newest checkpoint being {self.checkpointer.latest() or 'none'}. "
-                    "Find what makes the loss non-finite (the inputs, optim.lr, loss.beta), or raise "
-                    "training.max_nonfinite_steps")
+                raise self.guard.stop_error(self.step, self.checkpointer.latest())
             if (config.checkpoint.interval and self.step % config.checkpoint.interval == 0) or self.step == total:
-                self._refuse_non_finite_state()
+                refuse_non_finite_state(self.model, self.optimizer, self.step, self.checkpointer.latest())
                 folder = self.save_checkpoint()
         if config.checkpoint.export_hf:
             export_hf(folder, self.output_dir / "hf", config.checkpoint.export_dtype, log=log_main)
@@ -309,7 +270,7 @@ class Trainer(Stateful):
             "throughput/padding": 1 - tokens / max(padded, 1),
             "memory/peak_gib": peak_memory_bytes(self.device) / 2**30,
             "progress/epoch": self.epoch_progress, "progress/pairs_seen": pairs_seen, "progress/tokens_seen": tokens_seen,
-            "optim/skipped_steps": self.skipped_steps,  # cumulative over the run, resumes included
+            "optim/skipped_steps": self.guard.skipped_steps,  # cumulative over the run, resumes included
         }
         if self._peak_tflops:
             model_config = self.model.config
@@ -318,23 +279,8 @@ class Trainer(Stateful):
             out["throughput/mfu"] = mfu(per_token, padded, seconds, self.info.world_size, self._peak_tflops)
         self.metrics.write(self.step, out)
 
-    def _refuse_non_finite_state(self) -> None:
-        """Raise NonFiniteError, saving nothing, when a parameter or optimizer-state tensor holds NaN or
-        inf on any rank (a collective; at checkpoint steps only). Skipped steps never get there; an
-        update that overflowed with a finite gradient could. Saving it would let pruning delete the
-        last finite checkpoint."""
-        tensors = list(self.model.parameters())
-        tensors += [value for state in self.optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
-        local = [torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors if t.is_floating_point()]
-        finite = bool(torch.stack(local).all()) if local else True
-        if not all_ranks_succeeded(finite):
-            raise NonFiniteError(
-                f"step {self.step}: the parameters or optimizer state hold NaN or inf; no checkpoint is saved, so the "
-                f"newest one ({self.checkpointer.latest() or 'none'}) stays the last finite one. Lower optim.lr or "
-                "set training.max_grad_norm, and resume from it")
-
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
-        if self.run_lock is not None:
+        if getattr(self, "run_lock", None) is not None:
             self.run_lock.release()

@@ -24,7 +24,8 @@ from mpo_dist.config import load_config
 from mpo_dist.errors import InputError
 from mpo_dist.optim import lr_multiplier
 from mpo_dist.run_lock import LOCK_NAME, OutputDirLockedError, RunLock
-from mpo_dist.trainer import NonFiniteError, Trainer
+from mpo_dist.finite_guard import NonFiniteError
+from mpo_dist.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -101,7 +102,7 @@ def test_a_non_finite_step_is_skipped_counted_and_resumed(make_trainer, monkeypa
     trainer.close()  # gives the run lock back, so the same folder can be resumed
 
     resumed = make_trainer(run, **{"training.steps": 4, "optim.warmup_steps": 0})
-    assert resumed.step == 3 and resumed.skipped_steps == 1 and resumed.nonfinite_in_a_row == 0
+    assert resumed.step == 3 and resumed.guard.skipped_steps == 1 and resumed.guard.in_a_row == 0
 
 
 def test_non_finite_steps_in_a_row_stop_the_run_and_the_last_finite_checkpoint_survives(make_trainer, monkeypatch, tmp_path):
