@@ -11,7 +11,7 @@
 #                   from the newest checkpoint since checkpoint.resume defaults to auto
 #   NODE_RANK is not needed: c10d assigns node ranks (global rank 0 may be on any node).
 # To try it on one machine after the quickstart, run in two shells:
-#   NNODES=2 NPROC_PER_NODE=1 RDZV_ENDPOINT=localhost:29500 bash launch/multi_node.sh configs/tiny_cpu.yaml \
+#   OMP_NUM_THREADS=1 NNODES=2 NPROC_PER_NODE=1 RDZV_ENDPOINT=localhost:29500 bash launch/multi_node.sh configs/tiny_cpu.yaml \
 #       job.output_dir=outputs/two-nodes
 # torchrun runs as python -m mpo_dist.launcher ($PYTHON, default python): input errors end in one line
 # per rank and exit code 2.

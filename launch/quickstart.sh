@@ -3,11 +3,12 @@
 #   bash launch/quickstart.sh [OUTPUT_DIR]      (default outputs/quickstart)
 # 1. make the task (sort the digits: chosen is sorted, rejected has two neighbours swapped) and a
 #    tiny random-init Llama, which is the starting policy and the reference;
-# 2. tokenize the pairs into shards, score them with the reference, and sample D_ref responses from
-#    the reference for MPO's second KL term (2 processes each), in bfloat16 like the training
-#    config's model.dtype, so that policy and reference log-probs agree at step 1;
-# 3. train with MPO under torchrun (python -m mpo_dist.launcher) on 2 processes (FSDP2, gloo):
-#    preference accuracy rises.
+# 2. tokenize the pairs into shards (10% of the prompts held out for evaluation), score both splits
+#    with the reference, and sample D_ref responses from it: for MPO's second KL term (training
+#    prompts) and for the KL monitor (held-out prompts); 2 processes each, in bfloat16 like the
+#    training config's model.dtype, so that policy and reference log-probs agree at step 1;
+# 3. train with MPO under torchrun (python -m mpo_dist.launcher) on 2 processes (FSDP2, gloo), with a
+#    held-out evaluation every 10 steps: preference accuracy rises, on held-out pairs too.
 set -euo pipefail
 OUT=${1:-outputs/quickstart}
 cd "$(dirname "$0")/.."
@@ -16,15 +17,19 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # what torchrun would pick for 2 p
 
 rm -rf "$OUT"
 python tools/make_toy_data.py --out "$OUT/toy" --records 4000
-python -m mpo_dist.launcher --standalone --nproc-per-node 2 tools/prepare_pairs.py \
-    --input "$OUT/toy/pairs.jsonl" --tokenizer "$OUT/toy/model" --out "$OUT/pairs" \
-    --samples-per-shard 500 --max-length 64 --max-prompt-length 32
-python -m mpo_dist.launcher --standalone --nproc-per-node 2 tools/score_reference.py \
-    --model "$OUT/toy/model" --pairs "$OUT/pairs" --out "$OUT/reference" --batch-size 64 --dtype bfloat16
-python -m mpo_dist.launcher --standalone --nproc-per-node 2 tools/sample_reference.py \
-    --model "$OUT/toy/model" --pairs "$OUT/pairs" --out "$OUT/dref" --num-samples 1 --max-new-tokens 12 --batch-size 100 \
-    --dtype bfloat16
-python -m mpo_dist.launcher --standalone --nproc-per-node 2 -m mpo_dist.train --config configs/tiny_cpu.yaml \
-    job.output_dir="$OUT/run" model.path="$OUT/toy/model" data.pairs="$OUT/pairs" data.reference="$OUT/reference" \
-    data.dref="$OUT/dref"
+RUN=(python -m mpo_dist.launcher --standalone --nproc-per-node 2)
+"${RUN[@]}" tools/prepare_pairs.py --input "$OUT/toy/pairs.jsonl" --tokenizer "$OUT/toy/model" --out "$OUT/pairs" \
+    --samples-per-shard 500 --max-length 64 --max-prompt-length 32 --eval-fraction 0.1
+for split in train eval; do
+    "${RUN[@]}" tools/score_reference.py --model "$OUT/toy/model" --pairs "$OUT/pairs/$split" \
+        --out "$OUT/reference/$split" --batch-size 64 --dtype bfloat16
+done
+# D_ref for MPO's tau term (training prompts) and a held-out D_ref for the KL monitor (eval prompts).
+"${RUN[@]}" tools/sample_reference.py --model "$OUT/toy/model" --pairs "$OUT/pairs/train" --out "$OUT/dref/train" \
+    --num-samples 1 --max-new-tokens 12 --batch-size 100 --dtype bfloat16
+"${RUN[@]}" tools/sample_reference.py --model "$OUT/toy/model" --pairs "$OUT/pairs/eval" --out "$OUT/dref/eval" \
+    --num-samples 2 --max-new-tokens 12 --batch-size 100 --dtype bfloat16
+"${RUN[@]}" -m mpo_dist.train --config configs/tiny_cpu.yaml job.output_dir="$OUT/run" model.path="$OUT/toy/model" \
+    data.pairs="$OUT/pairs/train" data.reference="$OUT/reference/train" data.dref="$OUT/dref/train" \
+    eval.pairs="$OUT/pairs/eval" eval.reference="$OUT/reference/eval" eval.dref="$OUT/dref/eval"
 echo "quickstart: checkpoints in $OUT/run/checkpoints, metrics in $OUT/run/metrics.jsonl, TensorBoard: tensorboard --logdir $OUT/run/tensorboard"

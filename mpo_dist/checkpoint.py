@@ -42,6 +42,7 @@ from mpo_dist.distributed import all_ranks_succeeded, barrier, has_process_group
 from mpo_dist.errors import InputError, MissingInputError
 
 INFO_NAME = "checkpoint.json"
+BEST_NAME = "best.json"  # beside the checkpoints: which one checkpoint.keep_best keeps
 HF_FILES_DIR = "hf"  # config.json, generation config and tokenizer: what conversion to Hugging Face needs
 MODEL_PREFIX = "model_optimizer.model."  # where the model's tensors live in a checkpoint
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -264,9 +265,37 @@ class Checkpointer:
         if newest not in found:
             self.log(f"mpo_dist: WARNING: {newest} is not a complete checkpoint after its save; nothing pruned")
             return
+        best = self.best()
         up_to_newest = [p for p in found if p.name <= newest.name]
         for old in up_to_newest[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if best is None or old.name != best["folder"]:  # the best checkpoint stays beside the newest ones
+                shutil.rmtree(old, ignore_errors=True)
+
+    def best(self) -> dict[str, Any] | None:
+        """The checkpoint kept as best (`checkpoint.keep_best`): {folder, step, metric, value}, or None."""
+        path = self.root / BEST_NAME
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except ValueError:
+            return None  # a record cut by a crash: the next evaluated save writes a new one
+
+    def consider_best(self, folder: Path, metric: str, value: float, mode: str) -> bool:
+        """Record `folder` as the best checkpoint when its `metric` beats the recorded best (`mode`:
+        min or max); rank 0 writes, every rank returns the same answer. The record lives beside the
+        checkpoints, so a resumed run keeps comparing against it."""
+        best = self.best()
+        gone = best is not None and not (self.root / best["folder"] / INFO_NAME).is_file()
+        better = best is None or gone or best.get("metric") != metric or (
+            value < best["value"] if mode == "min" else value > best["value"])
+        better = better and value == value  # a NaN is never best
+        if better and self.rank == 0:
+            record = {"folder": folder.name, "step": int(folder.name.removeprefix("step-")), "metric": metric, "value": value}
+            tmp = self.root / (BEST_NAME + ".tmp")
+            tmp.write_text(json.dumps(record, indent=1))
+            tmp.replace(self.root / BEST_NAME)
+            self.log(f"mpo_dist: best checkpoint by {metric} ({mode}) is now {folder} ({value:.6g})")
+            self._prune(folder)  # the previous best, no longer protected, goes unless it is among the newest
+        return better
 
     def latest(self) -> Path | None:
         found = complete_checkpoints(self.root)
@@ -296,6 +325,7 @@ class Checkpointer:
         for folder in candidates:
             outcome = self._try_load(folder, states, rank_local)
             if not isinstance(outcome, str):
+                self._set_aside(damaged)
                 return folder, outcome
             damaged.append(folder)
             self.log(f"mpo_dist: WARNING: checkpoint {folder} is damaged ({outcome}); "
@@ -305,6 +335,18 @@ class Checkpointer:
                 f"checkpoint.resume=auto: every checkpoint under {self.root} is damaged "
                 f"({', '.join(p.name for p in damaged)}); move them away to start fresh, or set checkpoint.resume=none")
         return None, {}
+
+    def _set_aside(self, damaged: list[Path]) -> None:
+        """Rename damaged checkpoints newer than the one resumed from to `NAME.damaged` (kept for a
+        look, no longer complete checkpoints): else they would outrank the new saves of the resumed
+        run and pruning would delete intact ones before them."""
+        if self.rank == 0:
+            for folder in damaged:
+                target = folder.with_name(folder.name + ".damaged")
+                shutil.rmtree(target, ignore_errors=True)
+                folder.rename(target)
+                self.log(f"mpo_dist: set the damaged checkpoint aside as {target}")
+        barrier()
 
     def _try_load(self, folder: Path, states: dict[str, Stateful], rank_local: dict[str, Stateful]) -> dict[str, Any] | str:
         """`load`'s info, or what is wrong with `folder` when any rank found it damaged (on the ranks

@@ -39,8 +39,15 @@ def tool_parser(description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_threads_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=non_negative_int, default=0,
                         help="CPU threads per process; 0: OMP_NUM_THREADS if set (torchrun sets 1), else the "
                              "cores divided among this node's processes")
 
@@ -49,8 +56,20 @@ def quiet_known_warnings() -> None:
     """Warnings that users cannot act on (set once by an entry point, never at import time)."""
     # torchdata 0.11 calls a deprecated torch API on every loader.
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+    # DCP without a process group (conversion, one-process runs): it says so on every call.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     # Random init of sharded parameters on a CPU mesh: the trainer seeds and initialises per rank itself.
     warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+
+
+def original_message(error: BaseException) -> str:
+    """The error's own message. An exception raised in a DataLoader worker is re-raised in the main
+    process with the worker's whole traceback in its message: keep only what the error said."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    marker = f"{type(error).__name__}: "
+    return text[text.rfind(marker) + len(marker):].strip() if marker in text else text.strip().splitlines()[-1]
 
 
 def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None = None,
@@ -72,7 +91,7 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
         where = f" (rank {info.rank})" if info.world_size > 1 else ""
         # One write call: lines of several ranks sharing a terminal or pipe never interleave.
         sys.stderr.flush()
-        os.write(sys.stderr.fileno(), f"{name}: error{where}: {error}\n".encode())
+        os.write(sys.stderr.fileno(), f"{name}: error{where}: {original_message(error)}\n".encode())
         # The ranks usually find the same error: let each say so before torchrun stops the others.
         peers_waited = wait_for_peers(INPUT_ERROR_GRACE_S)
         return INPUT_ERROR_EXIT_CODE

@@ -184,8 +184,13 @@ class CheckpointConfig:
     export_hf: bool = opt(False, "after the last step, also write the model as a Hugging Face folder "
                                  "(safetensors) to job.output_dir/hf")
     export_dtype: Literal["float32", "bfloat16"] = opt("bfloat16", "dtype of the exported weights")
+    keep_best: str = opt("", "an eval metric (e.g. eval/loss/total): the checkpoint with its best value, among those "
+                             "saved at steps where eval ran, is kept beside the newest checkpoint.keep; empty: off")
+    best_mode: Literal["min", "max"] = opt("min", "whether the lowest (min) or the highest (max) checkpoint.keep_best is best")
 
     def validate(self) -> None:
+        _check(not self.keep_best or self.keep_best.startswith("eval/"), "checkpoint.keep_best",
+               "must name an eval metric (eval/...), e.g. eval/loss/total", self.keep_best)
         _check(self.interval >= 0, "checkpoint.interval", "must be >= 0", self.interval)
         _check(self.keep >= 1, "checkpoint.keep", "must be >= 1", self.keep)
         _check(bool(self.resume), "checkpoint.resume", "must be auto, none or a folder", self.resume)
@@ -204,6 +209,37 @@ class MetricsConfig:
 
 
 @dataclass
+class EvalConfig:
+    pairs: str = opt("", "held-out pairs folder evaluated during training (not trained on); empty: no pairs eval")
+    reference: str = opt("", "reference log-prob shards of eval.pairs (required with eval.pairs)")
+    dref: str = opt("", "held-out D_ref folder (reference samples of eval prompts, never in a loss) for the KL "
+                        "monitor eval/kl_ref_policy; empty: no KL monitor")
+    interval: int = opt(0, "evaluate every this many steps, and after the last step (0: only after the last step)")
+    max_batches: int = opt(0, "batches per rank per eval pass (0: the whole held-out set)")
+    batch_size: int = opt(16, "pairs (or D_ref samples) per eval batch per rank")
+    require_held_out: bool = opt(True, "refuse eval.pairs that are data.pairs and an eval.dref sampled from the training "
+                                       "prompts (set false to evaluate on training data on purpose)")
+
+    def validate(self) -> None:
+        _check(self.interval >= 0, "eval.interval", "must be >= 0 (0: only at the end)", self.interval)
+        _check(self.max_batches >= 0, "eval.max_batches", "must be >= 0 (0: the whole set)", self.max_batches)
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
+        if self.pairs and not self.reference:
+            raise _Invalid("eval.pairs needs eval.reference: its reference log-probs (tools/score_reference.py "
+                           "on eval.pairs with the reference model)", "eval.pairs", "eval.reference")
+        if self.reference and not self.pairs:
+            raise _Invalid("eval.reference is set but eval.pairs is not: set eval.pairs (the pairs it scores) "
+                           "or leave eval.reference empty", "eval.reference", "eval.pairs")
+        if self.interval and not (self.pairs or self.dref):
+            raise _Invalid("eval.interval needs something to evaluate: set eval.pairs (with eval.reference) "
+                           "and/or eval.dref", "eval.interval", "eval.pairs", "eval.dref")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.pairs or self.dref)
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -214,6 +250,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         # NaN passes no range check and inf passes most (loss.beta=inf turns every weight NaN in a step):
@@ -227,6 +264,9 @@ class Config:
         for f in fields(self):
             getattr(self, f.name).validate()
         # Checks that span sections.
+        if self.checkpoint.keep_best and not self.eval.enabled:
+            raise _Invalid(f"checkpoint.keep_best={self.checkpoint.keep_best} needs an eval set: set eval.pairs (with "
+                           "eval.reference) or eval.dref", "checkpoint.keep_best", "eval.pairs")
         if self.training.global_batch_size and self.data.batching == "tokens":
             raise _Invalid("training.global_batch_size counts pairs and needs data.batching=fixed; with token "
                            "budgets set training.global_batch_size=0 and training.grad_accum",

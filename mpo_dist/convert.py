@@ -42,10 +42,11 @@ def parse_size(text: str) -> int:
     """'5GB', '500MB', '2GiB', '1000' -> bytes (decimal units as Hugging Face uses them)."""
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
     value = text.strip().upper()
-    for unit, factor in units.items():
-        if value.endswith(unit):
-            return int(float(value[: -len(unit)]) * factor)
-    return int(value)
+    size = next((int(float(value[: -len(unit)]) * factor) for unit, factor in units.items() if value.endswith(unit)), None)
+    size = int(value) if size is None else size
+    if size < 1:
+        raise ValueError(f"a size must be at least 1 byte, got {text!r}")
+    return size
 
 
 def _expected_tensors(hf_dir: Path) -> tuple[dict[str, torch.Size], set[str]]:

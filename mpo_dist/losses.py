@@ -36,10 +36,15 @@ def _mean(values: Tensor, weight: Tensor | None) -> Tensor:
 
 
 def _pair_metrics(policy_chosen: Tensor, policy_rejected: Tensor, z: Tensor, z_ref: Tensor, weight: Tensor | None) -> dict[str, Tensor]:
-    """What every DPO-family trainer reports: p, accuracy, implicit reward margin, log-probs."""
+    """What every DPO-family trainer reports: p, both accuracies, implicit reward margin, log-probs.
+
+    `reward_accuracy` is the implicit-reward accuracy `z - z_ref > 0` (TRL's reward accuracy: the
+    policy moved towards chosen relative to the reference; 0 while the policy equals the reference).
+    `preference_accuracy` is `z > 0`: the policy itself prefers chosen (MPO's own reward is sigmoid(z))."""
     return {
         "p": _mean(torch.sigmoid(z), weight),
-        "accuracy": _mean((z > 0).to(z.dtype), weight),
+        "reward_accuracy": _mean((z - z_ref > 0).to(z.dtype), weight),
+        "preference_accuracy": _mean((z > 0).to(z.dtype), weight),
         "reward_margin": _mean(z - z_ref, weight),
         "chosen_logps": _mean(policy_chosen, weight),
         "rejected_logps": _mean(policy_rejected, weight),
@@ -64,7 +69,8 @@ def mpo_loss(
     over D_ref samples y ~ pi_ref. With a deterministic label its optimum is `z = z_ref + 1/beta`.
 
     `label` is the probability that chosen is preferred (1 when None). `dref_ref_logps`, when given,
-    adds the D_ref estimate of KL(pi_ref || pi_theta) = mean(logp_ref - logp_theta) to the metrics.
+    adds the D_ref estimate of KL(pi_ref || pi_theta) = mean(logp_ref - logp_theta) to the metrics as
+    `dref_kl`; on the training D_ref it is optimistic (biased downwards, can be negative, see below).
     """
     z = policy_chosen_logps - policy_rejected_logps
     z_ref = ref_chosen_logps - ref_rejected_logps
@@ -82,6 +88,10 @@ def mpo_loss(
         loss = loss + tau * dref_nll
         metrics["dref_nll"] = dref_nll
         if dref_ref_logps is not None:
+            # Training-set estimate of KL(pi_ref || pi_theta), and an optimistic one: it is computed on
+            # the very D_ref samples the tau term raises the likelihood of, so it is biased downwards and
+            # can go negative while the true KL grows. The honest monitor is the same estimate on a
+            # held-out D_ref (reference samples for eval prompts, never used in a loss).
             metrics["dref_kl"] = _mean(dref_ref_logps - dref_policy_logps, dref_weight)
     metrics.update(_pair_metrics(policy_chosen_logps, policy_rejected_logps, z, z_ref, weight))
     metrics["loss"] = loss

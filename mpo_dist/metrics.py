@@ -1,8 +1,8 @@
 """What a run reports and where: logged names, a step-window accumulator, throughput/MFU/memory
 formulas, and the writer (console line, TensorBoard and `metrics.jsonl`, on rank 0).
 
-The losses return short metric names (`accuracy`, `kl_pair`, ...); `logged_name` is the one
-place that maps them to the names users read (`reward/accuracy`, `loss/kl_pair`, ...).
+The losses return short metric names (`preference_accuracy`, `kl_pair`, ...); `logged_name` is the one
+place that maps them to the names users read (`preference/accuracy`, `loss/kl_pair`, ...).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ TENSORBOARD_DIR = "tensorboard"
 # Loss metric -> logged name; any other loss metric (a loss term) is logged as loss/<name>.
 _LOSS_METRIC_NAMES = {
     "loss": "loss/total",
-    "accuracy": "reward/accuracy",
+    "reward_accuracy": "reward/accuracy",  # implicit reward z - z_ref > 0 (TRL's reward accuracy)
+    "preference_accuracy": "preference/accuracy",  # z > 0: the policy prefers chosen
     "reward_margin": "reward/margin",
     "p": "reward/p",
     "chosen_logps": "logps/chosen",
@@ -33,7 +34,8 @@ _LOSS_METRIC_NAMES = {
 
 # The console line: (logged name, label, format), in order; absent values are left out.
 _CONSOLE_FIELDS = [
-    ("loss/total", "loss", "{:.4f}"), ("reward/accuracy", "acc", "{:.3f}"), ("reward/margin", "margin", "{:+.3f}"),
+    ("loss/total", "loss", "{:.4f}"), ("reward/accuracy", "acc", "{:.3f}"), ("preference/accuracy", "pacc", "{:.3f}"),
+    ("reward/margin", "margin", "{:+.3f}"),
     ("reward/p", "p", "{:.3f}"), ("loss/dref_kl", "kl(ref|pol)", "{:.3f}"), ("optim/lr", "lr", "{:.2e}"),
     ("optim/grad_norm", "gnorm", "{:.3f}"), ("throughput/tokens_per_s", "tok/s", "{:,.0f}"),
     ("throughput/mfu", "mfu", "{:.1%}"), ("memory/peak_gib", "mem GiB", "{:.2f}"),

@@ -12,6 +12,8 @@ the manifest records the pairs' fingerprint and the model, dtype and tokenizer (
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,8 +42,8 @@ class SamplingParams:
             raise InputError(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InputError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # NaN fails every comparison
+            raise InputError(f"--temperature must be finite and >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
 

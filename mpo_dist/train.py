@@ -49,7 +49,10 @@ def main(argv=None) -> int:
         trainer = Trainer(config)
         trainer.train()
 
-    return run_main("mpo_dist", body, single_process_group=True, cleanup=lambda: trainer is not None and trainer.close())
+    # threads=0: OMP_NUM_THREADS when set (torchrun sets 1 for several processes per node), else the
+    # cores divided among this node's processes, so processes never oversubscribe the cores.
+    return run_main("mpo_dist", body, single_process_group=True, threads=0,
+                    cleanup=lambda: trainer is not None and trainer.close())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ weights every real pair by 1 / (real pairs in the global batch); gradients are s
 accumulation or padding. No reference model is loaded: reference log-probs come from the shards.
 Host syncs: one per step for the finite-value guard (a step whose global loss or gradient norm is
 NaN or inf is skipped, and too many in a row stop the run), the rest at logging steps only.
+With `eval` configured, a held-out pass (evaluation.py) runs every eval.interval steps and after the
+last step, without changing the training trajectory; its metrics go out with the step's log.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from mpo_dist.config import Config, grad_accum_for, save_config
 from mpo_dist.convert import export_hf, write_hf_files
 from mpo_dist.data.collate import stack_rows
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
-from mpo_dist.data.preflight import check_training_inputs
+from mpo_dist.data.preflight import check_eval_inputs, check_training_inputs
 from mpo_dist.distributed import all_reduce_sum, device_for, init_distributed, log_main
+from mpo_dist.errors import InputError
+from mpo_dist.evaluation import Evaluator, describe as describe_eval
 from mpo_dist.finite_guard import FiniteGuard, refuse_non_finite_state
 from mpo_dist.logprobs import sequence_logprobs
 from mpo_dist.losses import build_loss
@@ -63,6 +67,10 @@ class Trainer(Stateful):
                               vocab_size=model_config.vocab_size, model_dtype=config.model.dtype, rank=self.info.rank,
                               world_size=self.info.world_size, preflight=config.data.preflight,
                               on_dtype_mismatch=config.data.reference_dtype_mismatch, log=log_main)
+        if config.eval.enabled:
+            check_eval_inputs(config.eval.pairs or None, config.eval.reference or None, config.eval.dref or None,
+                              train_pairs_dir=config.data.pairs, train_reference_dir=config.data.reference or None,
+                              require_held_out=config.eval.require_held_out)
         self.pair_loader = build_pair_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
                                              dp_world_size=self.dp_world_size, pad_token_id=0, num_epochs=None)
         pairs = self.pair_loader.manifest
@@ -90,6 +98,13 @@ class Trainer(Stateful):
         self.model.train()
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_lr_scheduler(self.optimizer, config.optim, config.training.steps)
+        # Held-out evaluation (evaluation.py): its own streams, never the training loaders.
+        self.evaluator = None
+        if config.eval.enabled:
+            self.evaluator = Evaluator(config.eval, config.data, model=self.model, loss_fn=self.loss_fn,
+                                       device=self.device, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size,
+                                       pad_token_id=self.pad_token_id, tokenizer_hash=pairs.tokenizer_hash,
+                                       vocab_size=model_config.vocab_size)
 
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", config.checkpoint.keep, self.info.rank,
                                          self.dp_rank, self.dp_world_size, log=log_main)
@@ -245,21 +260,44 @@ class Trainer(Stateful):
             self.step += 1
             window.add_step(summed, replicated, *self._count(micro_batches), skipped=self.guard.last_skipped)
             stop = self.guard.should_stop
+            evaluated = self._evaluate() if not stop and self._eval_due(self.step) else {}
             if self.step % config.metrics.log_interval == 0 or self.step in (1, total) or stop:
-                self._log(window.reduce(self.device))
+                self._log(window.reduce(self.device), evaluated)
                 window.reset()
+            elif evaluated:
+                self.metrics.write(self.step, evaluated)
             if stop:
                 raise self.guard.stop_error(self.step, self.checkpointer.latest())
             if (config.checkpoint.interval and self.step % config.checkpoint.interval == 0) or self.step == total:
                 refuse_non_finite_state(self.model, self.optimizer, self.step, self.checkpointer.latest())
                 folder = self.save_checkpoint()
+                if config.checkpoint.keep_best and evaluated:
+                    self._consider_best(folder, evaluated)
         if config.checkpoint.export_hf:
             export_hf(folder, self.output_dir / "hf", config.checkpoint.export_dtype, log=log_main)
         if self.metrics.writer is not None:
             log_main(f"mpo_dist: done; TensorBoard logs in {self.metrics.tensorboard_dir} "
                      f"(tensorboard --logdir {self.metrics.tensorboard_dir}), metrics in {self.metrics.jsonl_path}")
 
-    def _log(self, window: dict[str, float]) -> None:
+    def _consider_best(self, folder: Path, evaluated: dict[str, float]) -> None:
+        """checkpoint.keep_best: keep `folder` as the best checkpoint when its eval metric beats the best so far."""
+        metric, mode = self.config.checkpoint.keep_best, self.config.checkpoint.best_mode
+        if metric not in evaluated:
+            raise InputError(f"checkpoint.keep_best={metric} is not an eval metric of this run; it has: "
+                             f"{', '.join(sorted(name for name in evaluated if name.startswith('eval/')))}")
+        self.checkpointer.consider_best(folder, metric, evaluated[metric], mode)
+
+    def _eval_due(self, step: int) -> bool:
+        interval = self.config.eval.interval
+        return self.evaluator is not None and ((interval and step % interval == 0) or step == self.config.training.steps)
+
+    def _evaluate(self) -> dict[str, float]:
+        """The held-out eval metrics (a collective); model, optimizer, data positions and RNG are left as they were."""
+        values = self.evaluator.evaluate()
+        log_main(f"mpo_dist: eval at step {self.step}: {describe_eval(values)}")
+        return values
+
+    def _log(self, window: dict[str, float], evaluated: dict[str, float] | None = None) -> None:
         pairs_seen, tokens_seen = self._progress()
         seconds, tokens, padded, rows = window.pop("seconds"), window.pop("tokens"), window.pop("padded_tokens"), window.pop("rows")
         out = {
@@ -277,7 +315,7 @@ class Trainer(Stateful):
             mean_length = padded / max(rows, 1)  # attention cost grows with the padded length
             per_token = flops_per_token(self._flop_params, model_config.num_hidden_layers, model_config.hidden_size, mean_length)
             out["throughput/mfu"] = mfu(per_token, padded, seconds, self.info.world_size, self._peak_tflops)
-        self.metrics.write(self.step, out)
+        self.metrics.write(self.step, {**out, **(evaluated or {})})
 
     def close(self) -> None:
         if hasattr(self, "metrics"):

@@ -183,3 +183,22 @@ def test_state_the_checkpoint_does_not_hold_is_reported_not_loaded(tmp_path):
                                                 "pair_loader": position}, {"rng": counter})
     assert info["missing"] == ["pair_loader", "rng/dp_rank_0"] and not info["rank_local_restored"]
     assert counter.value == 5 and position.value == 9
+
+
+def test_the_best_checkpoint_is_kept_beside_the_newest(tmp_path):
+    """checkpoint.keep_best: with keep=1 the newest checkpoint and the one with the best eval value
+    stay; a new best releases the old one to pruning; the record survives a new Checkpointer."""
+    model, optimizer = model_and_optimizer(0)
+    saver = Checkpointer(tmp_path, 1, rank=0, dp_rank=0, dp_world_size=1, log=QUIET)
+    losses = {1: 0.5, 2: 0.3, 3: 0.4, 4: float("nan"), 5: 0.35}
+    for step, loss in losses.items():
+        folder = saver.save(step, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
+        saver.consider_best(folder, "eval/loss/total", loss, "min")
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000002", "step-00000005"]
+    reopened = Checkpointer(tmp_path, 1, rank=0, dp_rank=0, dp_world_size=1, log=QUIET)
+    assert reopened.best() == {"folder": "step-00000002", "step": 2, "metric": "eval/loss/total", "value": 0.3}
+    folder = reopened.save(6, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
+    assert reopened.consider_best(folder, "eval/loss/total", 0.1, "min")  # a new best: step 2 may go now
+    reopened.save(7, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000006", "step-00000007"]
+    assert not reopened.consider_best(folder, "eval/reward/accuracy", float("nan"), "max")  # NaN is never best

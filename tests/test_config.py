@@ -24,10 +24,10 @@ def test_tiny_cpu_config_loads():
     config = load_config(str(TINY))
     assert config.model.path == "outputs/quickstart/toy/model" and config.model.config == {}
     assert config.model.dtype == "bfloat16"
-    assert config.data.pairs == "outputs/quickstart/pairs"
+    assert config.data.pairs == "outputs/quickstart/pairs/train" and config.eval.pairs == "outputs/quickstart/pairs/eval"
     assert config.data.batch_size == 16 and config.training.global_batch_size == 32
     assert (config.loss.name, config.loss.beta, config.loss.tau) == ("mpo", 0.1, 0.05)
-    assert config.data.dref == "outputs/quickstart/dref"
+    assert config.data.dref == "outputs/quickstart/dref/train" and config.eval.dref == "outputs/quickstart/dref/eval"
     assert config.optim.lr == 3e-3 and isinstance(config.optim.lr, float)
     assert config.training.steps == 120
     assert config.job.output_dir == "outputs/quickstart/run"

@@ -65,7 +65,8 @@ def step0_checkpoint(model_dir: Path, stories_inputs, out: Path) -> Path:
     config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"), [
         f"job.output_dir={out}", f"model.path={model_dir}", f"data.pairs={stories_inputs['pairs']}",
         f"data.reference={stories_inputs['reference']}", "loss.tau=0", "data.dref=", "data.batch_size=4",
-        "training.global_batch_size=4", "data.num_workers=0", "metrics.tensorboard=false"])
+        "training.global_batch_size=4", "data.num_workers=0", "metrics.tensorboard=false", "eval.pairs=",
+        "eval.reference=", "eval.dref=", "eval.interval=0"])
     trainer = Trainer(config)
     folder = trainer.save_checkpoint()
     trainer.close()

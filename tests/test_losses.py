@@ -89,7 +89,8 @@ def test_metrics_are_scalars_with_expected_values():
     out = mpo_loss(pc, pr, rc, rr, 0.1, dref, 0.2, dref_ref_logps=dref_ref)
     z, z_ref = pc - pr, rc - rr
     expected = {
-        "p": sig(z).mean(), "accuracy": (z > 0).double().mean(), "reward_margin": (z - z_ref).mean(),
+        "p": sig(z).mean(), "preference_accuracy": (z > 0).double().mean(),
+        "reward_accuracy": (z - z_ref > 0).double().mean(), "reward_margin": (z - z_ref).mean(),
         "chosen_logps": pc.mean(), "rejected_logps": pr.mean(), "dref_nll": (-dref).mean(),
         "dref_kl": (dref_ref - dref).mean(), "reward_term": -sig(z).mean(), "loss": out.loss,
     }
@@ -98,7 +99,10 @@ def test_metrics_are_scalars_with_expected_values():
     assert "kl_pair" in out.metrics
     for fn, term in [(dpo_loss, "dpo_term"), (ipo_loss, "ipo_term")]:
         metrics = fn(pc, pr, rc, rr, 0.1).metrics
-        assert metrics[term].dim() == 0 and {"p", "accuracy", "reward_margin", "chosen_logps", "rejected_logps", "loss"} <= metrics.keys()
+        assert metrics[term].dim() == 0 and {"p", "preference_accuracy", "reward_accuracy", "reward_margin", "chosen_logps",
+                                                  "rejected_logps", "loss"} <= metrics.keys()
+        torch.testing.assert_close(metrics["reward_accuracy"], (z - z_ref > 0).double().mean())
+        torch.testing.assert_close(metrics["preference_accuracy"], (z > 0).double().mean())
 
 
 def optimise_free_logit(loss_fn, z_ref=0.7, steps=3000, lr=0.05):

@@ -191,13 +191,15 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path, damage):
     folder, info = loader.resume("auto", {"model_optimizer": ModelOptimizerState(model, optimizer), "counter": counter}, {})
     assert folder == tmp_path / "step-00000001" and info["step"] == 1
     assert counter.value == 1 and torch.equal(model.weight, torch.ones_like(model.weight))
-    assert len(warnings) == 1 and f"checkpoint {tmp_path / 'step-00000002'} is damaged" in warnings[0]
+    assert len(warnings) == 2 and f"checkpoint {tmp_path / 'step-00000002'} is damaged" in warnings[0]
     assert "trying the previous one" in warnings[0]
+    set_aside = tmp_path / "step-00000002.damaged"  # kept for a look, no longer a checkpoint to resume or count
+    assert f"set the damaged checkpoint aside as {set_aside}" in warnings[1]
+    assert complete_checkpoints(tmp_path) == [tmp_path / "step-00000001"]
 
     # Named explicitly, the damaged one is an input error naming it.
-    with pytest.raises(DamagedCheckpointError, match=f"checkpoint.resume={tmp_path / 'step-00000002'}: this checkpoint is damaged"):
-        loader.resume(tmp_path / "step-00000002", {"model_optimizer": ModelOptimizerState(model, optimizer),
-                                                   "counter": Counter()}, {})
+    with pytest.raises(DamagedCheckpointError, match=f"checkpoint.resume={set_aside}: this checkpoint is damaged"):
+        loader.resume(set_aside, {"model_optimizer": ModelOptimizerState(model, optimizer), "counter": Counter()}, {})
 
 
 def test_resume_auto_with_every_checkpoint_damaged_is_an_input_error(tmp_path):
@@ -246,6 +248,18 @@ def test_after_a_fallback_pruning_keeps_the_new_checkpoints_not_the_damaged_late
     saver.save(3, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})  # replaces the damaged one
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000003"]
     assert saver.resume("auto", {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})[0].name == "step-00000003"
+
+
+def test_a_damaged_later_checkpoint_is_set_aside_so_pruning_keeps_the_intact_one(tmp_path):
+    """Resumed past a damaged step 3, the run saves step 4 (not 3): with keep=2 the intact step 2 must
+    stay, not be pruned in favour of the damaged one."""
+    model, optimizer = saved_steps(tmp_path, steps=(1, 2, 3), keep=3)
+    truncate(tmp_path / "step-00000003")
+    saver = Checkpointer(tmp_path, 2, rank=0, dp_rank=0, dp_world_size=1, log=QUIET)
+    folder, _ = saver.resume("auto", {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
+    assert folder.name == "step-00000002" and (tmp_path / "step-00000003.damaged").is_dir()
+    saver.save(4, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000002", "step-00000004"]
 
 
 # ---------------------------------------------------------------------------------------- the run lock

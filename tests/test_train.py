@@ -25,9 +25,11 @@ def records(run: Path) -> list[dict]:
 
 def test_two_process_mpo_learns_the_task(toy_inputs, tmp_path):
     result = train(*toy_overrides(toy_inputs, tmp_path / "run", **{"training.steps": 30}))
-    accuracy, loss = logged(tmp_path / "run", "reward/accuracy"), logged(tmp_path / "run", "loss/total")
+    accuracy, loss = logged(tmp_path / "run", "preference/accuracy"), logged(tmp_path / "run", "loss/total")
     assert len(accuracy) == 30
-    assert accuracy[0] < 0.8 and min(accuracy[-5:]) > 0.95  # preference accuracy rises on a learnable task
+    assert accuracy[0] < 0.8 and min(accuracy[-5:]) > 0.95  # the policy comes to prefer chosen on a learnable task
+    reward_accuracy = logged(tmp_path / "run", "reward/accuracy")  # implicit reward: z moved above z_ref
+    assert reward_accuracy[0] < 0.8 and min(reward_accuracy[-5:]) > 0.9
     epochs = logged(tmp_path / "run", "progress/epoch")  # a fraction: one batch per rank per step
     assert 0 < epochs[0] < 0.1 and epochs == pytest.approx([(step + 1) * epochs[0] for step in range(30)])
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.1
@@ -131,7 +133,7 @@ def test_stories260k_on_hh_rlhf_writes_every_metric(tmp_path, stories_inputs):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     expected = {"loss/total", "loss/reward_term", "loss/kl_pair", "loss/dref_nll", "loss/dref_kl", "reward/accuracy",
-                "reward/margin", "reward/p", "logps/chosen", "logps/rejected", "optim/lr", "optim/grad_norm",
+                "preference/accuracy", "reward/margin", "reward/p", "logps/chosen", "logps/rejected", "optim/lr", "optim/grad_norm",
                 "throughput/tokens_per_s", "throughput/mfu", "memory/peak_gib"}
     assert expected <= tags, expected - tags
     assert [event.step for event in events.Scalars("loss/total")] == [1, 2, 3]
@@ -180,8 +182,10 @@ def test_dpo_and_ipo_train_on_the_same_shards(toy_inputs, tmp_path, loss):
     if loss == "dpo":
         extra["loss.label_smoothing"] = 0.1
     train(*toy_overrides(toy_inputs, tmp_path / "run", **extra))
-    accuracy = logged(tmp_path / "run", "reward/accuracy")
+    accuracy = logged(tmp_path / "run", "preference/accuracy")  # the policy comes to prefer chosen
     assert len(accuracy) == 12 and max(accuracy[-3:]) > accuracy[0] + 0.2
+    reward_accuracy = logged(tmp_path / "run", "reward/accuracy")  # and its implicit reward z - z_ref rises
+    assert len(reward_accuracy) == 12 and max(reward_accuracy[-3:]) > reward_accuracy[0] + 0.2
 
 
 def test_reference_scored_on_other_pairs_is_refused_before_step_1(toy_inputs, tmp_path):

@@ -284,6 +284,46 @@ def preflight_check(pairs_dir: str | Path, reference_dir: str | Path | None = No
     return report
 
 
+def _weights_hash(manifest: Manifest) -> str | None:
+    model = manifest.info.get("model")
+    return model.get("weights_hash") if isinstance(model, dict) else None
+
+
+def check_eval_inputs(eval_pairs_dir: str | Path | None, eval_reference_dir: str | Path | None,
+                      eval_dref_dir: str | Path | None, *, train_pairs_dir: str | Path,
+                      train_reference_dir: str | Path | None, require_held_out: bool = True) -> None:
+    """Held-out inputs that cannot serve (manifests only): an eval reference made from other pairs than
+    eval.pairs, or scored by another model than data.reference (its numbers would not compare with
+    training); with `require_held_out`, eval pairs that are the training pairs and an eval D_ref
+    sampled from the training prompts (its KL would be the optimistic training-set figure)."""
+    train_fingerprint = manifest_fingerprint(Path(train_pairs_dir))
+    train_model = _weights_hash(_read_manifest("data.reference", train_reference_dir, "ref_logps")) if train_reference_dir else None
+    if eval_pairs_dir:
+        if require_held_out and manifest_fingerprint(Path(eval_pairs_dir)) == train_fingerprint:
+            raise InputError(f"eval.pairs {eval_pairs_dir} is the training set data.pairs {train_pairs_dir}; hold pairs out "
+                             "with tools/prepare_pairs.py --eval-fraction, or set eval.require_held_out=false")
+        reference = _read_manifest("eval.reference", eval_reference_dir, "ref_logps")
+        recorded = recorded_pairs_fingerprint(reference, eval_reference_dir)
+        if recorded is not None and recorded != manifest_fingerprint(Path(eval_pairs_dir)):
+            raise InputError(f"eval.reference {eval_reference_dir} was made from other pairs than eval.pairs "
+                             f"{eval_pairs_dir}: re-run tools/score_reference.py --pairs {eval_pairs_dir}")
+        eval_model = _weights_hash(reference)
+        if train_model and eval_model and eval_model != train_model:
+            raise InputError(f"eval.reference {eval_reference_dir} was scored by another model ({eval_model}) than "
+                             f"data.reference {train_reference_dir} ({train_model}); score the eval pairs with the "
+                             "training run's reference model")
+    if eval_dref_dir:
+        dref = _read_manifest("eval.dref", eval_dref_dir, "dref")
+        if require_held_out and recorded_pairs_fingerprint(dref, eval_dref_dir) == train_fingerprint:
+            raise InputError(f"eval.dref {eval_dref_dir} was sampled from the training prompts (data.pairs "
+                             f"{train_pairs_dir}): its KL would be the optimistic training-set figure; sample it from "
+                             "held-out prompts (prepare_pairs --eval-fraction), or set eval.require_held_out=false")
+        dref_model = _weights_hash(dref)
+        if train_model and dref_model and dref_model != train_model:
+            raise InputError(f"eval.dref {eval_dref_dir} was sampled from another model ({dref_model}) than the "
+                             f"reference of data.reference ({train_model}); sample it with the training run's reference")
+
+
 def _read_manifest(option: str, directory: str | Path, kind: str) -> Manifest:
     try:
         return Manifest.read(directory, kind)

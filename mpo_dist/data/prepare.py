@@ -6,10 +6,19 @@ the output is the same whatever the number of processes: process `r` of `W` writ
 a rerun skips shards whose stats exist. The output folder is claimed, swept of stale temp files and
 progress is reported by `shard_job` (the tools' one resumable-job mechanism). After a barrier,
 rank 0 writes the manifest and the report.
+
+Held-out split (`eval_fraction` F > 0): every record goes to `OUT/eval/` when a stable hash of its
+prompt text falls below F (`split_side`), else to `OUT/train/`; each is a complete pairs shard set
+(shards, manifest, report) whose manifest records the split under `info.split`. The side depends on
+the prompt alone, never on the record's position, the shard size or the number of processes, and all
+pairs of one prompt land on the same side, so no eval prompt is ever trained on. Input shard `i` gives
+shard `i` of both sides (one of them may be empty and is then not listed); it is finished when both
+stats files exist. Records that cannot be parsed have no prompt: they are reported on the train side.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,6 +45,27 @@ from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
 STATS_DIR = ".prepare"
 REPORT_NAME = "prepare_report.json"
 PROMPT_LENGTH_CAP = 512  # the default prompt limit, unless half of --max-length is less
+SPLIT_SIDES = ("train", "eval")
+# How a record's side is chosen (recorded in the manifests; change the version if the rule changes).
+SPLIT_RULE = ("eval when int(sha256('mpo_dist.eval_split.v1\\0' + prompt)[:8 bytes], big-endian) / 2**64 < fraction; "
+              "prompt: the record's prompt text before tokenization (chat messages as sorted-key JSON)")
+_SPLIT_SALT = b"mpo_dist.eval_split.v1\0"
+
+
+def split_key(prompt: str | list) -> str:
+    """The text a record's side is decided by: its prompt (messages as canonical JSON)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def split_value(prompt: str | list) -> float:
+    """A stable pseudo-uniform number in [0, 1) for a prompt (the same on every machine and run)."""
+    digest = hashlib.sha256(_SPLIT_SALT + split_key(prompt).encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_side(prompt: str | list, eval_fraction: float) -> str:
+    """"eval" or "train": the held-out side of a record with this prompt."""
+    return "eval" if split_value(prompt) < eval_fraction else "train"
 
 
 def default_max_prompt_length(max_length: int) -> int:
@@ -53,6 +83,7 @@ class PrepareOptions:
     append_eos: bool = True
     strict: bool = False
     format: str = "auto"
+    eval_fraction: float = 0.0  # > 0: split by prompt hash into OUT/train and OUT/eval
 
     def __post_init__(self) -> None:
         if self.max_prompt_length is None:
@@ -70,6 +101,14 @@ class PrepareOptions:
             )
         if self.truncation not in ("truncate", "drop"):
             raise InputError(f"--truncation must be 'truncate' or 'drop', got {self.truncation!r}")
+        if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
+            raise InputError(f"--eval-fraction must be >= 0 and < 1, got {self.eval_fraction}")
+
+    def sides(self, out_dir: Path) -> list[tuple[str | None, Path]]:
+        """(side, folder) of each output shard set: the folder itself, or its train/ and eval/ sub-folders."""
+        if not self.eval_fraction:
+            return [(None, out_dir)]
+        return [(side, out_dir / side) for side in SPLIT_SIDES]
 
 
 @dataclass
@@ -178,12 +217,15 @@ def prepare_pairs(
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
     fmt = resolve_format(input_path, options.format)
     params = {
-        # --strict decides whether to stop, not what a shard holds: a rerun may change it.
-        "options": {key: value for key, value in asdict(options).items() if key != "strict"},
+        # --strict decides whether to stop, not what a shard holds: a rerun may change it. The split is
+        # recorded under "split" (only when there is one: an unsplit output is what it always was).
+        "options": {key: value for key, value in asdict(options).items() if key not in ("strict", "eval_fraction")},
         "input": {"path": str(input_path.resolve()), "size": input_path.stat().st_size, "format": fmt},
         "tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "hash": tokenizer_hash, "vocab_size": len(tokenizer),
                       "pad_token_id": tokenizer.pad_token_id},
     }
+    if options.eval_fraction:
+        params["split"] = {"fraction": float(options.eval_fraction), "rule": SPLIT_RULE}
     tokenize = PairTokenizer(tokenizer, options)  # fails on a bad --chat-template before --out is claimed
     start_job("prepare_pairs", out_dir, params, rank=rank, log=log)
     try:
@@ -198,14 +240,28 @@ def prepare_pairs(
     if num_records == 0:
         release_output_dir(out_dir)
         raise InputError(f"--input {input_path} holds no records")
-    return _finish(out_dir, math.ceil(num_records / options.samples_per_shard), tokenizer_hash, params, log)
+    num_shards = math.ceil(num_records / options.samples_per_shard)
+    sides = options.sides(out_dir)
+    if len(sides) == 1:
+        return _finish(out_dir, num_shards, tokenizer_hash, params, log)
+    summaries = {}
+    for side, folder in sides:
+        side_params = {**params, "split": {**params["split"], "side": side, "held_out": side == "eval"}}
+        summaries[side] = _finish(folder, num_shards, tokenizer_hash, side_params, log)
+    total = {key: summaries["train"][key] + summaries["eval"][key] for key in ("records", "kept")}
+    log(f"prepare_pairs: split {total['records']} records by prompt hash (--eval-fraction {options.eval_fraction}): "
+        f"{summaries['train']['kept']} train pairs in {out_dir / 'train'}, {summaries['eval']['kept']} eval pairs in "
+        f"{out_dir / 'eval'}")
+    return {**total, "split": params["split"], **summaries}
 
 
 def _write_shards(input_path: Path, fmt: str, out_dir: Path, tokenize: PairTokenizer, rank: int, world_size: int,
                   log: Callable[[str], None]) -> int:
     """This rank's unfinished shards; returns the number of input records."""
-    options, stats_dir = tokenize.options, out_dir / STATS_DIR
-    stats_dir.mkdir(exist_ok=True)
+    options = tokenize.options
+    stats_dirs = [folder / STATS_DIR for _, folder in options.sides(out_dir)]
+    for stats_dir in stats_dirs:
+        stats_dir.mkdir(parents=True, exist_ok=True)
     per_shard = options.samples_per_shard
     source = ProgressFile(input_path) if not fmt.startswith("parquet") else None
     progress = Progress("prepare_pairs", "records", log, enabled=rank == 0)
@@ -214,7 +270,7 @@ def _write_shards(input_path: Path, fmt: str, out_dir: Path, tokenize: PairToken
     for where, raw in iter_raw_records(input_path, fmt, source):
         shard = num_records // per_shard
         num_records += 1
-        if shard % world_size == rank and not (stats_dir / f"{shard_name(shard)}.json").exists():
+        if shard % world_size == rank and not all((d / f"{shard_name(shard)}.json").exists() for d in stats_dirs):
             pending.append((where, raw))
             if len(pending) == per_shard:
                 _write_shard(shard, pending, tokenize, fmt, out_dir, options.strict, input_path)
@@ -227,18 +283,30 @@ def _write_shards(input_path: Path, fmt: str, out_dir: Path, tokenize: PairToken
 
 
 def _write_shard(index: int, records, tokenize: PairTokenizer, fmt: str, out_dir: Path, strict: bool, input_path: Path) -> None:
-    first = index * tokenize.options.samples_per_shard
-    stats = ShardStats(index=index, records=len(records), kept=0, dropped=[], truncated_prompt=0, truncated_response=0)
+    options = tokenize.options
+    first = index * options.samples_per_shard
     parsed = [(where, parse_record(raw, fmt)) for where, raw in records]
     good = [(offset, where, pair) for offset, (where, pair) in enumerate(parsed) if isinstance(pair, RawPair)]
     results: dict[int, dict | str] = {offset: reason for offset, (_, reason) in enumerate(parsed) if isinstance(reason, str)}
     results.update(zip([offset for offset, _, _ in good], tokenize([pair for _, _, pair in good])))
-    with ShardWriter(out_dir / shard_name(index), "pairs") as writer:
+    if strict:  # before any side is written: a strict stop leaves no shard of this index behind
         for offset, (where, _) in enumerate(parsed):
-            result = results[offset]
+            if isinstance(results[offset], str):
+                raise InputError(f"{input_path}: {where}: {results[offset]} (--strict stops at the first record not kept)")
+    sides = options.sides(out_dir)
+    # Unparsable records have no prompt: they are reported on the first side (train).
+    side_of = [split_side(pair.prompt, options.eval_fraction) if isinstance(pair, RawPair) and options.eval_fraction
+               else sides[0][0] for _, pair in parsed]
+    for side, folder in sides:
+        mine = [offset for offset in range(len(parsed)) if side_of[offset] == side]
+        _write_side_shard(index, first, [(offset, parsed[offset][0], results[offset]) for offset in mine], folder)
+
+
+def _write_side_shard(index: int, first: int, results: list[tuple[int, str, dict | str]], out_dir: Path) -> None:
+    stats = ShardStats(index=index, records=len(results), kept=0, dropped=[], truncated_prompt=0, truncated_response=0)
+    with ShardWriter(out_dir / shard_name(index), "pairs") as writer:
+        for offset, where, result in results:
             if isinstance(result, str):
-                if strict:
-                    raise InputError(f"{input_path}: {where}: {result} (--strict stops at the first record not kept)")
                 stats.dropped.append([where, result])
                 continue
             result["meta"]["where"] = where

@@ -1,0 +1,95 @@
+"""tools/evaluate.py (mpo_dist/evaluate_model.py): on-policy KL of the reference against itself, agreement
+with the trainer's last eval on a training checkpoint, 1 vs 2 processes, and a reward that cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import REPO, SUBPROCESS_ENV, run_tool, toy_overrides, torchrun_command, train
+
+ON_POLICY = ["--on-policy-samples", 2, "--max-new-tokens", 6, "--max-prompts", 12, "--batch-size", 5]
+
+
+def report(path) -> dict:
+    return json.loads(path.read_text())
+
+
+def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"evaluate failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def test_on_policy_kl_of_the_reference_against_itself_is_zero(toy_inputs, tmp_path):
+    out = tmp_path / "self.json"
+    checked(run_tool("evaluate.py", "--model", toy_inputs["model"], "--reference-model", toy_inputs["model"],
+                     "--pairs", toy_inputs["pairs"], *ON_POLICY, "--reward", "operator:contains",  # f(prompt, response): response in prompt
+                     "--out", out, cwd=REPO))
+    metrics = report(out)["metrics"]
+    mean, stderr = metrics["on_policy/kl_policy_ref"], metrics["on_policy/kl_policy_ref_stderr"]
+    assert abs(mean) <= 3 * stderr + 1e-6
+    assert abs(mean) < 1e-5  # the same model scores each response twice: exactly 0
+    assert metrics["on_policy/samples"] == 24 and metrics["on_policy/prompts"] == 12
+    assert "on_policy/reward" in metrics and "on_policy/reward_stderr" in metrics
+    assert 0 <= metrics["on_policy/reward"] <= 1  # a 0/1 reward
+    assert 0 < metrics["on_policy/response_tokens"] <= 6
+
+
+def test_checkpoint_gives_the_trainers_last_eval(toy_inputs, tmp_path):
+    run = tmp_path / "run"
+    held_out = {"eval.pairs": toy_inputs["pairs"], "eval.reference": toy_inputs["reference"], "eval.dref": toy_inputs["dref"],
+                "eval.require_held_out": "false"}  # the toy set serves as both: on purpose
+    train(*toy_overrides(toy_inputs, run, **{"training.steps": 2, "model.dtype": "float32", **held_out}), nproc=2)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if any(k.startswith("eval/") for k in r)][-1]
+    (checkpoint,) = sorted((run / "checkpoints").glob("step-*"))[-1:]
+    out = tmp_path / "report.json"
+    checked(run_tool("evaluate.py", "--model", checkpoint, "--pairs", toy_inputs["pairs"], "--reference",
+                     toy_inputs["reference"], "--dref", toy_inputs["dref"], "--per-sample", "--out", out))
+    got = report(out)
+    assert got["model"]["checkpoint_step"] == 2 and got["loss"]["name"] == "mpo"  # the run's loss, read beside it
+    names = {n for n in last if n.startswith("eval/") and n != "eval/seconds"}
+    assert names and names <= set(got["metrics"]), names - set(got["metrics"])
+    for name in sorted(names):
+        assert got["metrics"][name] == pytest.approx(last[name], abs=1e-4), name
+    per_sample = got["per_sample"]
+    assert len(per_sample["pairs"]["keys"]) == last["eval/pairs"] == len(set(per_sample["pairs"]["keys"]))
+    assert len(per_sample["dref"]["policy_logps"]) == last["eval/dref_samples"]
+    kl = [ref - pol for ref, pol in zip(per_sample["dref"]["ref_logps"], per_sample["dref"]["policy_logps"])]
+    assert sum(kl) / len(kl) == pytest.approx(got["metrics"]["eval/kl_ref_policy"], abs=1e-9)
+
+
+def test_one_and_two_processes_give_the_same_report(toy_inputs, tmp_path):
+    args = ["--model", toy_inputs["model"], "--reference-model", toy_inputs["model"], "--pairs", toy_inputs["pairs"],
+            "--reference", toy_inputs["reference"], "--dref", toy_inputs["dref"], "--per-sample", "--loss", "dpo",
+            *ON_POLICY]
+    reports = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"report{nproc}.json"
+        command = torchrun_command(nproc, [str(REPO / "tools" / "evaluate.py"), *map(str, args), "--out", str(out)])
+        checked(subprocess.run(command, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300))
+        reports[nproc] = report(out)
+    one, two = reports[1], reports[2]
+    assert two["world_size"] == 2 and one["loss"]["name"] == "dpo"
+    names = sorted(n for n in one["metrics"] if not n.endswith("seconds"))
+    assert names == sorted(n for n in two["metrics"] if not n.endswith("seconds"))
+    assert "eval/kl_ref_policy" in names and "on_policy/kl_policy_ref" in names
+    for name in names:
+        assert one["metrics"][name] == pytest.approx(two["metrics"][name], rel=1e-5, abs=1e-6), name
+    for what in ("pairs", "dref"):
+        assert one["per_sample"][what]["keys"] == two["per_sample"][what]["keys"]
+        for field, values in one["per_sample"][what].items():
+            if field != "keys":
+                assert values == pytest.approx(two["per_sample"][what][field], rel=1e-5, abs=1e-5), (what, field)
+
+
+def test_a_reward_that_cannot_be_imported_is_an_input_error(toy_inputs, tmp_path):
+    result = run_tool("evaluate.py", "--model", toy_inputs["model"], "--reference-model", toy_inputs["model"],
+                      "--pairs", toy_inputs["pairs"], *ON_POLICY, "--reward", "no_such_module_xyz:score",
+                      "--out", tmp_path / "r.json")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--reward" in lines[0] and "no_such_module_xyz" in lines[0], result.stderr
+    assert not (tmp_path / "r.json").exists()
