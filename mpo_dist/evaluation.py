@@ -70,24 +70,23 @@ class Evaluator:
         ranks = dict(dp_rank=dp_rank, dp_world_size=dp_world_size)
         self.pairs = self.dref = None
         self.expected = {"pairs": 0, "dref": 0}  # real samples of one pass, over all ranks
+        def open_stream(option: str, folder: str, what: str, make_source, collate, sequences_per_sample: int):
+            try:
+                source = make_source()
+            except (ShardError, FileNotFoundError) as error:
+                raise ShardError(f"{what}: {error}") from error
+            _same_tokenizer(option, folder, source.shards.manifest.tokenizer_hash, tokenizer_hash)
+            expected = real_samples(source.shards.manifest.num_samples, config.batch_size, dp_world_size, config.max_batches)
+            return _stream(source, partial(collate, **collate_options), config.batch_size, sequences_per_sample, **ranks), expected
+
         if config.pairs:
-            try:
-                source = PairSource(config.pairs, config.reference, vocab_size=vocab_size)
-            except (ShardError, FileNotFoundError) as error:
-                raise ShardError(f"eval.pairs={config.pairs} / eval.reference={config.reference}: {error}") from error
-            _same_tokenizer("eval.pairs", config.pairs, source.shards.manifest.tokenizer_hash, tokenizer_hash)
-            self.pairs = _stream(source, partial(collate_pairs, **collate_options), config.batch_size, 2, **ranks)
-            self.expected["pairs"] = real_samples(source.shards.manifest.num_samples, config.batch_size,
-                                                  dp_world_size, config.max_batches)
+            self.pairs, self.expected["pairs"] = open_stream(
+                "eval.pairs", config.pairs, f"eval.pairs={config.pairs} / eval.reference={config.reference}",
+                lambda: PairSource(config.pairs, config.reference, vocab_size=vocab_size), collate_pairs, 2)
         if config.dref:
-            try:
-                source = DrefSource(config.dref, vocab_size=vocab_size)
-            except (ShardError, FileNotFoundError) as error:
-                raise ShardError(f"eval.dref={config.dref}: {error}") from error
-            _same_tokenizer("eval.dref", config.dref, source.shards.manifest.tokenizer_hash, tokenizer_hash)
-            self.dref = _stream(source, partial(collate_dref, **collate_options), config.batch_size, 1, **ranks)
-            self.expected["dref"] = real_samples(source.shards.manifest.num_samples, config.batch_size,
-                                                 dp_world_size, config.max_batches)
+            self.dref, self.expected["dref"] = open_stream(
+                "eval.dref", config.dref, f"eval.dref={config.dref}", lambda: DrefSource(config.dref, vocab_size=vocab_size),
+                collate_dref, 1)
 
     def _batches(self, stream: ShardStream) -> Iterator[dict]:
         stream.start_at(0, 0)
