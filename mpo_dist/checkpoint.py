@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.checkpoint.stateful import Stateful
 
 from mpo_dist.dcp_reader import SafeFileSystemReader
-from mpo_dist.distributed import all_ranks_succeeded, barrier, has_process_group, world_size
+from mpo_dist.distributed import all_ranks_succeeded, barrier, has_process_group, raise_on_every_rank, world_size
 from mpo_dist.errors import InputError, MissingInputError
 
 INFO_NAME = "checkpoint.json"
@@ -234,11 +234,8 @@ class Checkpointer:
                                             "world_size": world_size(), "rank_local": sorted(rank_local)}, write_extra)
             except Exception as caught:
                 error = caught
-        if not all_ranks_succeeded(error is None):
-            if error is not None:
-                raise error
-            raise RuntimeError(f"checkpoint {final}: completing the save failed on rank 0 (see its error); "
-                               "the previous checkpoints are kept")
+        raise_on_every_rank(error, lambda: RuntimeError(f"checkpoint {final}: completing the save failed on rank 0 "
+                                                        "(see its error); the previous checkpoints are kept"))
         if self.rank == 0:
             self._prune(final)
         barrier()

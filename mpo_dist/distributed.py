@@ -12,6 +12,7 @@ import os
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -141,6 +142,14 @@ def all_ranks_succeeded(succeeded: bool) -> bool:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.is_initialized() and dist.get_backend() == "nccl" else None
     failures = all_reduce_sum(torch.tensor([0.0 if succeeded else 1.0], device=device))
     return failures.item() == 0
+
+
+def raise_on_every_rank(error: BaseException | None, elsewhere: Callable[[], BaseException]) -> None:
+    """After work that may fail on some ranks only (often rank 0's alone): a collective in which every
+    rank raises when any failed, its own `error` or `elsewhere()`, so that no rank goes on to wait
+    forever in a later collective."""
+    if not all_ranks_succeeded(error is None):
+        raise error if error is not None else elsewhere()
 
 
 def wait_for_peers(seconds: float) -> bool:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mpo_dist.distributed import all_ranks_succeeded
+from mpo_dist.distributed import raise_on_every_rank
 from mpo_dist.errors import InputError
 
 LOCK_NAME = "run.lock"
@@ -184,6 +184,6 @@ def take_run_lock(folder: str | Path, is_main: bool, log: Callable[[str], None] 
             lock.acquire()
         except Exception as caught:  # refused, or the folder cannot be written
             error = caught
-    if not all_ranks_succeeded(error is None):
-        raise error or OutputDirLockedError(f"job.output_dir {folder}: rank 0 could not take the run lock (see its error)")
+    raise_on_every_rank(error, lambda: OutputDirLockedError(
+        f"job.output_dir {folder}: rank 0 could not take the run lock (see its error)"))
     return lock

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mpo_dist.data.shards import MANIFEST_NAME, ShardInfo, atomic_write_bytes, check_shard_name
-from mpo_dist.distributed import all_ranks_succeeded, barrier
+from mpo_dist.distributed import barrier, raise_on_every_rank
 from mpo_dist.errors import InputError
 
 JOB_FILE = ".job.json"
@@ -123,8 +123,8 @@ def start_job(name: str, out_dir: Path, params: dict[str, Any], *, rank: int, lo
             removed = remove_stale_temp_files(out_dir)
             if removed:
                 log(f"{name}: removed {removed} temp files left by an interrupted run")
-    if not all_ranks_succeeded(refused is None):  # nobody writes before the folder is claimed and swept
-        raise refused or InputError(f"--out {out_dir} was refused by rank 0 (its message says why)")
+    # Nobody writes before the folder is claimed and swept.
+    raise_on_every_rank(refused, lambda: InputError(f"--out {out_dir} was refused by rank 0 (its message says why)"))
 
 
 class Progress:

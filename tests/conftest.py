@@ -174,3 +174,16 @@ class Counter:
 
     def load_state_dict(self, state: dict) -> None:
         self.value = state["value"]
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The live processes whose parent is `parent` (the workers torchrun started), from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            children.append(int(stat.parent.name))
+    return sorted(children)

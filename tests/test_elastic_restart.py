@@ -13,22 +13,9 @@ from pathlib import Path
 
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, flat_checkpoint, toy_overrides, train
+from conftest import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, flat_checkpoint, toy_overrides, train, worker_pids
 
 KILLS = 5
-
-
-def worker_pids(launcher_pid: int) -> list[int]:
-    """The training processes torchrun started (its direct children)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == launcher_pid and fields[0] != "Z":
-            children.append(int(stat.parent.name))
-    return sorted(children)
 
 
 def newest_step(run: Path) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QUIET, REPO, SUBPROCESS_ENV as ENV, free_port
+from conftest import QUIET, REPO, SUBPROCESS_ENV as ENV, free_port, worker_pids
 from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardError, ShardInfo
 from mpo_dist.shard_job import manifest_fingerprint
@@ -172,18 +172,6 @@ def test_stored_logp_ref_equals_a_rescoring_and_samples_read_like_stories(storie
     drawn = generate(model, [np.array([1])] * 4, [1, 2, 3, 4], SamplingParams(max_new_tokens=12), 2, 0, torch.device("cpu"))
     texts = [tokenizer.decode(response) for response, _ in drawn]
     assert len(set(texts)) > 1 and all(text.split() for text in texts)  # distinct stories, made of words
-
-
-def worker_pids(parent: int) -> list[int]:
-    children = []
-    for status in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = status.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == parent:
-            children.append(int(status.parent.name))
-    return children
 
 
 def test_sigkill_of_one_rank_then_rerun_gives_the_uninterrupted_output(stories, tmp_path):
