@@ -81,6 +81,11 @@ class ParallelConfig:
     dp_shard: int = opt(-1, "ranks each model is sharded over; -1: all ranks / dp_replicate")
     activation_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward")
     compile: bool = opt(False, "torch.compile each decoder layer")
+    reshard_after_forward: Literal["auto", "always", "never"] = opt(
+        "auto", "free each decoder layer's gathered parameters after its forward and gather them again in backward "
+                "(always), or keep them until backward: one all-gather per layer less, one unsharded model in "
+                "model.dtype more per rank (never); auto: never when that model is under 5% of the device's memory "
+                "or parallel.dp_shard is 1, else always")
 
     def validate(self) -> None:
         _check(self.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1", self.dp_replicate)
@@ -98,9 +103,16 @@ class DataConfig:
     shuffle: bool = opt(True, "shuffle shard order each epoch and samples within a window")
     shuffle_window: int = opt(1024, "consecutive samples of a rank's slice shuffled together (and read in one pass)")
     tail: Literal["pad", "drop"] = opt("pad", "samples that do not fill a batch on every rank: pad with flagged duplicates (masked from the loss) or drop them")
-    num_workers: int = opt(1, "data loader worker processes per rank (0: load in the main process)")
-    padding_side: Literal["right", "left"] = opt("right", "side on which sequences are padded")
-    pad_to_multiple_of: int = opt(1, "round padded lengths up to a multiple of this")
+    num_workers: int = opt(0, "data loader worker processes per rank for each of the pairs and D_ref streams; 0: the "
+                              "rank loads its batches itself (a millisecond or two each) and starts no worker (~280 MiB each)")
+    packing: Literal["auto", "always", "never"] = opt(
+        "auto", "always: compute each pair as one packed sequence [prompt][chosen][rejected] (the prompt once; "
+                "rejected does not see chosen), several pairs and D_ref samples per row; never: one padded row "
+                "per response; auto: per micro-batch, whichever needs fewer FLOPs by the model's cost estimate "
+                "(the same numbers either way)")
+    pack_tokens: int = opt(0, "longest packed row, in tokens (0: the longest pair or sample of the micro-batch)")
+    padding_side: Literal["right", "left"] = opt("right", "side on which padded rows are padded")
+    pad_to_multiple_of: int = opt(1, "round padded (or packed) row lengths up to a multiple of this")
     dref_batch_size: int = opt(8, "D_ref samples per micro-batch per rank")
     preflight: bool = opt(True, "before step 1, read every shard once (split over the ranks) and check it: tar members "
                                 "against the manifest, checksums, token ids, finite log-probs, keys in lockstep")
@@ -117,6 +129,7 @@ class DataConfig:
         _check(self.shuffle_window >= 1, "data.shuffle_window", "must be >= 1", self.shuffle_window)
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
         _check(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", "must be >= 1", self.pad_to_multiple_of)
+        _check(self.pack_tokens >= 0, "data.pack_tokens", "must be >= 0", self.pack_tokens)
         _check(self.dref_batch_size >= 1, "data.dref_batch_size", "must be >= 1", self.dref_batch_size)
 
 

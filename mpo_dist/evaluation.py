@@ -23,19 +23,19 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from functools import partial
 from typing import Callable, Iterator
 
 import torch
 
 from mpo_dist.config import DataConfig, EvalConfig
-from mpo_dist.data.collate import collate_dref, collate_pairs
+from mpo_dist.data.collate import batch_documents, collate_dref, collate_pairs
+from mpo_dist.data.layout import layout_for
 from mpo_dist.data.dataset import ShardStream
 from mpo_dist.data.sampler import BatchSpec
 from mpo_dist.data.samples import DrefSource, PairSource
 from mpo_dist.data.shards import ShardError
 from mpo_dist.distributed import all_reduce_sum
-from mpo_dist.logprobs import sequence_logprobs
+from mpo_dist.logprobs import batch_logprobs
 from mpo_dist.metrics import logged_name
 
 PREFIX = "eval/"
@@ -64,9 +64,7 @@ class Evaluator:
                  device: torch.device, dp_rank: int, dp_world_size: int, pad_token_id: int,
                  tokenizer_hash: str | None = None, vocab_size: int | None = None):
         self.config, self.model, self.loss_fn, self.device = config, model, loss_fn, device
-        self.pad_token_id, self.padding_side = pad_token_id, data.padding_side
-        collate_options = dict(pad_token_id=pad_token_id, padding_side=data.padding_side,
-                               pad_to_multiple_of=data.pad_to_multiple_of)
+        self.layout = layout_for(data, pad_token_id)  # the training forward's layout (padded or packed)
         ranks = dict(dp_rank=dp_rank, dp_world_size=dp_world_size)
         self.pairs = self.dref = None
         self.expected = {"pairs": 0, "dref": 0}  # real samples of one pass, over all ranks
@@ -77,7 +75,7 @@ class Evaluator:
                 raise ShardError(f"{what}: {error}") from error
             _same_tokenizer(option, folder, source.shards.manifest.tokenizer_hash, tokenizer_hash)
             expected = real_samples(source.shards.manifest.num_samples, config.batch_size, dp_world_size, config.max_batches)
-            return _stream(source, partial(collate, **collate_options), config.batch_size, sequences_per_sample, **ranks), expected
+            return _stream(source, collate, config.batch_size, sequences_per_sample, **ranks), expected
 
         if config.pairs:
             self.pairs, self.expected["pairs"] = open_stream(
@@ -94,9 +92,9 @@ class Evaluator:
         return itertools.islice(batches, self.config.max_batches) if self.config.max_batches else batches
 
     def _logps(self, batch: dict) -> torch.Tensor:
-        device = self.device
-        return sequence_logprobs(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                 batch["response_mask"].to(device)).logps
+        """Policy log-probs of a pairs batch (chosen, then rejected) or of a D_ref batch."""
+        documents = batch_documents(batch) if "chosen_ids" in batch else batch_documents(None, batch)
+        return batch_logprobs(self.model, self.layout(documents).to(self.device)).logps
 
     def _local_sums(self) -> tuple[list[str], torch.Tensor]:
         """This rank's shares: the loss metrics (weighted to global means), then pair count, D_ref count,

@@ -4,7 +4,9 @@ The naive way, `log_softmax(model(x).logits)`, holds batch x length x vocab floa
 x 50257 x 4 bytes = 1.6 GB, twice over with its gradient). Here the decoder runs once, and the
 output projection + log-softmax run over chunks of `chunk_tokens` positions, each under activation
 checkpointing: a chunk's logits live only while that chunk is computed, in the forward and again in
-the backward, so peak memory for logits is one chunk's, whatever the batch and length.
+the backward, so peak memory for logits is one chunk's, whatever the batch and length. When all the
+logits of a forward are small (`KEEP_LOGITS_BYTES`: small vocabularies, short batches) they are kept
+instead, which saves recomputing the head in the backward.
 
 The contract with the model: the log-prob path calls the decoder and the head itself, not
 `model.forward`, so a wrapper that hooks `forward` (FSDP gathers sharded parameters around it)
@@ -12,8 +14,10 @@ must hook it too. This module therefore gives the model one method, `model.token
 (`add_logprob_method`, done by `model.build_model` and on first use of a plain model), and
 everything goes through it; `parallelize.apply_fsdp` registers that method with FSDP like `forward`.
 
-Rows may be right- or left-padded (as the collator makes them): position ids count real tokens
-only, so both give the same numbers, also for absolute-position models like GPT-2.
+What the forward computes comes as a `data.layout.ModelInput`: rows padded (right or left; position
+ids count real tokens only, so both sides give the same numbers, also for absolute-position models
+like GPT-2) or packed (several documents per row, a pair's prompt shared by its two responses,
+under a 4-D mask). The head runs only on the positions that predict a response token.
 """
 
 from __future__ import annotations
@@ -24,7 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from mpo_dist.errors import InputError
+
 DEFAULT_CHUNK_TOKENS = 1024
+# Float32 logits of a whole forward up to this size are kept for the backward (no recomputation of
+# the head, a third of its cost); above it each chunk is recomputed, so memory stays one chunk's.
+KEEP_LOGITS_BYTES = 128 * 2**20
 LOGPROB_METHOD = "token_logprobs"  # the model method that wrappers must treat like forward
 
 
@@ -74,27 +83,51 @@ def _chunk_token_logps(head, transform, hidden: torch.Tensor, targets: torch.Ten
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
-    """log p(input_ids[:, t] | input_ids[:, :t]) for t >= 1, flattened: [rows * (length - 1)], float32.
+def packed_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, implementation: str, dtype: torch.dtype):
+    """The 4-D mask of packed rows (data/layout.py): query i sees key j when both are in the same
+    document, j <= i, and j is the prompt or i's own response (not a sibling response).
 
-    Flat rather than a [rows, length - 1] view: a view returned through FSDP's forward hooks could
-    lose its backward hook to an in-place op; the caller reshapes."""
+    Boolean (True: attend) for SDPA; additive (0 or the dtype's minimum) for eager attention."""
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    own_branch = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    column = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    causal = column[:, None] >= column[None, :]
+    allowed = (same_segment & own_branch & causal)[:, None]
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def _attention_mask(model, batch) -> torch.Tensor:
+    if not batch.packed:
+        return batch.attention_mask
+    implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if implementation not in ("sdpa", "eager"):
+        raise InputError(f"data.packing needs the model's attention to be 'sdpa' or 'eager', not {implementation!r}")
+    return packed_attention_mask(batch.segment_ids, batch.branch_ids, implementation, model.dtype)
+
+
+def token_logprobs(model, batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """log p(batch.targets[k] | what precedes it) for every response token k of `batch` (a
+    data.layout.ModelInput on the model's device): [targets] float32.
+
+    The decoder runs over every position; the head and log-softmax only over the positions that
+    predict a response token, in checkpointed chunks."""
     decoder, head = _decoder_and_head(model)
     transform = _final_logits_transform(model)
-    hidden = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask), use_cache=False
-    ).last_hidden_state
-    rows, length = input_ids.shape
-    hidden = hidden[:, :-1].reshape(rows * (length - 1), -1)
-    targets = input_ids[:, 1:].reshape(-1)
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=_attention_mask(model, batch),
+                     position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.predict_from)
+    # Recompute each chunk's logits in the backward only when keeping them all would cost memory.
+    recompute = hidden.shape[0] * head.weight.shape[0] * 4 > KEEP_LOGITS_BYTES
     pieces = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         chunk = slice(start, start + chunk_tokens)
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            pieces.append(checkpoint(_chunk_token_logps, head, transform, hidden[chunk], targets[chunk], use_reentrant=False))
+        if recompute and torch.is_grad_enabled() and hidden.requires_grad:
+            pieces.append(checkpoint(_chunk_token_logps, head, transform, hidden[chunk], batch.targets[chunk], use_reentrant=False))
         else:
-            pieces.append(_chunk_token_logps(head, transform, hidden[chunk], targets[chunk]))
-    return torch.cat(pieces)
+            pieces.append(_chunk_token_logps(head, transform, hidden[chunk], batch.targets[chunk]))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def add_logprob_method(model) -> None:
@@ -104,6 +137,15 @@ def add_logprob_method(model) -> None:
         setattr(model, LOGPROB_METHOD, types.MethodType(token_logprobs, model))
 
 
+def batch_logprobs(model, batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SequenceLogprobs:
+    """Per output sequence of `batch` (a data.layout.ModelInput, padded or packed, on the model's
+    device): the sum of its response tokens' log-probs and their count."""
+    add_logprob_method(model)
+    token_logps = getattr(model, LOGPROB_METHOD)(batch, chunk_tokens)
+    logps = token_logps.new_zeros(batch.num_sequences).index_add(0, batch.sequence_index, token_logps)
+    return SequenceLogprobs(logps=logps, num_tokens=torch.bincount(batch.sequence_index, minlength=batch.num_sequences))
+
+
 def sequence_logprobs(
     model,
     input_ids: torch.Tensor,
@@ -111,14 +153,23 @@ def sequence_logprobs(
     response_mask: torch.Tensor,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> SequenceLogprobs:
-    """Sum of log-probs over the tokens marked by `response_mask` (prompt and padding excluded).
+    """`batch_logprobs` for rows already padded: the sum of log-probs over the tokens marked by
+    `response_mask` (prompt and padding excluded), one value per row."""
+    return batch_logprobs(model, padded_rows_input(input_ids, attention_mask, response_mask), chunk_tokens)
 
-    A batch may stack chosen, rejected and D_ref rows: one forward serves them all.
-    """
-    mask = response_mask[:, 1:]  # the first token has no prediction; a response never starts there
-    add_logprob_method(model)
-    token_logps = getattr(model, LOGPROB_METHOD)(input_ids, attention_mask, chunk_tokens).view(mask.shape)
-    return SequenceLogprobs(
-        logps=torch.where(mask, token_logps, 0.0).sum(-1),
-        num_tokens=mask.sum(-1),
+
+def padded_rows_input(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
+    """A data.layout.ModelInput for padded rows: one output sequence per row; response token t is
+    predicted from position t - 1 (the first column predicts nothing)."""
+    from mpo_dist.data.layout import ModelInput
+
+    rows, width = input_ids.shape
+    predicted = response_mask.clone()
+    predicted[:, 0] = False
+    flat = predicted.reshape(-1).nonzero().squeeze(-1)
+    return ModelInput(
+        input_ids=input_ids, position_ids=position_ids_for(attention_mask), attention_mask=attention_mask,
+        segment_ids=None, branch_ids=None, predict_from=flat - 1, targets=input_ids.reshape(-1)[flat],
+        sequence_index=flat // width, num_sequences=rows, num_tokens=int(attention_mask.sum()),
+        num_real_positions=int(attention_mask.sum()),
     )

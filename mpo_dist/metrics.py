@@ -69,10 +69,38 @@ def flops_per_token(num_params_without_embeddings: int, num_layers: int, hidden:
     return 6 * num_params_without_embeddings + 12 * num_layers * hidden * seq_len
 
 
-def mfu(flops_per_token_: float, tokens: float, seconds: float, devices: int, peak_tflops_: float) -> float:
-    """Model FLOPs utilisation: the FLOPs of `tokens` (padded: the hardware computes them) per second
-    per device, as a fraction of the device's peak."""
-    return flops_per_token_ * tokens / seconds / devices / (peak_tflops_ * 1e12)
+def row_flops(num_params_without_embeddings: int, num_layers: int, hidden: int, rows: int, width: int) -> float:
+    """Training FLOPs of `rows` rows of `width` positions (padding included: the hardware computes
+    it; a packed row's attention is computed densely under its mask, so it counts the full width)."""
+    return rows * width * flops_per_token(num_params_without_embeddings, num_layers, hidden, width)
+
+
+def layout_cost(num_body_params: int, num_layers: int, hidden: int) -> Callable[[int, int, bool], float]:
+    """What data/layout.py compares to choose padded or packed rows (data.packing=auto): the FLOPs of
+    rows x width positions, with the attention at full width under a mask (packed rows, padded rows
+    with padding) and at half width without one (SDPA's causal kernels skip the upper triangle). The
+    output head is left out: it runs on the same response tokens in every layout."""
+
+    def cost(rows: int, width: int, dense_attention: bool) -> float:
+        attention = (12 if dense_attention else 6) * num_layers * hidden * width
+        return rows * width * (6 * num_body_params + attention)
+
+    return cost
+
+
+def flop_counts(model) -> tuple[int, int, int, int]:
+    """(body parameters, head parameters, layers, hidden) of a causal LM for the FLOPs formulas: the
+    output head (vocab x hidden) is counted apart, since it runs only where a token is predicted."""
+    from mpo_dist.model import count_parameters
+
+    config = model.config
+    head = config.vocab_size * config.hidden_size
+    return count_parameters(model, exclude_embeddings=True) - head, head, config.num_hidden_layers, config.hidden_size
+
+
+def mfu(flops: float, seconds: float, devices: int, peak_tflops_: float) -> float:
+    """Model FLOPs utilisation: `flops` done in `seconds` on `devices`, as a fraction of their peak."""
+    return flops / seconds / devices / (peak_tflops_ * 1e12)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -90,9 +118,10 @@ class StepWindow:
 
     `summed` metrics are this rank's shares of global values (summed over ranks they give the global
     value); `replicated` ones are equal on every rank (the clipped gradient norm) and are not summed.
-    Counts (real tokens, padded tokens, rows) are host numbers known without a device sync. A step
-    whose update was skipped (non-finite loss or gradient norm) adds its counts but not its metrics,
-    so one NaN step does not make the window's means NaN; the means are over the other steps.
+    `counts` (tokens, positions, FLOPs, ...) are host numbers known without a device sync, summed
+    over the window and the ranks. A step whose update was skipped (non-finite loss or gradient
+    norm) adds its counts but not its metrics, so one NaN step does not make the window's means
+    NaN; the means are over the other steps.
     """
 
     def __init__(self):
@@ -102,14 +131,13 @@ class StepWindow:
         self.steps = 0
         self.summed: dict[str, torch.Tensor] = {}
         self.replicated: dict[str, torch.Tensor] = {}
-        self.tokens = self.padded_tokens = self.rows = 0
+        self.counts: dict[str, float] = {}
         self.start = time.monotonic()
 
     def add_step(self, summed: dict[str, torch.Tensor], replicated: dict[str, torch.Tensor],
-                 tokens: int, padded_tokens: int, rows: int, skipped: bool = False) -> None:
-        self.tokens += tokens
-        self.padded_tokens += padded_tokens
-        self.rows += rows
+                 counts: dict[str, float], skipped: bool = False) -> None:
+        for name, value in counts.items():
+            self.counts[name] = self.counts.get(name, 0) + value
         if skipped:
             return
         for target, values in ((self.summed, summed), (self.replicated, replicated)):
@@ -118,18 +146,18 @@ class StepWindow:
         self.steps += 1
 
     def reduce(self, device: torch.device) -> dict[str, float]:
-        """Per-step means of the metrics under their logged names, plus global `tokens`,
-        `padded_tokens`, `rows` and `seconds` of the window (a collective: every rank calls it)."""
-        summed, replicated = sorted(self.summed), sorted(self.replicated)
-        counts = torch.tensor([self.tokens, self.padded_tokens, self.rows], dtype=torch.float64, device=device)
+        """Per-step means of the metrics under their logged names, plus the window's global counts
+        under their own names and its `seconds` (a collective: every rank calls it)."""
+        summed, replicated, counted = sorted(self.summed), sorted(self.replicated), sorted(self.counts)
+        counts = torch.tensor([self.counts[n] for n in counted], dtype=torch.float64, device=device)
         reduced = all_reduce_sum(torch.cat([torch.stack([self.summed[n].double() for n in summed]), counts])
                                  if summed else counts)
         local = [self.replicated[n].double().reshape(1) for n in replicated]
         values = torch.cat([reduced, *local]).tolist()  # the one host sync, at logging steps only
-        metric_values = values[: len(summed)] + values[len(summed) + 3 :]
+        metric_values = values[: len(summed)] + values[len(summed) + len(counted) :]
         out = {logged_name(name): value / self.steps for name, value in zip(summed + replicated, metric_values)}
-        tokens, padded, rows = values[len(summed) : len(summed) + 3]
-        out.update(tokens=tokens, padded_tokens=padded, rows=rows, seconds=time.monotonic() - self.start)
+        out.update(zip(counted, values[len(summed) : len(summed) + len(counted)]))
+        out["seconds"] = time.monotonic() - self.start
         return out
 
 

@@ -22,12 +22,14 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from mpo_dist.data.collate import collate_pairs
+from mpo_dist.data.collate import batch_documents, collate_pairs
+from mpo_dist.data.layout import lay_out
 from mpo_dist.data.samples import write_reference_shard
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
 from mpo_dist.distributed import RankInfo, device_for
 from mpo_dist.errors import InputError, MissingInputError
-from mpo_dist.logprobs import sequence_logprobs
+from mpo_dist.logprobs import batch_logprobs
+from mpo_dist.metrics import flop_counts, layout_cost
 from mpo_dist.shard_job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
@@ -90,24 +92,28 @@ def open_reference(model_dir: str | Path, pairs_dir: str | Path, dtype: str, inf
 
 
 @torch.no_grad()
-def score_shard(model, pairs_dir: Path, shard: ShardInfo, out_path: Path, batch_size: int, device: torch.device) -> int:
-    """Score one pairs shard into `out_path` (atomically); returns the number of tokens scored."""
+def score_shard(model, pairs_dir: Path, shard: ShardInfo, out_path: Path, batch_size: int, device: torch.device,
+                packing: str = "auto") -> int:
+    """Score one pairs shard into `out_path` (atomically), `batch_size` pairs per forward laid out
+    as the trainer lays them out (data/layout.py: `packing` auto, always or never, as data.packing);
+    returns the number of tokens scored."""
+    body_params, _, *dims = flop_counts(model)
+    cost = layout_cost(body_params, *dims)
     samples = list(ShardCursor(pairs_dir / shard.name, "pairs", shard.num_samples))
     keys, chosen, rejected, chosen_tokens, rejected_tokens = [], [], [], [], []
     tokens = 0
     for start in range(0, len(samples), batch_size):
         batch = [{"key": key, "label": 1.0, **arrays} for key, _, arrays in samples[start : start + batch_size]]
-        rows = collate_pairs(batch, np.zeros(len(batch), bool), pad_token_id=0)
-        out = sequence_logprobs(model, rows["input_ids"].to(device), rows["attention_mask"].to(device),
-                                rows["response_mask"].to(device))
+        pairs = collate_pairs(batch, np.zeros(len(batch), bool))
+        out = batch_logprobs(model, lay_out(batch_documents(pairs), packing=packing, pad_token_id=0, cost=cost).to(device))
         size = len(batch)
         logps, counts = out.logps.double().cpu().tolist(), out.num_tokens.cpu().tolist()
-        keys += rows["keys"]
+        keys += pairs["keys"]
         chosen += logps[:size]
         rejected += logps[size:]
         chosen_tokens += counts[:size]
         rejected_tokens += counts[size:]
-        tokens += rows["num_tokens"]
+        tokens += pairs["num_tokens"]
     write_reference_shard(out_path, keys, chosen, rejected, chosen_tokens, rejected_tokens)
     return tokens
 
@@ -120,6 +126,7 @@ def score_pairs(
     rank: int = 0,
     world_size: int = 1,
     batch_size: int = 8,
+    packing: str = "auto",
     device: torch.device = torch.device("cpu"),
     model_info: dict | None = None,
     log: Callable[[str], None] = stderr_log,
@@ -131,10 +138,10 @@ def score_pairs(
     pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
     pairs = Manifest.read(pairs_dir, "pairs")
     model.eval()
-    params = {"pairs": manifest_fingerprint(pairs_dir), "batch_size": batch_size, **(model_info or {})}
+    params = {"pairs": manifest_fingerprint(pairs_dir), "batch_size": batch_size, "packing": packing, **(model_info or {})}
     totals = run_shard_job(
         "score_reference", pairs.shards, out_dir,
-        lambda index, shard: score_shard(model, pairs_dir, shard, out_dir / shard.name, batch_size, device),
+        lambda index, shard: score_shard(model, pairs_dir, shard, out_dir / shard.name, batch_size, device, packing),
         rank=rank, world_size=world_size, log=log, params=params)
     if rank != 0:
         return None

@@ -1,7 +1,8 @@
 """The Trainer: builds the parts from a Config, runs train steps, logs, and checkpoints.
 
 One optimizer step takes `grad_accum` micro-batches of pairs (plus, for MPO with tau > 0, one D_ref
-micro-batch each), runs one forward per micro-batch over chosen + rejected + D_ref rows, and
+micro-batch each), runs one forward per micro-batch over its chosen, rejected and D_ref sequences
+(laid out by data/layout.py: padded rows, or packed with each pair's prompt shared), and
 weights every real pair by 1 / (real pairs in the global batch); gradients are summed over ranks
 (parallelize.py), so the gradient is that of the exact global mean whatever the world size,
 accumulation or padding. No reference model is loaded: reference log-probs come from the shards.
@@ -14,6 +15,7 @@ last step, without changing the training trajectory; its metrics go out with the
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +25,25 @@ from torch.distributed.checkpoint.stateful import Stateful
 from mpo_dist.checkpoint import Checkpointer, ModelOptimizerState, RNGState
 from mpo_dist.config import Config, grad_accum_for, save_config
 from mpo_dist.convert import export_hf, write_hf_files
-from mpo_dist.data.collate import stack_rows
+from mpo_dist.data.collate import batch_documents
+from mpo_dist.data.layout import ModelInput, layout_for
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
 from mpo_dist.data.preflight import check_eval_inputs, check_training_inputs
 from mpo_dist.distributed import all_reduce_sum, device_for, init_distributed, log_main
 from mpo_dist.errors import InputError
 from mpo_dist.evaluation import Evaluator, describe as describe_eval
 from mpo_dist.finite_guard import FiniteGuard, refuse_non_finite_state
-from mpo_dist.logprobs import sequence_logprobs
+from mpo_dist.logprobs import batch_logprobs
 from mpo_dist.losses import build_loss
-from mpo_dist.metrics import MetricLogger, StepWindow, flops_per_token, mfu, peak_memory_bytes, peak_tflops
+from mpo_dist.metrics import (MetricLogger, StepWindow, flop_counts, layout_cost, mfu, peak_memory_bytes, peak_tflops,
+                              row_flops)
 from mpo_dist.model import build_model, count_parameters, load_model_config, materialize_model
 from mpo_dist.optim import build_lr_scheduler, build_optimizer
 from mpo_dist.parallelize import apply_fsdp, build_mesh
 from mpo_dist.run_lock import take_run_lock
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
-MicroBatch = tuple[dict, "dict | None"]  # (pairs, D_ref or None)
+MicroBatch = tuple[dict, "dict | None", ModelInput]  # (pairs, D_ref or None, the forward's rows)
 
 
 class Trainer(Stateful):
@@ -72,7 +76,7 @@ class Trainer(Stateful):
                               train_pairs_dir=config.data.pairs, train_reference_dir=config.data.reference or None,
                               require_held_out=config.eval.require_held_out)
         self.pair_loader = build_pair_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
-                                             dp_world_size=self.dp_world_size, pad_token_id=0, num_epochs=None)
+                                             dp_world_size=self.dp_world_size, num_epochs=None)
         pairs = self.pair_loader.manifest
         self.tokenizer = tokenizer_beside_model(config.model.path)  # also saved into every checkpoint
         model_name = f"model.path {config.model.path}" if config.model.path else "the model of model.config"
@@ -83,8 +87,7 @@ class Trainer(Stateful):
         self.dref_loader = None
         if uses_dref:
             self.dref_loader = build_dref_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
-                                                 dp_world_size=self.dp_world_size, pad_token_id=self.pad_token_id,
-                                                 tokenizer_hash=pairs.tokenizer_hash)
+                                                 dp_world_size=self.dp_world_size, tokenizer_hash=pairs.tokenizer_hash)
         self.loss_fn = build_loss(config.loss)
 
         if self.info.is_main:
@@ -109,7 +112,12 @@ class Trainer(Stateful):
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", config.checkpoint.keep, self.info.rank,
                                          self.dp_rank, self.dp_world_size, log=log_main)
         self._peak_tflops = peak_tflops(config.metrics.peak_tflops, self.device)
-        self._flop_params = count_parameters(self.model, exclude_embeddings=True)
+        # FLOPs: the body's matmuls and attention at every position computed; the output head (a
+        # vocab x hidden matmul) only where a response token is predicted (logprobs.py).
+        body_params, self._head_params, *dims = flop_counts(self.model)
+        self._body_flops = partial(row_flops, body_params, *dims)
+        # Padded or packed rows (data/layout.py), by the model's FLOPs when data.packing=auto.
+        self.layout = layout_for(config.data, self.pad_token_id, cost=layout_cost(body_params, *dims))
         self._resume()
         self.metrics = MetricLogger(self.output_dir, self.info.is_main, config.metrics.tensorboard,
                                     config.training.steps, start_step=self.step, log=log_main)
@@ -191,13 +199,11 @@ class Trainer(Stateful):
         summed over ranks they give the global values) and the metrics equal on every rank."""
         device = self.device
         counts = torch.tensor([[float((~pairs["is_pad"]).sum()), float((~dref["is_pad"]).sum()) if dref else 0.0]
-                               for pairs, dref in micro_batches], device=device).sum(0)
+                               for pairs, dref, _ in micro_batches], device=device).sum(0)
         pair_count, dref_count = all_reduce_sum(counts).clamp(min=1.0).unbind()  # real samples in the global batch
         sums: dict[str, torch.Tensor] = {}
-        for pairs, dref in micro_batches:
-            rows = pairs if dref is None else stack_rows(pairs, dref, self.pad_token_id, self.config.data.padding_side)
-            logps = sequence_logprobs(self.model, rows["input_ids"].to(device), rows["attention_mask"].to(device),
-                                      rows["response_mask"].to(device)).logps
+        for pairs, dref, inputs in micro_batches:
+            logps = batch_logprobs(self.model, inputs.to(device)).logps  # chosen, rejected, then D_ref
             size = len(pairs["keys"])
             weight = (~pairs["is_pad"]).to(device, torch.float32) / pair_count
             kwargs = {}
@@ -226,21 +232,28 @@ class Trainer(Stateful):
         self.optimizer.zero_grad(set_to_none=True)
         return sums, {"grad_norm": grad_norm.detach()}
 
-    def _count(self, micro_batches: list[MicroBatch]) -> tuple[int, int, int]:
-        """Real tokens, padded tokens and rows of a step on this rank; advances the progress counters."""
-        tokens = padded = rows = 0
-        for pairs, dref in micro_batches:
-            for batch in (pairs, dref) if dref is not None else (pairs,):
-                tokens += batch["num_tokens"]
-                padded += batch["num_padded_tokens"]
-                rows += batch["input_ids"].shape[0]
-            self._local_pairs += int((~pairs["is_pad"]).sum())
-        self._local_tokens += tokens
-        last_pairs, last_dref = micro_batches[-1]
+    def _micro_batch(self, pairs: dict, dref: dict | None) -> MicroBatch:
+        return pairs, dref, self.layout(batch_documents(pairs, dref))
+
+    def _count(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        """A step's counts on this rank (tokens as data, positions computed, FLOPs, real pairs);
+        advances the progress counters."""
+        counts = dict.fromkeys(("tokens", "positions", "real_positions", "flops", "pairs"), 0)
+        for pairs, dref, inputs in micro_batches:
+            real_pairs = int((~pairs["is_pad"]).sum())
+            rows, width = inputs.input_ids.shape
+            counts["tokens"] += pairs["num_tokens"] + (dref["num_tokens"] if dref is not None else 0)
+            counts["positions"] += inputs.num_positions
+            counts["real_positions"] += inputs.num_real_positions
+            counts["flops"] += self._body_flops(rows, width) + 6 * self._head_params * len(inputs.targets)
+            counts["pairs"] += real_pairs
+            self._local_pairs += real_pairs
+        self._local_tokens += counts["tokens"]
+        last_pairs, last_dref, _ = micro_batches[-1]
         self.epochs["pairs"], self.epoch_progress = last_pairs["epoch"], last_pairs["epoch_progress"]
         if last_dref is not None:
             self.epochs["dref"] = last_dref["epoch"]
-        return tokens, padded, rows
+        return counts
 
     def train(self) -> None:
         config = self.config
@@ -254,11 +267,11 @@ class Trainer(Stateful):
         window = StepWindow()
         folder = None
         while self.step < total:
-            micro_batches = [(next(pair_iter), next(dref_iter) if dref_iter is not None else None)
+            micro_batches = [self._micro_batch(next(pair_iter), next(dref_iter) if dref_iter is not None else None)
                              for _ in range(self.grad_accum)]
             summed, replicated = self.train_step(micro_batches)
             self.step += 1
-            window.add_step(summed, replicated, *self._count(micro_batches), skipped=self.guard.last_skipped)
+            window.add_step(summed, replicated, self._count(micro_batches), skipped=self.guard.last_skipped)
             stop = self.guard.should_stop
             evaluated = self._evaluate() if not stop and self._eval_due(self.step) else {}
             if self.step % config.metrics.log_interval == 0 or self.step in (1, total) or stop:
@@ -299,22 +312,23 @@ class Trainer(Stateful):
 
     def _log(self, window: dict[str, float], evaluated: dict[str, float] | None = None) -> None:
         pairs_seen, tokens_seen = self._progress()
-        seconds, tokens, padded, rows = window.pop("seconds"), window.pop("tokens"), window.pop("padded_tokens"), window.pop("rows")
+        seconds, tokens, positions = window.pop("seconds"), window.pop("tokens"), window.pop("positions")
+        real_positions, flops, pairs = window.pop("real_positions"), window.pop("flops"), max(window.pop("pairs"), 1)
         out = {
             **window,
             "optim/lr": self.scheduler.get_last_lr()[0],
             "throughput/tokens_per_s": tokens / seconds,
             "throughput/tokens_per_s_per_device": tokens / seconds / self.info.world_size,
-            "throughput/padding": 1 - tokens / max(padded, 1),
+            "throughput/pairs_per_s": pairs / seconds,
+            "throughput/padding": 1 - real_positions / max(positions, 1),
+            "throughput/positions_per_pair": positions / pairs,
+            "throughput/flops_per_pair": flops / pairs,
             "memory/peak_gib": peak_memory_bytes(self.device) / 2**30,
             "progress/epoch": self.epoch_progress, "progress/pairs_seen": pairs_seen, "progress/tokens_seen": tokens_seen,
             "optim/skipped_steps": self.guard.skipped_steps,  # cumulative over the run, resumes included
         }
         if self._peak_tflops:
-            model_config = self.model.config
-            mean_length = padded / max(rows, 1)  # attention cost grows with the padded length
-            per_token = flops_per_token(self._flop_params, model_config.num_hidden_layers, model_config.hidden_size, mean_length)
-            out["throughput/mfu"] = mfu(per_token, padded, seconds, self.info.world_size, self._peak_tflops)
+            out["throughput/mfu"] = mfu(flops, seconds, self.info.world_size, self._peak_tflops)
         self.metrics.write(self.step, {**out, **(evaluated or {})})
 
     def close(self) -> None:

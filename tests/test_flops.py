@@ -41,7 +41,8 @@ def test_flops_per_token_of_a_small_llama(tied):
     seq_len = 48
     expected = 6 * n + 12 * LAYERS * HIDDEN * seq_len
     assert flops_per_token(n, LAYERS, HIDDEN, seq_len) == expected
-    assert flops_per_token(n, LAYERS, HIDDEN, 40.5) == 6 * n + 12 * LAYERS * HIDDEN * 40.5  # a mean padded length
+    # 3 rows of 40 positions (padded or packed: every position is computed): 120 tokens at length 40.
+    assert metrics.row_flops(n, LAYERS, HIDDEN, 3, 40) == 120 * (6 * n + 12 * LAYERS * HIDDEN * 40)
 
 
 def test_peak_tflops_configured_known_device_or_none(monkeypatch):
@@ -55,5 +56,5 @@ def test_peak_tflops_configured_known_device_or_none(monkeypatch):
 
 
 def test_mfu_arithmetic():
-    # 1e9 FLOPs per token x 1e4 tokens in 2 s on 4 devices = 1.25e12 FLOP/s each, of a 100 TFLOP/s peak.
-    assert metrics.mfu(1e9, 1e4, 2.0, 4, 100.0) == pytest.approx(0.0125)
+    # 1e13 FLOPs in 2 s on 4 devices = 1.25e12 FLOP/s each, of a 100 TFLOP/s peak.
+    assert metrics.mfu(1e13, 2.0, 4, 100.0) == pytest.approx(0.0125)

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from mpo_dist.data.collate import pad_sequences
-from mpo_dist.logprobs import sequence_logprobs, token_logprobs
+from mpo_dist.logprobs import padded_rows_input, sequence_logprobs, token_logprobs
 
 
 def tiny_llama(vocab=97):
@@ -47,10 +47,11 @@ def assert_matches_naive(model, batch, prompts, responses, chunk_tokens):
     """Every response token's log-prob to 1e-5; sums (tens to hundreds in size) to float32 rounding."""
     with torch.no_grad():
         out = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], chunk_tokens)
-        tokens = token_logprobs(model, batch["input_ids"], batch["attention_mask"], chunk_tokens).view(len(batch["input_ids"]), -1)
+        inputs = padded_rows_input(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        tokens = token_logprobs(model, inputs, chunk_tokens)
         expected = naive_token_logps(model, prompts, responses)
     for row, want in enumerate(expected):
-        got = tokens[row][batch["response_mask"][row, 1:]]
+        got = tokens[inputs.sequence_index == row]
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.logps, torch.stack([w.sum() for w in expected]), rtol=1e-6, atol=1e-5)
     assert out.num_tokens.tolist() == [len(r) for r in responses]
@@ -80,7 +81,12 @@ def test_padding_token_and_prompt_masking():
     assert torch.all(c.logps < a.logps - 1e-3)
 
 
-def test_gradients_match_naive():
+@pytest.mark.parametrize("keep_logits_bytes", [0, 2**30])
+def test_gradients_match_naive(monkeypatch, keep_logits_bytes):
+    """With every chunk's head recomputed in the backward (budget 0) and with the logits kept."""
+    from mpo_dist import logprobs
+
+    monkeypatch.setattr(logprobs, "KEEP_LOGITS_BYTES", keep_logits_bytes)
     model = tiny_llama()
     prompts, responses = random_rows(97, seed=2)
     batch = pad_sequences(prompts, responses, pad_token_id=0)

@@ -36,7 +36,7 @@ def loaders(root: Path, world: int, batch_size: int, accum: int = 1, workers: in
                   num_workers=workers, shuffle_window=8, **overrides)
     out = []
     for rank in range(world):
-        loader = build_pair_loader(DataConfig(**values), seed=5, dp_rank=rank, dp_world_size=world, pad_token_id=0,
+        loader = build_pair_loader(DataConfig(**values), seed=5, dp_rank=rank, dp_world_size=world,
                                    num_epochs=2)
         loader.set_micro_batches_per_step(accum)
         out.append(loader)

@@ -37,7 +37,7 @@ def data_config(root: Path, **overrides) -> DataConfig:
 
 def loader_for(root: Path, rank: int, world: int, epochs: int | None = 1, **overrides):
     return build_pair_loader(data_config(root, **overrides), seed=7, dp_rank=rank, dp_world_size=world,
-                             pad_token_id=0, num_epochs=epochs)
+                             num_epochs=epochs)
 
 
 def run(loader, limit: int | None = None) -> list[dict]:
@@ -66,7 +66,9 @@ def test_every_sample_once_per_epoch_over_2_ranks_x_2_workers(shards, batching):
         assert len(padded) == 42 - 38  # 38 samples padded to 2 ranks x 3 x 7 batches, flagged
     else:
         for batch in per_rank[0] + per_rank[1]:
-            assert 2 * batch["input_ids"].shape[1] * len(batch["keys"]) <= 200  # within the budget
+            width = max(len(p) + len(r) for p, c, x in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])
+                        for r in (c, x))
+            assert 2 * width * len(batch["keys"]) <= 200  # within the budget of padded tokens
 
 
 def test_drop_tail_reads_each_sample_at_most_once(shards):
@@ -112,7 +114,8 @@ def test_resume_mid_epoch_equals_uninterrupted(shards, workers, batching):
         for expected, got in zip(full[cut:], rest):
             assert expected["keys"] == got["keys"] and expected["epoch"] == got["epoch"]
             assert expected["epoch_progress"] == got["epoch_progress"]
-            assert torch.equal(expected["input_ids"], got["input_ids"])
+            for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+                assert all(np.array_equal(a, b) for a, b in zip(expected[name], got[name]))
             assert torch.equal(expected["is_pad"], got["is_pad"])
 
 
@@ -184,7 +187,7 @@ def test_too_little_data_for_one_batch_per_rank(tmp_path):
     make_pairs(tmp_path / "pairs", [3])
     with pytest.raises(InputError, match="fewer than one batch"):
         build_pair_loader(DataConfig(pairs=str(tmp_path / "pairs"), batch_size=2, tail="drop"), seed=0, dp_rank=0,
-                          dp_world_size=2, pad_token_id=0)
+                          dp_world_size=2)
 
 
 # ------------------------------------------------------------------------------------ lockstep join
@@ -292,36 +295,29 @@ def test_missing_shard_and_stale_manifest(shards):
 # ------------------------------------------------------------------------------------ collation, D_ref
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_collated_rows_and_masks(shards, side):
+def test_collated_batch_keeps_each_samples_tokens_in_order(shards):
     root, _ = shards
     source = PairSource(root / "pairs")
-    batch = run(loader_for(root, 0, 1, shuffle=False, padding_side=side, pad_to_multiple_of=8, num_workers=0))[0]
+    batch = run(loader_for(root, 0, 1, shuffle=False, num_workers=0))[0]
     samples = [source.read(i) for i in range(3)]
-    assert batch["input_ids"].shape[0] == 6 and batch["input_ids"].shape[1] % 8 == 0
-    for row, (sample, response) in enumerate([(s, s["chosen_ids"]) for s in samples] + [(s, s["rejected_ids"]) for s in samples]):
-        tokens = batch["input_ids"][row][batch["attention_mask"][row]]
-        assert tokens.tolist() == sample["prompt_ids"].tolist() + response.tolist()
-        assert batch["input_ids"][row][batch["response_mask"][row]].tolist() == response.tolist()
-        real = batch["attention_mask"][row].nonzero().flatten()
-        edge = real[0].item() if side == "right" else real[-1].item()
-        assert edge == (0 if side == "right" else batch["input_ids"].shape[1] - 1)
-    assert batch["num_tokens"] == int(batch["attention_mask"].sum())
-    assert batch["num_padded_tokens"] == batch["input_ids"].numel()
+    assert batch["keys"] == [s["key"] for s in samples]
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert [ids.tolist() for ids in batch[name]] == [s[name].tolist() for s in samples]
+    assert batch["num_tokens"] == sum(2 * len(s["prompt_ids"]) + len(s["chosen_ids"]) + len(s["rejected_ids"]) for s in samples)
 
 
 def test_dref_stream_cycles_past_one_epoch(tmp_path):
     keys = make_dref(tmp_path / "dref", [5, 4])
     config = DataConfig(pairs="unused", dref=str(tmp_path / "dref"), dref_batch_size=2, num_workers=0)
-    loader = build_dref_loader(config, seed=0, dp_rank=0, dp_world_size=1, pad_token_id=0,
+    loader = build_dref_loader(config, seed=0, dp_rank=0, dp_world_size=1,
                                tokenizer_hash="sha256:test")
     batches = run(loader, 12)  # 5 batches per epoch: more than two epochs
     assert [b["epoch"] for b in batches] == [0] * 5 + [1] * 5 + [2] * 2
     assert sorted(flat(batches[:5])) == sorted(keys)
     assert loader.manifest.kind == "dref" and loader.manifest.tokenizer_hash == "sha256:test"
-    assert batches[0]["ref_logps"].dtype == torch.float32 and batches[0]["input_ids"].shape[0] == 2
+    assert batches[0]["ref_logps"].dtype == torch.float32 and len(batches[0]["response_ids"]) == 2
     with pytest.raises(ShardError, match="data.dref .* differs from the pairs'"):
-        build_dref_loader(config, seed=0, dp_rank=0, dp_world_size=1, pad_token_id=0, tokenizer_hash="sha256:x")
+        build_dref_loader(config, seed=0, dp_rank=0, dp_world_size=1, tokenizer_hash="sha256:x")
 
 
 def test_resume_with_another_global_batch_says_what_is_repeated(shards):
@@ -345,7 +341,7 @@ def test_fewer_batches_per_epoch_than_workers_keeps_streaming(tmp_path):
                                         num_workers=workers)
     streams = []
     for workers in (0, 2):
-        loader = build_dref_loader(config(workers), seed=0, dp_rank=0, dp_world_size=2, pad_token_id=0)
+        loader = build_dref_loader(config(workers), seed=0, dp_rank=0, dp_world_size=2)
         batches = run(loader, 5)
         assert [b["epoch"] for b in batches] == [0, 1, 2, 3, 4]
         streams.append([b["keys"] for b in batches])

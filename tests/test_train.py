@@ -46,7 +46,8 @@ def test_resume_equals_uninterrupted_and_reshards(toy_inputs, tmp_path):
     # "Stopped at step 3": a run folder holding only the step-3 checkpoint, resumed with resume=auto.
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003", tmp_path / "cut" / "checkpoints" / "step-00000003")
-    resumed = train(*toy_overrides(toy_inputs, tmp_path / "cut", **steps))
+    # The full run loads in the ranks (data.num_workers=0, the default); the resumed one with a worker per stream.
+    resumed = train(*toy_overrides(toy_inputs, tmp_path / "cut", **steps, **{"data.num_workers": 1}))
     assert "resumed from" in resumed.stdout and [r["step"] for r in records(tmp_path / "cut")] == [4, 5, 6]
     full = flat_checkpoint(tmp_path / "full" / "checkpoints" / "step-00000006", tmp_path)
     cut = flat_checkpoint(tmp_path / "cut" / "checkpoints" / "step-00000006", tmp_path)
@@ -165,15 +166,17 @@ def test_tokenizer_mismatch_is_refused(toy_inputs, tmp_path, shared_data):
 
 
 def test_hsdp_mesh_and_activation_checkpointing_train_the_same(toy_inputs, tmp_path):
-    """HSDP (2 replicas x 1 shard) and recomputed activations are other ways to run the same
-    computation: the logged losses and margins equal plain FSDP's."""
+    """HSDP (2 replicas x 1 shard), recomputed activations and layers resharded after forward (the
+    tiny model keeps them gathered by default) are other ways to run the same computation: the
+    logged losses and margins equal plain FSDP's."""
     runs = {}
     for name, extra in {"fsdp": {}, "hsdp": {"parallel.dp_replicate": 2},
-                        "recompute": {"parallel.activation_checkpointing": "true"}}.items():
+                        "recompute": {"parallel.activation_checkpointing": "true"},
+                        "reshard": {"parallel.reshard_after_forward": "always"}}.items():
         train(*toy_overrides(toy_inputs, tmp_path / name, **{"training.steps": 3, **extra}))
         runs[name] = (logged(tmp_path / name, "loss/total"), logged(tmp_path / name, "reward/margin"))
     assert len(runs["fsdp"][0]) == 3
-    assert runs["hsdp"] == runs["fsdp"] and runs["recompute"] == runs["fsdp"]
+    assert runs["hsdp"] == runs["fsdp"] and runs["recompute"] == runs["fsdp"] and runs["reshard"] == runs["fsdp"]
 
 
 @pytest.mark.parametrize("loss", ["dpo", "ipo"])
@@ -229,3 +232,21 @@ def test_a_nan_in_a_reference_shard_is_refused_before_step_1(toy_inputs, tmp_pat
     expected = f"shard-000001.tar: sample '{poisoned['key']}': field 'rejected_logp' is nan (not finite)"
     assert expected in result.stderr and "failed on another rank" in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_packed_training_ends_with_the_parameters_of_padded_training(toy_inputs, tmp_path):
+    """data.packing changes how the forward is laid out, not what it computes: in float32, 4 MPO
+    steps (with D_ref) end with the same parameters to float rounding, and log the same losses."""
+    finals = {}
+    for packing in ("never", "always"):
+        train(*toy_overrides(toy_inputs, tmp_path / packing, **{"training.steps": 4, "model.dtype": "float32",
+                                                                 "data.packing": packing}))
+        state = flat_checkpoint(tmp_path / packing / "checkpoints" / "step-00000004", tmp_path)
+        finals[packing] = {k: v for k, v in state.items() if k.startswith("model_optimizer.model.")}
+    assert finals["always"].keys() == finals["never"].keys() and len(finals["always"]) > 5
+    for key, padded in finals["never"].items():
+        torch.testing.assert_close(finals["always"][key], padded, rtol=1e-4, atol=2e-5, msg=key)
+    assert logged(tmp_path / "always", "loss/total") == pytest.approx(logged(tmp_path / "never", "loss/total"), abs=1e-5)
+    packed, padded = records(tmp_path / "always")[-1], records(tmp_path / "never")[-1]
+    assert packed["throughput/positions_per_pair"] < padded["throughput/positions_per_pair"]  # prompts computed once
+    assert packed["throughput/tokens_per_s"] > 0 and packed["throughput/padding"] < padded["throughput/padding"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -89,21 +87,19 @@ def _loader(stream: ShardStream, num_workers: int) -> ShardLoader:
     )
 
 
-def build_pair_loader(data: DataConfig, *, seed: int, dp_rank: int, dp_world_size: int, pad_token_id: int,
+def build_pair_loader(data: DataConfig, *, seed: int, dp_rank: int, dp_world_size: int,
                       num_epochs: int | None = None) -> ShardLoader:
-    """Pairs joined with their reference log-probs (when data.reference is set), collated for one forward."""
+    """Pairs joined with their reference log-probs (when data.reference is set), collated (collate.py)."""
     try:
         source = PairSource(data.pairs, data.reference or None)
     except (ShardError, FileNotFoundError) as error:
         raise ShardError(f"data.pairs={data.pairs} / data.reference={data.reference}: {error}") from error
-    collate = partial(collate_pairs, pad_token_id=pad_token_id, padding_side=data.padding_side,
-                      pad_to_multiple_of=data.pad_to_multiple_of)
-    stream = ShardStream(source, collate, batch_spec(data, 2, data.batch_size), seed=seed, dp_rank=dp_rank,
+    stream = ShardStream(source, collate_pairs, batch_spec(data, 2, data.batch_size), seed=seed, dp_rank=dp_rank,
                          dp_world_size=dp_world_size, num_epochs=num_epochs)
     return _loader(stream, data.num_workers)
 
 
-def build_dref_loader(data: DataConfig, *, seed: int, dp_rank: int, dp_world_size: int, pad_token_id: int,
+def build_dref_loader(data: DataConfig, *, seed: int, dp_rank: int, dp_world_size: int,
                       tokenizer_hash: str | None = None) -> ShardLoader:
     """D_ref samples, cycled forever; their tokenizer must be the pairs' (`tokenizer_hash`)."""
     try:
@@ -114,8 +110,6 @@ def build_dref_loader(data: DataConfig, *, seed: int, dp_rank: int, dp_world_siz
     if tokenizer_hash is not None and manifest.tokenizer_hash != tokenizer_hash:
         raise ShardError(f"data.dref {data.dref}: tokenizer {manifest.tokenizer_hash} differs from "
                          f"the pairs' {tokenizer_hash}; resample D_ref with the policy's tokenizer")
-    collate = partial(collate_dref, pad_token_id=pad_token_id, padding_side=data.padding_side,
-                      pad_to_multiple_of=data.pad_to_multiple_of)
-    stream = ShardStream(source, collate, batch_spec(data, 1, data.dref_batch_size), seed=seed + 1, dp_rank=dp_rank,
+    stream = ShardStream(source, collate_dref, batch_spec(data, 1, data.dref_batch_size), seed=seed + 1, dp_rank=dp_rank,
                          dp_world_size=dp_world_size, num_epochs=None)
     return _loader(stream, data.num_workers)

@@ -22,7 +22,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     data = DataConfig(pairs=f"{root}/pairs", reference=f"{root}/ref", batch_size=3, num_workers=2, shuffle_window=8,
                       batching=sys.argv[3], max_tokens=200 if sys.argv[3] == "tokens" else 0)
-    loader = build_pair_loader(data, seed=11, dp_rank=rank, dp_world_size=world, pad_token_id=0, num_epochs=2)
+    loader = build_pair_loader(data, seed=11, dp_rank=rank, dp_world_size=world, num_epochs=2)
     seen, progress = [], []
     for batch in loader:
         step = torch.ones(1)

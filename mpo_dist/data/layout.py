@@ -1,0 +1,287 @@
+"""How the sequences of one forward are laid out in rows: padded, or packed with a shared prompt.
+
+The unit is a `Document`: a prompt and the responses that continue it (a preference pair is a
+prompt with two responses, chosen and rejected; a D_ref sample is a prompt with one). Each response
+is an output sequence with its own index; the forward returns log p(response | prompt) per index.
+
+- **padded**: one row per (prompt, response), padded to the longest row (right or left); the
+  prompt of a pair is computed twice. The model gets a 2-D padding mask.
+- **packed**: one segment per document, `[prompt][response 1][response 2]...`; a response attends
+  to its prompt and to itself, not to the other responses, and its positions continue from the
+  prompt, so every response sees exactly what it sees alone. Documents are packed into rows
+  (first-fit decreasing, up to `pack_tokens` positions, by default the longest document), rows
+  padded only to the longest row. The model gets a 4-D mask built from per-position segment and
+  branch ids (`logprobs.packed_attention_mask`).
+
+Either way the log-prob of response token t is read from the hidden state of the position that
+predicts it (`predict_from`: the previous response token, or the prompt's last token for the
+first), so the output head runs on response tokens only, and both layouts give the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from mpo_dist.errors import InputError
+
+PAD_SEGMENT = -1  # the segment id of padding positions (each attends only to padding before it)
+
+
+@dataclass
+class Document:
+    prompt: np.ndarray
+    responses: list[tuple[int, np.ndarray]]  # (output sequence index, response token ids)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + sum(len(response) for _, response in self.responses)
+
+
+@dataclass
+class ModelInput:
+    """One forward's rows and where each output sequence's response tokens are."""
+
+    input_ids: torch.Tensor  # [rows, width] int64
+    position_ids: torch.Tensor  # [rows, width] int64
+    attention_mask: torch.Tensor  # [rows, width] bool: real (non-padding) positions
+    segment_ids: torch.Tensor | None  # packed: [rows, width] int32 document per position (PAD_SEGMENT for padding)
+    branch_ids: torch.Tensor | None  # packed: [rows, width] int32: 0 for a prompt, k for its k-th response
+    predict_from: torch.Tensor  # [targets] int64: flat index (row * width + column) of the predicting position
+    targets: torch.Tensor  # [targets] int64: the response token predicted there
+    sequence_index: torch.Tensor  # [targets] int64: the output sequence the token belongs to
+    num_sequences: int
+    num_tokens: int  # tokens of the sequences as data: prompt + response per output sequence
+    num_real_positions: int  # non-padding positions the model computes (prompts shared once when packed)
+
+    @property
+    def packed(self) -> bool:
+        return self.segment_ids is not None
+
+    @property
+    def num_positions(self) -> int:
+        """Positions the model computes, padding included."""
+        return self.input_ids.numel()
+
+    def to(self, device: torch.device) -> "ModelInput":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return ModelInput(**moved)
+
+
+def _targets(starts: list[tuple[int, int, int, int, int]], width: int):
+    """Flat predictor index, target column and sequence of every response token that has a predictor.
+
+    `starts` holds, per response: (row, column of its first token, length, column that predicts its
+    first token (-1: none), sequence index)."""
+    predict_from, target_at, sequence = [], [], []
+    for row, start, length, first_predictor, index in starts:
+        columns = np.arange(start, start + length)
+        predictors = columns - 1
+        predictors[0] = first_predictor
+        keep = predictors >= 0  # a response at the very start of a row has no prediction for its first token
+        predict_from.append(row * width + predictors[keep])
+        target_at.append(row * width + columns[keep])
+        sequence.append(np.full(int(keep.sum()), index))
+    join = (lambda parts: np.concatenate(parts).astype(np.int64)) if starts else (lambda parts: np.zeros(0, np.int64))
+    return join(predict_from), join(target_at), join(sequence)
+
+
+def _finish(input_ids, position_ids, attention_mask, segment_ids, branch_ids, starts, num_sequences, num_tokens):
+    width = input_ids.shape[1]
+    predict_from, target_at, sequence = _targets(starts, width)
+    return ModelInput(
+        input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids),
+        attention_mask=torch.from_numpy(attention_mask),
+        segment_ids=None if segment_ids is None else torch.from_numpy(segment_ids),
+        branch_ids=None if branch_ids is None else torch.from_numpy(branch_ids),
+        predict_from=torch.from_numpy(predict_from), targets=torch.from_numpy(input_ids.reshape(-1)[target_at]),
+        sequence_index=torch.from_numpy(sequence), num_sequences=num_sequences, num_tokens=num_tokens,
+        num_real_positions=int(attention_mask.sum()),
+    )
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _sequences(documents: Sequence[Document]) -> tuple[int, int]:
+    """(number of output sequences, their tokens as data); indices must be 0..n-1, each once."""
+    indices = sorted(index for document in documents for index, _ in document.responses)
+    if indices != list(range(len(indices))):
+        raise ValueError(f"output sequence indices must be 0..{len(indices) - 1}, each once; got {indices}")
+    tokens = sum(len(document.prompt) + len(response) for document in documents for _, response in document.responses)
+    return len(indices), tokens
+
+
+def pad_rows(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], pad_token_id: int,
+             padding_side: str = "right", pad_to_multiple_of: int = 1) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """`prompt_i + response_i` rows padded to a common length: token ids, real-token mask, and the
+    column where each response starts."""
+    if padding_side not in ("right", "left"):
+        raise InputError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width = _round_up(max(lengths, default=1), pad_to_multiple_of)
+    input_ids = np.full((len(lengths), width), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(lengths), width), dtype=bool)
+    response_starts = []
+    for row, (prompt, response, length) in enumerate(zip(prompts, responses, lengths)):
+        start = 0 if padding_side == "right" else width - length
+        input_ids[row, start : start + len(prompt)] = prompt
+        input_ids[row, start + len(prompt) : start + length] = response
+        attention_mask[row, start : start + length] = True
+        response_starts.append(start + len(prompt))
+    return input_ids, attention_mask, response_starts
+
+
+def pad_documents(documents: Sequence[Document], pad_token_id: int, padding_side: str = "right",
+                  pad_to_multiple_of: int = 1) -> ModelInput:
+    """One row per output sequence, in sequence order, padded to the longest (see the module docstring)."""
+    num_sequences, num_tokens = _sequences(documents)
+    rows: list[tuple[np.ndarray, np.ndarray]] = [None] * num_sequences  # type: ignore[list-item]
+    for document in documents:
+        for index, response in document.responses:
+            rows[index] = (document.prompt, response)
+    prompts, responses = [p for p, _ in rows], [r for _, r in rows]
+    input_ids, attention_mask, response_starts = pad_rows(prompts, responses, pad_token_id, padding_side, pad_to_multiple_of)
+    starts = [(row, first, len(response), first - 1 if len(prompt) else -1, row)
+              for row, (prompt, response, first) in enumerate(zip(prompts, responses, response_starts))]
+    position_ids = (attention_mask.cumsum(-1) - 1).clip(min=0).astype(np.int64)  # 0, 1, ... over real tokens
+    return _finish(input_ids, position_ids, attention_mask, None, None, starts, num_sequences, num_tokens)
+
+
+def _first_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[list[int]], list[int]]:
+    """Documents (by index) into rows of at most `capacity` positions, longest first, each into the
+    first row it fits (a longer document gets a row of its own); ties keep input order."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for row, filled in enumerate(used):
+            if filled + lengths[i] <= capacity:
+                rows[row].append(i)
+                used[row] += lengths[i]
+                break
+        else:
+            rows.append([i])
+            used.append(lengths[i])
+    return rows, used
+
+
+def _row_lengths_to_try(lengths: list[int]) -> list[int]:
+    """Row lengths worth trying: the longest document, the longest plus one other document (a few
+    lengths across the range), and 1.5 to 4 times the longest; none beyond all documents in one row."""
+    longest, total = max(lengths), sum(lengths)
+    others = sorted(set(lengths))
+    picks = others[:: max(1, len(others) // 8)] + others[-1:]
+    candidates = {longest, *(longest + other for other in picks), *(int(longest * f) for f in (1.5, 2, 3, 4))}
+    return sorted(c for c in candidates if c <= total) or [longest]
+
+
+def pack_documents(documents: Sequence[Document], pad_token_id: int, pack_tokens: int = 0,
+                   pad_to_multiple_of: int = 1, row_cost: Callable[[int, int], float] | None = None) -> ModelInput:
+    """Documents packed into rows of at most `pack_tokens` positions, first-fit decreasing.
+
+    `pack_tokens=0` chooses the row length: the longest document's, or, given `row_cost(rows, width)`
+    (the FLOPs of a forward over rows x width positions: the attention part grows with the width),
+    the row length that costs least among a few (`_row_lengths_to_try`); e.g. a pair of 320 tokens
+    and a D_ref sample of 192 then share a row of 512 instead of taking two rows of 320."""
+    num_sequences, num_tokens = _sequences(documents)
+    lengths = [document.length for document in documents]
+    longest = max(lengths, default=1)
+    capacities = [pack_tokens] if pack_tokens else [longest]
+    if not pack_tokens and row_cost is not None and lengths:
+        capacities = _row_lengths_to_try(lengths)
+
+    def cost(capacity: int) -> float:
+        rows, used = _first_fit_decreasing(lengths, capacity)
+        return row_cost(len(rows), _round_up(max(used, default=1), pad_to_multiple_of)) if row_cost else 0.0
+
+    rows, used = _first_fit_decreasing(lengths, min(capacities, key=cost))
+    width = _round_up(max(used, default=1), pad_to_multiple_of)
+    count = max(len(rows), 1)
+    input_ids = np.full((count, width), pad_token_id, dtype=np.int64)
+    position_ids = np.zeros((count, width), dtype=np.int64)
+    attention_mask = np.zeros((count, width), dtype=bool)
+    segment_ids = np.full((count, width), PAD_SEGMENT, dtype=np.int32)
+    branch_ids = np.zeros((count, width), dtype=np.int32)
+    starts = []
+    for row, members in enumerate(rows):
+        column = 0
+        for segment, i in enumerate(members):
+            document = documents[i]
+            prompt_length = len(document.prompt)
+            input_ids[row, column : column + prompt_length] = document.prompt
+            position_ids[row, column : column + prompt_length] = np.arange(prompt_length)
+            segment_ids[row, column : column + document.length] = segment
+            last_prompt = column + prompt_length - 1 if prompt_length else -1
+            column += prompt_length
+            for branch, (index, response) in enumerate(document.responses, start=1):
+                span = slice(column, column + len(response))
+                input_ids[row, span] = response
+                position_ids[row, span] = np.arange(prompt_length, prompt_length + len(response))
+                branch_ids[row, span] = branch
+                starts.append((row, column, len(response), last_prompt, index))
+                column += len(response)
+        attention_mask[row, :column] = True
+    return _finish(input_ids, position_ids, attention_mask, segment_ids, branch_ids, starts, num_sequences, num_tokens)
+
+
+def pair_documents(prompts: Sequence[np.ndarray], chosen: Sequence[np.ndarray], rejected: Sequence[np.ndarray],
+                   first_index: int = 0) -> list[Document]:
+    """B pairs -> B documents; sequence indices: chosen first_index + i, rejected first_index + B + i."""
+    size = len(prompts)
+    return [Document(prompt, [(first_index + i, good), (first_index + size + i, bad)])
+            for i, (prompt, good, bad) in enumerate(zip(prompts, chosen, rejected))]
+
+
+def single_documents(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], first_index: int = 0) -> list[Document]:
+    """One response per prompt (D_ref samples, or rows scored alone); sequence indices first_index + i."""
+    return [Document(prompt, [(first_index + i, response)]) for i, (prompt, response) in enumerate(zip(prompts, responses))]
+
+
+PACKING_CHOICES = ("auto", "always", "never")
+
+
+def positions_cost(rows: int, width: int, dense_attention: bool) -> float:
+    """The cost model when none is given: the positions computed."""
+    return float(rows * width)
+
+
+def lay_out(documents: Sequence[Document], *, packing: str, pad_token_id: int, padding_side: str = "right",
+            pad_to_multiple_of: int = 1, pack_tokens: int = 0,
+            cost: Callable[[int, int, bool], float] | None = None) -> ModelInput:
+    """The model input for `documents`: packed ("always"), padded ("never"), or ("auto") whichever
+    `cost(rows, width, dense_attention)` says is cheaper for these documents. `dense_attention`: the
+    attention runs under a mask over the full width (packed rows, or padded rows with padding);
+    without a mask, causal kernels skip the upper triangle. Both layouts give the same numbers."""
+    if packing not in PACKING_CHOICES:
+        raise InputError(f"data.packing must be one of {', '.join(PACKING_CHOICES)}, got {packing!r}")
+    cost = cost or positions_cost
+    packed = padded = None
+    if packing != "never":
+        packed = pack_documents(documents, pad_token_id, pack_tokens, pad_to_multiple_of,
+                                row_cost=lambda rows, width: cost(rows, width, True))
+    if packing != "always":
+        padded = pad_documents(documents, pad_token_id, padding_side, pad_to_multiple_of)
+    if packed is None or padded is None:
+        return packed or padded
+
+    def estimate(inputs: ModelInput) -> float:
+        rows, width = inputs.input_ids.shape
+        return cost(rows, width, inputs.packed or inputs.num_real_positions < inputs.num_positions)
+
+    return packed if estimate(packed) < estimate(padded) else padded
+
+
+def layout_for(data, pad_token_id: int, cost: Callable[[int, int, bool], float] | None = None
+               ) -> Callable[[Sequence[Document]], ModelInput]:
+    """`lay_out` with the options of a DataConfig (data.packing, data.pack_tokens, data.padding_side,
+    data.pad_to_multiple_of) and the model's `cost` (metrics.layout_cost)."""
+    return partial(lay_out, packing=data.packing, pad_token_id=pad_token_id, padding_side=data.padding_side,
+                   pad_to_multiple_of=data.pad_to_multiple_of, pack_tokens=data.pack_tokens, cost=cost)
