@@ -3,7 +3,9 @@ prompts: world-size independence, agreement with the trainer's numbers, resumpti
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,9 +68,10 @@ def test_scored_logps_equal_the_trainers_at_step_0(stories, tmp_path, one_proces
     """The trainer's path (meta init, FSDP2, DCP weight loading, FSDP forward method) reproduces the
     scored reference log-probs of the same model, pair by pair."""
     from mpo_dist.config import ModelConfig, ParallelConfig
-    from mpo_dist.data.collate import collate_pairs
+    from mpo_dist.data.collate import batch_documents, collate_pairs
+    from mpo_dist.data.layout import lay_out
     from mpo_dist.data.samples import PairSource
-    from mpo_dist.logprobs import sequence_logprobs
+    from mpo_dist.logprobs import batch_logprobs
     from mpo_dist.model import build_model, materialize_model
     from mpo_dist.parallelize import apply_fsdp, build_mesh
     from mpo_dist.reference import score_pairs
@@ -82,12 +85,13 @@ def test_scored_logps_equal_the_trainers_at_step_0(stories, tmp_path, one_proces
     materialize_model(policy, config, torch.device("cpu"), seed=0)
     source = PairSource(stories["pairs"], tmp_path / "ref")
     samples = [source.read(i) for i in range(len(source.shards))]
-    rows = collate_pairs(samples, np.zeros(len(samples), bool), pad_token_id=0)
-    with torch.no_grad():
-        logps = sequence_logprobs(policy, rows["input_ids"], rows["attention_mask"], rows["response_mask"]).logps
+    documents = batch_documents(collate_pairs(samples, np.zeros(len(samples), bool)))
     size = len(samples)
     stored = torch.tensor([[s["ref_chosen_logp"] for s in samples], [s["ref_rejected_logp"] for s in samples]])
-    torch.testing.assert_close(torch.stack([logps[:size], logps[size:]]), stored, rtol=2e-6, atol=1e-4)
+    for packing in ("never", "always"):  # the trainer's two layouts
+        with torch.no_grad():
+            logps = batch_logprobs(policy, lay_out(documents, packing=packing, pad_token_id=0)).logps
+        torch.testing.assert_close(torch.stack([logps[:size], logps[size:]]), stored, rtol=2e-6, atol=1e-4)
 
 
 def test_a_tokenizer_that_did_not_make_the_pairs_is_refused(stories, tmp_path, shared_data):
@@ -120,8 +124,19 @@ def test_a_tokenizer_that_did_not_make_the_pairs_is_refused(stories, tmp_path, s
 SAMPLING = ["--num-samples", 2, "--max-new-tokens", 24, "--seed", 3, "--batch-size", 5]
 
 
-def test_sampling_is_identical_on_1_process_2_processes_and_2_nodes(stories, tmp_path):
-    common = ["--model", stories["model"], "--pairs", stories["pairs"], *SAMPLING]
+@pytest.fixture(scope="module")
+def several_stops_model(stories, tmp_path_factory):
+    """stories260K configured like a chat model with several stop tokens (EOS, newline, full stop): its
+    D_ref responses end at different steps, so batch slots are refilled while other rows decode."""
+    folder = tmp_path_factory.mktemp("several-stops") / "stories260K"
+    shutil.copytree(stories["model"], folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [2, 13, 426]}))
+    return folder
+
+
+def test_sampling_is_identical_on_1_process_2_processes_and_2_nodes(stories, several_stops_model, tmp_path):
+    common = ["--model", several_stops_model, "--pairs", stories["pairs"], *SAMPLING]
     run_tool("sample_reference.py", *common, "--out", tmp_path / "one")
     run_tool("sample_reference.py", *common, "--out", tmp_path / "two", nproc=2)
     rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
@@ -134,12 +149,19 @@ def test_sampling_is_identical_on_1_process_2_processes_and_2_nodes(stories, tmp
     assert [node.returncode for node in nodes] == [0, 0], outputs
     one = tree(tmp_path / "one")
     assert len(one) == len(Manifest.read(stories["pairs"]).shards) + 2  # shards, manifest.json, .job.json
-    assert tree(tmp_path / "two") == one and tree(tmp_path / "nodes") == one  # the manifest too
+    assert tree(tmp_path / "two") == one and tree(tmp_path / "nodes") == one  # byte for byte, the manifest too
     manifest = Manifest.read(tmp_path / "one", "dref")
     assert manifest.num_samples == 2 * Manifest.read(stories["pairs"]).num_samples
     assert manifest.info["sampling"] == {"num_samples": 2, "max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0, "seed": 3}
     assert manifest.info["pairs_fingerprint"] == manifest_fingerprint(stories["pairs"])  # D_ref is made from the pairs too
     assert manifest.info["model"]["dtype"] == "float32" and manifest.info["model"]["weights_hash"].startswith("sha256:")
+    # Responses ended at different steps (any of the three stop ids, or the length): slots were refilled mid-batch.
+    ends = [(meta["stop_reason"], arrays["response_ids"][-1], len(arrays["response_ids"]))
+            for shard in manifest.shards
+            for _, meta, arrays in ShardCursor(tmp_path / "one" / shard.name, "dref", shard.num_samples)]
+    assert all((reason == "eos") == (last in (2, 13, 426)) for reason, last, _ in ends)
+    assert 10 <= sum(reason == "eos" for reason, _, _ in ends) <= len(ends) - 10
+    assert len({length for _, _, length in ends}) > 5
 
 
 def test_stored_logp_ref_equals_a_rescoring_and_samples_read_like_stories(stories, tmp_path):
@@ -269,3 +291,61 @@ def test_the_shard_job_refuses_a_path_as_an_output_name(tmp_path):
         run_shard_job("t", [ShardInfo("../x.tar", 1)], tmp_path / "out", lambda i, s: 0, rank=0, world_size=1,
                       log=QUIET, params={})
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- importing D_ref
+
+
+def test_imported_responses_give_the_shards_sample_reference_wrote(stories, tmp_path):
+    """D_ref made by another engine: its responses (here sample_reference's own, as token ids) imported
+    with import_dref give byte-identical shards, logp_ref re-scored by the same code."""
+    common = ["--model", stories["model"], "--pairs", stories["pairs"], "--batch-size", 4]
+    run_tool("sample_reference.py", *common, "--out", tmp_path / "sampled", "--num-samples", 2, "--max-new-tokens", 12)
+    manifest = Manifest.read(tmp_path / "sampled", "dref")
+    samples = [(key.rsplit("-s", 1), arrays["response_ids"].tolist()) for shard in manifest.shards
+               for key, _, arrays in ShardCursor(tmp_path / "sampled" / shard.name, "dref", shard.num_samples)]
+    # Lines in any order of keys (here every pair's first response, then every second): k follows a key's lines.
+    lines = [json.dumps({"key": key, "response_ids": ids}) for (key, k), ids in sorted(samples, key=lambda s: s[0][1])]
+    (tmp_path / "responses.jsonl").write_text("\n".join(lines) + "\n")
+    run_tool("import_dref.py", *common, "--responses", tmp_path / "responses.jsonl", "--out", tmp_path / "imported")
+    sampled, imported = tree(tmp_path / "sampled"), tree(tmp_path / "imported")
+    assert {name for name in imported if name.startswith("shard-")} == {name for name in sampled if name.startswith("shard-")}
+    assert all(imported[name] == sampled[name] for name in sampled if name.startswith("shard-"))
+    info = Manifest.read(tmp_path / "imported", "dref").info
+    assert info["sampling"] == {"num_samples": 2} and info["created_by"] == "tools/import_dref.py"
+    assert info["imported"]["responses_sha256"].startswith("sha256:")
+    assert info["pairs_fingerprint"] == manifest_fingerprint(stories["pairs"])
+    assert Manifest.read(tmp_path / "imported", "dref").shards == manifest.shards  # names, counts, lengths
+
+
+def test_imported_text_is_tokenized_and_bad_lines_are_named(stories, tmp_path):
+    from mpo_dist.errors import InputError
+    from mpo_dist.dref_import import read_external_responses
+    from mpo_dist.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(stories["model"])
+    pairs = Manifest.read(stories["pairs"])
+    keys = [key for shard in pairs.shards for key, _, _ in ShardCursor(stories["pairs"] / shard.name, "pairs", shard.num_samples)]
+    path = tmp_path / "responses.jsonl"
+
+    def read(lines: list[dict]):
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        return read_external_responses(path, stories["pairs"], tokenizer, [2, 13], 512)
+
+    lines = [{"key": key, "response": "Once upon a time", "stop_reason": "eos"} for key in keys]
+    lines[1] = {"key": keys[1], "response": "Once upon a time"}
+    lines[2] = {"key": keys[2], "response_ids": [403, 407, 13]}
+    responses = read(lines)
+    assert responses.per_pair == 1
+    ids, reason = responses.by_key[keys[0]][0]
+    assert ids.tolist() == [403, 407, 261, 378, 2] and reason == "eos"  # the first stop id appended
+    assert [(i.tolist(), r) for i, r in responses.by_key[keys[1]]] == [([403, 407, 261, 378], "length")]
+    assert [(i.tolist(), r) for i, r in responses.by_key[keys[2]]] == [([403, 407, 13], "eos")]  # ends at a stop id
+    with pytest.raises(InputError, match=rf"every pair needs the same number of responses K, the most any pair has \(2\), but '{keys[1]}' has 1 \({len(keys) - 1} pairs differ\)"):
+        read(lines + [lines[0]])
+    with pytest.raises(InputError, match=r"1 keys are not pairs of --pairs .* \(e.g. 'nope'\)"):
+        read(lines + [{"key": "nope", "response": "x"}])
+    with pytest.raises(InputError, match=rf"line {len(keys) + 1}: give exactly one of \"response\""):
+        read(lines + [{"key": keys[0], "response": "x", "response_ids": [1]}])
+    with pytest.raises(InputError, match=r"line 2: token ids must be in \[0, 512\)"):
+        read([lines[0], {"key": keys[1], "response_ids": [5, 512]}])
