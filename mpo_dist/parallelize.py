@@ -7,9 +7,20 @@ stay in one group so tied embeddings remain one parameter). Gradients are summed
 data-parallel ranks, not averaged: the step weights every pair by 1 / (pairs in the global batch),
 so the sum is the global mean whatever the mesh (FSDP, HSDP, or later other parallelism).
 (The log-prob head's own chunk-wise recomputation is part of the log-prob path, in logprobs.py.)
+
+`parallel.reshard_after_forward` (`reshard_decoder_layers`): a layer whose gathered parameters are
+kept from its forward to its backward is not all-gathered again in backward, at the price of one
+unsharded copy of the model (in the compute dtype) per rank at the end of the forward. "auto" pays
+it when that copy is small: under KEEP_GATHERED_MEMORY_FRACTION of the device's memory (a 1B model
+in bf16 on an 80 GB GPU, not an 8B one), or when there is one shard (the rank holds the whole model
+with its float32 gradients and optimizer state anyway, beside which the copy is small). The root
+(embeddings, final norm, head) keeps FSDP's own rule: not resharded after forward, since its head is
+the first thing backward needs.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -40,6 +51,33 @@ def mixed_precision(dtype_name: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=DTYPES[dtype_name], reduce_dtype=torch.float32)
 
 
+KEEP_GATHERED_MEMORY_FRACTION = 0.05
+
+
+def keeps_gathered_parameters(choice: str, unsharded_bytes: int, memory_bytes: int, shard_size: int) -> bool:
+    """Whether decoder layers keep their gathered parameters from forward to backward (the
+    `parallel.reshard_after_forward` rule: "never" reshard keeps them, "always" frees them)."""
+    if choice != "auto":
+        return choice == "never"
+    return shard_size == 1 or unsharded_bytes < KEEP_GATHERED_MEMORY_FRACTION * memory_bytes
+
+
+def device_memory_bytes(device_type: str) -> int:
+    """Memory of this rank's device; on CPU the host's, shared by the processes of this node."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // local_processes
+
+
+def reshard_decoder_layers(lm: nn.Module, mesh: DeviceMesh, parallel: ParallelConfig, dtype_name: str) -> bool:
+    """`reshard_after_forward` for the decoder layers of `lm` (meta device or not)."""
+    unsharded = sum(p.numel() for p in lm.parameters()) * DTYPES[dtype_name].itemsize
+    keep = keeps_gathered_parameters(parallel.reshard_after_forward, unsharded, device_memory_bytes(mesh.device_type),
+                                     mesh["dp_shard"].size())
+    return not keep
+
+
 def apply_fsdp(lm: nn.Module, mesh: DeviceMesh, parallel: ParallelConfig, dtype_name: str) -> nn.Module:
     """Shard `lm` in place (it may still be on the meta device) and return it."""
     if parallel.activation_checkpointing:
@@ -50,9 +88,10 @@ def apply_fsdp(lm: nn.Module, mesh: DeviceMesh, parallel: ParallelConfig, dtype_
         for layer in layers:
             layer.compile()
     policy = mixed_precision(dtype_name)
+    reshard = reshard_decoder_layers(lm, mesh, parallel, dtype_name)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(lm, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(lm, mesh=mesh, mp_policy=policy)  # the root: FSDP's own rule (module docstring)
     for module in lm.modules():
         if isinstance(module, FSDPModule):
             # A plain SUM (no AVG, no PreMulSum, which gloo lacks): the loss already carries 1 / global batch.
