@@ -1,0 +1,102 @@
+"""tools/bench_train.py's arithmetic: timed windows from metrics.jsonl lines, per-pair sums, MFU,
+the configuration grid, the error line of a failed run, and the concurrent matmul peak."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))  # the matmul workers are spawned: their module must be importable by name
+import bench_train  # noqa: E402
+
+
+def line(step, tokens_seen, pairs_seen, tokens_per_s, padding, positions_per_pair=None, flops_per_pair=None):
+    """A metrics.jsonl object with the fields the bench reads (the trainer writes more)."""
+    out = {"step": step, "loss/total": 0.5, "progress/tokens_seen": tokens_seen, "progress/pairs_seen": pairs_seen,
+           "throughput/tokens_per_s": tokens_per_s, "throughput/padding": padding, "memory/peak_gib": 0.25}
+    if positions_per_pair is not None:
+        out.update({"throughput/positions_per_pair": positions_per_pair, "throughput/flops_per_pair": flops_per_pair})
+    return out
+
+
+# Steps 1 (10 s), 2-3 (400 tokens, 8 pairs, 2 s) and 4-5 (200 tokens, 4 pairs, 2 s); an eval-only line between.
+LINES = [line(1, 100, 2, 10.0, 0.5, 50, 5e5), line(3, 500, 10, 200.0, 0.25, 60, 1e6), {"step": 4, "eval/loss/total": 1.0},
+         line(5, 700, 14, 100.0, 0.5, 90, 3e6)]
+
+
+def test_windows_are_differences_of_the_progress_counters_and_warm_up_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in reversed(LINES)))
+    windows = bench_train.windows_of(bench_train.read_metrics(path))  # sorted by step, eval-only line left out
+    assert [(w.first_step, w.last_step, w.tokens, w.pairs) for w in windows] == [(1, 1, 100, 2), (2, 3, 400, 8), (4, 5, 200, 4)]
+    assert [w.seconds for w in windows] == pytest.approx([10.0, 2.0, 2.0])
+    assert [(w.first_step, w.last_step) for w in bench_train.timed(windows, 1)] == [(2, 3), (4, 5)]
+    assert [(w.first_step, w.last_step) for w in bench_train.timed(windows, 2)] == [(4, 5)]  # 2-3 began in the warm-up
+    with pytest.raises(ValueError, match="no timed window"):
+        bench_train.summarize(bench_train.timed(windows, 5))
+
+
+def test_summary_sums_the_timed_windows():
+    summary = bench_train.summarize(bench_train.timed(bench_train.windows_of(LINES[:2] + LINES[3:]), 1))
+    assert summary["timed_steps"] == [2, 5]
+    assert summary["tokens_per_s"] == pytest.approx(600 / 4)  # a ratio of sums, not a mean of the windows' rates
+    assert summary["pairs_per_s"] == pytest.approx(12 / 4)
+    assert summary["real_tokens_per_pair"] == pytest.approx(50)
+    assert summary["positions_per_pair"] == pytest.approx((60 * 8 + 90 * 4) / 12)
+    assert summary["padding"] == pytest.approx(1 - (60 * 8 * 0.75 + 90 * 4 * 0.5) / (60 * 8 + 90 * 4))
+    assert summary["flops_per_pair"] == pytest.approx((1e6 * 8 + 3e6 * 4) / 12)
+    assert summary["flops_source"] == "trainer"
+
+
+def test_without_the_per_pair_metrics_padded_runs_derive_them_and_others_say_nothing():
+    lines = [line(1, 100, 2, 10.0, 0.5), line(3, 500, 10, 200.0, 0.25)]
+    flops = bench_train.FlopModel(params=1000, layers=2, hidden=8, rows_per_pair=2)
+    derived = bench_train.summarize(bench_train.timed(bench_train.windows_of(lines), 1), flops)
+    assert derived["positions_per_pair"] == pytest.approx(400 / 0.75 / 8)  # padded tokens: real / (1 - padding)
+    assert derived["padding"] == pytest.approx(0.25)
+    row = derived["positions_per_pair"] / 2  # two rows (chosen, rejected) of one width per pair
+    assert derived["flops_per_pair"] == pytest.approx(derived["positions_per_pair"] * (6 * 1000 + 12 * 2 * 8 * row))
+    assert derived["flops_source"] == "derived"
+    unknown = bench_train.summarize(bench_train.timed(bench_train.windows_of(lines), 1))
+    assert unknown["positions_per_pair"] is unknown["flops_per_pair"] is unknown["padding"] is None
+
+
+def test_mfu_is_model_flops_per_second_over_the_measured_peak():
+    # 2e9 FLOPs per pair x 30 pairs/s = 6e10 FLOP/s against a 2 x 1.5e11 FLOP/s matmul peak (two processes).
+    assert bench_train.model_flops_utilisation(2e9, 30.0, 3e11) == pytest.approx(0.2)
+    assert bench_train.model_flops_utilisation(None, 30.0, 3e11) is None
+    assert bench_train.model_flops_utilisation(2e9, 30.0, None) is None
+
+
+def test_configurations_cross_every_axis_with_their_overrides():
+    configs = bench_train.configurations(["padded", "packed"], ["float32", "bfloat16"], ["2x1", "1x2"], ["dpo", "mpo"])
+    assert len(configs) == 16 and len({c.name for c in configs}) == 16
+    packed_mpo = next(c for c in configs if c.name == "packed bf16 1x2 mpo")
+    assert (packed_mpo.processes, packed_mpo.threads) == (1, 2)
+    assert {"model.dtype=bfloat16", "data.packing=always", "loss.name=mpo", f"loss.tau={bench_train.MPO_TAU}"} <= set(packed_mpo.overrides(0.0))
+    assert "loss.tau=0.2" in packed_mpo.overrides(0.2)  # the config's tau when it has one
+    padded_dpo = next(c for c in configs if c.name == "padded fp32 2x1 dpo")
+    assert {"loss.name=dpo", "loss.tau=0"} <= set(padded_dpo.overrides(0.05))
+    assert ("data.packing=never" in padded_dpo.overrides(0.05)) == bench_train.trainer_knows("data", "packing")
+    assert bench_train.configurations(["padded"], ["float32"], ["1x1"], ["config"])[0].name == "padded fp32 1x1"
+    for bad in (["padded"], ["float16"], ["2x1"], ["config"]), (["padded"], ["float32"], ["2"], ["config"]):
+        with pytest.raises(bench_train.InputError):
+            bench_train.configurations(*bad)
+
+
+def test_a_failed_run_is_told_by_its_first_error_line():
+    log = ("pre-flight: ok\n[rank0]: Traceback (most recent call last):\n[rank0]:   File x\n"
+           "[rank0]: TypeError: f() got an unexpected keyword argument 'a'\n[rank1]: TypeError: again\n"
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\ntraceback : To enable traceback see: ...\n")
+    assert bench_train.first_error_line(log) == "[rank0]: TypeError: f() got an unexpected keyword argument 'a'"
+    assert bench_train.first_error_line("x\nmpo_dist: error (rank 0): unknown key data.packing\n") \
+        == "mpo_dist: error (rank 0): unknown key data.packing"
+
+
+def test_matmul_peak_sums_processes_that_run_at_once():
+    rates = bench_train.matmul_peak(2, 1, ["float32"], size=128, seconds=0.2)
+    assert set(rates) == {"float32"} and rates["float32"] > 0

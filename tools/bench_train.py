@@ -1,0 +1,716 @@
+"""Training throughput: the trainer's real step in several configurations, alternating, in one run.
+
+    python tools/bench_train.py [--config configs/tiny_cpu.yaml] [--set section.key=value ...]
+        [--make-workload] [--layouts padded,packed] [--dtypes float32,bfloat16] [--procs 2x1,1x2]
+        [--losses config] [--rounds 3] [--steps 30] [--log-interval 5] [--warmup-steps 5]
+        [--work DIR] [--json PATH]
+
+    python tools/bench_train.py --make-workload --work /tmp/bench --json bench.json   # the synthetic workload
+
+Every configuration is a real training run, `python -m mpo_dist.launcher --standalone
+--nproc-per-node P -m mpo_dist.train --config CONFIG ...` with OMP_NUM_THREADS=T, a fresh
+job.output_dir, no held-out eval, no checkpoint but the one the trainer always writes after the
+last step (outside every timed window), no export. A configuration is one value of each axis:
+data layout (padded, packed: `data.packing`), `model.dtype`, processes x threads (PxT) and the loss
+(`config`: as configured). A round runs every configuration once; R rounds alternate them, so that
+noise from the rest of the machine falls on all of them alike. Per configuration the table gives
+the best and the median over the rounds.
+
+What is timed: the trainer logs every `--log-interval` steps (and at step 1) into
+job.output_dir/metrics.jsonl, each line about the steps since the last one (a window). Windows
+that begin at or before `--warmup-steps` are discarded (the first one also holds the loaders'
+start); the rest, steps W+1..N, are summed: tokens/s = real tokens / seconds (D_ref rows included
+for MPO), pairs/s = real pairs / seconds. A window's seconds are its real tokens
+(progress/tokens_seen, difference to the previous line) over its `throughput/tokens_per_s`.
+
+Per pair: real tokens (prompt + response per sequence, as data), positions the model computed
+(`throughput/positions_per_pair`: padding included, a shared prompt once; without that metric, for
+the padded layout, the padded tokens per pair) and model FLOPs (`throughput/flops_per_pair`;
+without it, for the padded layout, the trainer's formula 6N + 12 x layers x hidden x row length
+per computed position; else n/a).
+
+MFU, against a peak measured in the same run: the matmul peak of a PxT configuration is the summed
+rate of P processes that each run a size x size matmul with T threads at the same time (started
+together, in the configuration's dtype): what this machine's dense matmul reaches with every
+thread the run uses busy. It is measured before the first round and after each, in short trials,
+and the best trial counts (a trial during which other work took cores would understate it and
+push MFU up, even past 100%). MFU = flops_per_pair x real pairs/s (all ranks) / that peak; the
+best MFU uses the best pairs/s, the median the median. The FLOPs count the positions the
+model computed, so MFU says how busy the arithmetic is; pairs/s says how much training gets done
+(a layout that computes less padding has fewer FLOPs per pair, so it can show a lower MFU and
+still train faster). It is relative to this machine's measured matmul, not a datasheet peak.
+
+Peak memory: mpo_dist.process_memory.ProcessTreeMonitor polls the launcher's process tree (VmHWM
+of the launcher, each rank and each rank's workers); the table shows the highest rank and the
+total of all processes' peaks, the JSON every process.
+
+--make-workload writes the synthetic workload under --work and trains on it: a random-init Llama
+(vocab 4096, hidden 256, 4 layers, 4 heads, MLP 688; saved as a Hugging Face folder, the policy's
+start and the reference), 256 pairs of random token ids, 64 prompt + 128 chosen + 128 rejected
+tokens, 8 pairs per step (4 per micro-batch), DPO; reference log-probs from tools/score_reference.py
+and, for an `mpo` loss configuration (tau 0.05, 4 D_ref rows per micro-batch), one D_ref sample of
+128 tokens per prompt from tools/sample_reference.py. Its default losses are dpo and mpo. Scoring
+and sampling take a few minutes on 2 CPU cores: give --work to keep the workload for the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import platform
+import queue
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from pathlib import Path
+
+from mpo_dist.cli import run_main, tool_parser
+from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, InputError
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS_FILE = "metrics.jsonl"
+# The trainer's held-out eval is off in every run (the config's eval folders may not exist).
+NO_EVAL = ["eval.pairs=", "eval.reference=", "eval.dref=", "eval.interval=0"]
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+LOSSES = ("config", "dpo", "ipo", "mpo")
+MPO_TAU = 0.05  # loss.tau of the `mpo` loss configuration when the config has none
+
+
+# ---------------------------------------------------------------------------------- configurations
+
+
+LAYOUT_PACKING = {"padded": "never", "packed": "always", "auto": "auto"}  # --layouts -> data.packing
+
+@dataclass(frozen=True)
+class BenchConfig:
+    layout: str  # padded | packed
+    dtype: str  # float32 | bfloat16
+    processes: int
+    threads: int
+    loss: str  # config | dpo | ipo | mpo
+
+    @property
+    def name(self) -> str:
+        loss = "" if self.loss == "config" else f" {self.loss}"
+        return f"{self.layout} {DTYPE_SHORT.get(self.dtype, self.dtype)} {self.processes}x{self.threads}{loss}"
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace(" ", "-")
+
+    def overrides(self, config_tau: float) -> list[str]:
+        """The trainer overrides that make this configuration (after the user's --set)."""
+        out = [f"model.dtype={self.dtype}"]
+        if trainer_knows("data", "packing"):  # before data.packing existed, padded was the only layout
+            out.append(f"data.packing={LAYOUT_PACKING[self.layout]}")
+        if self.loss in ("dpo", "ipo"):
+            out += [f"loss.name={self.loss}", "loss.tau=0", "loss.label_smoothing=0"]
+        elif self.loss == "mpo":
+            out += ["loss.name=mpo", f"loss.tau={config_tau or MPO_TAU}", "loss.label_smoothing=0"]
+        return out
+
+
+def trainer_knows(section: str, key: str) -> bool:
+    """Whether the trainer's config has `section.key` (options being added show up once they land)."""
+    from mpo_dist.config import Config
+
+    return key in {f.name for f in fields(getattr(Config(), section))}
+
+
+def parse_procs(text: str) -> tuple[int, int]:
+    """'2x1' -> (2 processes, 1 thread each)."""
+    try:
+        processes, threads = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--procs: {text!r} is not PROCESSESxTHREADS, e.g. 2x1") from None
+    if processes < 1 or threads < 1:
+        raise InputError(f"--procs: {text!r} needs at least 1 process and 1 thread")
+    return processes, threads
+
+
+def configurations(layouts: list[str], dtypes: list[str], procs: list[str], losses: list[str]) -> list[BenchConfig]:
+    """Every combination of the axes, in a fixed order (the order of each round)."""
+    for layout in layouts:
+        if layout not in LAYOUT_PACKING:
+            raise InputError(f"--layouts: {layout!r} is not one of {', '.join(LAYOUT_PACKING)}")
+    for dtype in dtypes:
+        if dtype not in DTYPE_SHORT:
+            raise InputError(f"--dtypes: {dtype!r} is not float32 or bfloat16")
+    for loss in losses:
+        if loss not in LOSSES:
+            raise InputError(f"--losses: {loss!r} is not one of {', '.join(LOSSES)}")
+    return [BenchConfig(layout, dtype, *parse_procs(p), loss)
+            for loss, layout, dtype, p in itertools.product(losses, layouts, dtypes, procs)]
+
+
+# ---------------------------------------------------------------------------------- metrics windows
+
+
+@dataclass
+class Window:
+    """The steps first_step..last_step as one metrics.jsonl line reports them (over all ranks)."""
+
+    first_step: int
+    last_step: int
+    seconds: float
+    tokens: float  # real tokens (as data: a prompt counts once per response)
+    pairs: float  # real pairs
+    padding: float  # throughput/padding: the fraction of computed positions that are padding
+    positions_per_pair: float | None  # throughput/positions_per_pair, when logged
+    flops_per_pair: float | None  # throughput/flops_per_pair, when logged
+    peak_gib: float | None  # memory/peak_gib (rank 0)
+
+    @property
+    def positions(self) -> float:
+        """Positions the model computed: logged per pair, or (a trainer without that metric, padded
+        rows only) the padded tokens, real tokens / (1 - padding)."""
+        if self.positions_per_pair is not None:
+            return self.positions_per_pair * self.pairs
+        return self.tokens / (1 - self.padding)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The training lines of a metrics.jsonl (eval-only lines hold no throughput), by step."""
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return sorted((line for line in lines if "throughput/tokens_per_s" in line), key=lambda line: line["step"])
+
+
+def windows_of(lines: list[dict]) -> list[Window]:
+    """One Window per logged line; counts are differences of the cumulative progress counters, and a
+    window's seconds its real tokens over its tokens/s."""
+    windows, previous = [], {"step": 0, "progress/tokens_seen": 0, "progress/pairs_seen": 0}
+    for line in lines:
+        tokens = line["progress/tokens_seen"] - previous["progress/tokens_seen"]
+        windows.append(Window(
+            first_step=previous["step"] + 1, last_step=line["step"], seconds=tokens / line["throughput/tokens_per_s"],
+            tokens=tokens, pairs=line["progress/pairs_seen"] - previous["progress/pairs_seen"],
+            padding=line.get("throughput/padding", 0.0), positions_per_pair=line.get("throughput/positions_per_pair"),
+            flops_per_pair=line.get("throughput/flops_per_pair"), peak_gib=line.get("memory/peak_gib")))
+        previous = line
+    return windows
+
+
+def timed(windows: list[Window], warmup_steps: int) -> list[Window]:
+    """The windows that begin after the warm-up steps."""
+    return [window for window in windows if window.first_step > warmup_steps]
+
+
+def summarize(windows: list[Window], fallback: "FlopModel | None" = None) -> dict:
+    """Throughput, per-pair counts and FLOPs of the timed windows of one run (sums over the windows).
+
+    Without the trainer's positions and FLOPs per pair, `fallback` (given for the padded layout only,
+    where the model computes exactly the padded rows) derives them from the padded tokens; else n/a."""
+    if not windows:
+        raise ValueError("no timed window")
+    seconds, tokens, pairs = (sum(getattr(w, name) for w in windows) for name in ("seconds", "tokens", "pairs"))
+    logged = all(w.positions_per_pair is not None for w in windows)
+    positions = sum(w.positions for w in windows) if logged or fallback is not None else None
+    real_positions = sum(w.positions * (1 - w.padding) for w in windows) if positions is not None else None
+    out = {
+        "timed_steps": [windows[0].first_step, windows[-1].last_step], "seconds": seconds, "pairs": pairs,
+        "tokens_per_s": tokens / seconds, "pairs_per_s": pairs / seconds, "real_tokens_per_pair": tokens / pairs,
+        "positions_per_pair": positions / pairs if positions is not None else None,
+        "padding": 1 - real_positions / positions if positions else None,
+        "flops_per_pair": None, "flops_source": None,
+        "trainer_peak_gib": max((w.peak_gib for w in windows if w.peak_gib is not None), default=None),
+    }
+    if all(w.flops_per_pair is not None for w in windows):
+        out["flops_per_pair"] = sum(w.flops_per_pair * w.pairs for w in windows) / pairs
+        out["flops_source"] = "trainer"
+    elif fallback is not None:
+        out["flops_per_pair"], out["flops_source"] = fallback.per_pair(out["positions_per_pair"]), "derived"
+    return out
+
+
+@dataclass
+class FlopModel:
+    """The trainer's FLOP formula (metrics.flops_per_token) for a padded layout, where every row of a
+    forward has the same width: `rows_per_pair` rows (2, plus D_ref rows for MPO) per pair."""
+
+    params: int  # parameters whose matmuls run per token (count_parameters(exclude_embeddings=True))
+    layers: int
+    hidden: int
+    rows_per_pair: float
+
+    def per_pair(self, positions_per_pair: float) -> float:
+        from mpo_dist.metrics import flops_per_token
+
+        row_length = positions_per_pair / self.rows_per_pair
+        return positions_per_pair * flops_per_token(self.params, self.layers, self.hidden, row_length)
+
+
+def flop_model(config_path: str, overrides: list[str]) -> FlopModel | None:
+    """The FlopModel of a resolved config (the model built on the meta device), or None if it does not resolve."""
+    from mpo_dist.config import load_config
+    from mpo_dist.model import build_model, count_parameters
+
+    try:
+        config = load_config(config_path, overrides)
+        model = build_model(config.model)
+    except (InputError, OSError, ValueError):
+        return None
+    dref_rows = config.data.dref_batch_size / config.data.batch_size if config.loss.name == "mpo" and config.loss.tau > 0 else 0
+    return FlopModel(count_parameters(model, exclude_embeddings=True), model.config.num_hidden_layers,
+                     model.config.hidden_size, 2 + dref_rows)
+
+
+def model_flops_utilisation(flops_per_pair: float | None, pairs_per_s: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs per second (FLOPs per real pair x real pairs per second, all ranks) over the
+    measured matmul peak of the same processes x threads."""
+    if flops_per_pair is None or not peak_flops:
+        return None
+    return flops_per_pair * pairs_per_s / peak_flops
+
+
+# ---------------------------------------------------------------------------------- matmul peak
+
+
+def _matmul_worker(threads: int, size: int, dtypes: list[str], trials: int, seconds: float, barrier, results) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    rates = {}
+    for dtype in dtypes:
+        a = torch.randn(size, size, dtype=getattr(torch, dtype))
+        b = torch.randn(size, size, dtype=getattr(torch, dtype))
+        for _ in range(2):
+            a @ b  # warm-up: thread pool, kernels, pages
+        rates[dtype] = []
+        for _ in range(trials):
+            barrier.wait()  # every process starts each trial together
+            count, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds:
+                a @ b
+                count += 1
+            rates[dtype].append(2 * size**3 * count / elapsed)
+    results.put(rates)
+
+
+def matmul_peak(processes: int, threads: int, dtypes: list[str], size: int = 2048, trials: int = 5,
+                seconds: float = 0.5) -> dict[str, float]:
+    """FLOP/s per dtype of `processes` processes, each running `size` x `size` matmuls with `threads`
+    threads at the same time, summed over the processes: the machine's dense-matmul rate with that
+    many threads busy. The best of `trials` trials of `seconds` each (all processes start each trial
+    together), so that a moment when other work on the machine took cores does not set the peak."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(processes), context.Queue()
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the children's OpenMP pool, from their start
+    try:
+        workers = [context.Process(target=_matmul_worker, args=(threads, size, dtypes, trials, seconds, barrier, results))
+                   for _ in range(processes)]
+        for worker in workers:
+            worker.start()
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    rates = []
+    while len(rates) < processes:
+        try:
+            rates.append(results.get(timeout=1.0))
+        except queue.Empty:
+            if any(worker.exitcode not in (None, 0) for worker in workers):  # died before reporting
+                for worker in workers:
+                    worker.kill()
+                raise RuntimeError("a matmul peak process failed (its traceback is above)") from None
+    for worker in workers:
+        worker.join()
+    return {dtype: max(sum(rate[dtype][trial] for rate in rates) for trial in range(trials)) for dtype in dtypes}
+
+
+# ---------------------------------------------------------------------------------- training runs
+
+
+def subprocess_env(threads: int) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in _TORCHRUN_VARIABLES}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+               PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads))
+    return env
+
+
+def trainer_takes_threads() -> bool:
+    """Whether `mpo_dist.train` has a --threads flag (else OMP_NUM_THREADS alone sets its threads)."""
+    from mpo_dist import train
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            train.parse_args(["--config", "x", "--threads", "1"])
+        except SystemExit:
+            return False
+    return True
+
+
+def training_command(config: BenchConfig, config_path: str, overrides: list[str], out_dir: Path, steps: int,
+                     log_interval: int, threads_flag: bool) -> list[str]:
+    run = [*NO_EVAL, *overrides, f"training.steps={steps}", f"metrics.log_interval={log_interval}",
+           f"job.output_dir={out_dir}", "checkpoint.interval=0", "checkpoint.keep=1", "checkpoint.resume=none",
+           "checkpoint.export_hf=false", "checkpoint.keep_best=", "metrics.tensorboard=false"]
+    threads = ["--threads", str(config.threads)] if threads_flag else []
+    return [sys.executable, "-m", "mpo_dist.launcher", "--standalone", "--nproc-per-node", str(config.processes),
+            "-m", "mpo_dist.train", "--config", config_path, *threads, *run]
+
+
+def first_error_line(text: str) -> str:
+    """What stopped a run: the trainer's one-line input error, else the first exception line of a
+    rank's traceback (not torchrun's ChildFailedError summary), else what killed a rank (a C++
+    abort, torchrun's root-cause exit code), else the last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for pattern in (r"^mpo_dist: error", r"^(\[rank\d+\]:\s*)?[\w.]*(Error|Exception)\b", r"^terminate called"):
+        for line in lines:
+            if re.search(pattern, line) and "ChildFailedError" not in line:
+                return line
+    root = next((i for i, line in enumerate(lines) if line.startswith("Root Cause")), None)
+    if root is not None:
+        exit_line = next((line for line in lines[root:] if line.startswith("exitcode")), None)
+        if exit_line is not None:
+            return f"a rank failed, {' '.join(exit_line.split())}"
+    return lines[-1] if lines else "no output"
+
+
+def run_training(command: list[str], env: dict[str, str], out_dir: Path, timeout: float) -> dict:
+    """One training run with its process tree's peak memory; metrics.jsonl lines, or an error."""
+    from mpo_dist.process_memory import ProcessTreeMonitor
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "bench.log"
+    start, timed_out = time.monotonic(), False
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with ProcessTreeMonitor(launcher.pid, interval_s=0.2) as monitor:
+            try:
+                code = launcher.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                launcher.terminate()  # SIGTERM: torchrun stops its workers
+                code, timed_out = launcher.wait(), True
+    result = {"returncode": code, "wall_s": time.monotonic() - start, "log": str(log_path),
+              "processes": [asdict(peak) for peak in monitor.peaks()]}
+    if timed_out:
+        result["error"] = f"stopped after --run-timeout {timeout:g}s"
+    elif code != 0:
+        result["error"] = first_error_line(log_path.read_text())
+    elif (out_dir / METRICS_FILE).is_file():
+        result["lines"] = read_metrics(out_dir / METRICS_FILE)
+    else:
+        result["error"] = f"no {METRICS_FILE} in {out_dir}"
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the final checkpoint: not needed, maybe large
+    return result
+
+
+def memory_summary(processes: list[dict]) -> dict:
+    ranks = [p["peak_bytes"] for p in processes if p["role"].startswith("rank ") and not p["role"].endswith("worker")]
+    return {"max_rank_bytes": max(ranks, default=None), "total_bytes": sum(p["peak_bytes"] for p in processes)}
+
+
+# ---------------------------------------------------------------------------------- the workload
+
+
+WORKLOAD_MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def write_workload_pairs(directory: Path, num_pairs: int, prompt: int, response: int, vocab: int, seed: int,
+                         per_shard: int = 64) -> None:
+    """Pairs shards of random token ids (3..vocab-1: no special token), every pair prompt + response x 2."""
+    import numpy as np
+
+    from mpo_dist.data.shards import Manifest, ShardInfo, ShardWriter, shard_name
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for index, first in enumerate(range(0, num_pairs, per_shard)):
+        keys = range(first, min(first + per_shard, num_pairs))
+        with ShardWriter(directory / shard_name(index), "pairs") as writer:
+            for key in keys:
+                ids = {name: rng.integers(3, vocab, size=length).astype(np.int32)
+                       for name, length in (("prompt_ids", prompt), ("chosen_ids", response), ("rejected_ids", response))}
+                writer.write(f"{key:09d}", {"prompt": f"synthetic {key}", "chosen": "", "rejected": "", "label": None}, ids)
+        shards.append(ShardInfo(shard_name(index), len(keys), [prompt + response] * len(keys)))
+    info = {"created_by": "tools/bench_train.py --make-workload", "seed": seed,
+            "tokenizer": {"vocab_size": vocab, "pad_token_id": 0}}
+    Manifest("pairs", "synthetic:random-token-ids", shards, info=info).write(directory)
+
+
+def run_tool(script: str, *args, threads: int) -> None:
+    command = [sys.executable, str(REPO / "tools" / script), *map(str, args), "--threads", str(threads)]
+    result = subprocess.run(command, env=subprocess_env(threads), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{script} failed ({result.returncode}): {result.stderr[-3000:]}")
+
+
+def make_workload(folder: Path, *, dref: bool, num_pairs: int = 256, prompt: int = 64, response: int = 128,
+                  seed: int = 0, log=print) -> list[str]:
+    """The synthetic workload under `folder` (reused when complete); returns its trainer overrides."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    model_dir, pairs, reference, dref_dir = (folder / name for name in ("model", "pairs", "reference", "dref"))
+    threads = os.cpu_count() or 1
+    if not (pairs / "manifest.json").is_file():
+        start = time.monotonic()
+        torch.manual_seed(seed)
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' progress bar of one shard
+            AutoModelForCausalLM.from_config(LlamaConfig(**WORKLOAD_MODEL)).save_pretrained(str(model_dir))
+        write_workload_pairs(pairs, num_pairs, prompt, response, WORKLOAD_MODEL["vocab_size"], seed)
+        log(f"bench_train: workload model and {num_pairs} pairs in {folder} ({time.monotonic() - start:.0f}s)")
+    if not (reference / "manifest.json").is_file():
+        start = time.monotonic()
+        run_tool("score_reference.py", "--model", model_dir, "--pairs", pairs, "--out", reference, "--batch-size", 16,
+                 threads=threads)
+        log(f"bench_train: reference log-probs scored ({time.monotonic() - start:.0f}s)")
+    if dref and not (dref_dir / "manifest.json").is_file():
+        start = time.monotonic()
+        run_tool("sample_reference.py", "--model", model_dir, "--pairs", pairs, "--out", dref_dir, "--num-samples", 1,
+                 "--max-new-tokens", response, "--batch-size", 64, threads=threads)
+        log(f"bench_train: D_ref sampled, 1 x {response} tokens per prompt ({time.monotonic() - start:.0f}s)")
+    return [f"model.path={model_dir}", "model.config={}", f"data.pairs={pairs}", f"data.reference={reference}",
+            f"data.dref={dref_dir if dref else ''}", "data.batch_size=4", "data.dref_batch_size=4",
+            "training.global_batch_size=8", "data.batching=fixed", "data.pad_to_multiple_of=1",
+            "loss.name=dpo", "loss.tau=0", "loss.label_smoothing=0"]
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def machine_header() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu,
+            "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "python": platform.python_version(),
+            "load_average": os.getloadavg()}
+
+
+def config_result(config: BenchConfig, runs: list[dict], peaks: dict[str, float]) -> dict:
+    """Best and median over the successful rounds of one configuration."""
+    good = [run["summary"] for run in runs if "summary" in run]
+    out = {"name": config.name, "runs_ok": len(good), "runs": len(runs),
+           "failures": [f"round {run['round']}: {run['error']}" for run in runs if "error" in run]}
+    if not good:
+        out["error"] = runs[0]["error"] if runs else "no run"
+        return out
+    tokens = [s["tokens_per_s"] for s in good]
+    pairs = [s["pairs_per_s"] for s in good]
+    flops = [s["flops_per_pair"] for s in good if s["flops_per_pair"] is not None]
+    flops_per_pair = statistics.median(flops) if flops else None
+    peak = peaks.get(config.dtype)
+    memory = [memory_summary(run["processes"]) for run in runs if "summary" in run]
+    out.update(
+        tokens_per_s_best=max(tokens), tokens_per_s_median=statistics.median(tokens),
+        pairs_per_s_best=max(pairs), pairs_per_s_median=statistics.median(pairs),
+        real_tokens_per_pair=statistics.median(s["real_tokens_per_pair"] for s in good),
+        positions_per_pair=_median_or_none([s["positions_per_pair"] for s in good]),
+        padding=_median_or_none([s["padding"] for s in good]),
+        flops_per_pair=flops_per_pair, flops_source=good[0]["flops_source"], matmul_peak_flops=peak,
+        mfu_best=model_flops_utilisation(flops_per_pair, max(pairs), peak),
+        mfu_median=model_flops_utilisation(flops_per_pair, statistics.median(pairs), peak),
+        max_rank_peak_bytes=max(m["max_rank_bytes"] or 0 for m in memory),
+        total_peak_bytes=max(m["total_bytes"] for m in memory),
+        timed_steps=good[0]["timed_steps"])
+    return out
+
+
+def _median_or_none(values: list) -> float | None:
+    return None if any(v is None for v in values) else statistics.median(values)
+
+
+def _fmt(value, spec: str, width: int) -> str:
+    if value is None:
+        return f"{'n/a':>{width}}"
+    if spec == "si":  # 3 significant digits and a prefix: 35.7M, 10.6G, 6.12T
+        exponent = min(max(int(math.floor(math.log10(abs(value)) / 3)) if value else 0, 0), 5)
+        return f"{value / 1000**exponent:.3g}{' kMGTP'[exponent].strip()}".rjust(width)
+    return f"{format(value, spec):>{width}}"
+
+
+COLUMNS = [  # (heading, key, format, width, scale)
+    ("tok/s best", "tokens_per_s_best", ",.0f", 10, 1), ("tok/s med", "tokens_per_s_median", ",.0f", 10, 1),
+    ("pairs/s med", "pairs_per_s_median", ",.1f", 11, 1), ("real/pair", "real_tokens_per_pair", ",.0f", 9, 1),
+    ("comp/pair", "positions_per_pair", ",.0f", 9, 1), ("pad", "padding", ".1%", 6, 1),
+    ("FLOP/pair", "flops_per_pair", "si", 9, 1), ("MFU best", "mfu_best", ".1%", 8, 1),
+    ("MFU med", "mfu_median", ".1%", 8, 1), ("rank MiB", "max_rank_peak_bytes", ",.0f", 8, 2**-20),
+    ("total MiB", "total_peak_bytes", ",.0f", 9, 2**-20),
+]
+
+
+def format_table(results: list[dict]) -> str:
+    width = max([len("configuration"), *(len(r["name"]) for r in results)])
+    lines = [f"{'configuration':<{width}} " + " ".join(f"{heading:>{w}}" for heading, _, _, w, _ in COLUMNS)]
+    for result in results:
+        if "error" in result:
+            lines.append(f"{result['name']:<{width}} failed: {result['error']}")
+            continue
+        cells = [_fmt(None if result.get(key) is None else result[key] * scale, spec, w) for _, key, spec, w, scale in COLUMNS]
+        notes = ["FLOPs derived"] if result.get("flops_source") == "derived" else []
+        if result["failures"]:
+            notes.append(f"{len(result['failures'])} of {result['runs']} runs failed, {result['failures'][0]}")
+        lines.append(f"{result['name']:<{width}} " + " ".join(cells) + (f" ({'; '.join(notes)})" if notes else ""))
+    return "\n".join(lines)
+
+
+def format_header(header: dict, args, peaks: dict[str, dict[str, float]], timed_steps: str) -> str:
+    load = ", ".join(f"{value:.2f}" for value in header["load_average"])
+    lines = [f"bench_train {header['date']} | CPU {header['cpu']}, {header['cores']} cores | torch {header['torch']} | "
+             f"load average at start {load}",
+             f"config {args.config}" + (" + synthetic workload (--make-workload)" if args.make_workload else "")
+             + "".join(f" {item}" for item in args.set),
+             f"{args.rounds} round{'s' if args.rounds > 1 else ''}, configurations alternating; {args.steps} steps per run, logged every "
+             f"{args.log_interval}; timed: steps {timed_steps} "
+             + (f"(steps 1-{args.warmup_steps} are warm-up)" if args.warmup_steps else "(no warm-up)"),
+             f"matmul peak ({args.matmul_size}^2, P processes x T threads at once, the best of {args.matmul_trials} "
+             f"trials x {args.rounds + 1} measurements, before the first round and after each): "
+             + "; ".join(f"{procs} " + ", ".join(f"{DTYPE_SHORT[d]} {v / 1e12:.3f} TFLOP/s" for d, v in rates.items())
+                         for procs, rates in peaks.items())]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    parser = tool_parser(__doc__)
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny_cpu.yaml"), help="the trainer's YAML config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a trainer override for every run (repeat), e.g. model.path=DIR data.pairs=DIR")
+    parser.add_argument("--make-workload", action="store_true",
+                        help="build the synthetic workload (tiny random-init Llama, 256 pairs 64+128+128) under --work and train on it")
+    parser.add_argument("--layouts", default="padded,packed", help="data layouts: padded, packed, auto (data.packing=never, always, auto)")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="model.dtype values")
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument("--procs", default=f"{cores}x1,1x{cores}" if cores > 1 else "1x1",
+                        help="PROCESSESxTHREADS layouts (torchrun processes, OMP_NUM_THREADS each)")
+    parser.add_argument("--losses", default=None,
+                        help="losses: config (as configured), dpo, ipo, mpo; default config, or dpo,mpo with --make-workload")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every configuration, alternating")
+    parser.add_argument("--steps", type=int, default=30, help="training.steps of each run")
+    parser.add_argument("--log-interval", type=int, default=5, help="metrics.log_interval: steps per timed window")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="windows that begin at or before this step are not timed")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul of the peak")
+    parser.add_argument("--matmul-trials", type=int, default=5, help="trials per matmul peak measurement (the best counts)")
+    parser.add_argument("--matmul-seconds", type=float, default=0.5, help="seconds of each matmul peak trial")
+    parser.add_argument("--work", default=None, help="folder for the runs (and the workload); default: a temporary folder, removed")
+    parser.add_argument("--run-timeout", type=float, default=3600, help="seconds before a run is stopped")
+    parser.add_argument("--json", default=None, help="write every raw number to this JSON file")
+    args = parser.parse_args(argv)
+    return run_main("bench_train", lambda info: bench(args))
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def bench(args) -> None:
+    if args.rounds < 1 or args.steps < 1 or args.log_interval < 1 or args.warmup_steps < 0:
+        raise InputError("--rounds, --steps and --log-interval must be >= 1, --warmup-steps >= 0")
+    if args.warmup_steps + 1 > args.steps:
+        raise InputError(f"--warmup-steps {args.warmup_steps} leaves no timed step of --steps {args.steps}")
+    if not Path(args.config).is_file():
+        raise InputError(f"--config {args.config} does not exist")
+    args.config = str(Path(args.config).resolve())
+    losses = (args.losses or ("dpo,mpo" if args.make_workload else "config")).split(",")
+    configs = configurations(args.layouts.split(","), args.dtypes.split(","), args.procs.split(","), losses)
+    header = machine_header()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        results = _bench(args, configs, header, work, wants_dref="mpo" in losses)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        progress(f"bench_train: raw numbers in {args.json}")
+    if not any("timed_steps" in result for result in results["configurations"]):
+        raise InputError("every configuration failed (see the table); run with --work DIR to keep each run's bench.log")
+
+
+def _bench(args, configs: list[BenchConfig], header: dict, work: Path, wants_dref: bool) -> dict:
+    base = list(args.set)
+    if args.make_workload:
+        base = make_workload(work / "workload", dref=wants_dref, log=progress) + base
+    from mpo_dist.config import load_config
+
+    try:
+        config_tau = load_config(args.config, [*NO_EVAL, *base]).loss.tau
+    except InputError:
+        config_tau = 0.0  # the first run reports what is wrong
+    layouts = sorted({(c.processes, c.threads) for c in configs})
+    dtypes = sorted({c.dtype for c in configs})
+    peaks = {f"{p}x{t}": {d: 0.0 for d in dtypes} for p, t in layouts}
+    peak_runs = []
+
+    def measure_peaks(when: str) -> None:
+        for processes, threads in layouts:
+            rates = matmul_peak(processes, threads, dtypes, args.matmul_size, args.matmul_trials, args.matmul_seconds)
+            peak_runs.append({"when": when, "procs": f"{processes}x{threads}", "flops": rates})
+            for dtype, rate in rates.items():
+                peaks[f"{processes}x{threads}"][dtype] = max(peaks[f"{processes}x{threads}"][dtype], rate)
+            progress(f"bench_train: matmul peak {processes}x{threads} ({when}): "
+                     + ", ".join(f"{DTYPE_SHORT[d]} {r / 1e12:.3f} TFLOP/s" for d, r in rates.items()))
+
+    measure_peaks("before")
+    threads_flag = trainer_takes_threads()
+    runs: dict[BenchConfig, list[dict]] = {config: [] for config in configs}
+    fallbacks: dict[BenchConfig, FlopModel | None] = {}
+    for round_index in range(args.rounds):
+        for config in configs:
+            if any(run["returncode"] == INPUT_ERROR_EXIT_CODE for run in runs[config]):
+                continue  # an input error (an unknown option, missing data) would come again
+            overrides = [*base, *config.overrides(config_tau)]
+            out_dir = work / "runs" / f"r{round_index + 1}-{config.slug}"
+            shutil.rmtree(out_dir, ignore_errors=True)
+            command = training_command(config, args.config, overrides, out_dir, args.steps, args.log_interval, threads_flag)
+            run = {"round": round_index + 1, "command": command,
+                   **run_training(command, subprocess_env(config.threads), out_dir, args.run_timeout)}
+            if "lines" in run:
+                if config not in fallbacks:  # the padded layout, from a trainer that does not log FLOPs per pair
+                    derive = config.layout == "padded" and not any("throughput/flops_per_pair" in line for line in run["lines"])
+                    fallbacks[config] = flop_model(args.config, [*NO_EVAL, *overrides]) if derive else None
+                try:
+                    run["summary"] = summarize(timed(windows_of(run["lines"]), args.warmup_steps), fallbacks[config])
+                except ValueError as error:
+                    run["error"] = f"{error}: {len(run['lines'])} logged lines; raise --steps"
+            runs[config].append(run)
+            if "summary" in run:
+                summary = run["summary"]
+                progress(f"bench_train: round {round_index + 1}/{args.rounds} {config.name}: "
+                         f"{summary['tokens_per_s']:,.0f} tok/s, {summary['pairs_per_s']:,.1f} pairs/s ({run['wall_s']:.0f}s)")
+            else:
+                progress(f"bench_train: round {round_index + 1}/{args.rounds} {config.name}: failed: {run['error']}")
+        measure_peaks(f"after round {round_index + 1}")
+
+    per_config = [config_result(config, runs[config], peaks[f"{config.processes}x{config.threads}"]) for config in configs]
+    ok = [r for r in per_config if "timed_steps" in r]
+    timed_steps = "-".join(map(str, ok[0]["timed_steps"])) if ok else "none"
+    print(format_header(header, args, peaks, timed_steps))
+    print(format_table(per_config), flush=True)
+    return {"header": header, "settings": {key: value for key, value in vars(args).items()}, "base_overrides": base,
+            "matmul_peaks": peaks, "matmul_measurements": peak_runs,
+            "configurations": [{**result, "config": asdict(config), "runs": runs[config]}
+                               for config, result in zip(configs, per_config)]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
