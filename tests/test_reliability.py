@@ -60,7 +60,7 @@ def state_of(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def inject_nan(monkeypatch, trainer: Trainer, steps: set[int], snapshots: dict[int, dict] | None = None) -> None:
     """Make the policy log-probs NaN in `steps` (1-based); record state_of(trainer) as each step starts."""
-    real = trainer_module.sequence_logprobs
+    real = trainer_module.batch_logprobs
 
     def poisoned(model, *args, **kwargs):
         step = trainer.step + 1
@@ -69,7 +69,7 @@ def inject_nan(monkeypatch, trainer: Trainer, steps: set[int], snapshots: dict[i
         out = real(model, *args, **kwargs)
         return dataclasses.replace(out, logps=out.logps + float("nan")) if step in steps else out
 
-    monkeypatch.setattr(trainer_module, "sequence_logprobs", poisoned)
+    monkeypatch.setattr(trainer_module, "batch_logprobs", poisoned)
 
 
 def records(run: Path) -> list[dict]:
