@@ -110,6 +110,9 @@ class DataConfig:
                 "rejected does not see chosen), several pairs and D_ref samples per row; never: one padded row "
                 "per response; auto: per micro-batch, whichever needs fewer FLOPs by the model's cost estimate "
                 "(the same numbers either way)")
+    bucket_shapes: bool = opt(True, "round row lengths, packed row counts and the output head's positions up to a few "
+                                    "sizes (a quarter octave apart), so a run meets few tensor shapes: bf16 CPU kernels keep "
+                                    "memory for every shape, compiled layers recompile per shape")
     pack_tokens: int = opt(0, "longest packed row, in tokens (0: the longest pair or sample of the micro-batch)")
     padding_side: Literal["right", "left"] = opt("right", "side on which padded rows are padded")
     pad_to_multiple_of: int = opt(1, "round padded (or packed) row lengths up to a multiple of this")

@@ -142,8 +142,9 @@ def batch_logprobs(model, batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Se
     device): the sum of its response tokens' log-probs and their count."""
     add_logprob_method(model)
     token_logps = getattr(model, LOGPROB_METHOD)(batch, chunk_tokens)
-    logps = token_logps.new_zeros(batch.num_sequences).index_add(0, batch.sequence_index, token_logps)
-    return SequenceLogprobs(logps=logps, num_tokens=torch.bincount(batch.sequence_index, minlength=batch.num_sequences))
+    count = batch.num_sequences  # one slot more: head positions added to round their number up land there
+    logps = token_logps.new_zeros(count + 1).index_add(0, batch.sequence_index, token_logps)[:count]
+    return SequenceLogprobs(logps=logps, num_tokens=torch.bincount(batch.sequence_index, minlength=count + 1)[:count])
 
 
 def sequence_logprobs(

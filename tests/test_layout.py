@@ -58,6 +58,8 @@ LAYOUTS = {
     "packed": lambda docs: pack_documents(docs, 0),
     "packed, one row": lambda docs: pack_documents(docs, 0, pack_tokens=10_000, pad_to_multiple_of=8),
     "packed, a row per document": lambda docs: pack_documents(docs, 0, pack_tokens=1),
+    "padded, shapes bucketed": lambda docs: pad_documents(docs, 0, "left", bucket_shapes=True),
+    "packed, shapes bucketed": lambda docs: pack_documents(docs, 0, pack_tokens=20, bucket_shapes=True),
 }
 
 
@@ -242,3 +244,18 @@ def test_auto_layout_packs_when_the_cost_model_says_it_is_cheaper():
     assert not lay_out(pairs, packing="never", pad_token_id=0, cost=cost).packed
     with pytest.raises(InputError, match="data.packing must be one of auto, always, never, got 'yes'"):
         lay_out(pairs, packing="yes", pad_token_id=0)
+
+
+def test_bucketed_shapes_take_few_sizes_and_add_at_most_a_quarter():
+    from mpo_dist.data.layout import shape_bucket
+
+    assert [shape_bucket(n) for n in (1, 16, 17, 33, 64, 65, 100, 1000, 1025)] == [1, 16, 20, 40, 64, 80, 112, 1024, 1280]
+    assert all(n <= shape_bucket(n) <= n * 1.25 for n in range(1, 5000))
+    assert len({shape_bucket(n) for n in range(100, 1000)}) == 14  # 900 sizes, 14 shapes
+    docs = documents(seed=8, pairs=7, dref=3)
+    packed = pack_documents(docs, 0, pack_tokens=20, bucket_shapes=True)
+    rows, width = packed.input_ids.shape
+    plain = pack_documents(docs, 0, pack_tokens=20)
+    assert (rows, width) == (shape_bucket(plain.input_ids.shape[0]), shape_bucket(plain.input_ids.shape[1]))
+    assert len(packed.targets) == shape_bucket(len(plain.targets)) > len(plain.targets)  # head positions rounded up
+    assert (packed.sequence_index == packed.num_sequences).sum() == len(packed.targets) - len(plain.targets)

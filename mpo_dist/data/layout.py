@@ -16,6 +16,12 @@ is an output sequence with its own index; the forward returns log p(response | p
 Either way the log-prob of response token t is read from the hidden state of the position that
 predicts it (`predict_from`: the previous response token, or the prompt's last token for the
 first), so the output head runs on response tokens only, and both layouts give the same numbers.
+
+With `bucket_shapes` (data.bucket_shapes) the width, the packed row count and the number of head
+positions are rounded up to a few sizes (`shape_bucket`, at most 25% more): a run then meets few
+distinct tensor shapes. This matters on CPU in bf16, where the matmul kernels keep memory for every
+shape they meet (tools/bench_bf16_shape_memory.py: 974 MiB after 400 random lengths, 260 MiB with
+lengths rounded), and for compiled layers, which recompile per shape.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ class ModelInput:
     branch_ids: torch.Tensor | None  # packed: [rows, width] int32: 0 for a prompt, k for its k-th response
     predict_from: torch.Tensor  # [targets] int64: flat index (row * width + column) of the predicting position
     targets: torch.Tensor  # [targets] int64: the response token predicted there
-    sequence_index: torch.Tensor  # [targets] int64: the output sequence the token belongs to
+    sequence_index: torch.Tensor  # [targets] int64: the output sequence the token belongs to (num_sequences: none,
+    #                                a head position added to round the count up, whose value is discarded)
     num_sequences: int
     num_tokens: int  # tokens of the sequences as data: prompt + response per output sequence
     num_real_positions: int  # non-padding positions the model computes (prompts shared once when packed)
@@ -93,9 +100,24 @@ def _targets(starts: list[tuple[int, int, int, int, int]], width: int):
     return join(predict_from), join(target_at), join(sequence)
 
 
-def _finish(input_ids, position_ids, attention_mask, segment_ids, branch_ids, starts, num_sequences, num_tokens):
+def shape_bucket(size: int) -> int:
+    """`size` rounded up to one of a few sizes: exact up to 16, then steps of a quarter octave (17 -> 20,
+    100 -> 112, 1000 -> 1024), so at most 25% more, and a run meets few distinct sizes."""
+    if size <= 16:
+        return max(size, 1)
+    step = 1 << (size.bit_length() - 3)  # 1/4 of the power of two below size
+    return _round_up(size, step)
+
+
+def _finish(input_ids, position_ids, attention_mask, segment_ids, branch_ids, starts, num_sequences, num_tokens,
+            bucket_shapes: bool = False):
     width = input_ids.shape[1]
     predict_from, target_at, sequence = _targets(starts, width)
+    if bucket_shapes:  # extra head positions: position 0 predicting its own token, summed into a discarded slot
+        extra = shape_bucket(len(predict_from)) - len(predict_from)
+        predict_from = np.concatenate([predict_from, np.zeros(extra, np.int64)])
+        target_at = np.concatenate([target_at, np.zeros(extra, np.int64)])
+        sequence = np.concatenate([sequence, np.full(extra, num_sequences, np.int64)])
     return ModelInput(
         input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids),
         attention_mask=torch.from_numpy(attention_mask),
@@ -121,13 +143,14 @@ def _sequences(documents: Sequence[Document]) -> tuple[int, int]:
 
 
 def pad_rows(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], pad_token_id: int,
-             padding_side: str = "right", pad_to_multiple_of: int = 1) -> tuple[np.ndarray, np.ndarray, list[int]]:
+             padding_side: str = "right", pad_to_multiple_of: int = 1, min_width: int = 0
+             ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """`prompt_i + response_i` rows padded to a common length: token ids, real-token mask, and the
     column where each response starts."""
     if padding_side not in ("right", "left"):
         raise InputError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    width = _round_up(max(lengths, default=1), pad_to_multiple_of)
+    width = max(_round_up(max(lengths, default=1), pad_to_multiple_of), min_width)
     input_ids = np.full((len(lengths), width), pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((len(lengths), width), dtype=bool)
     response_starts = []
@@ -141,19 +164,23 @@ def pad_rows(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], pad
 
 
 def pad_documents(documents: Sequence[Document], pad_token_id: int, padding_side: str = "right",
-                  pad_to_multiple_of: int = 1) -> ModelInput:
-    """One row per output sequence, in sequence order, padded to the longest (see the module docstring)."""
+                  pad_to_multiple_of: int = 1, bucket_shapes: bool = False) -> ModelInput:
+    """One row per output sequence, in sequence order, padded to the longest (see the module docstring);
+    with `bucket_shapes` the width and the head's positions are rounded up by `shape_bucket`."""
     num_sequences, num_tokens = _sequences(documents)
     rows: list[tuple[np.ndarray, np.ndarray]] = [None] * num_sequences  # type: ignore[list-item]
     for document in documents:
         for index, response in document.responses:
             rows[index] = (document.prompt, response)
     prompts, responses = [p for p, _ in rows], [r for _, r in rows]
-    input_ids, attention_mask, response_starts = pad_rows(prompts, responses, pad_token_id, padding_side, pad_to_multiple_of)
+    longest = max((len(p) + len(r) for p, r in rows), default=1)
+    min_width = _round_up(shape_bucket(longest), pad_to_multiple_of) if bucket_shapes else 0
+    input_ids, attention_mask, response_starts = pad_rows(prompts, responses, pad_token_id, padding_side,
+                                                          pad_to_multiple_of, min_width)
     starts = [(row, first, len(response), first - 1 if len(prompt) else -1, row)
               for row, (prompt, response, first) in enumerate(zip(prompts, responses, response_starts))]
     position_ids = (attention_mask.cumsum(-1) - 1).clip(min=0).astype(np.int64)  # 0, 1, ... over real tokens
-    return _finish(input_ids, position_ids, attention_mask, None, None, starts, num_sequences, num_tokens)
+    return _finish(input_ids, position_ids, attention_mask, None, None, starts, num_sequences, num_tokens, bucket_shapes)
 
 
 def _first_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[list[int]], list[int]]:
@@ -184,7 +211,8 @@ def _row_lengths_to_try(lengths: list[int]) -> list[int]:
 
 
 def pack_documents(documents: Sequence[Document], pad_token_id: int, pack_tokens: int = 0,
-                   pad_to_multiple_of: int = 1, row_cost: Callable[[int, int], float] | None = None) -> ModelInput:
+                   pad_to_multiple_of: int = 1, row_cost: Callable[[int, int], float] | None = None,
+                   bucket_shapes: bool = False) -> ModelInput:
     """Documents packed into rows of at most `pack_tokens` positions, first-fit decreasing.
 
     `pack_tokens=0` chooses the row length: the longest document's, or, given `row_cost(rows, width)`
@@ -205,6 +233,8 @@ def pack_documents(documents: Sequence[Document], pad_token_id: int, pack_tokens
     rows, used = _first_fit_decreasing(lengths, min(capacities, key=cost))
     width = _round_up(max(used, default=1), pad_to_multiple_of)
     count = max(len(rows), 1)
+    if bucket_shapes:  # rows of padding only (each padding position attends to itself and earlier padding)
+        width, count = _round_up(shape_bucket(width), pad_to_multiple_of), shape_bucket(count)
     input_ids = np.full((count, width), pad_token_id, dtype=np.int64)
     position_ids = np.zeros((count, width), dtype=np.int64)
     attention_mask = np.zeros((count, width), dtype=bool)
@@ -229,7 +259,8 @@ def pack_documents(documents: Sequence[Document], pad_token_id: int, pack_tokens
                 starts.append((row, column, len(response), last_prompt, index))
                 column += len(response)
         attention_mask[row, :column] = True
-    return _finish(input_ids, position_ids, attention_mask, segment_ids, branch_ids, starts, num_sequences, num_tokens)
+    return _finish(input_ids, position_ids, attention_mask, segment_ids, branch_ids, starts, num_sequences, num_tokens,
+                   bucket_shapes)
 
 
 def pair_documents(prompts: Sequence[np.ndarray], chosen: Sequence[np.ndarray], rejected: Sequence[np.ndarray],
@@ -255,7 +286,7 @@ def positions_cost(rows: int, width: int, dense_attention: bool) -> float:
 
 def lay_out(documents: Sequence[Document], *, packing: str, pad_token_id: int, padding_side: str = "right",
             pad_to_multiple_of: int = 1, pack_tokens: int = 0,
-            cost: Callable[[int, int, bool], float] | None = None) -> ModelInput:
+            cost: Callable[[int, int, bool], float] | None = None, bucket_shapes: bool = False) -> ModelInput:
     """The model input for `documents`: packed ("always"), padded ("never"), or ("auto") whichever
     `cost(rows, width, dense_attention)` says is cheaper for these documents. `dense_attention`: the
     attention runs under a mask over the full width (packed rows, or padded rows with padding);
@@ -266,9 +297,9 @@ def lay_out(documents: Sequence[Document], *, packing: str, pad_token_id: int, p
     packed = padded = None
     if packing != "never":
         packed = pack_documents(documents, pad_token_id, pack_tokens, pad_to_multiple_of,
-                                row_cost=lambda rows, width: cost(rows, width, True))
+                                row_cost=lambda rows, width: cost(rows, width, True), bucket_shapes=bucket_shapes)
     if packing != "always":
-        padded = pad_documents(documents, pad_token_id, padding_side, pad_to_multiple_of)
+        padded = pad_documents(documents, pad_token_id, padding_side, pad_to_multiple_of, bucket_shapes)
     if packed is None or padded is None:
         return packed or padded
 
@@ -282,6 +313,7 @@ def lay_out(documents: Sequence[Document], *, packing: str, pad_token_id: int, p
 def layout_for(data, pad_token_id: int, cost: Callable[[int, int, bool], float] | None = None
                ) -> Callable[[Sequence[Document]], ModelInput]:
     """`lay_out` with the options of a DataConfig (data.packing, data.pack_tokens, data.padding_side,
-    data.pad_to_multiple_of) and the model's `cost` (metrics.layout_cost)."""
+    data.pad_to_multiple_of, data.bucket_shapes) and the model's `cost` (metrics.layout_cost)."""
     return partial(lay_out, packing=data.packing, pad_token_id=pad_token_id, padding_side=data.padding_side,
-                   pad_to_multiple_of=data.pad_to_multiple_of, pack_tokens=data.pack_tokens, cost=cost)
+                   pad_to_multiple_of=data.pad_to_multiple_of, pack_tokens=data.pack_tokens, cost=cost,
+                   bucket_shapes=data.bucket_shapes)
