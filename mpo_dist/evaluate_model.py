@@ -47,6 +47,7 @@ from mpo_dist.errors import InputError, MissingInputError
 from mpo_dist.evaluation import Evaluator
 from mpo_dist.logprobs import sequence_logprobs
 from mpo_dist.losses import LOSSES, build_loss
+from mpo_dist.metrics import model_layout_cost
 from mpo_dist.sampling import SamplingParams, generate, sample_seed
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
@@ -249,7 +250,8 @@ def offline_metrics(request: EvaluationRequest, model, *, device: torch.device, 
     try:
         evaluator = _RecordingEvaluator(config, DataConfig(pairs=pairs or request.dref), model=model,
                                         loss_fn=build_loss(request.loss), device=device, dp_rank=info.rank,
-                                        dp_world_size=info.world_size, pad_token_id=pad_token_id, vocab_size=vocab_size)
+                                        dp_world_size=info.world_size, pad_token_id=pad_token_id, vocab_size=vocab_size,
+                                        layout_cost=model_layout_cost(model))
     except ShardError as error:
         raise _flag_names(error) from error
     metrics = evaluator.evaluate()

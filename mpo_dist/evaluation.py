@@ -62,9 +62,11 @@ class Evaluator:
 
     def __init__(self, config: EvalConfig, data: DataConfig, *, model: torch.nn.Module, loss_fn: Callable,
                  device: torch.device, dp_rank: int, dp_world_size: int, pad_token_id: int,
-                 tokenizer_hash: str | None = None, vocab_size: int | None = None):
+                 tokenizer_hash: str | None = None, vocab_size: int | None = None,
+                 layout_cost: Callable[[int, int, bool], float] | None = None):
         self.config, self.model, self.loss_fn, self.device = config, model, loss_fn, device
-        self.layout = layout_for(data, pad_token_id)  # the training forward's layout (padded or packed)
+        # The training forward's layout: data's options, and the model's cost (metrics.model_layout_cost).
+        self.layout = layout_for(data, pad_token_id, cost=layout_cost)
         ranks = dict(dp_rank=dp_rank, dp_world_size=dp_world_size)
         self.pairs = self.dref = None
         self.expected = {"pairs": 0, "dref": 0}  # real samples of one pass, over all ranks

@@ -98,6 +98,13 @@ def flop_counts(model) -> tuple[int, int, int, int]:
     return count_parameters(model, exclude_embeddings=True) - head, head, config.num_hidden_layers, config.hidden_size
 
 
+def model_layout_cost(model) -> Callable[[int, int, bool], float]:
+    """`layout_cost` for this causal LM: what the trainer, its held-out evaluation and reference
+    scoring use to choose padded or packed rows."""
+    body_params, _, layers, hidden = flop_counts(model)
+    return layout_cost(body_params, layers, hidden)
+
+
 def mfu(flops: float, seconds: float, devices: int, peak_tflops_: float) -> float:
     """Model FLOPs utilisation: `flops` done in `seconds` on `devices`, as a fraction of their peak."""
     return flops / seconds / devices / (peak_tflops_ * 1e12)

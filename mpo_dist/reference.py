@@ -29,7 +29,7 @@ from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
 from mpo_dist.distributed import RankInfo, device_for
 from mpo_dist.errors import InputError, MissingInputError
 from mpo_dist.logprobs import batch_logprobs
-from mpo_dist.metrics import flop_counts, layout_cost
+from mpo_dist.metrics import model_layout_cost
 from mpo_dist.shard_job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
@@ -93,12 +93,10 @@ def open_reference(model_dir: str | Path, pairs_dir: str | Path, dtype: str, inf
 
 @torch.no_grad()
 def score_shard(model, pairs_dir: Path, shard: ShardInfo, out_path: Path, batch_size: int, device: torch.device,
-                packing: str = "auto") -> int:
+                packing: str = "auto", cost: Callable[[int, int, bool], float] | None = None) -> int:
     """Score one pairs shard into `out_path` (atomically), `batch_size` pairs per forward laid out
-    as the trainer lays them out (data/layout.py: `packing` auto, always or never, as data.packing);
-    returns the number of tokens scored."""
-    body_params, _, *dims = flop_counts(model)
-    cost = layout_cost(body_params, *dims)
+    as the trainer lays them out (data/layout.py: `packing` auto, always or never, as data.packing,
+    `cost` as metrics.model_layout_cost); returns the number of tokens scored."""
     samples = list(ShardCursor(pairs_dir / shard.name, "pairs", shard.num_samples))
     keys, chosen, rejected, chosen_tokens, rejected_tokens = [], [], [], [], []
     tokens = 0
@@ -139,9 +137,10 @@ def score_pairs(
     pairs = Manifest.read(pairs_dir, "pairs")
     model.eval()
     params = {"pairs": manifest_fingerprint(pairs_dir), "batch_size": batch_size, "packing": packing, **(model_info or {})}
+    cost = model_layout_cost(model)  # once for the job: each batch may choose padded or packed rows
     totals = run_shard_job(
         "score_reference", pairs.shards, out_dir,
-        lambda index, shard: score_shard(model, pairs_dir, shard, out_dir / shard.name, batch_size, device, packing),
+        lambda index, shard: score_shard(model, pairs_dir, shard, out_dir / shard.name, batch_size, device, packing, cost),
         rank=rank, world_size=world_size, log=log, params=params)
     if rank != 0:
         return None

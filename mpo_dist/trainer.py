@@ -35,7 +35,7 @@ from mpo_dist.evaluation import Evaluator, describe as describe_eval
 from mpo_dist.finite_guard import FiniteGuard, refuse_non_finite_state
 from mpo_dist.logprobs import batch_logprobs
 from mpo_dist.losses import build_loss
-from mpo_dist.metrics import (MetricLogger, StepWindow, flop_counts, layout_cost, mfu, peak_memory_bytes, peak_tflops,
+from mpo_dist.metrics import (MetricLogger, StepWindow, flop_counts, mfu, model_layout_cost, peak_memory_bytes, peak_tflops,
                               row_flops)
 from mpo_dist.model import build_model, count_parameters, load_model_config, materialize_model
 from mpo_dist.optim import build_lr_scheduler, build_optimizer
@@ -101,13 +101,16 @@ class Trainer(Stateful):
         self.model.train()
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_lr_scheduler(self.optimizer, config.optim, config.training.steps)
-        # Held-out evaluation (evaluation.py): its own streams, never the training loaders.
+        # Padded or packed rows (data/layout.py), by the model's FLOPs when data.packing=auto.
+        layout_cost = model_layout_cost(self.model)
+        self.layout = layout_for(config.data, self.pad_token_id, cost=layout_cost)
+        # Held-out evaluation (evaluation.py): its own streams, never the training loaders; the same layout.
         self.evaluator = None
         if config.eval.enabled:
             self.evaluator = Evaluator(config.eval, config.data, model=self.model, loss_fn=self.loss_fn,
                                        device=self.device, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size,
                                        pad_token_id=self.pad_token_id, tokenizer_hash=pairs.tokenizer_hash,
-                                       vocab_size=model_config.vocab_size)
+                                       vocab_size=model_config.vocab_size, layout_cost=layout_cost)
 
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", config.checkpoint.keep, self.info.rank,
                                          self.dp_rank, self.dp_world_size, log=log_main)
@@ -116,8 +119,6 @@ class Trainer(Stateful):
         # vocab x hidden matmul) only where a response token is predicted (logprobs.py).
         body_params, self._head_params, *dims = flop_counts(self.model)
         self._body_flops = partial(row_flops, body_params, *dims)
-        # Padded or packed rows (data/layout.py), by the model's FLOPs when data.packing=auto.
-        self.layout = layout_for(config.data, self.pad_token_id, cost=layout_cost(body_params, *dims))
         self._resume()
         self.metrics = MetricLogger(self.output_dir, self.info.is_main, config.metrics.tensorboard,
                                     config.training.steps, start_step=self.step, log=log_main)

@@ -226,11 +226,13 @@ def pack_documents(documents: Sequence[Document], pad_token_id: int, pack_tokens
     if not pack_tokens and row_cost is not None and lengths:
         capacities = _row_lengths_to_try(lengths)
 
-    def cost(capacity: int) -> float:
-        rows, used = _first_fit_decreasing(lengths, capacity)
+    placements = [_first_fit_decreasing(lengths, capacity) for capacity in capacities]
+
+    def cost(placement: tuple[list[list[int]], list[int]]) -> float:
+        rows, used = placement
         return row_cost(len(rows), _round_up(max(used, default=1), pad_to_multiple_of)) if row_cost else 0.0
 
-    rows, used = _first_fit_decreasing(lengths, min(capacities, key=cost))
+    rows, used = min(placements, key=cost)  # the first of equal costs: the shortest row length
     width = _round_up(max(used, default=1), pad_to_multiple_of)
     count = max(len(rows), 1)
     if bucket_shapes:  # rows of padding only (each padding position attends to itself and earlier padding)
