@@ -9,6 +9,7 @@ and refuses any other global, so a checkpoint folder from elsewhere is data, not
 
 from __future__ import annotations
 
+import enum
 import pickle
 from typing import Any
 
@@ -24,8 +25,18 @@ _ALLOWED = {
 }
 
 
+def _enum_member(cls: Any, name: str) -> enum.Enum:
+    """What `getattr` may do in DCP metadata: some Python releases (3.11.0 to 3.11.4, as Debian bookworm
+    ships) pickle an enum member as `getattr(EnumClass, name)`; the class itself passed `find_class`."""
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str)):
+        raise pickle.UnpicklingError(f"refusing to call getattr on {cls!r}: DCP metadata only looks up enum members")
+    return cls[name]
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         allowed = (module, name) in _ALLOWED
         if not allowed and module.startswith(_DCP_MODULES):
             allowed = isinstance(super().find_class(module, name), type)  # DCP's dataclasses and enums, no functions
