@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart on CPU, a few minutes: MPO on a toy preference task with a known ground truth.
-#   bash launch/quickstart.sh [OUTPUT_DIR]      (default outputs/quickstart)
+#   bash launch/quickstart.sh [OUTPUT_DIR]      (default outputs/quickstart, relative to the working directory)
 # 1. make the task (sort the digits: chosen is sorted, rejected has two neighbours swapped) and a
 #    tiny random-init Llama, which is the starting policy and the reference;
 # 2. tokenize the pairs into shards (10% of the prompts held out for evaluation), score both splits
@@ -11,11 +11,13 @@
 #    held-out evaluation every 10 steps: preference accuracy rises, on held-out pairs too.
 set -euo pipefail
 OUT=${1:-outputs/quickstart}
+[[ "$OUT" == /* ]] || OUT="$PWD/$OUT"  # the caller's folder: the scripts below run from the repository
 cd "$(dirname "$0")/.."
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # what torchrun would pick for 2 processes, without its warning
 
-rm -rf "$OUT"
+# Only what an earlier quickstart made there is removed: OUTPUT_DIR may be a mounted folder.
+rm -rf "${OUT:?}"/{toy,pairs,reference,dref,run}
 python tools/make_toy_data.py --out "$OUT/toy" --records 4000
 RUN=(python -m mpo_dist.launcher --standalone --nproc-per-node 2)
 "${RUN[@]}" tools/prepare_pairs.py --input "$OUT/toy/pairs.jsonl" --tokenizer "$OUT/toy/model" --out "$OUT/pairs" \

@@ -1,6 +1,7 @@
-"""The container's entrypoint, exercised without a Docker engine: hadolint on the Dockerfile, and
-launch/entrypoint.sh passing arguments to torchrun for training and for the tools (the install
-script it shares with CI runs in every .ci/run)."""
+"""The container's entrypoint, exercised here without a Docker engine: hadolint on the Dockerfile, and
+launch/entrypoint.sh passing arguments to torchrun for training and for the tools, and finding
+repository-relative paths from another working directory (the image's /workspace). The built image
+itself is tested by launch/test_container.sh, which .ci/run runs after these tests."""
 
 from __future__ import annotations
 
@@ -38,11 +39,30 @@ def test_entrypoint_trains_with_arguments_passed_through(toy_inputs, tmp_path):
     assert (out / "checkpoints" / "step-00000002" / "checkpoint.json").is_file()
 
 
-def test_entrypoint_takes_the_process_count_from_the_environment(toy_inputs, tmp_path):
-    result = entrypoint("-m", "mpo_dist.train", "--config", "configs/tiny_cpu.yaml",
+def test_entrypoint_takes_the_process_count_from_the_environment_and_the_config_from_the_repository(
+        toy_inputs, tmp_path):
+    # Run from a folder with no configs/ (as /workspace in the image): the repository's config is used.
+    result = entrypoint("-m", "mpo_dist.train", "--config=configs/tiny_cpu.yaml",
                         *toy_overrides(toy_inputs, tmp_path / "run", **{"training.steps": 1}),
-                        env={**ENV, "NPROC_PER_NODE": "2"})
-    assert result.returncode == 0 and "on 2 x cpu" in result.stdout
+                        cwd=tmp_path, env={**ENV, "NPROC_PER_NODE": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 x cpu" in result.stdout
+
+
+def test_entrypoint_prefers_the_working_directory_and_passes_the_exit_code_through(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny_cpu.yaml").write_text("loss:\n  name: not-a-loss\n")  # shadows the repository's
+    result = entrypoint("-m", "mpo_dist.train", "--config", "configs/tiny_cpu.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "not-a-loss" in result.stderr, result.stderr[-3000:]
+    missing = entrypoint("-m", "mpo_dist.train", "--config", "configs/missing.yaml", cwd=tmp_path)
+    assert missing.returncode == 2 and "config file not found: configs/missing.yaml" in missing.stderr
+
+
+def test_entrypoint_help_shows_its_usage_and_torchruns_options(tmp_path):
+    result = entrypoint("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "docker run" in result.stdout and "quickstart [OUTPUT_DIR]" in result.stdout
+    assert "--nproc-per-node" in result.stdout and "--rdzv-endpoint" in result.stdout
 
 
 def test_entrypoint_runs_a_tool_from_any_working_directory(toy_inputs, tmp_path):
