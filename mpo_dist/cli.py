@@ -99,6 +99,13 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
         try:
             cleanup()
         finally:
-            if peers_waited:  # else a collective may still be pending: leaving the group could block
+            if peers_waited:
                 destroy_distributed()
+            else:
+                # A peer never reached the barrier, which is still pending in gloo: leaving the group
+                # could block, and interpreter shutdown would free the pending work's tensors without
+                # the GIL and abort (SIGABRT, so the launcher could not report exit code 2). End here.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(INPUT_ERROR_EXIT_CODE)
     return 0

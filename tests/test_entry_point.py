@@ -76,3 +76,31 @@ def test_help_points_to_the_option_listing():
     result = subprocess.run([sys.executable, "-m", "mpo_dist.train", "--help"], env=SUBPROCESS_ENV, cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--options" in result.stdout and "--print-config" in result.stdout
+
+
+LATE_PEER = """
+import sys, time
+import mpo_dist.cli as cli
+from mpo_dist.errors import InputError
+
+cli.INPUT_ERROR_GRACE_S = 0.5
+
+def body(info):
+    if info.rank == 1:
+        time.sleep(8)  # finds its error long after rank 0 stopped waiting for it
+    raise InputError(f"bad input seen by rank {info.rank}")
+
+sys.exit(cli.run_main("late-peer", body))
+"""
+
+
+def test_input_error_with_a_late_peer_still_exits_2(tmp_path):
+    # Rank 0 gives up waiting for its peer with the barrier still pending in gloo: it must still end
+    # with exit code 2 (not a SIGABRT from interpreter shutdown, which made the launcher exit 1).
+    script = tmp_path / "late_peer.py"
+    script.write_text(LATE_PEER)
+    result = subprocess.run([sys.executable, "-m", "mpo_dist.launcher", "--standalone", "--nproc-per-node", "2",
+                             str(script)], env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "late-peer: error (rank 0): bad input seen by rank 0" in result.stderr
+    assert "Signal 6" not in result.stderr and "Traceback" not in result.stderr

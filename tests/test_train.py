@@ -151,7 +151,7 @@ def test_stories260k_on_hh_rlhf_writes_every_metric(tmp_path, stories_inputs):
 ])
 def test_bad_inputs_fail_before_training_on_every_rank(toy_inputs, tmp_path, case, override, message):
     result = train(*toy_overrides(toy_inputs, tmp_path / "run", **override), check=False)
-    assert result.returncode == 2  # the workers' input-error code, passed through by the launcher
+    assert result.returncode == 2, result.stderr[-3000:]  # the workers' input-error code, passed through by the launcher
     errors = [line for line in result.stderr.splitlines() if line.startswith("mpo_dist: error")]
     assert sorted(line.split(":")[1] for line in errors) == [" error (rank 0)", " error (rank 1)"], result.stderr[-3000:]
     assert all(message in line for line in errors)  # one line per rank, naming the option
