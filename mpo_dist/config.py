@@ -142,15 +142,30 @@ class LossConfig:
     beta: float = opt(0.1, "strength of the KL to the reference (all losses)")
     tau: float = opt(0.0, "MPO weight of the D_ref term -tau * logp(y given x); 0 disables it")
     label_smoothing: float = opt(0.0, "probability that a preference label is flipped (DPO)")
+    length_normalized_pair: bool = opt(False, "divide every log-prob in the pair logits z and z_ref (policy and reference, "
+                                              "chosen and rejected) by its response token count (all losses)")
+    length_normalized_tau: bool = opt(False, "MPO D_ref term as tau * mean(-logp(y given x) / response tokens) "
+                                             "(the dref_kl metric stays the sum-based KL estimate)")
+    pair_logit_scale: float = opt(1.0, "MPO scale s on the pair logits: p = sigmoid(s z), p_ref = sigmoid(s z_ref), optimum "
+                                       "z_ref + 1/(s beta); s < 1 keeps p off saturation for log-prob gaps of several nats")
+    chosen_nll: float = opt(0.0, "weight of a per-token NLL on chosen responses, mean(-logp(y_w) / response tokens), "
+                                 "added to the loss (all losses, as in RPO); 0 disables it")
 
     def validate(self) -> None:
         _check(self.beta > 0, "loss.beta", "must be > 0", self.beta)
         _check(self.tau >= 0, "loss.tau", "must be >= 0", self.tau)
         _check(0 <= self.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)", self.label_smoothing)
+        _check(self.pair_logit_scale > 0, "loss.pair_logit_scale", "must be > 0", self.pair_logit_scale)
+        _check(self.chosen_nll >= 0, "loss.chosen_nll", "must be >= 0", self.chosen_nll)
         # A hyper-parameter the chosen loss does not use would be silently ignored.
-        _check(self.tau == 0 or self.name == "mpo", "loss.tau", f"applies to loss.name=mpo only (loss.name={self.name})", self.tau, "loss.name")
+        mpo_only = f"applies to loss.name=mpo only (loss.name={self.name})"
+        _check(self.tau == 0 or self.name == "mpo", "loss.tau", mpo_only, self.tau, "loss.name")
         _check(self.label_smoothing == 0 or self.name == "dpo", "loss.label_smoothing",
                f"applies to loss.name=dpo only (loss.name={self.name})", self.label_smoothing, "loss.name")
+        _check(not self.length_normalized_tau or self.name == "mpo", "loss.length_normalized_tau", mpo_only,
+               self.length_normalized_tau, "loss.name")
+        _check(self.pair_logit_scale == 1 or self.name == "mpo", "loss.pair_logit_scale",
+               f"{mpo_only}; DPO and IPO scale the pair logit by loss.beta", self.pair_logit_scale, "loss.name")
 
 
 @dataclass

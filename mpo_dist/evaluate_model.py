@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -89,6 +90,24 @@ def run_loss_config(checkpoint: str | Path) -> LossConfig | None:
     loss = (yaml.safe_load(path.read_text()) or {}).get("loss") or {}
     known = {name: loss[name] for name in vars(LossConfig()) if name in loss}
     return LossConfig(**known)
+
+
+def evaluation_loss_config(base: LossConfig, name: str | None = None, beta: float | None = None,
+                           label_smoothing: float | None = None) -> LossConfig:
+    """The loss a report uses: `base` (the run's, or the defaults) with the given name, beta and label
+    smoothing; every other option of `base` is kept where the loss `name` takes it (length
+    normalisation, chosen NLL) and reset to its default where it does not (tau and pair_logit_scale
+    for DPO or IPO, label smoothing for MPO or IPO)."""
+    name = name or base.name
+    takes = inspect.signature(LOSSES[name]).parameters if name in LOSSES else vars(base)  # else: validate() says so
+    default = LossConfig()
+    values = {field: value if field in takes else getattr(default, field) for field, value in vars(base).items()}
+    values["name"] = name
+    if beta is not None:
+        values["beta"] = beta
+    if label_smoothing is not None:
+        values["label_smoothing"] = label_smoothing
+    return LossConfig(**values)
 
 
 def load_reward(spec: str) -> Callable[[str, str], float]:

@@ -112,7 +112,8 @@ class Evaluator:
                 weight = real.to(torch.float32) / self.expected["pairs"]
                 out = self.loss_fn(logps[:size], logps[size:], batch["ref_chosen_logps"].to(device),
                                    batch["ref_rejected_logps"].to(device), label=batch["label"].to(device),
-                                   weight=weight)
+                                   weight=weight, chosen_lengths=batch["chosen_lengths"].to(device),
+                                   rejected_lengths=batch["rejected_lengths"].to(device))
                 for name, value in out.metrics.items():
                     metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
                 pairs += real.sum()

@@ -210,10 +210,12 @@ class Trainer(Stateful):
             kwargs = {}
             if dref is not None:
                 kwargs = {"dref_policy_logps": logps[2 * size :], "dref_ref_logps": dref["ref_logps"].to(device),
-                          "dref_weight": (~dref["is_pad"]).to(device, torch.float32) / dref_count}
+                          "dref_weight": (~dref["is_pad"]).to(device, torch.float32) / dref_count,
+                          "dref_lengths": dref["response_lengths"].to(device)}
             out = self.loss_fn(logps[:size], logps[size : 2 * size], pairs["ref_chosen_logps"].to(device),
                                pairs["ref_rejected_logps"].to(device), label=pairs["label"].to(device),
-                               weight=weight, **kwargs)
+                               weight=weight, chosen_lengths=pairs["chosen_lengths"].to(device),
+                               rejected_lengths=pairs["rejected_lengths"].to(device), **kwargs)
             out.loss.backward()  # gradients are summed over ranks: the weights make it the global mean
             for name, value in out.metrics.items():
                 sums[name] = sums.get(name, 0) + value.detach()

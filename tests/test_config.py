@@ -221,6 +221,46 @@ def test_loss_options_of_another_loss_are_errors():
     assert load_config(str(TINY), ["loss.name=dpo", "loss.tau=0", "loss.label_smoothing=0.1"]).loss.label_smoothing == 0.1
 
 
+def test_loss_options_default_off():
+    loss = load_config(str(TINY)).loss
+    assert (loss.length_normalized_pair, loss.length_normalized_tau, loss.pair_logit_scale, loss.chosen_nll) == (
+        False, False, 1.0, 0.0)
+    assert isinstance(loss.pair_logit_scale, float) and isinstance(loss.chosen_nll, float)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.pair_logit_scale=0"], "loss.pair_logit_scale must be > 0, got 0.0 (command line)"),
+    (["loss.pair_logit_scale=-0.5"], "loss.pair_logit_scale must be > 0, got -0.5 (command line)"),
+    (["loss.pair_logit_scale=inf"], "loss.pair_logit_scale must be finite (not NaN or inf), got inf (command line)"),
+    (["loss.pair_logit_scale=nan"], "loss.pair_logit_scale must be finite (not NaN or inf), got nan (command line)"),
+    (["loss.name=dpo", "loss.tau=0", "loss.pair_logit_scale=0.5"],
+     "loss.pair_logit_scale applies to loss.name=mpo only (loss.name=dpo); DPO and IPO scale the pair logit by "
+     "loss.beta, got 0.5 (command line)"),
+    (["loss.name=ipo", "loss.tau=0", "loss.pair_logit_scale=2"],
+     "loss.pair_logit_scale applies to loss.name=mpo only (loss.name=ipo); DPO and IPO scale the pair logit by "
+     "loss.beta, got 2.0 (command line)"),
+    (["loss.chosen_nll=-0.1"], "loss.chosen_nll must be >= 0, got -0.1 (command line)"),
+    (["loss.chosen_nll=inf"], "loss.chosen_nll must be finite (not NaN or inf), got inf (command line)"),
+    (["loss.name=dpo", "loss.tau=0", "loss.length_normalized_tau=true"],
+     "loss.length_normalized_tau applies to loss.name=mpo only (loss.name=dpo), got True (command line)"),
+    (["loss.length_normalized_pair=1"], "loss.length_normalized_pair: expected bool, got 1 (int) (command line)"),
+])
+def test_bad_loss_option_values_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(str(TINY), overrides)
+    assert str(e.value) == message
+
+
+def test_loss_options_that_apply_load():
+    mpo = load_config(str(TINY), ["loss.length_normalized_pair=true", "loss.length_normalized_tau=true",
+                                  "loss.pair_logit_scale=0.1", "loss.chosen_nll=0.5"]).loss
+    assert (mpo.length_normalized_pair, mpo.length_normalized_tau, mpo.pair_logit_scale, mpo.chosen_nll) == (True, True, 0.1, 0.5)
+    for name in ("dpo", "ipo"):  # length normalisation of the pair and the chosen NLL apply to every loss
+        loss = load_config(str(TINY), [f"loss.name={name}", "loss.tau=0", "loss.length_normalized_pair=true",
+                                       "loss.chosen_nll=0.2", "loss.pair_logit_scale=1"]).loss
+        assert (loss.name, loss.length_normalized_pair, loss.chosen_nll) == (name, True, 0.2)
+
+
 @pytest.mark.parametrize("global_batch, batch, ranks, accum", [(64, 8, 2, 4), (16, 8, 2, 1), (48, 4, 3, 4), (24, 24, 1, 1)])
 def test_global_batch_sets_the_accumulation(global_batch, batch, ranks, accum):
     config = load_config(str(TINY), [f"training.global_batch_size={global_batch}", f"data.batch_size={batch}"])

@@ -4,11 +4,18 @@ with the trainer's last eval on a training checkpoint, 1 vs 2 processes, and a r
 from __future__ import annotations
 
 import json
+import math
 import subprocess
+from dataclasses import replace
+from statistics import fmean
 
 import pytest
+import yaml
 
 from conftest import REPO, SUBPROCESS_ENV, run_tool, toy_overrides, torchrun_command, train
+from mpo_dist.config import LossConfig
+from mpo_dist.data.samples import PairSource
+from mpo_dist.evaluate_model import evaluation_loss_config, run_loss_config
 
 ON_POLICY = ["--on-policy-samples", 2, "--max-new-tokens", 6, "--max-prompts", 12, "--batch-size", 5]
 
@@ -93,3 +100,62 @@ def test_a_reward_that_cannot_be_imported_is_an_input_error(toy_inputs, tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--reward" in lines[0] and "no_such_module_xyz" in lines[0], result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_report_loss_keeps_the_run_options_that_the_chosen_loss_takes(tmp_path):
+    run = LossConfig(name="mpo", beta=0.2, tau=0.1, length_normalized_pair=True, length_normalized_tau=True,
+                     pair_logit_scale=0.5, chosen_nll=0.3)
+    (tmp_path / "run" / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"loss": vars(run), "job": {"seed": 0}}))
+    assert run_loss_config(tmp_path / "run" / "checkpoints" / "step-00000002") == run  # every field, by name
+    assert evaluation_loss_config(run) == run
+    assert evaluation_loss_config(run, "mpo", 0.4) == replace(run, beta=0.4)
+    # another loss: what it takes is kept (length_normalized_pair, chosen_nll), the MPO-only options are reset
+    dpo = evaluation_loss_config(run, "dpo", label_smoothing=0.1)
+    assert dpo == LossConfig(name="dpo", beta=0.2, label_smoothing=0.1, length_normalized_pair=True, chosen_nll=0.3)
+    dpo.validate()
+    assert evaluation_loss_config(dpo, "ipo") == LossConfig(name="ipo", beta=0.2, length_normalized_pair=True, chosen_nll=0.3)
+    assert evaluation_loss_config(LossConfig(), None, 0.3) == LossConfig(beta=0.3)  # a Hugging Face folder: the defaults
+
+
+def test_loss_options_reach_training_the_trainers_eval_and_the_tool(toy_inputs, tmp_path):
+    """A run with every loss option on (each raises without the token counts, so the run itself shows that
+    train_step and the eval pass hand them over); the tool reads the options beside the checkpoint and
+    gives the trainer's eval, which is the direct formula over per-sample log-probs and token counts."""
+    run = tmp_path / "run"
+    options = {"loss.length_normalized_pair": "true", "loss.length_normalized_tau": "true",
+               "loss.pair_logit_scale": 0.5, "loss.chosen_nll": 0.3}
+    held_out = {"eval.pairs": toy_inputs["pairs"], "eval.reference": toy_inputs["reference"],
+                "eval.require_held_out": "false"}
+    train(*toy_overrides(toy_inputs, run, **{"training.steps": 2, "model.dtype": "float32", **held_out, **options}))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss/chosen_nll" in r and "loss/dref_nll" in r and "loss/dref_kl" in r for r in records if "loss/total" in r)
+    last = [r for r in records if any(k.startswith("eval/") for k in r)][-1]
+    (checkpoint,) = sorted((run / "checkpoints").glob("step-*"))[-1:]
+    out = tmp_path / "report.json"
+    checked(run_tool("evaluate.py", "--model", checkpoint, "--pairs", toy_inputs["pairs"], "--reference",
+                     toy_inputs["reference"], "--per-sample", "--out", out))
+    got = report(out)
+    assert got["loss"] == {"name": "mpo", "beta": 0.1, "tau": 0.05, "label_smoothing": 0.0, "length_normalized_pair": True,
+                           "length_normalized_tau": True, "pair_logit_scale": 0.5, "chosen_nll": 0.3}
+    names = {n for n in last if n.startswith("eval/") and n != "eval/seconds"}
+    assert "eval/loss/chosen_nll" in names and names <= set(got["metrics"]), names - set(got["metrics"])
+    for name in sorted(names):
+        assert got["metrics"][name] == pytest.approx(last[name], abs=1e-4), name
+    source = PairSource(toy_inputs["pairs"])
+    samples = {s["key"]: s for s in (source.read(i) for i in range(len(source.shards)))}
+    pairs = got["per_sample"]["pairs"]
+    margins, nlls, ps, losses = [], [], [], []
+    for key, pc, pr, rc, rr in zip(pairs["keys"], pairs["chosen_logps"], pairs["rejected_logps"], pairs["ref_chosen_logps"],
+                                   pairs["ref_rejected_logps"]):
+        nc, nr = max(len(samples[key]["chosen_ids"]), 1), max(len(samples[key]["rejected_ids"]), 1)
+        z, z_ref = pc / nc - pr / nr, rc / nc - rr / nr
+        p, q, label = 1 / (1 + math.exp(-0.5 * z)), 1 / (1 + math.exp(-0.5 * z_ref)), samples[key]["label"]
+        kl = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+        margins.append(z - z_ref)
+        nlls.append(-pc / nc)
+        ps.append(p)
+        losses.append(-(label * p + (1 - label) * (1 - p)) + 0.1 * kl + 0.3 * (-pc / nc))
+    for name, values in (("eval/reward/margin", margins), ("eval/loss/chosen_nll", nlls), ("eval/reward/p", ps),
+                         ("eval/loss/total", losses)):
+        assert got["metrics"][name] == pytest.approx(fmean(values), rel=1e-5, abs=1e-6), name

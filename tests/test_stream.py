@@ -306,6 +306,25 @@ def test_collated_batch_keeps_each_samples_tokens_in_order(shards):
     assert batch["num_tokens"] == sum(2 * len(s["prompt_ids"]) + len(s["chosen_ids"]) + len(s["rejected_ids"]) for s in samples)
 
 
+def test_batches_carry_the_response_token_counts(shards, tmp_path):
+    """chosen_lengths / rejected_lengths (pairs) and response_lengths (D_ref): float32 response token
+    counts, one per sample in batch order, padding samples included (what length normalisation divides by)."""
+    root, _ = shards
+    counted = 0
+    for batch in run(loader_for(root, 0, 2, num_workers=0)):  # 38 samples over 2 ranks x 3: a padded tail
+        for name, ids in (("chosen_lengths", "chosen_ids"), ("rejected_lengths", "rejected_ids")):
+            assert batch[name].dtype == torch.float32
+            assert batch[name].tolist() == [float(len(x)) for x in batch[ids]]
+        counted += int(batch["is_pad"].sum())
+    assert counted > 0  # the padded duplicates carry their counts too
+    make_dref(tmp_path / "dref", [5, 4])
+    config = DataConfig(pairs="unused", dref=str(tmp_path / "dref"), dref_batch_size=4, num_workers=0)
+    for batch in run(build_dref_loader(config, seed=0, dp_rank=0, dp_world_size=1), 3):
+        assert batch["response_lengths"].dtype == torch.float32
+        assert batch["response_lengths"].tolist() == [float(len(x)) for x in batch["response_ids"]]
+        assert len(set(batch["response_lengths"].tolist())) > 1  # responses of 1..8 tokens: not all alike
+
+
 def test_dref_stream_cycles_past_one_epoch(tmp_path):
     keys = make_dref(tmp_path / "dref", [5, 4])
     config = DataConfig(pairs="unused", dref=str(tmp_path / "dref"), dref_batch_size=2, num_workers=0)

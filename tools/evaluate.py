@@ -11,6 +11,8 @@ held-out D_ref (`eval/kl_ref_policy`, KL(pi_ref || pi_theta)). On-policy: K resp
 (KL(pi_theta || pi_ref), at temperature 1 and top-p 1) and, with --reward, `on_policy/reward`, each
 with its standard error. The same under `torchrun --nnodes N --nproc-per-node K ...`: the ranks
 share the samples and the report does not depend on their number. Rank 0 writes the JSON report.
+For a training checkpoint the loss and its options are the run's (OUTPUT_DIR/config.yaml); --loss,
+--beta and --label-smoothing override them, and options the chosen loss does not take are dropped.
 """
 
 import sys
@@ -18,7 +20,8 @@ import sys
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
 from mpo_dist.config import LossConfig
 from mpo_dist.distributed import device_for
-from mpo_dist.evaluate_model import EvaluationRequest, evaluate_model, is_checkpoint, run_loss_config
+from mpo_dist.evaluate_model import (EvaluationRequest, evaluate_model, evaluation_loss_config, is_checkpoint,
+                                     run_loss_config)
 from mpo_dist.losses import LOSSES
 from mpo_dist.sampling import SamplingParams
 
@@ -59,12 +62,8 @@ def main(argv=None) -> int:
 
     def body(info):
         base = (run_loss_config(args.model) if is_checkpoint(args.model) else None) or LossConfig()
-        name = args.loss or base.name
-        same = name == base.name  # tau and label smoothing belong to the run's loss only
-        loss_config = LossConfig(name=name, beta=base.beta if args.beta is None else args.beta,
-                                 tau=base.tau if same else 0.0,
-                                 label_smoothing=args.label_smoothing if args.label_smoothing is not None
-                                 else base.label_smoothing if same else 0.0)
+        # The run's loss options, less those the chosen loss does not take (tau with --loss dpo, ...).
+        loss_config = evaluation_loss_config(base, args.loss, args.beta, args.label_smoothing)
         on_policy = None
         if args.on_policy_samples:
             on_policy = SamplingParams(args.on_policy_samples, args.max_new_tokens, args.temperature, args.top_p, args.seed)

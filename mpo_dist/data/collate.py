@@ -5,7 +5,9 @@ D_ref samples) into the documents that data/layout.py lays out in rows, padded o
 forward is built. `num_tokens` counts the tokens of the sequences as data (a pair's prompt once
 per response), whatever the layout. `pad_sequences` pads `prompt + response` rows for the tools
 that score or sample rows directly: with right padding tokens start at column 0, with left padding
-they end at the last column; `response_mask` marks the response tokens.
+they end at the last column; `response_mask` marks the response tokens. The response token counts
+(`chosen_lengths`, `rejected_lengths`; `response_lengths` of D_ref samples, float32) are there for
+the losses' length-normalised options.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def pad_sequences(
     }
 
 
+def _lengths(responses: Sequence[np.ndarray]) -> torch.Tensor:
+    """Response token counts, float32 (what the losses divide log-prob sums by)."""
+    return torch.tensor([len(r) for r in responses], dtype=torch.float32)
+
+
 def _sequence_tokens(prompts: Sequence[np.ndarray], *responses: Sequence[np.ndarray]) -> int:
     """Tokens of the batch's sequences as data: prompt + response, for every response."""
     return sum(len(p) + len(r) for group in responses for p, r in zip(prompts, group))
@@ -44,11 +51,12 @@ def _sequence_tokens(prompts: Sequence[np.ndarray], *responses: Sequence[np.ndar
 
 def collate_pairs(samples: Sequence[dict], is_pad: np.ndarray) -> dict:
     """B pairs -> their token ids (laid out for the forward by `batch_documents` and data/layout.py),
-    labels, reference log-probs and pad flags."""
+    labels, reference log-probs, response token counts and pad flags."""
     prompts = [s["prompt_ids"] for s in samples]
     batch = {"prompt_ids": prompts, "chosen_ids": [s["chosen_ids"] for s in samples],
              "rejected_ids": [s["rejected_ids"] for s in samples]}
     batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.float32)
+    batch["chosen_lengths"], batch["rejected_lengths"] = _lengths(batch["chosen_ids"]), _lengths(batch["rejected_ids"])
     batch["is_pad"] = torch.from_numpy(np.asarray(is_pad, dtype=bool))
     if "ref_chosen_logp" in samples[0]:
         batch["ref_chosen_logps"] = torch.tensor([s["ref_chosen_logp"] for s in samples], dtype=torch.float32)
@@ -59,9 +67,10 @@ def collate_pairs(samples: Sequence[dict], is_pad: np.ndarray) -> dict:
 
 
 def collate_dref(samples: Sequence[dict], is_pad: np.ndarray) -> dict:
-    """B reference samples -> their token ids with their stored logp_ref and pad flags."""
+    """B reference samples -> their token ids with their stored logp_ref, response token counts and pad flags."""
     batch = {"prompt_ids": [s["prompt_ids"] for s in samples], "response_ids": [s["response_ids"] for s in samples]}
     batch["ref_logps"] = torch.tensor([s["ref_logp"] for s in samples], dtype=torch.float32)
+    batch["response_lengths"] = _lengths(batch["response_ids"])
     batch["is_pad"] = torch.from_numpy(np.asarray(is_pad, dtype=bool))
     batch["keys"] = [s["key"] for s in samples]
     batch["num_tokens"] = _sequence_tokens(batch["prompt_ids"], batch["response_ids"])
