@@ -77,35 +77,43 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
              cleanup: Callable[[], None] = lambda: None) -> int:
     """Join the process group (torchrun) or run alone, run `body(info)`, always leave the group.
 
-    Returns 0, or 2 after printing an input error in one line; other exceptions propagate.
+    Returns 0, or 2 after printing an input error in one line (a rank of a multi-process launch
+    exits with 2 instead of returning); other exceptions propagate.
     `threads` (None: leave torch's setting) is passed to `configure_cpu_threads`.
     """
     quiet_known_warnings()
-    info = init_distributed(backend=backend, single_process_group=single_process_group)
+    try:
+        info = init_distributed(backend=backend, single_process_group=single_process_group)
+    except InputError as error:  # before any group exists (e.g. more processes than GPUs): no peer to wait for
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"{name}: error: {original_message(error)}\n".encode())
+        return INPUT_ERROR_EXIT_CODE
     if threads is not None:
         configure_cpu_threads(info, threads)
-    peers_waited = True
+    input_error = False
     try:
         body(info)
     except InputError as error:
+        input_error = True
         where = f" (rank {info.rank})" if info.world_size > 1 else ""
         # One write call: lines of several ranks sharing a terminal or pipe never interleave.
         sys.stderr.flush()
         os.write(sys.stderr.fileno(), f"{name}: error{where}: {original_message(error)}\n".encode())
         # The ranks usually find the same error: let each say so before torchrun stops the others.
-        peers_waited = wait_for_peers(INPUT_ERROR_GRACE_S)
+        wait_for_peers(INPUT_ERROR_GRACE_S)
         return INPUT_ERROR_EXIT_CODE
     finally:
         try:
             cleanup()
         finally:
-            if peers_waited:
-                destroy_distributed()
-            else:
-                # A peer never reached the barrier, which is still pending in gloo: leaving the group
-                # could block, and interpreter shutdown would free the pending work's tensors without
-                # the GIL and abort (SIGABRT, so the launcher could not report exit code 2). End here.
+            if input_error and info.world_size > 1:
+                # A rank of a launch that stops on an input error ends here, without leaving the group
+                # or shutting the interpreter down: with gloo's threads still running (a barrier a late
+                # peer never reached, or a peer that already left), either can abort (SIGABRT,
+                # "terminate called without an active exception"; seen about 1 run in 14 under load),
+                # and torchrun would then report a crash instead of exit code 2.
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(INPUT_ERROR_EXIT_CODE)
+            destroy_distributed()
     return 0

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from mpo_dist.errors import InputError
+
 
 @dataclass(frozen=True)
 class RankInfo:
@@ -58,6 +60,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800, single
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
+        check_local_gpu(info.local_rank, info.local_world_size, torch.cuda.device_count(),
+                        os.environ.get("CUDA_VISIBLE_DEVICES"))
         torch.cuda.set_device(info.local_rank)
     timeout = timedelta(seconds=timeout_s)
     if info.world_size > 1 or (single_process_group and launched_by_torchrun()):
@@ -70,6 +74,21 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800, single
         # No torchrun: nothing to rendezvous with, so an in-process store instead of env:// (RANK, MASTER_ADDR).
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return info
+
+
+def check_local_gpu(local_rank: int, local_world_size: int, device_count: int,
+                    cuda_visible_devices: str | None = None) -> None:
+    """NCCL puts each rank of a node on GPU LOCAL_RANK (`init_distributed`, `device_for`): raise an
+    `InputError` naming the fix when this node has no such GPU (more processes than GPUs), instead of
+    CUDA's "invalid device ordinal" from `torch.cuda.set_device`."""
+    if 0 <= local_rank < device_count:
+        return
+    devices = f"{device_count} CUDA device{'' if device_count == 1 else 's'}"
+    visible = "unset" if cuda_visible_devices is None else cuda_visible_devices or '""'
+    fix = (f"use --nproc-per-node {device_count} (NCCL cannot put two ranks on one GPU)" if device_count > 0
+           else "run on a node with a GPU, or use the gloo backend on CPUs")
+    raise InputError(f"LOCAL_RANK {local_rank} has no GPU: this node sees {devices} (CUDA_VISIBLE_DEVICES={visible}), "
+                     f"but torchrun started {local_world_size} process{'' if local_world_size == 1 else 'es'} on it; {fix}")
 
 
 def _store_of_this_restart(info: RankInfo, timeout: timedelta) -> dist.Store | None:
@@ -95,8 +114,13 @@ def destroy_distributed() -> None:
 
 
 def device_for(info: RankInfo) -> torch.device:
-    """This process's device: its local GPU, or the CPU."""
-    return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    """This process's device: its local GPU (GPU LOCAL_RANK, as `init_distributed` sets; checked the
+    same way), or the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    check_local_gpu(info.local_rank, info.local_world_size, torch.cuda.device_count(),
+                    os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return torch.device("cuda", info.local_rank)
 
 
 def configure_cpu_threads(info: RankInfo, threads: int = 0) -> int:

@@ -104,3 +104,43 @@ def test_input_error_with_a_late_peer_still_exits_2(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "late-peer: error (rank 0): bad input seen by rank 0" in result.stderr
     assert "Signal 6" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_more_processes_than_gpus_is_an_input_error_naming_the_fix():
+    from mpo_dist.distributed import check_local_gpu
+    from mpo_dist.errors import InputError
+
+    check_local_gpu(0, 1, 1, "0")  # one process per GPU: nothing to say
+    check_local_gpu(1, 2, 2, None)
+    with pytest.raises(InputError) as raised:
+        check_local_gpu(1, 2, 1, "0")
+    assert str(raised.value) == ("LOCAL_RANK 1 has no GPU: this node sees 1 CUDA device (CUDA_VISIBLE_DEVICES=0), but "
+                                 "torchrun started 2 processes on it; use --nproc-per-node 1 (NCCL cannot put two ranks "
+                                 "on one GPU)")
+    with pytest.raises(InputError, match=r"sees 2 CUDA devices \(CUDA_VISIBLE_DEVICES=unset\).* started 4 processes"
+                                         r".*--nproc-per-node 2"):
+        check_local_gpu(3, 4, 2, None)
+
+
+def test_a_rank_without_a_gpu_stops_in_one_line_with_exit_code_2(monkeypatch, capfd):
+    # The check runs in init_distributed, before run_main's try around the body: still one line and code 2.
+    import torch
+    import torch.distributed as dist
+
+    from mpo_dist import cli
+
+    for variable in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    ran = []
+    assert cli.run_main("gpu-check", ran.append) == 2
+    assert ran == [] and not dist.is_initialized()
+    assert capfd.readouterr().err.splitlines() == [
+        "gpu-check: error: LOCAL_RANK 1 has no GPU: this node sees 1 CUDA device (CUDA_VISIBLE_DEVICES=0), but torchrun "
+        "started 2 processes on it; use --nproc-per-node 1 (NCCL cannot put two ranks on one GPU)"]
