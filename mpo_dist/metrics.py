@@ -43,23 +43,26 @@ _CONSOLE_FIELDS = [
 ]
 _CONSOLE_IF_NONZERO = {"optim/skipped_steps"}  # shown only once something happened
 
-# Peak dense bf16 TFLOP/s per device, for MFU when metrics.peak_tflops is 0.
-KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                     "B200": 2250.0, "GH200": 989.0}
+# Peak dense bf16 TFLOP/s per device, for MFU when metrics.peak_tflops is 0. The first name that
+# the device's name contains counts, so the PCIe H100 (756) comes before the SXM one.
+KNOWN_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "GH200": 989.0, "H200": 989.0, "H100": 989.0,
+                     "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "B200": 2250.0}
 
 
 def logged_name(metric: str) -> str:
     return _LOSS_METRIC_NAMES.get(metric, f"loss/{metric}")
 
 
+def known_peak_tflops(device_name: str) -> float | None:
+    """The datasheet's dense bf16 TFLOP/s of a GPU by its name (torch.cuda.get_device_name), if known."""
+    return next((value for key, value in KNOWN_PEAK_TFLOPS.items() if key in device_name), None)
+
+
 def peak_tflops(configured: float, device: torch.device) -> float | None:
     if configured > 0:
         return configured
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in KNOWN_PEAK_TFLOPS.items():
-            if key in name:
-                return value
+        return known_peak_tflops(torch.cuda.get_device_name(device))
     return None
 
 

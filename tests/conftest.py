@@ -51,6 +51,17 @@ def shared_data():
     return require_shared
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """For tiny models: one CPU thread is fastest, and threads spinning on a busy machine are far slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 QUIET = lambda message: None  # noqa: E731  (a log callback that prints nothing)
 
 

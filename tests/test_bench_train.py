@@ -98,5 +98,33 @@ def test_a_failed_run_is_told_by_its_first_error_line():
 
 
 def test_matmul_peak_sums_processes_that_run_at_once():
-    rates = bench_train.matmul_peak(2, 1, ["float32"], size=128, seconds=0.2)
-    assert set(rates) == {"float32"} and rates["float32"] > 0
+    rates, device = bench_train.matmul_peak(2, 1, ["float32"], size=128, seconds=0.2)
+    assert set(rates) == {"float32"} and rates["float32"] > 0 and device == "cpu"
+
+
+def test_recompute_and_compile_axes_set_the_parallel_options():
+    configs = bench_train.configurations(["packed"], ["bfloat16"], ["1x1"], ["config"],
+                                         bench_train.on_off("--recompute", "off,on"), bench_train.on_off("--compile", "off,on"))
+    assert [c.name for c in configs] == ["packed bf16 1x1", "packed bf16 1x1 recompute", "packed bf16 1x1 compile",
+                                         "packed bf16 1x1 recompute compile"]
+    both = configs[-1].overrides(0.0)
+    assert {"parallel.activation_checkpointing=true", "parallel.compile=true"} <= set(both)
+    # Off is said explicitly: a config that turns them on does not leak into an "off" configuration.
+    assert {"parallel.activation_checkpointing=false", "parallel.compile=false"} <= set(configs[0].overrides(0.0))
+    with pytest.raises(bench_train.InputError, match="--compile: 'yes' is not off or on"):
+        bench_train.on_off("--compile", "off,yes")
+
+
+def test_gpu_runs_report_mfu_against_the_card_and_gpu_memory():
+    config = bench_train.BenchConfig("packed", "bfloat16", 2, 1, "config")
+    summary = {"tokens_per_s": 1000.0, "pairs_per_s": 4.0, "real_tokens_per_pair": 250.0, "positions_per_pair": 300.0,
+               "padding": 0.1, "flops_per_pair": 1e14, "flops_source": "trainer", "trainer_peak_gib": 12.5, "timed_steps": [6, 30]}
+    runs = [{"round": 1, "summary": summary, "processes": [{"role": "rank 0", "peak_bytes": 2**30}]}]
+    gpu = bench_train.config_result(config, runs, {"bfloat16": 2e15}, card_peak_flops=1e15, device_type="cuda")
+    assert gpu["mfu_card_median"] == pytest.approx(1e14 * 4.0 / (1e15 * 2))  # two processes: two GPUs
+    assert gpu["mfu_median"] == pytest.approx(1e14 * 4.0 / 2e15)  # against the matmul measured on both
+    assert gpu["device_peak_bytes"] == 12.5 * 2**30
+    cpu = bench_train.config_result(config, runs, {"bfloat16": 2e15})
+    assert cpu["mfu_card_median"] is None and cpu["device_peak_bytes"] is None
+    assert "MFU card" in bench_train.format_table([gpu]) and "GPU MiB" in bench_train.format_table([gpu])
+    assert "MFU card" not in bench_train.format_table([cpu]) and "GPU MiB" not in bench_train.format_table([cpu])

@@ -55,6 +55,14 @@ def test_peak_tflops_configured_known_device_or_none(monkeypatch):
     assert peak_tflops(0.0, torch.device("cuda", 0)) is None
 
 
+def test_known_gpu_peaks_tell_the_h100_variants_apart():
+    # The PCIe card's name also contains "H100": its own, lower peak must come first.
+    assert metrics.known_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert metrics.known_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert metrics.known_peak_tflops("NVIDIA H200") == metrics.known_peak_tflops("NVIDIA GH200 480GB") == 989.0
+    assert metrics.known_peak_tflops("Tesla T4") is None
+
+
 def test_mfu_arithmetic():
     # 1e13 FLOPs in 2 s on 4 devices = 1.25e12 FLOP/s each, of a 100 TFLOP/s peak.
     assert metrics.mfu(1e13, 2.0, 4, 100.0) == pytest.approx(0.0125)

@@ -16,13 +16,7 @@ from mpo_dist.sampling import SamplingParams, generate
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and threads spinning on a busy machine are far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
 
 
 class FixedLogits(torch.nn.Module):
@@ -163,7 +157,7 @@ def test_a_sample_is_the_same_alone_in_a_batch_and_with_refills(stories_model):
     assert alone[0][0].tolist() != alone[-1][0].tolist()  # the same prompt, another seed: another story
 
 
-def test_the_bench_tool_times_every_sampler_on_the_same_work(capsys):
+def _bench_sampler_module():
     import sys
 
     from conftest import REPO
@@ -173,16 +167,42 @@ def test_the_bench_tool_times_every_sampler_on_the_same_work(capsys):
         import bench_sampler
     finally:
         sys.path.remove(str(REPO / "tools"))
-    code = bench_sampler.main(["--num-prompts", "6", "--batch-size", "4", "--max-new-tokens", "24", "--rounds", "1",
-                               "--eos-ids", *map(str, PARAGRAPH), "--threads", "1"])
+    return bench_sampler
+
+
+def test_the_bench_tool_times_every_sampler_on_the_same_work(capsys, tmp_path):
+    import json
+
+    report_path = tmp_path / "bench.json"
+    code = _bench_sampler_module().main(["--num-prompts", "6", "--batch-size", "4", "--max-new-tokens", "24", "--rounds", "2",
+                                         "--eos-ids", *map(str, PARAGRAPH), "--threads", "1", "--device", "cpu",
+                                         "--json", str(report_path)])
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line[7:29].strip(): line.split() for line in lines if line.startswith("1 ")}
-    assert set(rows) == {"mpo_dist continuous", "mpo_dist static", "transformers generate"}
+    names = ["mpo_dist continuous", "mpo_dist static", "transformers generate"]
+    assert set(rows) == set(names)
     # Continuous and static batching sample the same responses: the same token count.
     assert rows["mpo_dist continuous"][3] == rows["mpo_dist static"][3]
     assert 6 <= int(rows["transformers generate"][3].replace(",", "")) <= 6 * 24
     assert [line.split()[0] for line in lines[-3:]] == ["median"] * 3
+    # The JSON report: every round of every sampler, and medians with their ratio to generate.
+    report = json.loads(report_path.read_text())
+    assert report["device"] == "cpu" and report["dtype"] == "float32" and report["settings"]["rounds"] == 2
+    assert [run["sampler"] for run in report["runs"]] == names * 2
+    assert report["runs"][0]["tokens"] == int(rows["mpo_dist continuous"][3].replace(",", ""))
+    for name in names:
+        rates = [run["tokens_per_second"] for run in report["runs"] if run["sampler"] == name]
+        assert report["medians"][name]["tokens_per_second"] == pytest.approx(sum(rates) / 2)
+        assert report["medians"][name]["ratio_to_generate"] == pytest.approx(
+            report["medians"][name]["tokens_per_second"] / report["medians"]["transformers generate"]["tokens_per_second"])
+
+
+def test_the_bench_tool_asked_for_a_gpu_without_one_says_so(monkeypatch, capfd):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _bench_sampler_module().main(["--num-prompts", "1", "--device", "cuda"]) == 2
+    assert ("bench_sampler: error: --device cuda: no CUDA device is visible (torch.cuda.is_available() is False)"
+            in capfd.readouterr().err)
 
 
 def test_a_sliding_window_model_is_sampled_in_whole_batches_with_the_same_results():

@@ -1,9 +1,9 @@
 """Training throughput: the trainer's real step in several configurations, alternating, in one run.
 
     python tools/bench_train.py [--config configs/tiny_cpu.yaml] [--set section.key=value ...]
-        [--make-workload] [--layouts padded,packed] [--dtypes float32,bfloat16] [--procs 2x1,1x2]
-        [--losses config] [--rounds 3] [--steps 30] [--log-interval 5] [--warmup-steps 5]
-        [--work DIR] [--json PATH]
+        [--make-workload] [--workload tiny|1b] [--layouts padded,packed] [--dtypes float32,bfloat16]
+        [--procs 2x1,1x2] [--recompute off,on] [--compile off,on] [--losses config] [--rounds 3]
+        [--steps 30] [--log-interval 5] [--warmup-steps 5] [--work DIR] [--json PATH]
 
     python tools/bench_train.py --make-workload --work /tmp/bench --json bench.json   # the synthetic workload
 
@@ -11,8 +11,9 @@ Every configuration is a real training run, `python -m mpo_dist.launcher --stand
 --nproc-per-node P -m mpo_dist.train --config CONFIG ...` with OMP_NUM_THREADS=T, a fresh
 job.output_dir, no held-out eval, no checkpoint but the one the trainer always writes after the
 last step (outside every timed window), no export. A configuration is one value of each axis:
-data layout (padded, packed: `data.packing`), `model.dtype`, processes x threads (PxT) and the loss
-(`config`: as configured). A round runs every configuration once; R rounds alternate them, so that
+data layout (padded, packed: `data.packing`), `model.dtype`, processes x threads (PxT), the loss
+(`config`: as configured), activation checkpointing and compile (`parallel.activation_checkpointing`,
+`parallel.compile`; off unless asked, whatever the config says). A round runs every configuration once; R rounds alternate them, so that
 noise from the rest of the machine falls on all of them alike. Per configuration the table gives
 the best and the median over the rounds.
 
@@ -40,14 +41,22 @@ model computed, so MFU says how busy the arithmetic is; pairs/s says how much tr
 (a layout that computes less padding has fewer FLOPs per pair, so it can show a lower MFU and
 still train faster). It is relative to this machine's measured matmul, not a datasheet peak.
 
+On a GPU (the trainer then runs each process on its own GPU with NCCL) the matmul peak is that of
+P GPUs, each running 8192^2 matmuls (timed in bursts, each ended by a synchronize), in spawned
+processes so the bench itself holds no GPU memory; "MFU card" is against the card's datasheet dense
+bf16 peak (mpo_dist.metrics.KNOWN_PEAK_TFLOPS) times P, and "GPU MiB" rank 0's peak allocated GPU
+memory (the trainer's memory/peak_gib). Both columns are left out on CPU.
+
 Peak memory: mpo_dist.process_memory.ProcessTreeMonitor polls the launcher's process tree (VmHWM
 of the launcher, each rank and each rank's workers); the table shows the highest rank and the
 total of all processes' peaks, the JSON every process.
 
 --make-workload writes the synthetic workload under --work and trains on it: a random-init Llama
-(vocab 4096, hidden 256, 4 layers, 4 heads, MLP 688; saved as a Hugging Face folder, the policy's
-start and the reference), 256 pairs of random token ids, 64 prompt + 128 chosen + 128 rejected
-tokens, 8 pairs per step (4 per micro-batch), DPO; reference log-probs from tools/score_reference.py
+(`--workload tiny`: vocab 4096, hidden 256, 4 layers, 4 heads, MLP 688; saved as a Hugging Face
+folder, the policy's start and the reference), 256 pairs of random token ids, 64 prompt + 128 chosen
++ 128 rejected tokens, 8 pairs per step (4 per micro-batch), DPO; `--workload 1b`: Llama-3.2-1B's
+shape (1.24B parameters, vocab 128256, 16 layers, hidden 2048, 32 heads, 8 KV heads, tied
+embeddings) in bf16, 256 + 256 + 256 tokens, 16 pairs per step (8 per micro-batch), for a GPU; reference log-probs from tools/score_reference.py
 and, for an `mpo` loss configuration (tau 0.05, 4 D_ref rows per micro-batch), one D_ref sample of
 128 tokens per prompt from tools/sample_reference.py. Its default losses are dpo and mpo. Scoring
 and sampling take a few minutes on 2 CPU cores: give --work to keep the workload for the next run.
@@ -100,11 +109,14 @@ class BenchConfig:
     processes: int
     threads: int
     loss: str  # config | dpo | ipo | mpo
+    recompute: bool = False  # parallel.activation_checkpointing
+    compiled: bool = False  # parallel.compile
 
     @property
     def name(self) -> str:
         loss = "" if self.loss == "config" else f" {self.loss}"
-        return f"{self.layout} {DTYPE_SHORT.get(self.dtype, self.dtype)} {self.processes}x{self.threads}{loss}"
+        extras = "".join(f" {word}" for word, on in (("recompute", self.recompute), ("compile", self.compiled)) if on)
+        return f"{self.layout} {DTYPE_SHORT.get(self.dtype, self.dtype)} {self.processes}x{self.threads}{loss}{extras}"
 
     @property
     def slug(self) -> str:
@@ -112,7 +124,8 @@ class BenchConfig:
 
     def overrides(self, config_tau: float) -> list[str]:
         """The trainer overrides that make this configuration (after the user's --set)."""
-        out = [f"model.dtype={self.dtype}"]
+        out = [f"model.dtype={self.dtype}", f"parallel.activation_checkpointing={str(self.recompute).lower()}",
+               f"parallel.compile={str(self.compiled).lower()}"]
         if trainer_knows("data", "packing"):  # before data.packing existed, padded was the only layout
             out.append(f"data.packing={LAYOUT_PACKING[self.layout]}")
         if self.loss in ("dpo", "ipo"):
@@ -140,7 +153,17 @@ def parse_procs(text: str) -> tuple[int, int]:
     return processes, threads
 
 
-def configurations(layouts: list[str], dtypes: list[str], procs: list[str], losses: list[str]) -> list[BenchConfig]:
+def on_off(flag: str, text: str) -> list[bool]:
+    """'off,on' -> [False, True] (an axis of a --recompute or --compile option)."""
+    values = {"off": False, "on": True}
+    for word in text.split(","):
+        if word not in values:
+            raise InputError(f"{flag}: {word!r} is not off or on")
+    return [values[word] for word in text.split(",")]
+
+
+def configurations(layouts: list[str], dtypes: list[str], procs: list[str], losses: list[str],
+                   recompute: list[bool] = (False,), compiled: list[bool] = (False,)) -> list[BenchConfig]:
     """Every combination of the axes, in a fixed order (the order of each round)."""
     for layout in layouts:
         if layout not in LAYOUT_PACKING:
@@ -151,8 +174,8 @@ def configurations(layouts: list[str], dtypes: list[str], procs: list[str], loss
     for loss in losses:
         if loss not in LOSSES:
             raise InputError(f"--losses: {loss!r} is not one of {', '.join(LOSSES)}")
-    return [BenchConfig(layout, dtype, *parse_procs(p), loss)
-            for loss, layout, dtype, p in itertools.product(losses, layouts, dtypes, procs)]
+    return [BenchConfig(layout, dtype, *parse_procs(p), loss, ac, compile_)
+            for loss, layout, dtype, p, compile_, ac in itertools.product(losses, layouts, dtypes, procs, compiled, recompute)]
 
 
 # ---------------------------------------------------------------------------------- metrics windows
@@ -277,40 +300,52 @@ def model_flops_utilisation(flops_per_pair: float | None, pairs_per_s: float, pe
 # ---------------------------------------------------------------------------------- matmul peak
 
 
-def _matmul_worker(threads: int, size: int, dtypes: list[str], trials: int, seconds: float, barrier, results) -> None:
+def _matmul_worker(index: int, device_type: str, threads: int, size: int, dtypes: list[str], trials: int, seconds: float,
+                   barrier, results) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    device = torch.device(device_type, index) if device_type == "cuda" else torch.device("cpu")
+    # CUDA runs kernels asynchronously: time bursts of matmuls, each ended by a synchronize.
+    burst = 8 if device_type == "cuda" else 1
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     rates = {}
     for dtype in dtypes:
-        a = torch.randn(size, size, dtype=getattr(torch, dtype))
-        b = torch.randn(size, size, dtype=getattr(torch, dtype))
-        for _ in range(2):
-            a @ b  # warm-up: thread pool, kernels, pages
+        a = torch.randn(size, size, dtype=getattr(torch, dtype), device=device)
+        b = torch.randn(size, size, dtype=getattr(torch, dtype), device=device)
+        for _ in range(2 * burst):
+            a @ b  # warm-up: thread pool or CUDA context, kernels, pages
+        sync()
         rates[dtype] = []
         for _ in range(trials):
             barrier.wait()  # every process starts each trial together
             count, start = 0, time.perf_counter()
             while (elapsed := time.perf_counter() - start) < seconds:
-                a @ b
-                count += 1
+                for _ in range(burst):
+                    a @ b
+                sync()
+                count += burst
             rates[dtype].append(2 * size**3 * count / elapsed)
-    results.put(rates)
+    name = torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu"
+    results.put((rates, name))
 
 
 def matmul_peak(processes: int, threads: int, dtypes: list[str], size: int = 2048, trials: int = 5,
-                seconds: float = 0.5) -> dict[str, float]:
+                seconds: float = 0.5, device_type: str = "cpu") -> tuple[dict[str, float], str]:
     """FLOP/s per dtype of `processes` processes, each running `size` x `size` matmuls with `threads`
-    threads at the same time, summed over the processes: the machine's dense-matmul rate with that
-    many threads busy. The best of `trials` trials of `seconds` each (all processes start each trial
-    together), so that a moment when other work on the machine took cores does not set the peak."""
+    threads (on CUDA: each on its own GPU, process i on cuda:i) at the same time, summed over the
+    processes: the machine's dense-matmul rate with that many threads or GPUs busy. The best of
+    `trials` trials of `seconds` each (all processes start each trial together), so that a moment
+    when other work on the machine took cores does not set the peak. Also returns the device's name
+    ("cpu", or the GPU's). The processes are spawned, so this process never holds a CUDA context."""
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(processes), context.Queue()
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the children's OpenMP pool, from their start
     try:
-        workers = [context.Process(target=_matmul_worker, args=(threads, size, dtypes, trials, seconds, barrier, results))
-                   for _ in range(processes)]
+        workers = [context.Process(target=_matmul_worker,
+                                   args=(index, device_type, threads, size, dtypes, trials, seconds, barrier, results))
+                   for index in range(processes)]
         for worker in workers:
             worker.start()
     finally:
@@ -318,10 +353,10 @@ def matmul_peak(processes: int, threads: int, dtypes: list[str], size: int = 204
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = saved
-    rates = []
-    while len(rates) < processes:
+    reports = []
+    while len(reports) < processes:
         try:
-            rates.append(results.get(timeout=1.0))
+            reports.append(results.get(timeout=1.0))
         except queue.Empty:
             if any(worker.exitcode not in (None, 0) for worker in workers):  # died before reporting
                 for worker in workers:
@@ -329,7 +364,15 @@ def matmul_peak(processes: int, threads: int, dtypes: list[str], size: int = 204
                 raise RuntimeError("a matmul peak process failed (its traceback is above)") from None
     for worker in workers:
         worker.join()
-    return {dtype: max(sum(rate[dtype][trial] for rate in rates) for trial in range(trials)) for dtype in dtypes}
+    rates = [rate for rate, _ in reports]
+    return {dtype: max(sum(rate[dtype][trial] for rate in rates) for trial in range(trials)) for dtype in dtypes}, reports[0][1]
+
+
+def bench_device_type() -> str:
+    """Where the trainer runs: "cuda" when a GPU is visible (it then uses one per process), else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------------------------- training runs
@@ -453,9 +496,26 @@ def run_tool(script: str, *args, threads: int) -> None:
         raise RuntimeError(f"{script} failed ({result.returncode}): {result.stderr[-3000:]}")
 
 
-def make_workload(folder: Path, *, dref: bool, num_pairs: int = 256, prompt: int = 64, response: int = 128,
-                  seed: int = 0, log=print) -> list[str]:
-    """The synthetic workload under `folder` (reused when complete); returns its trainer overrides."""
+# Llama-3.2-1B's shape (1.24B parameters, tied embeddings), random init: the GPU check's model.
+LLAMA_1B_MODEL = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, max_position_embeddings=2048, rope_theta=500000.0, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# --workload: the model, pair sizes, dtype and batch sizes (pairs per micro-batch, per optimizer step per process).
+WORKLOADS = {
+    "tiny": dict(model=WORKLOAD_MODEL, prompt=64, response=128, dtype="float32", batch_size=4, global_batch_size=8,
+                 score_batch_size=16, sample_batch_size=64),
+    "1b": dict(model=LLAMA_1B_MODEL, prompt=256, response=256, dtype="bfloat16", batch_size=8, global_batch_size=16,
+               score_batch_size=32, sample_batch_size=128),
+}
+
+
+def make_workload(folder: Path, *, dref: bool, model: dict = WORKLOAD_MODEL, num_pairs: int = 256, prompt: int = 64,
+                  response: int = 128, dtype: str = "float32", batch_size: int = 4, global_batch_size: int = 8,
+                  score_batch_size: int = 16, sample_batch_size: int = 64, seed: int = 0, log=print) -> list[str]:
+    """The synthetic workload under `folder` (reused when complete); returns its trainer overrides.
+
+    The model is saved in `dtype` and scored and sampled in it by the project's tools (on the GPU
+    when there is one)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -464,24 +524,27 @@ def make_workload(folder: Path, *, dref: bool, num_pairs: int = 256, prompt: int
     if not (pairs / "manifest.json").is_file():
         start = time.monotonic()
         torch.manual_seed(seed)
-        with contextlib.redirect_stderr(io.StringIO()):  # transformers' progress bar of one shard
-            AutoModelForCausalLM.from_config(LlamaConfig(**WORKLOAD_MODEL)).save_pretrained(str(model_dir))
-        write_workload_pairs(pairs, num_pairs, prompt, response, WORKLOAD_MODEL["vocab_size"], seed)
+        # Initialised on the GPU when there is one: a 1B model's random init takes a while on CPU.
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"), contextlib.redirect_stderr(io.StringIO()):
+            lm = AutoModelForCausalLM.from_config(LlamaConfig(**model)).to(getattr(torch, dtype))
+            lm.save_pretrained(str(model_dir))  # (the redirect: transformers' progress bar of one shard)
+        del lm
+        write_workload_pairs(pairs, num_pairs, prompt, response, model["vocab_size"], seed)
         log(f"bench_train: workload model and {num_pairs} pairs in {folder} ({time.monotonic() - start:.0f}s)")
     if not (reference / "manifest.json").is_file():
         start = time.monotonic()
-        run_tool("score_reference.py", "--model", model_dir, "--pairs", pairs, "--out", reference, "--batch-size", 16,
-                 threads=threads)
+        run_tool("score_reference.py", "--model", model_dir, "--pairs", pairs, "--out", reference, "--batch-size",
+                 score_batch_size, "--dtype", dtype, threads=threads)
         log(f"bench_train: reference log-probs scored ({time.monotonic() - start:.0f}s)")
     if dref and not (dref_dir / "manifest.json").is_file():
         start = time.monotonic()
         run_tool("sample_reference.py", "--model", model_dir, "--pairs", pairs, "--out", dref_dir, "--num-samples", 1,
-                 "--max-new-tokens", response, "--batch-size", 64, threads=threads)
+                 "--max-new-tokens", response, "--batch-size", sample_batch_size, "--dtype", dtype, threads=threads)
         log(f"bench_train: D_ref sampled, 1 x {response} tokens per prompt ({time.monotonic() - start:.0f}s)")
-    return [f"model.path={model_dir}", "model.config={}", f"data.pairs={pairs}", f"data.reference={reference}",
-            f"data.dref={dref_dir if dref else ''}", "data.batch_size=4", "data.dref_batch_size=4",
-            "training.global_batch_size=8", "data.batching=fixed", "data.pad_to_multiple_of=1",
-            "loss.name=dpo", "loss.tau=0", "loss.label_smoothing=0"]
+    return [f"model.path={model_dir}", "model.config={}", f"model.dtype={dtype}", f"data.pairs={pairs}",
+            f"data.reference={reference}", f"data.dref={dref_dir if dref else ''}", f"data.batch_size={batch_size}",
+            f"data.dref_batch_size={batch_size}", f"training.global_batch_size={global_batch_size}", "data.batching=fixed",
+            "data.pad_to_multiple_of=1", "loss.name=dpo", "loss.tau=0", "loss.label_smoothing=0"]
 
 
 # ---------------------------------------------------------------------------------- report
@@ -503,8 +566,10 @@ def machine_header() -> dict:
             "load_average": os.getloadavg()}
 
 
-def config_result(config: BenchConfig, runs: list[dict], peaks: dict[str, float]) -> dict:
-    """Best and median over the successful rounds of one configuration."""
+def config_result(config: BenchConfig, runs: list[dict], peaks: dict[str, float], card_peak_flops: float | None = None,
+                  device_type: str = "cpu") -> dict:
+    """Best and median over the successful rounds of one configuration. `card_peak_flops`: one GPU's
+    datasheet bf16 peak, for the MFU against the card (P processes: P GPUs)."""
     good = [run["summary"] for run in runs if "summary" in run]
     out = {"name": config.name, "runs_ok": len(good), "runs": len(runs),
            "failures": [f"round {run['round']}: {run['error']}" for run in runs if "error" in run]}
@@ -526,6 +591,13 @@ def config_result(config: BenchConfig, runs: list[dict], peaks: dict[str, float]
         flops_per_pair=flops_per_pair, flops_source=good[0]["flops_source"], matmul_peak_flops=peak,
         mfu_best=model_flops_utilisation(flops_per_pair, max(pairs), peak),
         mfu_median=model_flops_utilisation(flops_per_pair, statistics.median(pairs), peak),
+        card_peak_flops=card_peak_flops,
+        mfu_card_median=model_flops_utilisation(flops_per_pair, statistics.median(pairs),
+                                                card_peak_flops * config.processes if card_peak_flops else None),
+        # The trainer's memory/peak_gib: rank 0's peak allocated GPU memory (on CPU it is the rank's
+        # resident peak, which the process-tree columns already show).
+        device_peak_bytes=(max(s["trainer_peak_gib"] for s in good) * 2**30
+                           if device_type == "cuda" and all(s["trainer_peak_gib"] is not None for s in good) else None),
         max_rank_peak_bytes=max(m["max_rank_bytes"] or 0 for m in memory),
         total_peak_bytes=max(m["total_bytes"] for m in memory),
         timed_steps=good[0]["timed_steps"])
@@ -550,19 +622,23 @@ COLUMNS = [  # (heading, key, format, width, scale)
     ("pairs/s med", "pairs_per_s_median", ",.1f", 11, 1), ("real/pair", "real_tokens_per_pair", ",.0f", 9, 1),
     ("comp/pair", "positions_per_pair", ",.0f", 9, 1), ("pad", "padding", ".1%", 6, 1),
     ("FLOP/pair", "flops_per_pair", "si", 9, 1), ("MFU best", "mfu_best", ".1%", 8, 1),
-    ("MFU med", "mfu_median", ".1%", 8, 1), ("rank MiB", "max_rank_peak_bytes", ",.0f", 8, 2**-20),
+    ("MFU med", "mfu_median", ".1%", 8, 1), ("MFU card", "mfu_card_median", ".1%", 8, 1),
+    ("GPU MiB", "device_peak_bytes", ",.0f", 8, 2**-20), ("rank MiB", "max_rank_peak_bytes", ",.0f", 8, 2**-20),
     ("total MiB", "total_peak_bytes", ",.0f", 9, 2**-20),
 ]
+OPTIONAL_COLUMNS = {"mfu_card_median", "device_peak_bytes"}  # shown when some configuration has a value (GPU runs)
 
 
 def format_table(results: list[dict]) -> str:
     width = max([len("configuration"), *(len(r["name"]) for r in results)])
-    lines = [f"{'configuration':<{width}} " + " ".join(f"{heading:>{w}}" for heading, _, _, w, _ in COLUMNS)]
+    columns = [column for column in COLUMNS
+               if column[1] not in OPTIONAL_COLUMNS or any(r.get(column[1]) is not None for r in results)]
+    lines = [f"{'configuration':<{width}} " + " ".join(f"{heading:>{w}}" for heading, _, _, w, _ in columns)]
     for result in results:
         if "error" in result:
             lines.append(f"{result['name']:<{width}} failed: {result['error']}")
             continue
-        cells = [_fmt(None if result.get(key) is None else result[key] * scale, spec, w) for _, key, spec, w, scale in COLUMNS]
+        cells = [_fmt(None if result.get(key) is None else result[key] * scale, spec, w) for _, key, spec, w, scale in columns]
         notes = ["FLOPs derived"] if result.get("flops_source") == "derived" else []
         if result["failures"]:
             notes.append(f"{len(result['failures'])} of {result['runs']} runs failed, {result['failures'][0]}")
@@ -572,14 +648,17 @@ def format_table(results: list[dict]) -> str:
 
 def format_header(header: dict, args, peaks: dict[str, dict[str, float]], timed_steps: str) -> str:
     load = ", ".join(f"{value:.2f}" for value in header["load_average"])
-    lines = [f"bench_train {header['date']} | CPU {header['cpu']}, {header['cores']} cores | torch {header['torch']} | "
-             f"load average at start {load}",
+    gpu = f" | GPU {header['device']}" if header.get("device", "cpu") != "cpu" else ""
+    card = (f" | MFU card: against {header['card_peak_flops'] / 1e12:.0f} TFLOP/s bf16 per GPU (datasheet)"
+            if header.get("card_peak_flops") else "")
+    lines = [f"bench_train {header['date']} | CPU {header['cpu']}, {header['cores']} cores{gpu} | torch {header['torch']} | "
+             f"load average at start {load}{card}",
              f"config {args.config}" + (" + synthetic workload (--make-workload)" if args.make_workload else "")
              + "".join(f" {item}" for item in args.set),
              f"{args.rounds} round{'s' if args.rounds > 1 else ''}, configurations alternating; {args.steps} steps per run, logged every "
              f"{args.log_interval}; timed: steps {timed_steps} "
              + (f"(steps 1-{args.warmup_steps} are warm-up)" if args.warmup_steps else "(no warm-up)"),
-             f"matmul peak ({args.matmul_size}^2, P processes x T threads at once, the best of {args.matmul_trials} "
+             f"matmul peak ({header['matmul_size']}^2, P processes x T threads (or GPUs) at once, the best of {args.matmul_trials} "
              f"trials x {args.rounds + 1} measurements, before the first round and after each): "
              + "; ".join(f"{procs} " + ", ".join(f"{DTYPE_SHORT[d]} {v / 1e12:.3f} TFLOP/s" for d, v in rates.items())
                          for procs, rates in peaks.items())]
@@ -595,19 +674,24 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a trainer override for every run (repeat), e.g. model.path=DIR data.pairs=DIR")
     parser.add_argument("--make-workload", action="store_true",
-                        help="build the synthetic workload (tiny random-init Llama, 256 pairs 64+128+128) under --work and train on it")
+                        help="build the synthetic workload (a random-init Llama and random pairs, see --workload) under --work and train on it")
+    parser.add_argument("--workload", default="tiny", choices=sorted(WORKLOADS),
+                        help="the --make-workload size: tiny (a 4-layer Llama, 256 pairs 64+128+128) or 1b (Llama-3.2-1B's "
+                             "shape, 256 pairs 256+256+256, bf16)")
     parser.add_argument("--layouts", default="padded,packed", help="data layouts: padded, packed, auto (data.packing=never, always, auto)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="model.dtype values")
     cores = len(os.sched_getaffinity(0))
     parser.add_argument("--procs", default=f"{cores}x1,1x{cores}" if cores > 1 else "1x1",
                         help="PROCESSESxTHREADS layouts (torchrun processes, OMP_NUM_THREADS each)")
+    parser.add_argument("--recompute", default="off", help="activation checkpointing: off, on or off,on (parallel.activation_checkpointing)")
+    parser.add_argument("--compile", default="off", help="torch.compile of the decoder layers: off, on or off,on (parallel.compile)")
     parser.add_argument("--losses", default=None,
                         help="losses: config (as configured), dpo, ipo, mpo; default config, or dpo,mpo with --make-workload")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every configuration, alternating")
     parser.add_argument("--steps", type=int, default=30, help="training.steps of each run")
     parser.add_argument("--log-interval", type=int, default=5, help="metrics.log_interval: steps per timed window")
     parser.add_argument("--warmup-steps", type=int, default=5, help="windows that begin at or before this step are not timed")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul of the peak")
+    parser.add_argument("--matmul-size", type=int, default=0, help="side of the square matmul of the peak; 0: 8192 on a GPU, else 2048")
     parser.add_argument("--matmul-trials", type=int, default=5, help="trials per matmul peak measurement (the best counts)")
     parser.add_argument("--matmul-seconds", type=float, default=0.5, help="seconds of each matmul peak trial")
     parser.add_argument("--work", default=None, help="folder for the runs (and the workload); default: a temporary folder, removed")
@@ -630,8 +714,11 @@ def bench(args) -> None:
         raise InputError(f"--config {args.config} does not exist")
     args.config = str(Path(args.config).resolve())
     losses = (args.losses or ("dpo,mpo" if args.make_workload else "config")).split(",")
-    configs = configurations(args.layouts.split(","), args.dtypes.split(","), args.procs.split(","), losses)
+    configs = configurations(args.layouts.split(","), args.dtypes.split(","), args.procs.split(","), losses,
+                             on_off("--recompute", args.recompute), on_off("--compile", args.compile))
     header = machine_header()
+    header["device_type"] = bench_device_type()
+    header["matmul_size"] = args.matmul_size or (8192 if header["device_type"] == "cuda" else 2048)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_train-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -649,7 +736,7 @@ def bench(args) -> None:
 def _bench(args, configs: list[BenchConfig], header: dict, work: Path, wants_dref: bool) -> dict:
     base = list(args.set)
     if args.make_workload:
-        base = make_workload(work / "workload", dref=wants_dref, log=progress) + base
+        base = make_workload(work / "workload", dref=wants_dref, log=progress, **WORKLOADS[args.workload]) + base
     from mpo_dist.config import load_config
 
     try:
@@ -663,7 +750,8 @@ def _bench(args, configs: list[BenchConfig], header: dict, work: Path, wants_dre
 
     def measure_peaks(when: str) -> None:
         for processes, threads in layouts:
-            rates = matmul_peak(processes, threads, dtypes, args.matmul_size, args.matmul_trials, args.matmul_seconds)
+            rates, header["device"] = matmul_peak(processes, threads, dtypes, header["matmul_size"], args.matmul_trials,
+                                                  args.matmul_seconds, header["device_type"])
             peak_runs.append({"when": when, "procs": f"{processes}x{threads}", "flops": rates})
             for dtype, rate in rates.items():
                 peaks[f"{processes}x{threads}"][dtype] = max(peaks[f"{processes}x{threads}"][dtype], rate)
@@ -671,6 +759,10 @@ def _bench(args, configs: list[BenchConfig], header: dict, work: Path, wants_dre
                      + ", ".join(f"{DTYPE_SHORT[d]} {r / 1e12:.3f} TFLOP/s" for d, r in rates.items()))
 
     measure_peaks("before")
+    from mpo_dist.metrics import known_peak_tflops
+
+    card_tflops = known_peak_tflops(header["device"]) if header["device_type"] == "cuda" else None
+    header["card_peak_flops"] = card_tflops * 1e12 if card_tflops else None
     threads_flag = trainer_takes_threads()
     runs: dict[BenchConfig, list[dict]] = {config: [] for config in configs}
     fallbacks: dict[BenchConfig, FlopModel | None] = {}
@@ -701,7 +793,8 @@ def _bench(args, configs: list[BenchConfig], header: dict, work: Path, wants_dre
                 progress(f"bench_train: round {round_index + 1}/{args.rounds} {config.name}: failed: {run['error']}")
         measure_peaks(f"after round {round_index + 1}")
 
-    per_config = [config_result(config, runs[config], peaks[f"{config.processes}x{config.threads}"]) for config in configs]
+    per_config = [config_result(config, runs[config], peaks[f"{config.processes}x{config.threads}"], header["card_peak_flops"],
+                                header["device_type"]) for config in configs]
     ok = [r for r in per_config if "timed_steps" in r]
     timed_steps = "-".join(map(str, ok[0]["timed_steps"])) if ok else "none"
     print(format_header(header, args, peaks, timed_steps))

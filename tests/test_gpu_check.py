@@ -1,0 +1,99 @@
+"""tools/gpu_check.sh, the GPU check, as far as a CPU takes it: its CPU fallback runs every stage
+(the CUDA tests are skipped and counted) and reports figures that add up; the time budget and
+--skip leave stages out and say why; a failing stage fails the check without losing the others;
+a Python without the dependencies is told how to bring them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SUBPROCESS_ENV
+
+sys.path.insert(0, str(REPO / "tools"))
+import gpu_check  # noqa: E402
+
+
+def run_check(*args, env=None, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), *map(str, args)], env=env or SUBPROCESS_ENV,
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def cuda_marked_tests() -> int:
+    """How many tests carry the cuda mark, as pytest collects them."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "--collect-only", "-q", "-p", "no:cacheprovider",
+                             "tests/"], env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return sum("::" in line for line in result.stdout.splitlines())
+
+
+def test_the_cpu_fallback_runs_every_stage_and_its_figures_add_up(tmp_path):
+    result = run_check(tmp_path / "out", "--cpu", "--skip", "train_compiled")  # compile: tests/test_cuda.py's CPU twin
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    stages = report["stages"]
+    assert list(stages) == list(gpu_check.STAGES)
+    assert {name: stage["status"] for name, stage in stages.items()} == {
+        **dict.fromkeys(gpu_check.STAGES, "ok"), "train_compiled": "skipped"}
+    assert stages["train_compiled"]["why"] == "--skip"
+    # Every CUDA test was collected and skipped (none silently missing), none failed.
+    marked = cuda_marked_tests()
+    assert marked >= 8 and stages["cuda_tests"]["skipped"] == stages["cuda_tests"]["tests"] == marked
+    assert stages["cuda_tests"]["failed"] == 0
+    # Four training configurations, each timed; MFU against the matmul timed in the same run; no card, no GPU memory.
+    rows = stages["train_eager"]["rows"]
+    assert [row["name"] for row in rows] == ["padded bf16 1x2 mpo", "padded bf16 1x2 mpo recompute",
+                                             "packed bf16 1x2 mpo", "packed bf16 1x2 mpo recompute"]
+    bench = json.loads((tmp_path / "out" / "bench_train_eager.json").read_text())
+    peak = bench["matmul_peaks"]["1x2"]["bfloat16"]
+    for row, config in zip(rows, bench["configurations"]):
+        assert row["tokens_per_s"] > 0 and row["mfu_card"] is None and row["device_peak_bytes"] is None
+        assert row["mfu_matmul"] == pytest.approx(config["flops_per_pair"] * config["pairs_per_s_median"] / peak)
+    # The sampler against transformers' generate, the ratio of the medians.
+    medians = stages["sampler"]["medians"]
+    assert set(medians) == {"mpo_dist continuous", "mpo_dist static", "transformers generate"}
+    assert medians["mpo_dist continuous"]["ratio_to_generate"] == pytest.approx(
+        medians["mpo_dist continuous"]["tokens_per_second"] / medians["transformers generate"]["tokens_per_second"])
+    # Saved, resumed, converted: the converted tensors are the checkpoint's, and training changed them.
+    assert stages["checkpoint"]["tensors_equal"] == 3 and stages["checkpoint"]["tensors_changed_by_training"] >= 1
+    assert stages["two_processes"]["summary"] == "two processes trained 2 steps"
+    markdown = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "| train_compiled | skipped |  | --skip |" in markdown
+    assert f"| padded bf16 1x2 mpo | {rows[0]['tokens_per_s']:,.0f} |" in markdown
+
+
+def test_stages_past_the_budget_are_skipped_and_say_why(tmp_path):
+    result = run_check(tmp_path / "out", "--cpu", "--budget-s", "0", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["stages"]
+    assert stages["environment"]["status"] == "skipped" and "over the time budget" in stages["environment"]["why"]
+    assert stages["train_eager"]["why"] == "no workload (the workload stage did not finish)"
+
+
+def test_a_failed_stage_fails_the_check_and_the_other_stages_still_run(tmp_path):
+    check = gpu_check.GpuCheck(tmp_path, tmp_path / "work", 60.0, "cpu", skip=set())
+
+    def broken() -> dict:
+        raise gpu_check.StageError("exit code 1: something broke")
+
+    check.run_stage("cuda_tests", broken)
+    check.run_stage("environment", lambda: {"summary": "fine"})
+    stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    assert stages["cuda_tests"] == {"status": "failed", "why": "exit code 1: something broke", "seconds": stages["cuda_tests"]["seconds"]}
+    assert stages["environment"]["status"] == "ok"
+    assert "| cuda_tests | failed |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_unknown_stages_and_missing_dependencies_are_input_errors(tmp_path):
+    result = run_check(tmp_path / "out", "--skip", "traning", timeout=120)
+    assert result.returncode == 2
+    assert "gpu_check: error: --skip: traning is not a stage; the stages are environment, cuda_tests" in result.stderr
+    # A Python without the project's dependencies (as on a GPU image): told to bring them as wheels.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=120)
+    base_python = str(tmp_path / "bare" / "bin" / "python")
+    result = run_check(tmp_path / "out", env={**SUBPROCESS_ENV, "PYTHON": base_python, "WHEELS": ""}, timeout=120)
+    assert result.returncode == 2
+    assert f"gpu_check.sh: error: {base_python} lacks webdataset" in result.stderr
+    assert "set WHEELS to a folder of their wheels (bash tools/gpu_check.sh --download-wheels DIR" in result.stderr
