@@ -27,8 +27,10 @@ fi
 
 if [[ "$1" == --download-wheels ]]; then
     [[ $# -eq 2 ]] || { echo "gpu_check.sh: error: --download-wheels needs one folder" >&2; exit 2; }
-    "$python" -m pip download --no-deps --only-binary=:all: --dest "$2" webdataset braceexpand torchdata pyyaml
-    echo "gpu_check.sh: wheels in $2 (webdataset, braceexpand, torchdata, pyyaml; carry the folder and set WHEELS=$2)"
+    # Pure-Python wheels only: they install on any Python the GPU image has. Compiled packages
+    # (pyyaml, pyarrow, safetensors) must come with the image, as they do with PyTorch's images.
+    "$python" -m pip download --no-deps --only-binary=:all: --dest "$2" webdataset braceexpand torchdata
+    echo "gpu_check.sh: wheels in $2 (webdataset, braceexpand, torchdata; carry the folder and set WHEELS=$2)"
     exit 0
 fi
 
