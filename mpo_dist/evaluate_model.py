@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import json
 import math
 import os
@@ -47,7 +46,7 @@ from mpo_dist.distributed import RankInfo, all_reduce_sum, barrier
 from mpo_dist.errors import InputError, MissingInputError
 from mpo_dist.evaluation import Evaluator
 from mpo_dist.logprobs import sequence_logprobs
-from mpo_dist.losses import LOSSES, build_loss
+from mpo_dist.losses import LOSSES, build_loss, loss_options
 from mpo_dist.metrics import model_layout_cost
 from mpo_dist.sampling import SamplingParams, generate, sample_seed
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
@@ -99,7 +98,7 @@ def evaluation_loss_config(base: LossConfig, name: str | None = None, beta: floa
     normalisation, chosen NLL) and reset to its default where it does not (tau and pair_logit_scale
     for DPO or IPO, label smoothing for MPO or IPO)."""
     name = name or base.name
-    takes = inspect.signature(LOSSES[name]).parameters if name in LOSSES else vars(base)  # else: validate() says so
+    takes = loss_options(name) if name in LOSSES else vars(base)  # else: validate() says so
     default = LossConfig()
     values = {field: value if field in takes else getattr(default, field) for field, value in vars(base).items()}
     values["name"] = name

@@ -228,11 +228,16 @@ def ipo_loss(
 LOSSES: dict[str, Callable[..., LossOutput]] = {"mpo": mpo_loss, "dpo": dpo_loss, "ipo": ipo_loss}
 
 
+def loss_options(name: str) -> set[str]:
+    """The hyper-parameters the loss `name` takes (its function's keyword parameters)."""
+    return set(inspect.signature(LOSSES[name]).parameters)
+
+
 def build_loss(loss_config) -> Callable[..., LossOutput]:
     """The configured loss with its hyper-parameters bound: every field of `loss_config` that the
     function takes as a parameter (beta, tau, label_smoothing, ...) is passed to it."""
     function = LOSSES[loss_config.name]
-    parameters = inspect.signature(function).parameters
+    parameters = loss_options(loss_config.name)
     bound = {name: value for name, value in vars(loss_config).items() if name in parameters}
 
     def loss(*args, **kwargs) -> LossOutput:
