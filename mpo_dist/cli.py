@@ -77,8 +77,8 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
              cleanup: Callable[[], None] = lambda: None) -> int:
     """Join the process group (torchrun) or run alone, run `body(info)`, always leave the group.
 
-    Returns 0, or 2 after printing an input error in one line (a rank of a multi-process launch
-    exits with 2 instead of returning); other exceptions propagate.
+    Returns 0, or 2 after printing an input error in one line; a rank of a multi-process launch
+    exits with that code instead of returning (see below). Other exceptions propagate.
     `threads` (None: leave torch's setting) is passed to `configure_cpu_threads`.
     """
     quiet_known_warnings()
@@ -116,4 +116,12 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
                 sys.stderr.flush()
                 os._exit(INPUT_ERROR_EXIT_CODE)
             destroy_distributed()
+    if info.world_size > 1:
+        # Done, with every file closed (the body returned, cleanup ran) and the group left: end here
+        # too. Interpreter shutdown can still free work that gloo's threads hold and abort (SIGABRT,
+        # "terminate called without an active exception" after "done"; seen 3 times in one test-suite
+        # run on a loaded machine), and torchrun would then report a finished run as a crash.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

@@ -69,8 +69,14 @@ def refuse_non_finite_state(model: torch.nn.Module, optimizer: torch.optim.Optim
     with a finite gradient could, and saving it would let pruning delete the last finite checkpoint."""
     tensors = list(model.parameters())
     tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
-    local = [torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors if t.is_floating_point()]
-    finite = bool(torch.stack(local).all()) if local else True
+    # One flag per tensor, stacked per device: on a GPU the parameters and moments are CUDA tensors
+    # while AdamW keeps its `step` counters on the CPU, and torch.stack refuses to mix devices.
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            flags.setdefault(local.device, []).append(torch.isfinite(local).all())
+    finite = all(bool(torch.stack(device_flags).all()) for device_flags in flags.values())  # one sync per device
     if not all_ranks_succeeded(finite):
         raise NonFiniteError(
             f"step {step}: the parameters or optimizer state hold NaN or inf; no checkpoint is saved, so the newest "

@@ -327,6 +327,8 @@ class Trainer(Stateful):
             "throughput/positions_per_pair": positions / pairs,
             "throughput/flops_per_pair": flops / pairs,
             "memory/peak_gib": peak_memory_bytes(self.device) / 2**30,
+            **({"memory/peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / 2**30}
+               if self.device.type == "cuda" else {}),  # what the caching allocator holds: what runs out first
             "progress/epoch": self.epoch_progress, "progress/pairs_seen": pairs_seen, "progress/tokens_seen": tokens_seen,
             "optim/skipped_steps": self.guard.skipped_steps,  # cumulative over the run, resumes included
         }

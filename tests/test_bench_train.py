@@ -118,13 +118,15 @@ def test_recompute_and_compile_axes_set_the_parallel_options():
 def test_gpu_runs_report_mfu_against_the_card_and_gpu_memory():
     config = bench_train.BenchConfig("packed", "bfloat16", 2, 1, "config")
     summary = {"tokens_per_s": 1000.0, "pairs_per_s": 4.0, "real_tokens_per_pair": 250.0, "positions_per_pair": 300.0,
-               "padding": 0.1, "flops_per_pair": 1e14, "flops_source": "trainer", "trainer_peak_gib": 12.5, "timed_steps": [6, 30]}
+               "padding": 0.1, "flops_per_pair": 1e14, "flops_source": "trainer", "trainer_peak_gib": 12.5,
+               "trainer_peak_reserved_gib": 14.0, "timed_steps": [6, 30]}
     runs = [{"round": 1, "summary": summary, "processes": [{"role": "rank 0", "peak_bytes": 2**30}]}]
     gpu = bench_train.config_result(config, runs, {"bfloat16": 2e15}, card_peak_flops=1e15, device_type="cuda")
     assert gpu["mfu_card_median"] == pytest.approx(1e14 * 4.0 / (1e15 * 2))  # two processes: two GPUs
     assert gpu["mfu_median"] == pytest.approx(1e14 * 4.0 / 2e15)  # against the matmul measured on both
-    assert gpu["device_peak_bytes"] == 12.5 * 2**30
+    assert gpu["device_peak_bytes"] == 12.5 * 2**30 and gpu["device_reserved_bytes"] == 14.0 * 2**30
     cpu = bench_train.config_result(config, runs, {"bfloat16": 2e15})
-    assert cpu["mfu_card_median"] is None and cpu["device_peak_bytes"] is None
+    assert cpu["mfu_card_median"] is None and cpu["device_peak_bytes"] is None and cpu["device_reserved_bytes"] is None
     assert "MFU card" in bench_train.format_table([gpu]) and "GPU MiB" in bench_train.format_table([gpu])
-    assert "MFU card" not in bench_train.format_table([cpu]) and "GPU MiB" not in bench_train.format_table([cpu])
+    assert "MFU card" not in bench_train.format_table([cpu]) and "GPU" not in bench_train.format_table([cpu])
+    assert "GPU rsv MiB" in bench_train.format_table([gpu])

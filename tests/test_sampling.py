@@ -216,7 +216,8 @@ def test_a_sliding_window_model_is_sampled_in_whole_batches_with_the_same_result
     config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                            num_key_value_heads=1, sliding_window=4, max_position_embeddings=64)
     model = MistralForCausalLM(config).eval()
-    assert {type(layer).__name__ for layer in _kv_cache(model)["cache"].layers} == {"DynamicSlidingWindowLayer"}
+    (cache,) = _kv_cache(model).values()  # its keyword: `cache` (transformers 5.24), `past_key_values` (earlier)
+    assert {type(layer).__name__ for layer in cache.layers} == {"DynamicSlidingWindowLayer"}
     prompts = [np.array([1, 5, 7]), np.array([1, 9]), np.array([1, 3, 4, 6, 8]), np.array([1])]
     params = SamplingParams(max_new_tokens=12)
     alone = [generate(model, [prompt], [seed], params, [5, 6], 0, CPU)[0] for seed, prompt in enumerate(prompts)]

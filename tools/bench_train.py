@@ -44,8 +44,10 @@ still train faster). It is relative to this machine's measured matmul, not a dat
 On a GPU (the trainer then runs each process on its own GPU with NCCL) the matmul peak is that of
 P GPUs, each running 8192^2 matmuls (timed in bursts, each ended by a synchronize), in spawned
 processes so the bench itself holds no GPU memory; "MFU card" is against the card's datasheet dense
-bf16 peak (mpo_dist.metrics.KNOWN_PEAK_TFLOPS) times P, and "GPU MiB" rank 0's peak allocated GPU
-memory (the trainer's memory/peak_gib). Both columns are left out on CPU.
+bf16 peak (mpo_dist.metrics.KNOWN_PEAK_TFLOPS) times P, "GPU MiB" rank 0's peak GPU memory allocated
+to tensors (the trainer's memory/peak_gib) and "GPU rsv MiB" the peak held by PyTorch's caching
+allocator (memory/peak_reserved_gib; neither counts the CUDA context or NCCL's buffers). These
+columns are left out on CPU.
 
 Peak memory: mpo_dist.process_memory.ProcessTreeMonitor polls the launcher's process tree (VmHWM
 of the launcher, each rank and each rank's workers); the table shows the highest rank and the
@@ -56,9 +58,10 @@ total of all processes' peaks, the JSON every process.
 folder, the policy's start and the reference), 256 pairs of random token ids, 64 prompt + 128 chosen
 + 128 rejected tokens, 8 pairs per step (4 per micro-batch), DPO; `--workload 1b`: Llama-3.2-1B's
 shape (1.24B parameters, vocab 128256, 16 layers, hidden 2048, 32 heads, 8 KV heads, tied
-embeddings) in bf16, 256 + 256 + 256 tokens, 16 pairs per step (8 per micro-batch), for a GPU; reference log-probs from tools/score_reference.py
-and, for an `mpo` loss configuration (tau 0.05, 4 D_ref rows per micro-batch), one D_ref sample of
-128 tokens per prompt from tools/sample_reference.py. Its default losses are dpo and mpo. Scoring
+embeddings) in bf16, 256 + 256 + 256 tokens, 16 pairs per step (8 per micro-batch), for a GPU.
+Reference log-probs come from tools/score_reference.py and, for an `mpo` loss configuration (tau
+0.05, as many D_ref rows per micro-batch as pairs), one D_ref sample per prompt, as long as a
+response (128 or 256 tokens), from tools/sample_reference.py; both in the workload's dtype. Its default losses are dpo and mpo. Scoring
 and sampling take a few minutes on 2 CPU cores: give --work to keep the workload for the next run.
 """
 
@@ -194,6 +197,7 @@ class Window:
     positions_per_pair: float | None  # throughput/positions_per_pair, when logged
     flops_per_pair: float | None  # throughput/flops_per_pair, when logged
     peak_gib: float | None  # memory/peak_gib (rank 0)
+    peak_reserved_gib: float | None = None  # memory/peak_reserved_gib (rank 0, CUDA only)
 
     @property
     def positions(self) -> float:
@@ -220,7 +224,8 @@ def windows_of(lines: list[dict]) -> list[Window]:
             first_step=previous["step"] + 1, last_step=line["step"], seconds=tokens / line["throughput/tokens_per_s"],
             tokens=tokens, pairs=line["progress/pairs_seen"] - previous["progress/pairs_seen"],
             padding=line.get("throughput/padding", 0.0), positions_per_pair=line.get("throughput/positions_per_pair"),
-            flops_per_pair=line.get("throughput/flops_per_pair"), peak_gib=line.get("memory/peak_gib")))
+            flops_per_pair=line.get("throughput/flops_per_pair"), peak_gib=line.get("memory/peak_gib"),
+            peak_reserved_gib=line.get("memory/peak_reserved_gib")))
         previous = line
     return windows
 
@@ -248,6 +253,8 @@ def summarize(windows: list[Window], fallback: "FlopModel | None" = None) -> dic
         "padding": 1 - real_positions / positions if positions else None,
         "flops_per_pair": None, "flops_source": None,
         "trainer_peak_gib": max((w.peak_gib for w in windows if w.peak_gib is not None), default=None),
+        "trainer_peak_reserved_gib": max((w.peak_reserved_gib for w in windows if w.peak_reserved_gib is not None),
+                                         default=None),
     }
     if all(w.flops_per_pair is not None for w in windows):
         out["flops_per_pair"] = sum(w.flops_per_pair * w.pairs for w in windows) / pairs
@@ -306,6 +313,8 @@ def _matmul_worker(index: int, device_type: str, threads: int, size: int, dtypes
 
     torch.set_num_threads(threads)
     device = torch.device(device_type, index) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)  # synchronize() waits on the current device
     # CUDA runs kernels asynchronously: time bursts of matmuls, each ended by a synchronize.
     burst = 8 if device_type == "cuda" else 1
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
@@ -509,6 +518,18 @@ WORKLOADS = {
 }
 
 
+def _save_random_model(model: dict, dtype: str, seed: int, model_dir: str) -> None:
+    """A random-init Llama of config `model` saved in `dtype`; initialised on the GPU when there is
+    one (a 1B model's random init takes a while on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"), contextlib.redirect_stderr(io.StringIO()):
+        lm = AutoModelForCausalLM.from_config(LlamaConfig(**model)).to(getattr(torch, dtype))
+        lm.save_pretrained(model_dir)  # (the redirect: transformers' progress bar of one shard)
+
+
 def make_workload(folder: Path, *, dref: bool, model: dict = WORKLOAD_MODEL, num_pairs: int = 256, prompt: int = 64,
                   response: int = 128, dtype: str = "float32", batch_size: int = 4, global_batch_size: int = 8,
                   score_batch_size: int = 16, sample_batch_size: int = 64, seed: int = 0, log=print) -> list[str]:
@@ -516,19 +537,17 @@ def make_workload(folder: Path, *, dref: bool, model: dict = WORKLOAD_MODEL, num
 
     The model is saved in `dtype` and scored and sampled in it by the project's tools (on the GPU
     when there is one)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     model_dir, pairs, reference, dref_dir = (folder / name for name in ("model", "pairs", "reference", "dref"))
     threads = os.cpu_count() or 1
     if not (pairs / "manifest.json").is_file():
         start = time.monotonic()
-        torch.manual_seed(seed)
-        # Initialised on the GPU when there is one: a 1B model's random init takes a while on CPU.
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"), contextlib.redirect_stderr(io.StringIO()):
-            lm = AutoModelForCausalLM.from_config(LlamaConfig(**model)).to(getattr(torch, dtype))
-            lm.save_pretrained(str(model_dir))  # (the redirect: transformers' progress bar of one shard)
-        del lm
+        # In a child process: on a GPU this one would keep the CUDA context and the allocator's cache.
+        child = multiprocessing.get_context("spawn").Process(target=_save_random_model,
+                                                            args=(model, dtype, seed, str(model_dir)))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"making the workload's model in {model_dir} failed (its traceback is above)")
         write_workload_pairs(pairs, num_pairs, prompt, response, model["vocab_size"], seed)
         log(f"bench_train: workload model and {num_pairs} pairs in {folder} ({time.monotonic() - start:.0f}s)")
     if not (reference / "manifest.json").is_file():
@@ -594,14 +613,20 @@ def config_result(config: BenchConfig, runs: list[dict], peaks: dict[str, float]
         card_peak_flops=card_peak_flops,
         mfu_card_median=model_flops_utilisation(flops_per_pair, statistics.median(pairs),
                                                 card_peak_flops * config.processes if card_peak_flops else None),
-        # The trainer's memory/peak_gib: rank 0's peak allocated GPU memory (on CPU it is the rank's
-        # resident peak, which the process-tree columns already show).
-        device_peak_bytes=(max(s["trainer_peak_gib"] for s in good) * 2**30
-                           if device_type == "cuda" and all(s["trainer_peak_gib"] is not None for s in good) else None),
+        # The trainer's memory/peak_gib and peak_reserved_gib: rank 0's peak GPU memory allocated to
+        # tensors and held by the caching allocator (on CPU the first is the rank's resident peak, which
+        # the process-tree columns already show). Neither counts the CUDA context or NCCL's buffers.
+        device_peak_bytes=_gpu_peak_bytes(good, "trainer_peak_gib", device_type),
+        device_reserved_bytes=_gpu_peak_bytes(good, "trainer_peak_reserved_gib", device_type),
         max_rank_peak_bytes=max(m["max_rank_bytes"] or 0 for m in memory),
         total_peak_bytes=max(m["total_bytes"] for m in memory),
         timed_steps=good[0]["timed_steps"])
     return out
+
+
+def _gpu_peak_bytes(summaries: list[dict], key: str, device_type: str) -> float | None:
+    values = [summary.get(key) for summary in summaries]
+    return max(values) * 2**30 if device_type == "cuda" and values and None not in values else None
 
 
 def _median_or_none(values: list) -> float | None:
@@ -623,10 +648,11 @@ COLUMNS = [  # (heading, key, format, width, scale)
     ("comp/pair", "positions_per_pair", ",.0f", 9, 1), ("pad", "padding", ".1%", 6, 1),
     ("FLOP/pair", "flops_per_pair", "si", 9, 1), ("MFU best", "mfu_best", ".1%", 8, 1),
     ("MFU med", "mfu_median", ".1%", 8, 1), ("MFU card", "mfu_card_median", ".1%", 8, 1),
-    ("GPU MiB", "device_peak_bytes", ",.0f", 8, 2**-20), ("rank MiB", "max_rank_peak_bytes", ",.0f", 8, 2**-20),
+    ("GPU MiB", "device_peak_bytes", ",.0f", 8, 2**-20), ("GPU rsv MiB", "device_reserved_bytes", ",.0f", 11, 2**-20),
+    ("rank MiB", "max_rank_peak_bytes", ",.0f", 8, 2**-20),
     ("total MiB", "total_peak_bytes", ",.0f", 9, 2**-20),
 ]
-OPTIONAL_COLUMNS = {"mfu_card_median", "device_peak_bytes"}  # shown when some configuration has a value (GPU runs)
+OPTIONAL_COLUMNS = {"mfu_card_median", "device_peak_bytes", "device_reserved_bytes"}  # shown when some configuration has a value (GPU runs)
 
 
 def format_table(results: list[dict]) -> str:

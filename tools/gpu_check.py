@@ -36,7 +36,8 @@ That fallback checks the script itself; its figures say nothing about a GPU.
 The time budget (--budget-s, default 480 s; how long each stage takes on a GPU is not measured
 yet) is checked before each stage: a stage that would start after it is skipped and says so. OUTPUT_DIR receives
 gpu_check.json (every figure), gpu_check.md (the tables for README), cuda_tests.xml and the JSON of
-each bench; the runs' logs stay under --work (default OUTPUT_DIR/work).
+each bench; the runs' logs and the workload (about 3 GB for the 1b one) stay under --work (default
+OUTPUT_DIR/work), the runs' checkpoints are deleted once checked.
 """
 
 from __future__ import annotations
@@ -232,6 +233,9 @@ class GpuCheck:
         self.command("checkpoint_convert", [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"),
                                             "--checkpoint", str(final), "--out", str(converted), "--dtype", "bfloat16"])
         compared = compare_converted(final, converted, self.work / "workload" / "model")
+        # A 1B model's checkpoints hold float32 weights and two Adam moments (about 15 GB each).
+        shutil.rmtree(run_dir / "checkpoints")
+        shutil.rmtree(converted)
         return {**compared, "summary": f"saved at step {saved_at}, resumed to {saved_at + 1}, converted: "
                                        f"{compared['tensors_equal']} tensors equal the checkpoint's"}
 
@@ -241,6 +245,7 @@ class GpuCheck:
         result = self.command("two_processes", self.train_command(self.work / "two_processes", 2, nproc=2,
                                                                   extra=("checkpoint.resume=none",)),
                               ok_codes=(INPUT_ERROR_EXIT_CODE,) if expect_error else (0,))
+        shutil.rmtree(self.work / "two_processes" / "checkpoints", ignore_errors=True)
         if expect_error:
             if "has no GPU" not in result.stderr or "--nproc-per-node" not in result.stderr:
                 raise StageError("two processes on one GPU stopped with code 2 but without the error naming --nproc-per-node")
@@ -279,7 +284,8 @@ def training_row(config: dict) -> dict:
         return {"name": config["name"], "error": config["error"]}
     return {"name": config["name"], "tokens_per_s": config["tokens_per_s_median"], "pairs_per_s": config["pairs_per_s_median"],
             "mfu_matmul": config["mfu_median"], "mfu_card": config.get("mfu_card_median"),
-            "device_peak_bytes": config.get("device_peak_bytes"), "rank_peak_bytes": config["max_rank_peak_bytes"],
+            "device_peak_bytes": config.get("device_peak_bytes"), "device_reserved_bytes": config.get("device_reserved_bytes"),
+            "rank_peak_bytes": config["max_rank_peak_bytes"],
             "padding": config["padding"], "timed_steps": config["timed_steps"]}
 
 
@@ -341,12 +347,13 @@ def format_report(report: dict) -> str:
         card = matmul.get("card_peak_flops")
         lines += ["", f"Training, MPO with D_ref rows, bf16, FSDP2. Timed bf16 matmul: {peaks}"
                   + (f"; card datasheet peak {card / 1e12:,.0f} TFLOP/s." if card else "; no datasheet peak (CPU)."), "",
-                  "| configuration | tokens/s | pairs/s | MFU (card) | MFU (timed matmul) | peak GPU memory | rank peak RSS |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| configuration | tokens/s | pairs/s | MFU (card) | MFU (timed matmul) | peak GPU memory: allocated, "
+                  "reserved | rank peak RSS |", "|---|---|---|---|---|---|---|"]
         for _, row in rows:
             lines.append(f"| {row['name']} | {_si(row['tokens_per_s'])} | {_si(row['pairs_per_s'], spec=',.2f')} | "
                          f"{_si(row['mfu_card'], '%', 100, '.1f')} | {_si(row['mfu_matmul'], '%', 100, '.1f')} | "
-                         f"{_si(row['device_peak_bytes'], ' GiB', 2**-30, '.1f')} | {_si(row['rank_peak_bytes'], ' GiB', 2**-30, '.2f')} |")
+                         f"{_si(row['device_peak_bytes'], ' GiB', 2**-30, '.1f')}, {_si(row['device_reserved_bytes'], ' GiB', 2**-30, '.1f')} | "
+                         f"{_si(row['rank_peak_bytes'], ' GiB', 2**-30, '.2f')} |")
     sampler = report["stages"].get("sampler", {})
     if "medians" in sampler:
         settings = sampler["settings"]
