@@ -78,50 +78,51 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
     """Join the process group (torchrun) or run alone, run `body(info)`, always leave the group.
 
     Returns 0, or 2 after printing an input error in one line; a rank of a multi-process launch
-    exits with that code instead of returning (see below). Other exceptions propagate.
+    exits with that code instead of returning (`_end_rank`). Other exceptions propagate.
     `threads` (None: leave torch's setting) is passed to `configure_cpu_threads`.
     """
     quiet_known_warnings()
     try:
         info = init_distributed(backend=backend, single_process_group=single_process_group)
     except InputError as error:  # before any group exists (e.g. more processes than GPUs): no peer to wait for
-        sys.stderr.flush()
-        os.write(sys.stderr.fileno(), f"{name}: error: {original_message(error)}\n".encode())
+        _print_input_error(name, error)
         return INPUT_ERROR_EXIT_CODE
     if threads is not None:
         configure_cpu_threads(info, threads)
-    input_error = False
+    code = 0
     try:
         body(info)
     except InputError as error:
-        input_error = True
-        where = f" (rank {info.rank})" if info.world_size > 1 else ""
-        # One write call: lines of several ranks sharing a terminal or pipe never interleave.
-        sys.stderr.flush()
-        os.write(sys.stderr.fileno(), f"{name}: error{where}: {original_message(error)}\n".encode())
+        code = INPUT_ERROR_EXIT_CODE
+        _print_input_error(name, error, f" (rank {info.rank})" if info.world_size > 1 else "")
         # The ranks usually find the same error: let each say so before torchrun stops the others.
         wait_for_peers(INPUT_ERROR_GRACE_S)
-        return INPUT_ERROR_EXIT_CODE
     finally:
         try:
             cleanup()
         finally:
-            if input_error and info.world_size > 1:
-                # A rank of a launch that stops on an input error ends here, without leaving the group
-                # or shutting the interpreter down: with gloo's threads still running (a barrier a late
-                # peer never reached, or a peer that already left), either can abort (SIGABRT,
-                # "terminate called without an active exception"; seen about 1 run in 14 under load),
-                # and torchrun would then report a crash instead of exit code 2.
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(INPUT_ERROR_EXIT_CODE)
+            if code and info.world_size > 1:
+                # Without leaving the group: with a barrier a late peer never reached, or a peer that
+                # already left, that could block or abort (`_end_rank`).
+                _end_rank(code)
             destroy_distributed()
     if info.world_size > 1:
-        # Done, with every file closed (the body returned, cleanup ran) and the group left: end here
-        # too. Interpreter shutdown can still free work that gloo's threads hold and abort (SIGABRT,
-        # "terminate called without an active exception" after "done"; seen 3 times in one test-suite
-        # run on a loaded machine), and torchrun would then report a finished run as a crash.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+        _end_rank(code)
+    return code
+
+
+def _print_input_error(name: str, error: InputError, where: str = "") -> None:
+    # One write call: lines of several ranks sharing a terminal or pipe never interleave.
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), f"{name}: error{where}: {original_message(error)}\n".encode())
+
+
+def _end_rank(code: int) -> None:
+    """End a rank of a multi-process launch now, its files closed (the body returned, cleanup ran),
+    without interpreter shutdown: that can free work gloo's threads still hold and abort (SIGABRT,
+    "terminate called without an active exception"; seen about 1 run in 14 after an input error under
+    load, and 3 times after "done" in one loaded test-suite run), and torchrun would then report a
+    crash instead of the exit code."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

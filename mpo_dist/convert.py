@@ -27,10 +27,10 @@ from mpo_dist.checkpoint import HF_FILES_DIR, MODEL_PREFIX, read_info
 from mpo_dist.dcp_reader import SafeFileSystemReader
 from mpo_dist.distributed import barrier, is_main
 from mpo_dist.errors import InputError, MissingInputError
+from mpo_dist.model import DTYPES
 from mpo_dist.tokenizer import load_tokenizer
 
 INDEX_NAME = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # How the inputs of convert_checkpoint are named in its error messages.
 TOOL_NAMES = {"checkpoint": "--checkpoint", "out": "--out", "dtype": "--dtype"}

@@ -60,9 +60,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800, single
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        check_local_gpu(info.local_rank, info.local_world_size, torch.cuda.device_count(),
-                        os.environ.get("CUDA_VISIBLE_DEVICES"))
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(local_gpu(info))
     timeout = timedelta(seconds=timeout_s)
     if info.world_size > 1 or (single_process_group and launched_by_torchrun()):
         store = _store_of_this_restart(info, timeout)
@@ -91,6 +89,13 @@ def check_local_gpu(local_rank: int, local_world_size: int, device_count: int,
                      f"but torchrun started {local_world_size} process{'' if local_world_size == 1 else 'es'} on it; {fix}")
 
 
+def local_gpu(info: RankInfo) -> torch.device:
+    """This rank's GPU, cuda:LOCAL_RANK, checked to exist (`check_local_gpu`)."""
+    check_local_gpu(info.local_rank, info.local_world_size, torch.cuda.device_count(),
+                    os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return torch.device("cuda", info.local_rank)
+
+
 def _store_of_this_restart(info: RankInfo, timeout: timedelta) -> dist.Store | None:
     """The rendezvous store for the process group, with keys of this restart only.
 
@@ -114,13 +119,8 @@ def destroy_distributed() -> None:
 
 
 def device_for(info: RankInfo) -> torch.device:
-    """This process's device: its local GPU (GPU LOCAL_RANK, as `init_distributed` sets; checked the
-    same way), or the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    check_local_gpu(info.local_rank, info.local_world_size, torch.cuda.device_count(),
-                    os.environ.get("CUDA_VISIBLE_DEVICES"))
-    return torch.device("cuda", info.local_rank)
+    """This process's device: its local GPU (the one `init_distributed` sets), or the CPU."""
+    return local_gpu(info) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def configure_cpu_threads(info: RankInfo, threads: int = 0) -> int:

@@ -43,13 +43,14 @@ import torch
 
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
 from mpo_dist.errors import InputError
+from mpo_dist.model import DTYPES as MODEL_DTYPES
 from mpo_dist.sampling import SamplingParams, generate
 from mpo_dist.shard_job import check_batch_size
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stories260K"
 STORY_OPENINGS = ["Once upon a time", "One day, a little", "Tom and Sue", "The cat", "Lily wanted to",
                   "There was a big", "Ben had a red", "Mom said"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {**MODEL_DTYPES, "float16": torch.float16}
 BASELINE = "transformers generate"
 
 
