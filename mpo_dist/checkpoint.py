@@ -64,7 +64,14 @@ class ModelOptimizerState(Stateful):
 
 
 class RNGState(Stateful):
-    """This process's torch (CPU and CUDA) RNG state: uint8 tensors (no pickle)."""
+    """This process's torch (CPU and CUDA) RNG state: uint8 tensors (no pickle).
+
+    Loading only records the state; `restore()` sets it. The trainer restores it once its data
+    iterators exist, because creating a DataLoader iterator draws from the CPU generator: restored
+    before that draw, a resumed run would go on from another RNG state than the uninterrupted one."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         state = {"cpu": torch.get_rng_state()}
@@ -73,6 +80,13 @@ class RNGState(Stateful):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loaded = state
+
+    def restore(self) -> None:
+        """Set the loaded state (once; nothing when none was loaded)."""
+        state, self.loaded = self.loaded, None
+        if state is None:
+            return
         torch.set_rng_state(state["cpu"])
         if "cuda" in state and torch.cuda.is_available():  # a checkpoint written on CPU has none
             torch.cuda.set_rng_state(state["cuda"])

@@ -59,6 +59,7 @@ class Trainer(Stateful):
         self.epochs = {"pairs": 0, "dref": 0}  # epoch of the last batch taken from each stream
         self.epoch_progress = 0.0  # epochs of pairs done, as a fraction
         self.guard = FiniteGuard(config.training.max_nonfinite_steps, log=log_main)
+        self.rng_state = RNGState()  # rank-local: restored once the data iterators exist (train)
         # Before any input is opened (a refused run builds nothing) or anything is written.
         self.run_lock = take_run_lock(self.output_dir, self.info.is_main, log=log_main)
 
@@ -151,8 +152,7 @@ class Trainer(Stateful):
                   "scheduler": self.scheduler, "train_state": self, "pair_loader": self.pair_loader}
         if self.dref_loader is not None:
             shared["dref_loader"] = self.dref_loader
-        rank_local: dict[str, Stateful] = {"rng": RNGState()}
-        return shared, rank_local
+        return shared, {"rng": self.rng_state}
 
     def _resume(self) -> None:
         # Fixed batches: every epoch is whole steps of grad_accum micro-batches per rank, so a step
@@ -267,6 +267,7 @@ class Trainer(Stateful):
             return
         pair_iter = iter(self.pair_loader)
         dref_iter = iter(self.dref_loader) if self.dref_loader is not None else None
+        self.rng_state.restore()  # after the iterators' draws from the CPU generator, as in an uninterrupted run
         window = StepWindow()
         folder = None
         while self.step < total:

@@ -54,10 +54,15 @@ class ShardLoader(StatefulDataLoader):
         self._position = (int(epoch), 0)
 
     def __iter__(self):
+        """Not a generator: the underlying iterator is made here, when `iter()` is called, so its draw
+        from the CPU generator (DataLoader's base seed) happens then, not at the first batch."""
         if self.resume_error is not None:
             raise self.resume_error
         self.dataset.start_at(*self._position)  # a new iteration goes on where the last batch taken left off
-        for batch in super().__iter__():
+        return self._tracked(super().__iter__())
+
+    def _tracked(self, batches):
+        for batch in batches:
             self._position = (batch["epoch"], batch["epoch_batch"] + 1)
             yield batch
 
