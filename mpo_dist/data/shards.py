@@ -243,9 +243,14 @@ class ShardWriter:
             self.abort()
 
 
+def is_plain_key(key: str) -> bool:
+    """A sample key as writers write it and readers accept it: a plain name. webdataset splits member
+    names at the first dot (a dotted key would split one sample in two); a '/' makes it a path."""
+    return bool(key) and "." not in key and "/" not in key
+
+
 def check_key(key: str) -> None:
-    # webdataset splits member names at the first dot: a dotted key would split one sample in two.
-    if not key or "." in key or "/" in key:
+    if not is_plain_key(key):
         raise ValueError(f"invalid sample key {key!r}: must be non-empty, without '.' or '/'")
 
 
@@ -336,9 +341,10 @@ class ShardCursor:
         if member is None:
             raise self._no_member()
         key, _, extension = member.name.partition(".")
-        if extension != self.extension or not member.isfile():
+        # A name that is a path (`/abs/x.pair`, `sub/x.pair`) is no sample a writer of ours made.
+        if extension != self.extension or not member.isfile() or not is_plain_key(key):
             raise ShardError(f"{self.path}: unexpected member '{member.name}' at index {self._next_index} "
-                             f"(expected KEY.{self.extension})")
+                             f"(expected KEY.{self.extension}, KEY a plain name without '.' or '/')")
         return member
 
     def _payload(self, member: tarfile.TarInfo) -> bytes:
