@@ -176,6 +176,26 @@ def test_token_id_outside_the_vocabulary_missing_field_and_count(root):
     refused(root, "outside the vocabulary of 50 tokens", vocab_size=50)  # a smaller model's bound them
 
 
+def test_token_ids_outside_the_vocabulary_are_counted_in_one_line(root):
+    """Shards of another tokenizer hold such ids in nearly every sample: one line counts them and names
+    the first (a line per sample would bury the cause, and any other problem, under hundreds)."""
+    from mpo_dist.data.shards import ShardCursor
+
+    def samples_outside(folder: str) -> int:  # those holding an id >= 20
+        manifest = Manifest.read(root / folder)
+        return sum(any(int(ids.max()) >= 20 for ids in arrays.values())
+                   for shard in manifest.shards
+                   for _, _, arrays in ShardCursor(root / folder / shard.name, manifest.kind, shard.num_samples))
+
+    count = samples_outside("pairs") + samples_outside("dref")
+    assert count > 20
+    message = refused(root, f"found {count} problem(s)", vocab_size=20)
+    [line] = message.splitlines()[1:]
+    assert line.strip().startswith(f"{count} samples hold token ids outside the vocabulary, the first: "
+                                   f"{root / 'pairs' / 'shard-000000.tar'}: sample 's000-0000': array "), line
+    assert "outside the vocabulary of 20 tokens; were they tokenized with another tokenizer" in line
+
+
 def test_dref_keys_follow_the_pairs_and_logp_ref_is_finite(root):
     def damage(index, key, meta, arrays):
         if index == 3:

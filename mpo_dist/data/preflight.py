@@ -9,7 +9,8 @@
   token counts, and pairs and reference keys in lockstep (and D_ref keys `KEY-sK` when D_ref was
   sampled from these pairs). Rank r of W checks the shards i % W == r, then the ranks combine
   the verdict: the rank that found problems raises one ShardError listing them (one line each,
-  naming shard, key and field, at most `max_problems`); every other rank raises an InputError
+  naming shard, key and field, at most `max_problems`; token ids outside the vocabulary are counted
+  in one line naming the first); every other rank raises an InputError
   saying the check failed on another rank, so the job ends with exit 2 on every rank.
 - `check_training_inputs`: both, the one call the trainer makes before it builds the model.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from mpo_dist.data.samples import (
+    OutOfVocabulary,
     ShardSet,
     check_reference_matches,
     describe,
@@ -55,16 +57,49 @@ class PreflightReport:
                 f"({self.pairs:,} pairs) in {self.seconds:.1f}s{note}")
 
 
-class _Problems(list):
+class _Problems:
+    """The problems this rank found: the first `cap` lines, a count of the rest, and token ids outside
+    the vocabulary counted in one line naming the first (shards of another tokenizer have them in
+    nearly every sample: a line each would bury the cause, and any other problem)."""
+
     def __init__(self, cap: int):
-        super().__init__()
+        self.lines: list[str] = []
         self.cap, self.more = cap, 0
+        self.out_of_vocabulary, self._first_out_of_vocabulary = 0, ""
 
     def add(self, line: str) -> None:
-        if len(self) < self.cap:
-            self.append(line)
+        if len(self.lines) < self.cap:
+            self.lines.append(line)
         else:
             self.more += 1
+
+    def add_sample(self, path: Path, key: str, problem: str) -> None:
+        if not isinstance(problem, OutOfVocabulary):
+            self.add(describe(path, key, problem))
+            return
+        self.out_of_vocabulary += 1
+        if self.out_of_vocabulary == 1:
+            self._first_out_of_vocabulary = describe(path, key, problem)
+
+    @property
+    def count(self) -> int:
+        return len(self.lines) + self.more + self.out_of_vocabulary
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def report(self) -> list[str]:
+        """The lines to show: at most `cap` + 2 (the vocabulary line and '... and N more')."""
+        lines = list(self.lines)
+        if self.out_of_vocabulary == 1:
+            lines.insert(0, self._first_out_of_vocabulary)
+        elif self.out_of_vocabulary:
+            lines.insert(0, f"{self.out_of_vocabulary} samples hold token ids outside the vocabulary, the first: "
+                            f"{self._first_out_of_vocabulary}; were they tokenized with another tokenizer than the "
+                            "model's? Re-make them with its tokenizer (tools/prepare_pairs.py --tokenizer MODEL_DIR)")
+        if self.more:
+            lines.append(f"... and {self.more} more")
+        return lines
 
 
 # ---------------------------------------------------------------------------- provenance
@@ -177,7 +212,7 @@ def _check_pairs_shard(sets: _Sets, shard: ShardInfo, vocab: int | None, problem
             if length != shard.lengths[index]:
                 problem = f"manifest lists length {shard.lengths[index]}, the record has {length} tokens"
         if problem:
-            problems.add(describe(path, key, problem))
+            problems.add_sample(path, key, problem)
         if ref_records is None or not in_step:
             continue
         ref = pending or next(ref_records, None)
@@ -198,7 +233,7 @@ def _check_pairs_shard(sets: _Sets, shard: ShardInfo, vocab: int | None, problem
             continue
         problem = reference_problem(ref_meta, arrays)
         if problem:
-            problems.add(describe(ref_path, key, problem))
+            problems.add_sample(ref_path, key, problem)
     if ref_records is not None and in_step:
         for _ in ref_records:  # the reference's own end-of-tar check
             pass
@@ -225,7 +260,7 @@ def _check_dref_shard(sets: _Sets, shard: ShardInfo, vocab: int | None, problems
             if length != shard.lengths[index]:
                 problem = f"manifest lists length {shard.lengths[index]}, the record has {length} tokens"
         if problem:
-            problems.add(describe(path, key, problem))
+            problems.add_sample(path, key, problem)
 
 
 def _check_shards(sets: _Sets, vocab_size: int | None, rank: int, world_size: int, problems: _Problems, report) -> None:
@@ -276,9 +311,8 @@ def preflight_check(pairs_dir: str | Path, reference_dir: str | Path | None = No
     report.seconds = time.monotonic() - start
     everyone_ok = all_ranks_succeeded(not problems and not failed_quietly)
     if problems:
-        more = f"\n  ... and {problems.more} more" if problems.more else ""
-        raise ShardError(f"pre-flight shard check found {len(problems) + problems.more} problem(s) (rank {rank} of "
-                         f"{world_size}); fix or re-make these shards before training:\n  " + "\n  ".join(problems) + more)
+        raise ShardError(f"pre-flight shard check found {problems.count} problem(s) (rank {rank} of "
+                         f"{world_size}); fix or re-make these shards before training:\n  " + "\n  ".join(problems.report()))
     if not everyone_ok:
         raise InputError("pre-flight shard check failed on another rank (its message lists the problems)")
     return report
@@ -297,12 +331,12 @@ def check_eval_inputs(eval_pairs_dir: str | Path | None, eval_reference_dir: str
     training); with `require_held_out`, eval pairs that are the training pairs and an eval D_ref
     sampled from the training prompts (its KL would be the optimistic training-set figure)."""
     train_fingerprint = manifest_fingerprint(Path(train_pairs_dir))
-    train_model = _weights_hash(_read_manifest("data.reference", train_reference_dir, "ref_logps")) if train_reference_dir else None
+    train_model = _weights_hash(read_manifest("data.reference", train_reference_dir, "ref_logps")) if train_reference_dir else None
     if eval_pairs_dir:
         if require_held_out and manifest_fingerprint(Path(eval_pairs_dir)) == train_fingerprint:
             raise InputError(f"eval.pairs {eval_pairs_dir} is the training set data.pairs {train_pairs_dir}; hold pairs out "
                              "with tools/prepare_pairs.py --eval-fraction, or set eval.require_held_out=false")
-        reference = _read_manifest("eval.reference", eval_reference_dir, "ref_logps")
+        reference = read_manifest("eval.reference", eval_reference_dir, "ref_logps")
         recorded = recorded_pairs_fingerprint(reference, eval_reference_dir)
         if recorded is not None and recorded != manifest_fingerprint(Path(eval_pairs_dir)):
             raise InputError(f"eval.reference {eval_reference_dir} was made from other pairs than eval.pairs "
@@ -313,7 +347,7 @@ def check_eval_inputs(eval_pairs_dir: str | Path | None, eval_reference_dir: str
                              f"data.reference {train_reference_dir} ({train_model}); score the eval pairs with the "
                              "training run's reference model")
     if eval_dref_dir:
-        dref = _read_manifest("eval.dref", eval_dref_dir, "dref")
+        dref = read_manifest("eval.dref", eval_dref_dir, "dref")
         if require_held_out and recorded_pairs_fingerprint(dref, eval_dref_dir) == train_fingerprint:
             raise InputError(f"eval.dref {eval_dref_dir} was sampled from the training prompts (data.pairs "
                              f"{train_pairs_dir}): its KL would be the optimistic training-set figure; sample it from "
@@ -324,7 +358,8 @@ def check_eval_inputs(eval_pairs_dir: str | Path | None, eval_reference_dir: str
                              f"reference of data.reference ({train_model}); sample it with the training run's reference")
 
 
-def _read_manifest(option: str, directory: str | Path, kind: str) -> Manifest:
+def read_manifest(option: str, directory: str | Path, kind: str) -> Manifest:
+    """A shard folder's manifest; an error names the config option of the folder (e.g. data.pairs)."""
     try:
         return Manifest.read(directory, kind)
     except ShardError as error:
@@ -337,9 +372,9 @@ def check_training_inputs(pairs_dir: str | Path, reference_dir: str | Path | Non
                           on_dtype_mismatch: str = "warn", log: Callable[[str], None] = print) -> PreflightReport | None:
     """Provenance (always: manifests only) and, with `preflight`, the shard check; logs its cost.
     Errors name the config option of the folder at fault (data.pairs, data.reference, data.dref)."""
-    pairs = _read_manifest("data.pairs", pairs_dir, "pairs")
-    reference = _read_manifest("data.reference", reference_dir, "ref_logps") if reference_dir else None
-    dref = _read_manifest("data.dref", dref_dir, "dref") if dref_dir else None
+    pairs = read_manifest("data.pairs", pairs_dir, "pairs")
+    reference = read_manifest("data.reference", reference_dir, "ref_logps") if reference_dir else None
+    dref = read_manifest("data.dref", dref_dir, "dref") if dref_dir else None
     check_provenance(pairs, pairs_dir, reference, reference_dir, dref, dref_dir, model_dtype, on_dtype_mismatch, log)
     if not preflight:
         return None

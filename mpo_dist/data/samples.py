@@ -148,6 +148,11 @@ def refuse(path: Path, key: str, problem: str | None) -> None:
         raise ShardError(describe(path, key, problem))
 
 
+class OutOfVocabulary(str):
+    """A problem that is a token id outside the vocabulary: shards made with another tokenizer have one
+    in nearly every sample, so the pre-flight counts these in one line instead of listing each."""
+
+
 def ids_problem(arrays: dict[str, np.ndarray], names: tuple[str, ...], vocab_size: int | None) -> str | None:
     for name in names:
         ids = arrays.get(name)
@@ -164,8 +169,8 @@ def ids_problem(arrays: dict[str, np.ndarray], names: tuple[str, ...], vocab_siz
             continue
         if int(ids.min()) < 0:
             return f"array '{name}' holds token id {int(ids[ids < 0][0])}, a negative id"
-        return (f"array '{name}' holds token id {int(ids[ids >= vocab_size][0])} outside the vocabulary "
-                f"of {vocab_size} tokens")
+        return OutOfVocabulary(f"array '{name}' holds token id {int(ids[ids >= vocab_size][0])} outside the "
+                               f"vocabulary of {vocab_size} tokens")
     return None
 
 
