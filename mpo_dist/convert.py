@@ -118,6 +118,9 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str =
         raise InputError(f"{name_checkpoint} {checkpoint} is not a training checkpoint (no DCP .metadata); "
                          "pass a folder like OUTPUT_DIR/checkpoints/step-00000100")
     info = read_info(checkpoint)  # refuses a save that crashed before completing
+    if not (checkpoint / ".metadata").is_file():
+        raise MissingInputError(f"{name_checkpoint} {checkpoint} has checkpoint.json but no DCP .metadata file, so its "
+                                "tensors cannot be found (a copy that left out hidden files?); copy the whole folder")
     hf_dir = checkpoint / HF_FILES_DIR
     if not (hf_dir / "config.json").is_file():
         raise InputError(f"{name_checkpoint} {checkpoint} has no {HF_FILES_DIR}/config.json describing the model")

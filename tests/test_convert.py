@@ -200,3 +200,65 @@ def test_cli_reports_errors(tmp_path):
     [line] = result.stderr.strip().splitlines()  # one line naming the flag, no traceback
     assert line.startswith("convert_checkpoint: error:") and "--checkpoint" in line
     assert not (tmp_path / "out").exists()
+
+
+def checkpoint_folder(folder: Path, metadata: bytes | None, info: bool = True) -> Path:
+    """A checkpoint folder as far as convert_checkpoint looks before reading tensors: hf/config.json,
+    checkpoint.json (unless `info` is false) and .metadata holding `metadata` (none: no file)."""
+    (folder / "hf").mkdir(parents=True)
+    (folder / "hf" / "config.json").write_text("{}")
+    if info:
+        (folder / "checkpoint.json").write_text(json.dumps({"step": 1, "dp_world_size": 1}))
+    if metadata is not None:
+        (folder / ".metadata").write_bytes(metadata)
+    return folder
+
+
+def real_metadata(tmp_path: Path) -> bytes:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"weight": torch.zeros(2)}, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    return (tmp_path / "dcp" / ".metadata").read_bytes()
+
+
+def test_a_folder_without_metadata_is_a_one_line_error(tmp_path):
+    """What a copy without hidden files (cp DIR/*) leaves: checkpoint.json but no .metadata."""
+    from conftest import run_tool
+
+    folder = checkpoint_folder(tmp_path / "step-00000001", metadata=None)
+    result = run_tool("convert_checkpoint.py", "--checkpoint", folder, "--out", tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()  # no traceback
+    assert line.startswith("convert_checkpoint: error: --checkpoint") and f"{folder} has checkpoint.json but no DCP .metadata" in line
+    assert not (tmp_path / "out").exists()
+
+
+NOT_DCP_METADATA = {  # what .metadata holds -> what the error says
+    "no checkpoint.json": "not a complete mpo_dist checkpoint (no checkpoint.json)",  # .metadata is real here
+    "text": "damaged: reading its DCP files failed (UnpicklingError",
+    "empty": "damaged: reading its DCP files failed (",
+    "a pickle of a dict": "the metadata file holds a dict, not DCP Metadata",
+    "a pickle calling an int": "damaged: reading its DCP files failed (UnpicklingError: refusing to call 1",
+    "a torch.save file": "damaged: reading its DCP files failed (UnpicklingError",
+}
+
+
+@pytest.mark.parametrize("case", NOT_DCP_METADATA)
+def test_a_metadata_that_is_not_dcp_metadata_is_a_one_line_error(tmp_path, case):
+    import io
+
+    saved = io.BytesIO()
+    torch.save({"weight": torch.zeros(2)}, saved)
+    metadata = {"no checkpoint.json": real_metadata(tmp_path), "text": b"step 1\n", "empty": b"",
+                "a pickle of a dict": pickle.dumps({"step": 1}), "a pickle calling an int": b"\x80\x04K\x01)R.",
+                "a torch.save file": saved.getvalue()}[case]
+    folder = checkpoint_folder(tmp_path / "step-00000001", metadata, info=case != "no checkpoint.json")
+    with pytest.raises(InputError) as caught:
+        convert_checkpoint(folder, tmp_path / "out", log=QUIET)
+    assert str(folder) in str(caught.value) and NOT_DCP_METADATA[case] in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
