@@ -22,6 +22,7 @@ counters, optimizer hyper-parameters, the schedule) are read with `torch.load(we
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import re
@@ -33,6 +34,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
@@ -200,6 +202,94 @@ class DamagedCheckpointError(InputError):
     """A checkpoint folder that cannot be loaded: files truncated, missing or unreadable."""
 
 
+class DiskFullError(InputError):
+    """A save that ran out of disk space: an InputError, so that it ends the run with one line saying
+    what to free, not a traceback (nothing in the run is at fault)."""
+
+
+DISK_FULL_BYTES = 2**20  # free space below this after a failed save: it failed because the disk is full
+
+
+def _is_out_of_space(error: BaseException) -> bool:
+    """An ENOSPC or EDQUOT anywhere in `error`: its causes, and each rank's failure DCP gathered."""
+    pending, visited = [error], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in visited:
+            continue
+        visited.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        pending += _rank_failures(current) + [e for e in (current.__cause__, current.__context__) if e is not None]
+    return False
+
+
+def _rank_failures(error: BaseException) -> list[BaseException]:
+    """The ranks' exceptions a CheckpointException gathered (DCP keeps each with its stack)."""
+    if not isinstance(error, CheckpointException):
+        return []
+    return [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Free bytes on the file system of `folder` (or its nearest existing parent)."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+class CheckpointMismatchError(InputError):
+    """An intact checkpoint of another model (parameter names or shapes differ): not damage."""
+
+
+# Config fields that say which model a checkpoint holds (its hf/config.json against the run's model).
+_MODEL_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head", "n_inner", "tie_word_embeddings")
+
+
+def shape_mismatches(folder: Path, states: dict[str, Stateful]) -> list[str]:
+    """What keeps the model in `states` from loading `folder` although its files are intact: a parameter
+    whose shape differs, one the checkpoint lacks or one it holds beyond the model's. Names a few at most,
+    from the metadata alone (no tensor is read). (Other state, e.g. data positions, may legitimately
+    change shape with the world size: it is not compared.)"""
+    model_states = {name: state for name, state in states.items() if MODEL_PREFIX.startswith(name + ".")}
+    stored = SafeFileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    held = {key for key in stored if key.startswith(MODEL_PREFIX)}
+    if not (model_states and held):  # no model on one side: nothing to compare (`load` reports what is missing)
+        return []
+    expected, _ = flatten_state_dict({name: state.state_dict() for name, state in model_states.items()})
+    expected = {key: value for key, value in expected.items() if key.startswith(MODEL_PREFIX)}
+    found: list[str] = []
+    for key, value in expected.items():
+        size = getattr(stored.get(key), "size", None)
+        if isinstance(value, torch.Tensor) and size is not None and tuple(size) != tuple(value.shape):
+            found.append(f"{key.removeprefix(MODEL_PREFIX)} is {list(size)} there and {list(value.shape)} in this run")
+    wanted = set(expected)
+    for key in sorted(wanted - held)[:3]:
+        found.append(f"it has no {key.removeprefix(MODEL_PREFIX)}")
+    for key in sorted(held - wanted)[:3]:
+        found.append(f"it holds {key.removeprefix(MODEL_PREFIX)}, which this model lacks")
+    return found
+
+
+def model_differences(folder: Path, run_model_config: dict[str, Any] | None) -> str:
+    """', the checkpoint's model has hidden_size 96 (this run's: 64), ...' from its hf/config.json, or ''."""
+    path = Path(folder) / HF_FILES_DIR / "config.json"
+    if not run_model_config or not path.is_file():
+        return ""
+    try:
+        theirs = json.loads(path.read_text())
+    except ValueError:
+        return ""
+    differing = [f"{key} {theirs[key]} (this run's: {run_model_config[key]})" for key in _MODEL_FIELDS
+                 if key in theirs and key in run_model_config and theirs[key] != run_model_config[key]]
+    return f"; the checkpoint's model has {', '.join(differing)}" if differing else ""
+
+
 # What a damaged file makes dcp.load (which wraps them in CheckpointException, a BaseException) or
 # unpickling raise; anything else (a bug) propagates with its traceback.
 _LOAD_ERRORS = (CheckpointException, pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError)
@@ -215,12 +305,26 @@ def read_info(folder: Path) -> dict[str, Any]:
     return json.loads(info_path.read_text())
 
 
+def refuse_to_overwrite_a_run(root: Path, resume: str, overwrite: bool) -> None:
+    """checkpoint.resume=none where complete checkpoints exist would overwrite that run's checkpoints,
+    metrics and config: refused (an InputError naming the options) unless job.overwrite_output_dir."""
+    found = complete_checkpoints(root)
+    if resume == "none" and found and not overwrite:
+        raise InputError(
+            f"checkpoint.resume=none: {root} holds the checkpoints of an earlier run ({', '.join(p.name for p in found)}), "
+            "which starting fresh there would overwrite, with its metrics.jsonl and config.yaml; resume it with "
+            "checkpoint.resume=auto, use another job.output_dir, or set job.overwrite_output_dir=true to delete them "
+            "and start fresh")
+
+
 class Checkpointer:
     def __init__(self, root: str | Path, keep: int, rank: int, dp_rank: int, dp_world_size: int,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, model_config: dict[str, Any] | None = None):
+        """`model_config`: the run's model config (a Hugging Face config as a dict), named in the error
+        when a checkpoint holds another model."""
         self.root, self.keep = Path(root), keep
         self.rank, self.dp_rank, self.dp_world_size = rank, dp_rank, dp_world_size
-        self.log = log
+        self.log, self.model_config = log, model_config
 
     def _rank_key(self, name: str, dp_rank: int) -> str:
         return f"{name}/dp_rank_{dp_rank}"
@@ -238,22 +342,45 @@ class Checkpointer:
         for name, state in rank_local.items():
             key = self._rank_key(name, self.dp_rank)
             payload[key] = _as_tensors(state.state_dict(), key)  # tensors only: nothing to unpickle on load
-        dcp.save(payload, checkpoint_id=str(tmp), no_dist=not has_process_group())
-        # dcp.save fails on every rank together (it gathers the ranks' results); rank 0's completion
-        # below fails alone, so the ranks agree on it before anything is pruned.
-        error = None
-        if self.rank == 0:
-            try:
-                self._complete(tmp, final, {"step": step, "dp_world_size": self.dp_world_size,
-                                            "world_size": world_size(), "rank_local": sorted(rank_local)}, write_extra)
-            except Exception as caught:
-                error = caught
-        raise_on_every_rank(error, lambda: RuntimeError(f"checkpoint {final}: completing the save failed on rank 0 "
-                                                        "(see its error); the previous checkpoints are kept"))
+        try:
+            dcp.save(payload, checkpoint_id=str(tmp), no_dist=not has_process_group())
+            # dcp.save fails on every rank together (it gathers the ranks' results); rank 0's completion
+            # below fails alone, so the ranks agree on it before anything is pruned.
+            error = None
+            if self.rank == 0:
+                try:
+                    self._complete(tmp, final, {"step": step, "dp_world_size": self.dp_world_size,
+                                                "world_size": world_size(), "rank_local": sorted(rank_local)}, write_extra)
+                except Exception as caught:
+                    error = caught
+            raise_on_every_rank(error, lambda: RuntimeError(f"checkpoint {final}: completing the save failed on rank 0 "
+                                                            "(see its error); the previous checkpoints are kept"))
+        except (Exception, CheckpointException) as failure:
+            self._save_failed(step, tmp, failure)
+            raise
         if self.rank == 0:
             self._prune(final)
         barrier()
         return final
+
+    def _save_failed(self, step: int, tmp: Path, failure: BaseException) -> None:
+        """After a failed save: rank 0 removes its half-written temp folder (a resume ignores one, but
+        it holds disk space); a full disk becomes a DiskFullError saying so, where, and which
+        checkpoint is intact. Anything else is left to propagate with its traceback."""
+        free = _free_bytes(self.root)
+        full = _is_out_of_space(failure) or (free is not None and free < DISK_FULL_BYTES)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            latest = self.latest()
+            intact = (f"the newest complete checkpoint, {latest}, is intact (checkpoint.resume=auto resumes from it)"
+                      if latest is not None else "there is no earlier checkpoint")
+            free_text = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+            raise DiskFullError(
+                f"checkpoint of step {step}: the disk is full under {self.root} ({free_text}; "
+                f"{'; '.join(dict.fromkeys(map(_one_line, _rank_failures(failure) or [failure])))}); "
+                f"the half-written {tmp.name} was removed and {intact}; free space there, or set job.output_dir "
+                "on a larger disk, and run again") from failure
 
     def _complete(self, tmp: Path, final: Path, info: dict[str, Any], write_extra: Callable[[Path], None] | None) -> None:
         """Side files and checkpoint.json into `tmp`, then rename it to `final` (rank 0)."""
@@ -326,7 +453,7 @@ class Checkpointer:
             folder = Path(resume)
             if not (folder / INFO_NAME).is_file():
                 read_info(folder)  # not a complete checkpoint at all: its own message
-            problem = self._try_load(folder, states, rank_local)
+            problem = self._try_load(folder, states, rank_local, f"checkpoint.resume={folder}")
             if isinstance(problem, str):
                 raise DamagedCheckpointError(f"checkpoint.resume={folder}: this checkpoint is damaged ({problem}); "
                                              "resume from another checkpoint, or set checkpoint.resume=none")
@@ -334,7 +461,7 @@ class Checkpointer:
         candidates = complete_checkpoints(self.root)[::-1]
         damaged = []
         for folder in candidates:
-            outcome = self._try_load(folder, states, rank_local)
+            outcome = self._try_load(folder, states, rank_local, "checkpoint.resume=auto")
             if not isinstance(outcome, str):
                 self._set_aside(damaged)
                 return folder, outcome
@@ -344,7 +471,8 @@ class Checkpointer:
         if damaged:
             raise DamagedCheckpointError(
                 f"checkpoint.resume=auto: every checkpoint under {self.root} is damaged "
-                f"({', '.join(p.name for p in damaged)}); move them away to start fresh, or set checkpoint.resume=none")
+                f"({', '.join(p.name for p in damaged)}); move them away, or set checkpoint.resume=none "
+                "job.overwrite_output_dir=true to delete them and start fresh")
         return None, {}
 
     def _set_aside(self, damaged: list[Path]) -> None:
@@ -359,12 +487,22 @@ class Checkpointer:
                 self.log(f"mpo_dist: set the damaged checkpoint aside as {target}")
         barrier()
 
-    def _try_load(self, folder: Path, states: dict[str, Stateful], rank_local: dict[str, Stateful]) -> dict[str, Any] | str:
+    def _try_load(self, folder: Path, states: dict[str, Stateful], rank_local: dict[str, Stateful],
+                  option: str) -> dict[str, Any] | str:
         """`load`'s info, or what is wrong with `folder` when any rank found it damaged (on the ranks
-        that did not, a message saying so). Every rank calls it."""
+        that did not, a message saying so). An intact checkpoint of another model is no damage: a
+        CheckpointMismatchError says what differs (every rank finds the same). Every rank calls it."""
         problem = checkpoint_problem(folder)
         if not all_ranks_succeeded(problem is None):
             return problem or "damaged as seen from another rank"
+        mismatches = shape_mismatches(folder, states)
+        if mismatches:
+            fix = ("use another job.output_dir for this model, or set checkpoint.resume=none "
+                   "job.overwrite_output_dir=true to delete that run's checkpoints and start fresh there"
+                   if option == "checkpoint.resume=auto" else "set checkpoint.resume to a checkpoint of this model")
+            raise CheckpointMismatchError(
+                f"{option}: {folder} holds another model than this run's (it is not damaged): "
+                f"{'; '.join(mismatches[:4])}{model_differences(folder, self.model_config)}; {fix}")
         try:
             info = self.load(folder, states, rank_local)
         except _LOAD_ERRORS as error:
@@ -412,7 +550,7 @@ class Checkpointer:
 def _short_error(error: BaseException) -> str:
     """One line for a load failure: DCP's CheckpointException holds the ranks' tracebacks; keep their last lines."""
     if isinstance(error, CheckpointException):
-        causes = [_one_line(failure[0]) for failure in error.failures.values()]
+        causes = map(_one_line, _rank_failures(error))
         return "loading failed: " + ("; ".join(dict.fromkeys(causes)) or "CheckpointException")
     return f"loading failed: {_one_line(error)}"
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Callable
 
@@ -18,6 +20,17 @@ from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, InputError
 
 
 INPUT_ERROR_GRACE_S = 10.0  # how long a rank with an input error waits for the others to report theirs
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler, torchrun stopping its workers, `kill`): the body stops where it is
+    and leaves through its cleanup, so the run lock is released and files are closed. A BaseException,
+    so that no `except Exception` on the way swallows it."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signal.Signals(signum).name)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -77,11 +90,14 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
              cleanup: Callable[[], None] = lambda: None) -> int:
     """Join the process group (torchrun) or run alone, run `body(info)`, always leave the group.
 
-    Returns 0, or 2 after printing an input error in one line; a rank of a multi-process launch
-    exits with that code instead of returning (`_end_rank`). Other exceptions propagate.
+    Returns 0, or 2 after printing an input error in one line, or 143 when SIGTERM stopped the body
+    (after its cleanup: `Terminated`); a rank of a multi-process launch exits with that code instead
+    of returning (`_end_rank`). Other exceptions propagate.
     `threads` (None: leave torch's setting) is passed to `configure_cpu_threads`.
     """
     quiet_known_warnings()
+    if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         info = init_distributed(backend=backend, single_process_group=single_process_group)
     except InputError as error:  # before any group exists (e.g. more processes than GPUs): no peer to wait for
@@ -97,6 +113,10 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
         _print_input_error(name, error, f" (rank {info.rank})" if info.world_size > 1 else "")
         # The ranks usually find the same error: let each say so before torchrun stops the others.
         wait_for_peers(INPUT_ERROR_GRACE_S)
+    except Terminated as signal_name:
+        code = TERMINATED_EXIT_CODE
+        where = f" (rank {info.rank})" if info.world_size > 1 else ""
+        _write_stderr(f"{name}: stopped by {signal_name}{where}; what was saved before it is kept\n")
     finally:
         try:
             cleanup()
@@ -112,9 +132,13 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
 
 
 def _print_input_error(name: str, error: InputError, where: str = "") -> None:
+    _write_stderr(f"{name}: error{where}: {original_message(error)}\n")
+
+
+def _write_stderr(text: str) -> None:
     # One write call: lines of several ranks sharing a terminal or pipe never interleave.
     sys.stderr.flush()
-    os.write(sys.stderr.fileno(), f"{name}: error{where}: {original_message(error)}\n".encode())
+    os.write(sys.stderr.fileno(), text.encode())
 
 
 def _end_rank(code: int) -> None:

@@ -52,6 +52,10 @@ def opt(default: Any, help: str) -> Any:
 class JobConfig:
     output_dir: str = opt("outputs/run", "folder for checkpoints, the resolved config and logs")
     seed: int = opt(0, "seed for model init, data shuffling and dropout")
+    overwrite_output_dir: bool = opt(False, "start fresh in a job.output_dir that holds an earlier run's checkpoints: "
+                                            "they, its metrics.jsonl, TensorBoard events and Hugging Face export are "
+                                            "deleted once the inputs are checked (needs checkpoint.resume=none); false: "
+                                            "such a folder is refused")
 
     def validate(self) -> None:
         _check(bool(self.output_dir), "job.output_dir", "must be a non-empty path", self.output_dir)
@@ -61,8 +65,9 @@ class JobConfig:
 class ModelConfig:
     path: str = opt("", "local Hugging Face model directory; empty: random init from model.config")
     config: dict = opt({}, "kwargs of a random-init model config, used when model.path is empty (unchecked)")
-    dtype: Literal["float32", "bfloat16"] = opt(
-        "bfloat16", "compute dtype of parameters in forward/backward (master weights, gradients reductions and optimizer stay float32)")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "compute dtype of parameters in forward/backward (master weights, gradients reductions and optimizer stay "
+                "float32); auto: bfloat16 on a GPU or a CPU that computes it natively, float32 on a CPU that would emulate it")
 
     def validate(self) -> None:
         # Both set is ambiguous: one of them would be silently ignored.
@@ -120,7 +125,7 @@ class DataConfig:
     preflight: bool = opt(True, "before step 1, read every shard once (split over the ranks) and check it: tar members "
                                 "against the manifest, checksums, token ids, finite log-probs, keys in lockstep")
     reference_dtype_mismatch: Literal["warn", "error"] = opt(
-        "warn", "reference or D_ref log-probs computed in another dtype than model.dtype: warn, or refuse")
+        "warn", "reference or D_ref log-probs computed in another dtype than model.dtype resolves to here: warn, or refuse")
 
     def validate(self) -> None:
         _check(bool(self.pairs), "data.pairs", "is required (a folder of pairs shards)", self.pairs)
@@ -295,6 +300,10 @@ class Config:
         for f in fields(self):
             getattr(self, f.name).validate()
         # Checks that span sections.
+        if self.job.overwrite_output_dir and self.checkpoint.resume == "auto":
+            raise _Invalid("job.overwrite_output_dir=true deletes the checkpoints that checkpoint.resume=auto would "
+                           "resume from: set checkpoint.resume=none to start fresh", "job.overwrite_output_dir",
+                           "checkpoint.resume")
         if self.checkpoint.keep_best and not self.eval.enabled:
             raise _Invalid(f"checkpoint.keep_best={self.checkpoint.keep_best} needs an eval set: set eval.pairs (with "
                            "eval.reference) or eval.dref", "checkpoint.keep_best", "eval.pairs")

@@ -174,6 +174,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def folders_to_create(folder: str | Path) -> list[Path]:
+    """The folders that creating `folder` would make, deepest first (none when it exists)."""
+    missing, path = [], Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) that are empty: what a refused run created, nothing it did not."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:  # not empty, or already gone
+            return
+
+
 def take_run_lock(folder: str | Path, is_main: bool, log: Callable[[str], None] = print) -> RunLock | None:
     """Rank 0 takes `folder`'s run lock; every rank learns the outcome (a collective), so a refused run
     ends with an input error on every rank. Returns the lock on rank 0, None elsewhere."""

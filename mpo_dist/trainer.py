@@ -14,6 +14,7 @@ last step, without changing the training trajectory; its metrics go out with the
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from functools import partial
 from pathlib import Path
@@ -22,35 +23,52 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
-from mpo_dist.checkpoint import Checkpointer, ModelOptimizerState, RNGState
+from mpo_dist.checkpoint import Checkpointer, ModelOptimizerState, RNGState, refuse_to_overwrite_a_run
+from mpo_dist.compute_dtype import choose_dtype
 from mpo_dist.config import Config, grad_accum_for, save_config
 from mpo_dist.convert import export_hf, write_hf_files
 from mpo_dist.data.collate import batch_documents
 from mpo_dist.data.layout import ModelInput, layout_for
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
-from mpo_dist.data.preflight import check_eval_inputs, check_training_inputs
-from mpo_dist.distributed import all_reduce_sum, device_for, init_distributed, log_main
+from mpo_dist.data.input_paths import check_input_paths
+from mpo_dist.data.preflight import check_eval_inputs, check_training_inputs, read_manifest
+from mpo_dist.distributed import all_reduce_sum, barrier, device_for, init_distributed, log_main
 from mpo_dist.errors import InputError
 from mpo_dist.evaluation import Evaluator, describe as describe_eval
 from mpo_dist.finite_guard import FiniteGuard, refuse_non_finite_state
 from mpo_dist.logprobs import batch_logprobs
 from mpo_dist.losses import build_loss
-from mpo_dist.metrics import (MetricLogger, StepWindow, flop_counts, mfu, model_layout_cost, peak_memory_bytes, peak_tflops,
+from mpo_dist.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricLogger, StepWindow, flop_counts, mfu, model_layout_cost, peak_memory_bytes, peak_tflops,
                               row_flops)
 from mpo_dist.model import build_model, count_parameters, load_model_config, materialize_model
 from mpo_dist.optim import build_lr_scheduler, build_optimizer
 from mpo_dist.parallelize import apply_fsdp, build_mesh
-from mpo_dist.run_lock import take_run_lock
+from mpo_dist.run_lock import folders_to_create, remove_if_empty, take_run_lock
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
+HF_EXPORT_DIR = "hf"  # checkpoint.export_hf's folder in job.output_dir
 MicroBatch = tuple[dict, "dict | None", ModelInput]  # (pairs, D_ref or None, the forward's rows)
 
 
 class Trainer(Stateful):
     def __init__(self, config: Config):
+        """Build everything, or leave nothing behind: a run refused before its first step releases its
+        run lock and removes the output folders it created (an earlier run's files were not touched)."""
+        new_folders = folders_to_create(Path(config.job.output_dir))
+        try:
+            self._build(config)
+        except BaseException:
+            self.close()
+            if getattr(self, "info", None) is not None and self.info.is_main:
+                remove_if_empty(new_folders)
+            raise
+
+    def _build(self, config: Config) -> None:
         self.config = config
         self.info = init_distributed(single_process_group=True)  # FSDP2 and DCP need a group at any size
         self.device = device_for(self.info)
+        # model.dtype=auto resolved once, here: the model, the FSDP policy and the provenance check use this name.
+        self.dtype = choose_dtype(config.model.dtype, self.device, "model.dtype", "mpo_dist", log=log_main)
         self.output_dir = Path(config.job.output_dir)
         torch.manual_seed(config.job.seed)
         self.step = 0
@@ -62,14 +80,24 @@ class Trainer(Stateful):
         self.rng_state = RNGState()  # rank-local: restored once the data iterators exist (train)
         # Before any input is opened (a refused run builds nothing) or anything is written.
         self.run_lock = take_run_lock(self.output_dir, self.info.is_main, log=log_main)
+        refuse_to_overwrite_a_run(self.checkpoints_dir, config.checkpoint.resume, config.job.overwrite_output_dir)
 
-        # Everything that can be wrong with the inputs is checked here, on every rank, before the model is built.
+        # Everything that can be wrong with the inputs is checked here, on every rank, before the model is built:
+        # first that every configured path exists, then the pairs' tokenizer (manifests only) before the pre-flight
+        # reads every shard (another tokenizer's pairs would be an out-of-vocabulary problem in every sample).
+        uses_dref = config.loss.name == "mpo" and config.loss.tau > 0
+        check_input_paths(config, uses_dref=uses_dref)
         self.dp_rank, self.dp_world_size = self.info.rank, self.info.world_size  # all ranks are data-parallel
         self.grad_accum = grad_accum_for(config, self.dp_world_size)
         model_config = load_model_config(config.model)
-        uses_dref = config.loss.name == "mpo" and config.loss.tau > 0
+        self.tokenizer = tokenizer_beside_model(config.model.path)  # also saved into every checkpoint
+        model_name = f"model.path {config.model.path}" if config.model.path else "the model of model.config"
+        check_tokenizer_matches(read_manifest("data.pairs", config.data.pairs, "pairs"), model_config.vocab_size,
+                                self.tokenizer, data=f"data.pairs {config.data.pairs}", model=model_name,
+                                fix="re-run tools/prepare_pairs.py with the model's tokenizer "
+                                    f"(--tokenizer {config.model.path or 'DIR'})")
         check_training_inputs(config.data.pairs, config.data.reference or None, config.data.dref if uses_dref else None,
-                              vocab_size=model_config.vocab_size, model_dtype=config.model.dtype, rank=self.info.rank,
+                              vocab_size=model_config.vocab_size, model_dtype=self.dtype, rank=self.info.rank,
                               world_size=self.info.world_size, preflight=config.data.preflight,
                               on_dtype_mismatch=config.data.reference_dtype_mismatch, log=log_main)
         if config.eval.enabled:
@@ -79,11 +107,6 @@ class Trainer(Stateful):
         self.pair_loader = build_pair_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
                                              dp_world_size=self.dp_world_size, num_epochs=None)
         pairs = self.pair_loader.manifest
-        self.tokenizer = tokenizer_beside_model(config.model.path)  # also saved into every checkpoint
-        model_name = f"model.path {config.model.path}" if config.model.path else "the model of model.config"
-        check_tokenizer_matches(pairs, model_config.vocab_size, self.tokenizer, data=f"data.pairs {config.data.pairs}",
-                                model=model_name, fix="re-run tools/prepare_pairs.py with the model's tokenizer "
-                                                      f"(--tokenizer {config.model.path or 'DIR'})")
         self.pad_token_id = int(pairs.info.get("tokenizer", {}).get("pad_token_id") or 0)
         self.dref_loader = None
         if uses_dref:
@@ -91,13 +114,9 @@ class Trainer(Stateful):
                                                  dp_world_size=self.dp_world_size, tokenizer_hash=pairs.tokenizer_hash)
         self.loss_fn = build_loss(config.loss)
 
-        if self.info.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.output_dir / "config.yaml")
-
         self.mesh = build_mesh(config.parallel, self.info.world_size, self.device.type)
         self.model = build_model(config.model)
-        apply_fsdp(self.model, self.mesh, config.parallel, config.model.dtype)
+        apply_fsdp(self.model, self.mesh, config.parallel, self.dtype)
         materialize_model(self.model, config.model, self.device, seed=config.job.seed)
         self.model.train()
         self.optimizer = build_optimizer(self.model, config.optim)
@@ -113,19 +132,40 @@ class Trainer(Stateful):
                                        pad_token_id=self.pad_token_id, tokenizer_hash=pairs.tokenizer_hash,
                                        vocab_size=model_config.vocab_size, layout_cost=layout_cost)
 
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", config.checkpoint.keep, self.info.rank,
-                                         self.dp_rank, self.dp_world_size, log=log_main)
+        self.checkpointer = Checkpointer(self.checkpoints_dir, config.checkpoint.keep, self.info.rank, self.dp_rank,
+                                         self.dp_world_size, log=log_main, model_config=model_config.to_dict())
         self._peak_tflops = peak_tflops(config.metrics.peak_tflops, self.device)
         # FLOPs: the body's matmuls and attention at every position computed; the output head (a
         # vocab x hidden matmul) only where a response token is predicted (logprobs.py).
         body_params, self._head_params, *dims = flop_counts(self.model)
         self._body_flops = partial(row_flops, body_params, *dims)
         self._resume()
+        self._claim_output_dir()
         self.metrics = MetricLogger(self.output_dir, self.info.is_main, config.metrics.tensorboard,
                                     config.training.steps, start_step=self.step, log=log_main)
         log_main(f"mpo_dist: {type(self.model).__name__.removeprefix('FSDP')} with {count_parameters(self.model):,} "
                  f"parameters on {self.info.world_size} x {self.device.type}, {config.loss.name} loss, {self.grad_accum} "
                  f"micro-batches of {config.data.batch_size} pairs per rank per step, {config.training.steps} steps")
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def _claim_output_dir(self) -> None:
+        """Once the inputs and any resume are accepted: an earlier run's files go when
+        job.overwrite_output_dir asks for it (never otherwise), then this run's config is written."""
+        if self.info.is_main:
+            if self.config.job.overwrite_output_dir:
+                deleted = [path for path in (self.checkpoints_dir, self.output_dir / TENSORBOARD_DIR,
+                                             self.output_dir / HF_EXPORT_DIR, self.output_dir / METRICS_FILE)
+                           if path.exists()]
+                for path in deleted:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if deleted:
+                    log_main(f"mpo_dist: job.overwrite_output_dir=true: deleted the earlier run's "
+                             f"{', '.join(path.name for path in deleted)} in {self.output_dir}")
+            save_config(self.config, self.output_dir / "config.yaml")
+        barrier()  # no rank writes into the folder before its earlier run's files are gone
 
     # ------------------------------------------------------------------ state
 
@@ -291,7 +331,7 @@ class Trainer(Stateful):
                 if config.checkpoint.keep_best and evaluated:
                     self._consider_best(folder, evaluated)
         if config.checkpoint.export_hf:
-            export_hf(folder, self.output_dir / "hf", config.checkpoint.export_dtype, log=log_main)
+            export_hf(folder, self.output_dir / HF_EXPORT_DIR, config.checkpoint.export_dtype, log=log_main)
         if self.metrics.writer is not None:
             log_main(f"mpo_dist: done; TensorBoard logs in {self.metrics.tensorboard_dir} "
                      f"(tensorboard --logdir {self.metrics.tensorboard_dir}), metrics in {self.metrics.jsonl_path}")
