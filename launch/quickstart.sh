@@ -5,8 +5,9 @@
 #    tiny random-init Llama, which is the starting policy and the reference;
 # 2. tokenize the pairs into shards (10% of the prompts held out for evaluation), score both splits
 #    with the reference, and sample D_ref responses from it: for MPO's second KL term (training
-#    prompts) and for the KL monitor (held-out prompts); 2 processes each, in bfloat16 like the
-#    training config's model.dtype, so that policy and reference log-probs agree at step 1;
+#    prompts) and for the KL monitor (held-out prompts); 2 processes each, in --dtype auto like the
+#    training config's model.dtype (bfloat16 on a CPU that computes it natively, else float32: each
+#    says which), so that policy and reference log-probs agree at step 1;
 # 3. train with MPO under torchrun (python -m mpo_dist.launcher) on 2 processes (FSDP2, gloo), with a
 #    held-out evaluation every 10 steps: preference accuracy rises, on held-out pairs too.
 set -euo pipefail
@@ -24,13 +25,13 @@ RUN=(python -m mpo_dist.launcher --standalone --nproc-per-node 2)
     --samples-per-shard 500 --max-length 64 --max-prompt-length 32 --eval-fraction 0.1
 for split in train eval; do
     "${RUN[@]}" tools/score_reference.py --model "$OUT/toy/model" --pairs "$OUT/pairs/$split" \
-        --out "$OUT/reference/$split" --batch-size 64 --dtype bfloat16
+        --out "$OUT/reference/$split" --batch-size 64 --dtype auto
 done
 # D_ref for MPO's tau term (training prompts) and a held-out D_ref for the KL monitor (eval prompts).
 "${RUN[@]}" tools/sample_reference.py --model "$OUT/toy/model" --pairs "$OUT/pairs/train" --out "$OUT/dref/train" \
-    --num-samples 1 --max-new-tokens 12 --batch-size 100 --dtype bfloat16
+    --num-samples 1 --max-new-tokens 12 --batch-size 100 --dtype auto
 "${RUN[@]}" tools/sample_reference.py --model "$OUT/toy/model" --pairs "$OUT/pairs/eval" --out "$OUT/dref/eval" \
-    --num-samples 2 --max-new-tokens 12 --batch-size 100 --dtype bfloat16
+    --num-samples 2 --max-new-tokens 12 --batch-size 100 --dtype auto
 "${RUN[@]}" -m mpo_dist.train --config configs/tiny_cpu.yaml job.output_dir="$OUT/run" model.path="$OUT/toy/model" \
     data.pairs="$OUT/pairs/train" data.reference="$OUT/reference/train" data.dref="$OUT/dref/train" \
     eval.pairs="$OUT/pairs/eval" eval.reference="$OUT/reference/eval" eval.dref="$OUT/dref/eval"

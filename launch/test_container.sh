@@ -10,11 +10,11 @@
 #    the CPU torch wheel that `pip download torch==$TORCH_VERSION` finds here.
 # 3. The project's Dockerfile built on it with --build-arg BASE_IMAGE=...
 # 4. Through the entrypoint, each result checked: --help; the tools (toy task, prepare, score,
-#    sample) and a 2-process MPO run of a few steps on a mounted folder owned by the image's user
-#    (uid 10001), a config given relative to the repository; a bad config's exit code 2; the
-#    conversion of the run's checkpoint, loaded back with transformers; the quickstart run as another
-#    user (--user) into a mounted folder. Also: install.sh's PEP 668 message on the base's Python,
-#    and no build leftovers in the image.
+#    sample) and a 2-process MPO run of a few steps, in float32 on any CPU, on a mounted folder owned by
+#    the image's user (uid 10001), a config given relative to the repository; a bad config's exit code
+#    2; the conversion of the run's checkpoint, loaded back with transformers; the quickstart run as
+#    another user (--user) into a mounted folder, in whatever --dtype auto picks there (it must say).
+#    Also: install.sh's PEP 668 message on the base's Python, and no build leftovers in the image.
 # Environment: BASE_IMAGE (build on this existing image instead of step 2), IMAGE (the project image's
 # tag, default mpo-dist:test), TORCH_VERSION (2.13.0), TORCH_WHEEL (a CPU torch wheel file to put in
 # the base instead of pip download's), DEBIAN_MIRROR (default http://deb.debian.org/debian).
@@ -151,16 +151,16 @@ run prepare "${in_image[@]}" --nproc-per-node 2 tools/prepare_pairs.py --input /
     --tokenizer /data/toy/model --out /data/pairs --samples-per-shard 200 --max-length 64 --max-prompt-length 32
 expect_file "$DATA/pairs/manifest.json" prepare
 run score "${in_image[@]}" --nproc-per-node 2 tools/score_reference.py --model /data/toy/model \
-    --pairs /data/pairs --out /data/reference --batch-size 64 --dtype bfloat16
+    --pairs /data/pairs --out /data/reference --batch-size 64 --dtype float32
 expect_file "$DATA/reference/manifest.json" score
 run sample "${in_image[@]}" --nproc-per-node 2 tools/sample_reference.py --model /data/toy/model \
-    --pairs /data/pairs --out /data/dref --num-samples 1 --max-new-tokens 12 --batch-size 100 --dtype bfloat16
+    --pairs /data/pairs --out /data/dref --num-samples 1 --max-new-tokens 12 --batch-size 100 --dtype float32
 expect_file "$DATA/dref/manifest.json" sample
 passed "tools: toy task, prepare, score, sample (2 processes each)"
 
 train=(--nproc-per-node 2 -m mpo_dist.train --config configs/tiny_cpu.yaml job.output_dir=/data/run
        model.path=/data/toy/model data.pairs=/data/pairs data.reference=/data/reference data.dref=/data/dref
-       eval.pairs= eval.reference= eval.dref= eval.interval=0 training.steps=4 checkpoint.interval=2
+       eval.pairs= eval.reference= eval.dref= eval.interval=0 training.steps=4 checkpoint.interval=2 model.dtype=float32
        metrics.log_interval=1)
 run train "${in_image[@]}" "${train[@]}"
 grep -q "on 2 x cpu" "$WORK/train.log" || fail "train: not 2 processes"
@@ -192,6 +192,7 @@ run quickstart "${quick_user[@]}" -v "$QUICK:/workspace/outputs" "$IMAGE" quicks
 expect_file "$QUICK/quickstart/run/checkpoints/step-00000120/checkpoint.json" quickstart
 last_step=$(tail -n 1 "$QUICK/quickstart/run/metrics.jsonl" | python3 -c 'import json, sys; print(json.load(sys.stdin)["step"])')
 [[ $last_step == 120 ]] || fail "quickstart: the last logged step is $last_step, not 120"
+grep -q "model.dtype=auto -> " "$WORK/quickstart.log" || fail "quickstart: no line saying what model.dtype=auto chose"
 passed "quickstart as uid ${quick_user[1]:-$(id -u)} into a mounted folder: $(grep -m1 -o 'step *120.*' "$WORK/quickstart.log" | cut -c1-100)"
 
 if [[ "$BASE_IMAGE" == "$LOCAL_BASE" ]]; then

@@ -3,7 +3,7 @@ and on-policy metrics on the model's own samples, written as one JSON report.
 
 The model is a Hugging Face folder or a training checkpoint folder (one with checkpoint.json): a
 checkpoint is converted to a temporary Hugging Face folder in float32 by each node's first process
-(the others wait at a barrier), then every process loads it in the requested dtype.
+(the others wait at a barrier), then every process loads it in the requested dtype (auto: `compute_dtype.resolve_dtype`).
 
 Offline: the trainer's own held-out pass (`evaluation.Evaluator`, given the plain model), so the
 `eval/...` metrics are the trainer's, computed the same way: held-out pairs with their reference
@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 
 from mpo_dist.checkpoint import read_info
+from mpo_dist.compute_dtype import DTYPE_CHOICES, choose_dtype
 from mpo_dist.config import DataConfig, EvalConfig, LossConfig
 from mpo_dist.convert import convert_checkpoint
 from mpo_dist.data.collate import pad_sequences
@@ -59,7 +60,7 @@ REWARD = ON_POLICY + "reward"
 @dataclass
 class EvaluationRequest:
     model: str
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto, float32 or bfloat16 (compute_dtype.resolve_dtype)
     pairs: str = ""
     reference: str = ""
     dref: str = ""
@@ -127,8 +128,8 @@ def load_reward(spec: str) -> Callable[[str, str], float]:
 
 def validate(request: EvaluationRequest) -> None:
     """Everything checkable before a model is loaded."""
-    if request.dtype not in ("float32", "bfloat16"):
-        raise InputError(f"--dtype must be float32 or bfloat16, got {request.dtype!r}")
+    if request.dtype not in DTYPE_CHOICES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {request.dtype!r}")
     if request.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {request.batch_size}")
     if request.max_prompts < 0:
@@ -356,6 +357,7 @@ def evaluate_model(request: EvaluationRequest, info: RankInfo, device: torch.dev
     """The whole evaluation (a collective: every rank calls it); rank 0 writes the report to `out`.
     Returns the report (equal on every rank but for per-rank timings)."""
     validate(request)
+    dtype = choose_dtype(request.dtype, device, "--dtype", "evaluate", log=log if info.is_main else lambda message: None)
     reward = load_reward(request.reward) if request.reward else None  # before any model is loaded
     manifests = []
     if request.pairs:
@@ -377,7 +379,7 @@ def evaluate_model(request: EvaluationRequest, info: RankInfo, device: torch.dev
                                names={"checkpoint": "--model", "out": "--model", "dtype": "--dtype"})
         barrier()
     try:
-        model, tokenizer = _load_model("--model", converted or model_dir, manifests, request.dtype, device)
+        model, tokenizer = _load_model("--model", converted or model_dir, manifests, dtype, device)
     finally:
         if converted is not None:
             barrier()  # every process of this node has read the weights
@@ -390,14 +392,14 @@ def evaluate_model(request: EvaluationRequest, info: RankInfo, device: torch.dev
     metrics, per_sample = offline_metrics(request, model, device=device, info=info, pad_token_id=pad_token_id,
                                           vocab_size=vocab_size)
     if request.on_policy is not None:
-        reference, _ = _load_model("--reference-model", request.reference_model, manifests[:1], request.dtype, device)
+        reference, _ = _load_model("--reference-model", request.reference_model, manifests[:1], dtype, device)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         if eos is None:
             eos = model.config.eos_token_id
         metrics.update(on_policy_metrics(request, model, reference, tokenizer=tokenizer, reward=reward, device=device,
                                          info=info, pad_token_id=pad_token_id, eos_token_ids=eos))
     report = {
-        "model": {"path": str(model_dir.resolve()), "checkpoint_step": step, "dtype": request.dtype},
+        "model": {"path": str(model_dir.resolve()), "checkpoint_step": step, "dtype": dtype},
         "data": {"pairs": request.pairs or None, "reference": request.reference or None, "dref": request.dref or None},
         "loss": asdict(request.loss),
         "on_policy": None if request.on_policy is None else {

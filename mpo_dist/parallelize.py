@@ -48,6 +48,9 @@ def build_mesh(parallel: ParallelConfig, world_size: int, device_type: str) -> D
 
 def mixed_precision(dtype_name: str) -> MixedPrecisionPolicy:
     """Compute in `dtype_name`; gradients are reduced and kept in float32 with float32 master weights."""
+    if dtype_name not in DTYPES:  # e.g. an unresolved model.dtype=auto: which dtype it means depends on the device
+        raise ValueError(f"dtype_name must be one of {', '.join(DTYPES)} (compute_dtype.resolve_dtype resolves auto), "
+                         f"got {dtype_name!r}")
     return MixedPrecisionPolicy(param_dtype=DTYPES[dtype_name], reduce_dtype=torch.float32)
 
 
@@ -80,6 +83,7 @@ def reshard_decoder_layers(lm: nn.Module, mesh: DeviceMesh, parallel: ParallelCo
 
 def apply_fsdp(lm: nn.Module, mesh: DeviceMesh, parallel: ParallelConfig, dtype_name: str) -> nn.Module:
     """Shard `lm` in place (it may still be on the meta device) and return it."""
+    policy = mixed_precision(dtype_name)  # first: a bad name changes nothing
     if parallel.activation_checkpointing:
         # transformers' own mechanism keeps parameter names unchanged (no wrapper prefixes).
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -87,7 +91,6 @@ def apply_fsdp(lm: nn.Module, mesh: DeviceMesh, parallel: ParallelConfig, dtype_
     if parallel.compile:
         for layer in layers:
             layer.compile()
-    policy = mixed_precision(dtype_name)
     reshard = reshard_decoder_layers(lm, mesh, parallel, dtype_name)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)

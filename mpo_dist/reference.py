@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from mpo_dist.compute_dtype import choose_dtype
 from mpo_dist.data.collate import batch_documents, collate_pairs
 from mpo_dist.data.layout import lay_out
 from mpo_dist.data.samples import write_reference_shard
@@ -72,12 +73,14 @@ class Reference(NamedTuple):
     model_info: dict  # {"model": {path, dtype, weights_hash, tokenizer_hash}} for manifests and job files
 
 
-def open_reference(model_dir: str | Path, pairs_dir: str | Path, dtype: str, info: RankInfo) -> Reference:
-    """The reference model on this rank's device, checked against the pairs (see `load_reference_model`).
+def open_reference(model_dir: str | Path, pairs_dir: str | Path, dtype: str, info: RankInfo, *, tool: str) -> Reference:
+    """The reference model on this rank's device in `dtype` (auto resolved here, `tool`'s rank 0 saying to
+    what: the manifests record the resolved name), checked against the pairs (see `load_reference_model`).
 
     Only rank 0 hashes the weights (reading every byte again): it alone claims the output folder."""
     pairs = Manifest.read(pairs_dir, "pairs")
     device = device_for(info)
+    dtype = choose_dtype(dtype, device, "--dtype", tool, log=stderr_log if info.is_main else lambda message: None)
     model = load_reference_model(model_dir, pairs, Path(pairs_dir), dtype, device)
     # The generation config lists every stop token (e.g. end of turn as well as end of text).
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None

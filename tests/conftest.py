@@ -137,12 +137,16 @@ def run_tool(script_name: str, *args, cwd: str | os.PathLike | None = None, time
 
 
 NO_EVAL = ["eval.pairs=", "eval.reference=", "eval.dref=", "eval.interval=0"]
+# Training tests compute in float32, not the config's model.dtype=auto: a CPU without native bfloat16
+# would emulate it (10-50x slower) and one with it would round differently, so a test's time and numbers
+# would depend on the machine. Tests about bfloat16 itself set model.dtype=bfloat16 after this.
+FLOAT32 = "model.dtype=float32"
 
 
 def train(*overrides, nproc: int = 2, check: bool = True, timeout: int = 300):
     """`torchrun -m mpo_dist.train --config configs/tiny_cpu.yaml OVERRIDES` with its output captured.
-    The config's held-out eval (the quickstart's folders) is off unless OVERRIDES set it."""
-    overrides = [*NO_EVAL, *map(str, overrides)]
+    The config's held-out eval (the quickstart's folders) is off and model.dtype is float32 unless OVERRIDES set them."""
+    overrides = [*NO_EVAL, FLOAT32, *map(str, overrides)]
     result = subprocess.run(torchrun_command(nproc, ["-m", "mpo_dist.train", "--config", str(TRAIN_CONFIG), *overrides]),
                             env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -151,8 +155,8 @@ def train(*overrides, nproc: int = 2, check: bool = True, timeout: int = 300):
 
 
 def toy_overrides(toy: dict, out: Path, **extra) -> list[str]:
-    # No held-out eval unless a test asks for it (the config's eval folders are the quickstart's).
-    values = {"job.output_dir": out, "model.path": toy["model"], "data.pairs": toy["pairs"],
+    # No held-out eval unless a test asks for it (the config's eval folders are the quickstart's); float32 (FLOAT32).
+    values = {"job.output_dir": out, "model.path": toy["model"], "model.dtype": "float32", "data.pairs": toy["pairs"],
               "data.reference": toy["reference"], "data.dref": toy["dref"], "metrics.log_interval": 1,
               "eval.pairs": "", "eval.reference": "", "eval.dref": "", "eval.interval": 0, **extra}
     return [f"{key}={value}" for key, value in values.items()]

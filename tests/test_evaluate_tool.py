@@ -54,7 +54,7 @@ def test_checkpoint_gives_the_trainers_last_eval(toy_inputs, tmp_path):
     (checkpoint,) = sorted((run / "checkpoints").glob("step-*"))[-1:]
     out = tmp_path / "report.json"
     checked(run_tool("evaluate.py", "--model", checkpoint, "--pairs", toy_inputs["pairs"], "--reference",
-                     toy_inputs["reference"], "--dref", toy_inputs["dref"], "--per-sample", "--out", out))
+                     toy_inputs["reference"], "--dref", toy_inputs["dref"], "--per-sample", "--dtype", "float32", "--out", out))
     got = report(out)
     assert got["model"]["checkpoint_step"] == 2 and got["loss"]["name"] == "mpo"  # the run's loss, read beside it
     names = {n for n in last if n.startswith("eval/") and n != "eval/seconds"}
@@ -134,7 +134,7 @@ def test_loss_options_reach_training_the_trainers_eval_and_the_tool(toy_inputs, 
     (checkpoint,) = sorted((run / "checkpoints").glob("step-*"))[-1:]
     out = tmp_path / "report.json"
     checked(run_tool("evaluate.py", "--model", checkpoint, "--pairs", toy_inputs["pairs"], "--reference",
-                     toy_inputs["reference"], "--per-sample", "--out", out))
+                     toy_inputs["reference"], "--per-sample", "--dtype", "float32", "--out", out))
     got = report(out)
     assert got["loss"] == {"name": "mpo", "beta": 0.1, "tau": 0.05, "label_smoothing": 0.0, "length_normalized_pair": True,
                            "length_normalized_tau": True, "pair_logit_scale": 0.5, "chosen_nll": 0.3}

@@ -44,12 +44,14 @@ def test_the_cpu_fallback_runs_every_stage_and_its_figures_add_up(tmp_path):
     marked = cuda_marked_tests()
     assert marked >= 8 and stages["cuda_tests"]["skipped"] == stages["cuda_tests"]["tests"] == marked
     assert stages["cuda_tests"]["failed"] == 0
-    # Four training configurations, each timed; MFU against the matmul timed in the same run; no card, no GPU memory.
+    # Four training configurations, each timed, in float32 (bf16 would be emulated on many CPUs, 10-50x slower);
+    # MFU against the float32 matmul timed in the same run; no card, no GPU memory.
+    assert report["dtype"] == "float32"
     rows = stages["train_eager"]["rows"]
-    assert [row["name"] for row in rows] == ["padded bf16 1x2 mpo", "padded bf16 1x2 mpo recompute",
-                                             "packed bf16 1x2 mpo", "packed bf16 1x2 mpo recompute"]
+    assert [row["name"] for row in rows] == ["padded fp32 1x2 mpo", "padded fp32 1x2 mpo recompute",
+                                             "packed fp32 1x2 mpo", "packed fp32 1x2 mpo recompute"]
     bench = json.loads((tmp_path / "out" / "bench_train_eager.json").read_text())
-    peak = bench["matmul_peaks"]["1x2"]["bfloat16"]
+    peak = bench["matmul_peaks"]["1x2"]["float32"]
     for row, config in zip(rows, bench["configurations"]):
         assert row["tokens_per_s"] > 0 and row["mfu_card"] is None and row["device_peak_bytes"] is None
         assert row["mfu_matmul"] == pytest.approx(config["flops_per_pair"] * config["pairs_per_s_median"] / peak)
@@ -63,7 +65,8 @@ def test_the_cpu_fallback_runs_every_stage_and_its_figures_add_up(tmp_path):
     assert stages["two_processes"]["summary"] == "two processes trained 2 steps"
     markdown = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| train_compiled | skipped |  | --skip |" in markdown
-    assert f"| padded bf16 1x2 mpo | {rows[0]['tokens_per_s']:,.0f} |" in markdown
+    assert f"| padded fp32 1x2 mpo | {rows[0]['tokens_per_s']:,.0f} |" in markdown
+    assert "Training, MPO with D_ref rows, fp32, FSDP2. Timed fp32 matmul: 1x2: " in markdown
 
 
 def test_stages_past_the_budget_are_skipped_and_say_why(tmp_path):

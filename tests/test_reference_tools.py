@@ -48,7 +48,7 @@ def stories(stories_inputs):
 
 
 def test_scoring_does_not_depend_on_the_number_of_processes(stories, tmp_path):
-    common = ["--model", stories["model"], "--pairs", stories["pairs"], "--batch-size", 4]
+    common = ["--model", stories["model"], "--pairs", stories["pairs"], "--batch-size", 4, "--dtype", "float32"]
     run_tool("score_reference.py", *common, "--out", tmp_path / "one")
     result = run_tool("score_reference.py", *common, "--out", tmp_path / "two", nproc=2)
     assert "tokens/s" in result.stderr and "ETA" in result.stderr
@@ -136,7 +136,7 @@ def several_stops_model(stories, tmp_path_factory):
 
 
 def test_sampling_is_identical_on_1_process_2_processes_and_2_nodes(stories, several_stops_model, tmp_path):
-    common = ["--model", several_stops_model, "--pairs", stories["pairs"], *SAMPLING]
+    common = ["--model", several_stops_model, "--pairs", stories["pairs"], *SAMPLING, "--dtype", "float32"]
     run_tool("sample_reference.py", *common, "--out", tmp_path / "one")
     run_tool("sample_reference.py", *common, "--out", tmp_path / "two", nproc=2)
     rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",

@@ -176,7 +176,7 @@ def test_the_bench_tool_times_every_sampler_on_the_same_work(capsys, tmp_path):
     report_path = tmp_path / "bench.json"
     code = _bench_sampler_module().main(["--num-prompts", "6", "--batch-size", "4", "--max-new-tokens", "24", "--rounds", "2",
                                          "--eos-ids", *map(str, PARAGRAPH), "--threads", "1", "--device", "cpu",
-                                         "--json", str(report_path)])
+                                         "--dtype", "float32", "--json", str(report_path)])
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line[7:29].strip(): line.split() for line in lines if line.startswith("1 ")}

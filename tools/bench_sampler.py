@@ -14,7 +14,8 @@ counted the same way for every sampler. The samplers alternate within each round
 slows them alike; the table ends with each one's median.
 
 Device and dtype. `--device auto` is the GPU (`cuda`, device 0) when torch sees one, else the CPU;
-`--dtype auto` is bfloat16 on a GPU and float32 on the CPU. The model is loaded in that dtype and
+`--dtype auto` is bfloat16 on a GPU or a CPU that computes it natively, else float32 (as the
+trainer's `model.dtype=auto`). The model is loaded in that dtype and
 moved to that device, and every sampler decodes there. Before round 1 every sampler decodes one
 batch (plus one refill's prompts) untimed: on a GPU the first calls load kernels and grow the
 caching allocator, which would otherwise be charged to whichever sampler runs first. On a GPU each
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
+from mpo_dist.compute_dtype import choose_dtype
 from mpo_dist.errors import InputError
 from mpo_dist.model import DTYPES as MODEL_DTYPES
 from mpo_dist.sampling import SamplingParams, generate
@@ -72,12 +74,13 @@ def resolve_device(text: str) -> torch.device:
 
 
 def resolve_dtype(text: str, device: torch.device) -> torch.dtype:
-    """`--dtype`: auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16."""
-    if text == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if text not in DTYPES:
+    """`--dtype`: auto, float32 or bfloat16 as the trainer and the tools resolve them (one line says
+    which and why), or float16."""
+    if text not in DTYPES and text != "auto":
         raise InputError(f"--dtype must be auto, float32, bfloat16 or float16, got {text!r}")
-    return DTYPES[text]
+    if text == "float16":
+        return torch.float16
+    return DTYPES[choose_dtype(text, device, "--dtype", "bench_sampler", log=print)]
 
 
 def device_name(device: torch.device) -> str:
@@ -252,7 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto",
                         help="auto (cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto",
-                        help="the model's dtype: auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16")
+                        help="the model's dtype: auto (bfloat16 on cuda or a CPU that computes it natively, else "
+                             "float32), float32, bfloat16 or float16")
     parser.add_argument("--json", default="", help="also write every round's figures and the medians to this JSON file")
     add_threads_flag(parser)
     args = parser.parse_args(argv)

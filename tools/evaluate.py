@@ -18,6 +18,7 @@ For a training checkpoint the loss and its options are the run's (OUTPUT_DIR/con
 import sys
 
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
+from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
 from mpo_dist.config import LossConfig
 from mpo_dist.distributed import device_for
 from mpo_dist.evaluate_model import (EvaluationRequest, evaluate_model, evaluation_loss_config, is_checkpoint,
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
                         help="the model evaluated: a Hugging Face folder, or a training checkpoint folder "
                              "(OUTPUT_DIR/checkpoints/step-XXXXXXXX, converted on the fly)")
     parser.add_argument("--out", required=True, help="the JSON report (written by rank 0, atomically)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of the models")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     parser.add_argument("--pairs", default=None, help="held-out pairs shards (offline metrics with --reference; "
                                                     "the prompts of on-policy evaluation)")
     parser.add_argument("--reference", default=None, help="reference log-prob shards of --pairs")

@@ -30,7 +30,8 @@ after each one, so a run that is cut short still leaves what it measured:
                   slowest to start, so a tight budget skips it first)
 
 Without a GPU (or with --cpu) the same stages run on the CPU with gloo, on bench_train's `tiny`
-workload with fewer steps: the CUDA tests are skipped (and reported so), two processes train.
+workload with fewer steps and in float32 (a CPU without native bf16 would emulate it, 10-50x slower):
+the CUDA tests are skipped (and reported so), two processes train.
 That fallback checks the script itself; its figures say nothing about a GPU.
 
 The time budget (--budget-s, default 480 s; how long each stage takes on a GPU is not measured
@@ -95,12 +96,13 @@ class GpuCheck:
     def __init__(self, out: Path, work: Path, budget_s: float, device_type: str, skip: set[str]):
         self.out, self.work, self.budget_s, self.device_type, self.skip = out, work, budget_s, device_type, skip
         self.size = SIZES[device_type]
+        self.dtype = bench_train.WORKLOADS[self.size["workload"]]["dtype"]  # the workload's: bf16 on a GPU, float32 on CPU
         self.start = time.monotonic()
         self.workload: list[str] | None = None
         self.env = {**bench_train.subprocess_env(1), **({} if device_type == "cuda" else {"CUDA_VISIBLE_DEVICES": ""})}
         self.env.pop("OMP_NUM_THREADS")  # each tool sets its own threads
         self.report = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "device_type": device_type,
-                       "budget_s": budget_s, "stages": {}}
+                       "dtype": self.dtype, "budget_s": budget_s, "stages": {}}
 
     # ------------------------------------------------------------------ running stages
 
@@ -183,7 +185,7 @@ class GpuCheck:
         json_path = self.out / f"bench_{name}.json"
         sets = [item for override in self.workload for item in ("--set", override)]
         self.command(name, [sys.executable, str(REPO / "tools" / "bench_train.py"), "--config", self.size["config"], *sets,
-                            "--layouts", layouts, "--dtypes", "bfloat16", "--procs", self.size["procs"], "--losses", "mpo",
+                            "--layouts", layouts, "--dtypes", self.dtype, "--procs", self.size["procs"], "--losses", "mpo",
                             "--recompute", "off,on", "--compile", compile_, "--rounds", "1",
                             "--steps", str(self.size["steps"]), "--warmup-steps", str(warmup_steps),
                             "--log-interval", str(self.size["log_interval"]), "--matmul-trials", "3",
@@ -207,7 +209,7 @@ class GpuCheck:
         self.command("sampler", [sys.executable, str(REPO / "tools" / "bench_sampler.py"), "--model", str(model),
                                  "--pairs", str(self.work / "workload" / "pairs"), "--num-prompts", str(settings["prompts"]),
                                  "--batch-size", str(settings["batch"]), "--max-new-tokens", str(settings["new_tokens"]),
-                                 "--rounds", "2", "--eos-ids", str(eos), "--json", str(json_path)])
+                                 "--rounds", "2", "--eos-ids", str(eos), "--dtype", self.dtype, "--json", str(json_path)])
         medians = json.loads(json_path.read_text())["medians"]
         ours = medians["mpo_dist continuous"]
         return {"medians": medians, "settings": settings,
@@ -343,9 +345,11 @@ def format_report(report: dict) -> str:
             for row in report["stages"].get(name, {}).get("rows", [])]
     if rows:
         matmul = next(iter(report.get("matmul", {}).values()), {})
-        peaks = "; ".join(f"{procs}: {rate['bfloat16'] / 1e12:,.1f} TFLOP/s" for procs, rate in matmul.get("peak_flops", {}).items())
+        dtype = report.get("dtype", "bfloat16")
+        short = bench_train.DTYPE_SHORT.get(dtype, dtype)
+        peaks = "; ".join(f"{procs}: {rate[dtype] / 1e12:,.1f} TFLOP/s" for procs, rate in matmul.get("peak_flops", {}).items())
         card = matmul.get("card_peak_flops")
-        lines += ["", f"Training, MPO with D_ref rows, bf16, FSDP2. Timed bf16 matmul: {peaks}"
+        lines += ["", f"Training, MPO with D_ref rows, {short}, FSDP2. Timed {short} matmul: {peaks}"
                   + (f"; card datasheet peak {card / 1e12:,.0f} TFLOP/s." if card else "; no datasheet peak (CPU)."), "",
                   "| configuration | tokens/s | pairs/s | MFU (card) | MFU (timed matmul) | peak GPU memory: allocated, "
                   "reserved | rank peak RSS |", "|---|---|---|---|---|---|---|"]

@@ -1,7 +1,7 @@
 """Import D_ref responses sampled by another engine (vLLM, SGLang, TGI, ...) as standard D_ref shards.
 
     python tools/import_dref.py --model DIR --pairs DIR --responses FILE.jsonl --out DIR
-        [--batch-size 16] [--dtype float32|bfloat16]
+        [--batch-size 16] [--dtype auto|float32|bfloat16]
 
 FILE.jsonl has one line per response: {"key": PAIR_KEY, "response": TEXT} or {"key": PAIR_KEY,
 "response_ids": [TOKEN IDS]}, optionally with "stop_reason": "eos" | "length". The k-th line of a
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
+from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
 from mpo_dist.reference import open_reference
 from mpo_dist.dref_import import import_dref, read_external_responses
 from mpo_dist.shard_job import check_batch_size
@@ -30,13 +31,13 @@ def main(argv=None) -> int:
     parser.add_argument("--responses", required=True, help="JSONL of responses made by the other engine")
     parser.add_argument("--out", required=True, help="output folder for D_ref shards")
     parser.add_argument("--batch-size", type=int, default=16, help="samples re-scored per forward")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's compute dtype")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     add_threads_flag(parser)
     args = parser.parse_args(argv)
 
     def body(info):
         check_batch_size(args.batch_size)  # before the model is loaded
-        reference = open_reference(args.model, args.pairs, args.dtype, info)
+        reference = open_reference(args.model, args.pairs, args.dtype, info, tool="import_dref")
         responses = read_external_responses(args.responses, args.pairs, load_tokenizer(args.model),
                                             reference.eos_token_ids, reference.model.config.vocab_size)
         import_dref(reference.model, args.pairs, args.out, responses, pad_token_id=reference.pad_token_id,

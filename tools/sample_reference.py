@@ -1,7 +1,7 @@
 """Sample D_ref (MPO's regularisation samples) from the reference model for the prompts of pairs shards.
 
     python tools/sample_reference.py --model DIR --pairs DIR --out DIR --num-samples K --max-new-tokens N
-        [--temperature 1.0] [--top-p 1.0] [--seed 0] [--batch-size 16] [--dtype float32|bfloat16]
+        [--temperature 1.0] [--top-p 1.0] [--seed 0] [--batch-size 16] [--dtype auto|float32|bfloat16]
 
 The same under `torchrun --nnodes N --nproc-per-node K ...`. Every sample is seeded from the seed,
 its prompt's key and its index, so the output is identical whatever the number of processes or
@@ -11,6 +11,7 @@ nodes; a rerun skips finished shards.
 import sys
 
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
+from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
 from mpo_dist.reference import open_reference
 from mpo_dist.sampling import SamplingParams, sample_dref
 from mpo_dist.shard_job import check_batch_size
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling; 1 samples pi_ref itself")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="with the prompt key and k, seeds each sample")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's compute dtype")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     add_threads_flag(parser)
     args = parser.parse_args(argv)
     params = SamplingParams(args.num_samples, args.max_new_tokens, args.temperature, args.top_p, args.seed)
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     def body(info):
         params.validate()  # before the model is loaded
         check_batch_size(args.batch_size)
-        reference = open_reference(args.model, args.pairs, args.dtype, info)
+        reference = open_reference(args.model, args.pairs, args.dtype, info, tool="sample_reference")
         sample_dref(reference.model, args.pairs, args.out, params, eos_token_ids=reference.eos_token_ids,
                     pad_token_id=reference.pad_token_id, rank=info.rank, world_size=info.world_size,
                     batch_size=args.batch_size, device=reference.device, model_info=reference.model_info)

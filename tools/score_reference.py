@@ -1,6 +1,6 @@
 """Score pairs shards with the reference model: reference log-prob shards for the trainer.
 
-    python tools/score_reference.py --model DIR --pairs DIR --out DIR [--batch-size N] [--packing auto|always|never] [--dtype float32|bfloat16]
+    python tools/score_reference.py --model DIR --pairs DIR --out DIR [--batch-size N] [--packing auto|always|never] [--dtype auto|float32|bfloat16]
 
 The same under `torchrun --nnodes N --nproc-per-node K ...`: each process scores its share of the
 shards; the output does not depend on the number of processes. A rerun skips finished shards.
@@ -9,6 +9,7 @@ shards; the output does not depend on the number of processes. A rerun skips fin
 import sys
 
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
+from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
 from mpo_dist.data.layout import PACKING_CHOICES
 from mpo_dist.reference import open_reference, score_pairs
 from mpo_dist.shard_job import check_batch_size
@@ -24,13 +25,13 @@ def main(argv=None) -> int:
                         help="always: compute each pair as one packed sequence with its prompt shared; never: padded "
                              "rows; auto: per batch, whichever needs fewer FLOPs (the trainer's data.packing; the "
                              "numbers are the same to float rounding)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's compute dtype")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     add_threads_flag(parser)
     args = parser.parse_args(argv)
 
     def body(info):
         check_batch_size(args.batch_size)  # before the model is loaded
-        reference = open_reference(args.model, args.pairs, args.dtype, info)
+        reference = open_reference(args.model, args.pairs, args.dtype, info, tool="score_reference")
         score_pairs(reference.model, args.pairs, args.out, rank=info.rank, world_size=info.world_size,
                     batch_size=args.batch_size, packing=args.packing, device=reference.device, model_info=reference.model_info)
 

@@ -143,7 +143,9 @@ class Study:
                                        "--num-prompts", size.num_prompts), [d / "prompts.jsonl"])
         self.step("prepare_prompts", self.tool("prepare_pairs.py", "--input", d / "prompts.jsonl", "--out",
                                                d / "prompts", *prepare), [d / "prompts" / "manifest.json"])
-        sample = ["--model", m, "--max-new-tokens", size.max_new_tokens, "--batch-size", 64, "--threads", 1]
+        # float32 throughout, as configs/study_frontier.yaml trains: the figures do not depend on the CPU.
+        sample = ["--model", m, "--max-new-tokens", size.max_new_tokens, "--batch-size", 64, "--dtype", "float32",
+                  "--threads", 1]
         self.step("sample_pairs", self.tool("sample_reference.py", "--pairs", d / "prompts", "--out", d / "samples",
                                             "--num-samples", 2 * size.pairs_per_prompt, "--seed", SEEDS["pairs"],
                                             *sample), [d / "samples" / "manifest.json"])
@@ -170,7 +172,7 @@ class Study:
         return self.step(key, self.tool("evaluate.py", "--model", model, "--pairs", self.data / "pairs" / "eval",
                                         "--on-policy-samples", self.size.on_policy_samples, "--max-new-tokens",
                                         self.size.max_new_tokens, "--seed", SEEDS["on_policy"], "--reference-model",
-                                        self.model, "--reward", REWARD, "--batch-size", 64, "--threads", 1,
+                                        self.model, "--reward", REWARD, "--batch-size", 64, "--dtype", "float32", "--threads", 1,
                                         "--out", report), [report])
 
     def train(self, run: Run, index: int) -> float:

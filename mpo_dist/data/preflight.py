@@ -122,9 +122,12 @@ def check_provenance(pairs_manifest: Manifest, pairs_dir: str | Path, reference_
                      dref_dir: str | Path | None = None, model_dtype: str | None = None,
                      on_dtype_mismatch: str = "warn", log: Callable[[str], None] = print) -> None:
     """Refuse a reference or D_ref made from other pairs; warn (or refuse) when it was made in
-    another dtype than `model_dtype`. Sets that record neither are not checked (made by hand)."""
+    another dtype than `model_dtype`, the resolved name (never auto: which dtype it means depends on the
+    machine, and the tools record what they resolved). Sets that record neither are not checked (made by hand)."""
     if on_dtype_mismatch not in ("warn", "error"):
         raise ValueError(f"on_dtype_mismatch must be 'warn' or 'error', got {on_dtype_mismatch!r}")
+    if model_dtype == "auto":
+        raise ValueError("model_dtype must be resolved first (compute_dtype.resolve_dtype), got 'auto'")
     fingerprint = manifest_fingerprint(Path(pairs_dir))
     for name, manifest, directory, tool in (("data.reference", reference_manifest, reference_dir, "score_reference"),
                                             ("data.dref", dref_manifest, dref_dir, "sample_reference")):
