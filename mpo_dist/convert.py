@@ -55,7 +55,7 @@ def _expected_tensors(hf_dir: Path) -> tuple[dict[str, torch.Size], set[str]]:
 
     from mpo_dist.model import tied_parameter_names
 
-    config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+    config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True, trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return {name: tensor.shape for name, tensor in model.state_dict().items()}, tied_parameter_names(model)

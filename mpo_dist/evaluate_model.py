@@ -171,14 +171,14 @@ def _load_model(flag: str, folder: str | Path, manifests: list[tuple[str, Manife
         raise MissingInputError(f"{flag} {folder}: no config.json; expected a Hugging Face model folder "
                                 "or a training checkpoint folder")
     try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise InputError(f"{flag} {folder}: cannot read its config.json ({str(error).strip().splitlines()[0]})") from error
     tokenizer = tokenizer_beside_model(folder)
     for data, manifest in manifests:
         check_tokenizer_matches(manifest, config.vocab_size, tokenizer, data=data, model=f"{flag} {folder}",
                                 fix="evaluate on data prepared with this model's tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=getattr(torch, dtype), trust_remote_code=False)
     return model.to(device).eval(), tokenizer
 
 

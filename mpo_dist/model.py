@@ -28,7 +28,11 @@ def load_model_config(model: ModelConfig):
         path = Path(model.path)
         if not (path / "config.json").is_file():
             raise MissingInputError(f"model.path {path}: no config.json; expected a Hugging Face model folder")
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+        try:
+            return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as error:  # unreadable, or custom code (auto_map), which is never run
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"model.path {path}: cannot read its config.json ({first_line})") from error
     kwargs = dict(model.config)
     model_type = kwargs.pop("model_type", None)
     if model_type is None:

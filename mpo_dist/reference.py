@@ -55,13 +55,13 @@ def load_reference_model(model_dir: str | Path, pairs: Manifest, pairs_dir: Path
     if not (model_dir / "config.json").is_file():
         raise MissingInputError(f"--model {model_dir}: no config.json; expected a Hugging Face model folder")
     try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"--model {model_dir}: cannot read its config.json ({first_line})") from error
     check_tokenizer_matches(pairs, config.vocab_size, tokenizer_beside_model(model_dir), data=f"--pairs {pairs_dir}",
                             model=f"--model {model_dir}", fix="use the reference model that matches the policy's tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=getattr(torch, dtype), trust_remote_code=False)
     return model.to(device).eval()
 
 

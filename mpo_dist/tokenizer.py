@@ -18,7 +18,7 @@ def load_tokenizer(path: str | os.PathLike):
     if not path.is_dir():
         raise MissingInputError(f"tokenizer folder {path} does not exist")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: cannot load a tokenizer from this folder ({error})") from error
     if len(tokenizer) == 0:

@@ -57,20 +57,21 @@ def custom_code_folder(tmp_path):
 
 
 def test_a_model_folders_custom_code_never_runs(custom_code_folder, monkeypatch):
-    """mpo_dist never passes trust_remote_code: transformers refuses custom code (on a terminal it
-    asks first, default no: answered "no" here, as no terminal answers)."""
+    """mpo_dist passes trust_remote_code=False: transformers refuses custom code without asking (on a
+    terminal it would otherwise ask; answered "y" here, and still nothing runs)."""
     from mpo_dist.model import load_model_config
     from mpo_dist.tokenizer import load_tokenizer
 
-    monkeypatch.setattr(builtins, "input", lambda prompt="": "")
-    with pytest.raises(ValueError, match="trust_remote_code"):
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda prompt="": asked.append(prompt) or "y")
+    with pytest.raises(InputError, match=r"model.path .*: cannot read its config.json \(.* contains custom code"):
         load_model_config(ModelConfig(path=str(custom_code_folder)))
     with pytest.raises(InputError, match="cannot load a tokenizer"):
         load_tokenizer(custom_code_folder)
     config = json.loads((custom_code_folder / "config.json").read_text())
     (custom_code_folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     assert type(load_model_config(ModelConfig(path=str(custom_code_folder)))).__name__ == "LlamaConfig"  # built in
-    assert not (custom_code_folder / "MARKER").exists()
+    assert not (custom_code_folder / "MARKER").exists() and asked == []
 
 
 class RunsCode:
