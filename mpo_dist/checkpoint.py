@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from mpo_dist.dcp_reader import SafeFileSystemReader
 from mpo_dist.distributed import all_ranks_succeeded, barrier, has_process_group, raise_on_every_rank, world_size
-from mpo_dist.errors import InputError, MissingInputError
+from mpo_dist.errors import InputError, MissingInputError, Terminated
 
 INFO_NAME = "checkpoint.json"
 BEST_NAME = "best.json"  # beside the checkpoints: which one checkpoint.keep_best keeps
@@ -220,15 +220,28 @@ def _is_out_of_space(error: BaseException) -> bool:
         visited.add(id(current))
         if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        pending += _rank_failures(current) + [e for e in (current.__cause__, current.__context__) if e is not None]
+        pending += rank_failures(current) + [e for e in (current.__cause__, current.__context__) if e is not None]
     return False
 
 
-def _rank_failures(error: BaseException) -> list[BaseException]:
+def rank_failures(error: BaseException) -> list[BaseException]:
     """The ranks' exceptions a CheckpointException gathered (DCP keeps each with its stack)."""
     if not isinstance(error, CheckpointException):
         return []
     return [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
+
+
+def interruption(error: BaseException) -> BaseException | None:
+    """A SIGTERM (`Terminated`) or Ctrl-C that DCP caught and wrapped (it catches BaseException on every
+    rank), or None: it is no damage and no failed save, and must end the run as itself."""
+    return next((failure for failure in rank_failures(error) if isinstance(failure, (Terminated, KeyboardInterrupt))),
+                None)
+
+
+def raise_if_interrupted(error: BaseException) -> None:
+    interrupt = interruption(error)
+    if interrupt is not None:
+        raise interrupt
 
 
 def _free_bytes(folder: Path) -> int | None:
@@ -367,8 +380,16 @@ class Checkpointer:
         """After a failed save: rank 0 removes its half-written temp folder (a resume ignores one, but
         it holds disk space); a full disk becomes a DiskFullError saying so, where, and which
         checkpoint is intact. Anything else is left to propagate with its traceback."""
+        interrupt = interruption(failure)
+        if interrupt is not None:  # a SIGTERM that DCP wrapped: the save is abandoned (every rank left dcp.save)
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise interrupt
         free = _free_bytes(self.root)
         full = _is_out_of_space(failure) or (free is not None and free < DISK_FULL_BYTES)
+        # Every rank failed here together (dcp.save gathers; rank 0's completion is shared by
+        # raise_on_every_rank): they agree on the diagnosis before rank 0 frees the space.
+        full = not all_ranks_succeeded(not full)
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if full:
@@ -378,7 +399,7 @@ class Checkpointer:
             free_text = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
             raise DiskFullError(
                 f"checkpoint of step {step}: the disk is full under {self.root} ({free_text}; "
-                f"{'; '.join(dict.fromkeys(map(_one_line, _rank_failures(failure) or [failure])))}); "
+                f"{'; '.join(dict.fromkeys(map(_one_line, rank_failures(failure) or [failure])))}); "
                 f"the half-written {tmp.name} was removed and {intact}; free space there, or set job.output_dir "
                 "on a larger disk, and run again") from failure
 
@@ -506,6 +527,7 @@ class Checkpointer:
         try:
             info = self.load(folder, states, rank_local)
         except _LOAD_ERRORS as error:
+            raise_if_interrupted(error)
             problem = _short_error(error)
         if not all_ranks_succeeded(problem is None):
             return problem or "loading failed on another rank"
@@ -550,7 +572,7 @@ class Checkpointer:
 def _short_error(error: BaseException) -> str:
     """One line for a load failure: DCP's CheckpointException holds the ranks' tracebacks; keep their last lines."""
     if isinstance(error, CheckpointException):
-        causes = map(_one_line, _rank_failures(error))
+        causes = map(_one_line, rank_failures(error))
         return "loading failed: " + ("; ".join(dict.fromkeys(causes)) or "CheckpointException")
     return f"loading failed: {_one_line(error)}"
 

@@ -16,20 +16,15 @@ import warnings
 from typing import Callable
 
 from mpo_dist.distributed import RankInfo, configure_cpu_threads, destroy_distributed, init_distributed, wait_for_peers
-from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, InputError
+from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, InputError, Terminated
 
 
 INPUT_ERROR_GRACE_S = 10.0  # how long a rank with an input error waits for the others to report theirs
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (a scheduler, torchrun stopping its workers, `kill`): the body stops where it is
-    and leaves through its cleanup, so the run lock is released and files are closed. A BaseException,
-    so that no `except Exception` on the way swallows it."""
-
-
 def _raise_terminated(signum, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM, during the cleanup, ends the process at once
     raise Terminated(signal.Signals(signum).name)
 
 

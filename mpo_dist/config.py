@@ -300,10 +300,10 @@ class Config:
         for f in fields(self):
             getattr(self, f.name).validate()
         # Checks that span sections.
-        if self.job.overwrite_output_dir and self.checkpoint.resume == "auto":
-            raise _Invalid("job.overwrite_output_dir=true deletes the checkpoints that checkpoint.resume=auto would "
-                           "resume from: set checkpoint.resume=none to start fresh", "job.overwrite_output_dir",
-                           "checkpoint.resume")
+        if self.job.overwrite_output_dir and self.checkpoint.resume != "none":
+            raise _Invalid("job.overwrite_output_dir=true deletes job.output_dir's checkpoints, which checkpoint.resume="
+                           f"{self.checkpoint.resume} would resume from (or which may hold the folder it names): set "
+                           "checkpoint.resume=none to start fresh", "job.overwrite_output_dir", "checkpoint.resume")
         if self.checkpoint.keep_best and not self.eval.enabled:
             raise _Invalid(f"checkpoint.keep_best={self.checkpoint.keep_best} needs an eval set: set eval.pairs (with "
                            "eval.reference) or eval.dref", "checkpoint.keep_best", "eval.pairs")

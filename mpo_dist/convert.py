@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from mpo_dist.checkpoint import HF_FILES_DIR, MODEL_PREFIX, read_info
+from mpo_dist.checkpoint import HF_FILES_DIR, MODEL_PREFIX, raise_if_interrupted, rank_failures, read_info
 from mpo_dist.dcp_reader import SafeFileSystemReader
 from mpo_dist.distributed import barrier, is_main
 from mpo_dist.errors import InputError, MissingInputError
@@ -70,10 +70,8 @@ def _read(read: Callable, name: str, checkpoint: Path):
     try:
         return read()
     except _DAMAGE as error:
-        cause = error
-        if isinstance(error, CheckpointException) and error.failures:
-            cause = next(iter(error.failures.values()))  # DCP wraps (what the read raised, its traceback)
-            cause = cause[0] if isinstance(cause, tuple) else cause
+        raise_if_interrupted(error)
+        cause = (rank_failures(error) or [error])[0]
         raise InputError(f"{name} {checkpoint} is damaged: reading its DCP files failed ({_first_line(cause)}); "
                          "convert an earlier checkpoint") from error
 

@@ -16,6 +16,7 @@ would let BUILD set attributes on an allowed class itself); metadata is small en
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import pathlib
 import pickle
@@ -132,8 +133,13 @@ class _MetadataUnpickler(pickle._Unpickler):
         if not _is_one_of(cls, _METADATA_CLASSES.values()):
             raise pickle.UnpicklingError(f"refusing to set the state of {_shown(instance)}: "
                                          "only DCP metadata objects have one")
-        if "__setstate__" not in vars(cls) and not (isinstance(state, dict) and all(isinstance(key, str) for key in state)):
-            raise pickle.UnpicklingError(f"refusing the state of a {cls.__name__}: its fields are a dict")
+        if "__setstate__" in vars(cls):  # TensorProperties: a 5-tuple (dtype, layout, requires_grad, format, pin)
+            fits = isinstance(state, tuple) and len(state) == 5
+        else:  # a dataclass: a dict of its own fields only (no instance attribute such as __setstate__)
+            fits = isinstance(state, dict) and set(state) <= {field.name for field in dataclasses.fields(cls)}
+        if not fits:
+            raise pickle.UnpicklingError(f"refusing the state {_shown(state)} of a {cls.__name__}: "
+                                         "DCP metadata sets only its fields")
         self._base[pickle.BUILD[0]](self)
 
     dispatch[pickle.REDUCE[0]] = load_reduce
@@ -156,7 +162,21 @@ def load_dcp_metadata(stream: BinaryIO) -> Metadata:
         raise pickle.UnpicklingError(f"not a DCP metadata pickle ({type(error).__name__}: {error})") from error
     if not isinstance(metadata, Metadata):
         raise pickle.UnpicklingError(f"the metadata file holds a {type(metadata).__name__}, not DCP Metadata")
+    _check_structure(metadata)
     return metadata
+
+
+def _check_structure(metadata: Metadata) -> None:
+    """What the readers of `Metadata` rely on: its entries and storage records of the right kinds."""
+    entries = getattr(metadata, "state_dict_metadata", None)
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(entries, dict) or not all(
+            isinstance(value, (dcp_metadata.TensorStorageMetadata, dcp_metadata.BytesStorageMetadata))
+            for value in entries.values()):
+        raise pickle.UnpicklingError("the metadata's state_dict_metadata is not a dict of DCP storage entries")
+    if storage is not None and not (isinstance(storage, dict) and all(isinstance(value, _StorageInfo)
+                                                                      for value in storage.values())):
+        raise pickle.UnpicklingError("the metadata's storage_data is not a dict of DCP storage records")
 
 
 class SafeFileSystemReader(FileSystemReader):

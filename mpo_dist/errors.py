@@ -16,3 +16,10 @@ class InputError(ValueError):
 
 class MissingInputError(InputError, FileNotFoundError):
     """A file or folder named by an option or flag does not exist or lacks what it must hold."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler, torchrun stopping its workers, `kill`): the work stops where it is
+    and leaves through its cleanup, so the run lock is released and files are closed. A BaseException,
+    so that no `except Exception` on the way swallows it; code that catches BaseException (DCP wraps
+    each rank's failure in a CheckpointException) must re-raise it (`checkpoint.raise_if_interrupted`)."""

@@ -32,7 +32,7 @@ from mpo_dist.data.layout import ModelInput, layout_for
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
 from mpo_dist.data.input_paths import check_input_paths
 from mpo_dist.data.preflight import check_eval_inputs, check_training_inputs, read_manifest
-from mpo_dist.distributed import all_reduce_sum, barrier, device_for, init_distributed, log_main
+from mpo_dist.distributed import all_reduce_sum, device_for, init_distributed, log_main, raise_on_every_rank
 from mpo_dist.errors import InputError
 from mpo_dist.evaluation import Evaluator, describe as describe_eval
 from mpo_dist.finite_guard import FiniteGuard, refuse_non_finite_state
@@ -153,19 +153,33 @@ class Trainer(Stateful):
 
     def _claim_output_dir(self) -> None:
         """Once the inputs and any resume are accepted: an earlier run's files go when
-        job.overwrite_output_dir asks for it (never otherwise), then this run's config is written."""
+        job.overwrite_output_dir asks for it (never otherwise), then this run's config is written.
+        Rank 0 does it; every rank learns the outcome, so none writes into the folder before it is done."""
+        error = None
         if self.info.is_main:
-            if self.config.job.overwrite_output_dir:
-                deleted = [path for path in (self.checkpoints_dir, self.output_dir / TENSORBOARD_DIR,
-                                             self.output_dir / HF_EXPORT_DIR, self.output_dir / METRICS_FILE)
-                           if path.exists()]
-                for path in deleted:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-                if deleted:
-                    log_main(f"mpo_dist: job.overwrite_output_dir=true: deleted the earlier run's "
-                             f"{', '.join(path.name for path in deleted)} in {self.output_dir}")
-            save_config(self.config, self.output_dir / "config.yaml")
-        barrier()  # no rank writes into the folder before its earlier run's files are gone
+            try:
+                if self.config.job.overwrite_output_dir:
+                    self._delete_earlier_run()
+                save_config(self.config, self.output_dir / "config.yaml")
+            except OSError as caught:
+                error = InputError(f"job.output_dir {self.output_dir}: cannot prepare it for this run ({caught})")
+        raise_on_every_rank(error, lambda: InputError(f"job.output_dir {self.output_dir}: rank 0 could not "
+                                                      "prepare it for this run (see its error)"))
+
+    def _delete_earlier_run(self) -> None:
+        """job.overwrite_output_dir: the earlier run's checkpoints, metrics and export. A symbolic link
+        (checkpoints kept on other storage) is removed, never followed."""
+        deleted = [path for path in (self.checkpoints_dir, self.output_dir / TENSORBOARD_DIR,
+                                     self.output_dir / HF_EXPORT_DIR, self.output_dir / METRICS_FILE)
+                   if path.is_symlink() or path.exists()]
+        for path in deleted:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        if deleted:
+            log_main(f"mpo_dist: job.overwrite_output_dir=true: deleted the earlier run's "
+                     f"{', '.join(path.name for path in deleted)} in {self.output_dir}")
 
     # ------------------------------------------------------------------ state
 

@@ -204,3 +204,28 @@ def test_the_best_checkpoint_is_kept_beside_the_newest(tmp_path):
     reopened.save(7, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000006", "step-00000007"]
     assert not reopened.consider_best(folder, "eval/reward/accuracy", float("nan"), "max")  # NaN is never best
+
+
+def test_a_sigterm_inside_dcp_is_no_damage_and_no_failed_save(tmp_path, monkeypatch):
+    """DCP catches BaseException on every rank and wraps it: a SIGTERM (Terminated) during a load must not
+    make the checkpoint look damaged (resume=auto would set it aside), nor a save look failed."""
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+    from mpo_dist.errors import Terminated
+
+    model, optimizer = model_and_optimizer(0)
+    saver = checkpointer(tmp_path, keep=3)
+    for step in (1, 2):
+        saver.save(step, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
+
+    def terminated(*args, **kwargs):
+        raise Terminated("SIGTERM")
+
+    monkeypatch.setattr(FileSystemReader, "read_data", terminated)
+    with pytest.raises(Terminated):
+        saver.resume("auto", {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000001", "step-00000002"]
+    monkeypatch.setattr(FileSystemWriter, "write_data", terminated)
+    with pytest.raises(Terminated):
+        saver.save(3, {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000002"]

@@ -79,12 +79,27 @@ def test_another_models_checkpoints_are_named_as_such_and_never_overwritten_unle
     assert f"path: {wide}" in (run / "config.yaml").read_text()
 
 
-def test_overwrite_with_resume_auto_is_a_config_error():
+@pytest.mark.parametrize("resume", ["auto", "outputs/run/checkpoints/step-00000010"])
+def test_overwrite_needs_resume_none(resume):
+    """It deletes job.output_dir's checkpoints: never the one a run resumes from."""
     from mpo_dist.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"job.overwrite_output_dir=true deletes the checkpoints that "
-                                          r"checkpoint.resume=auto would resume from: set checkpoint.resume=none"):
-        load_config(str(TRAIN_CONFIG), ["job.overwrite_output_dir=true"])
+    with pytest.raises(ConfigError, match=rf"job.overwrite_output_dir=true deletes job.output_dir's checkpoints, which "
+                                          rf"checkpoint.resume={resume} would resume from .*set checkpoint.resume=none"):
+        load_config(str(TRAIN_CONFIG), ["job.overwrite_output_dir=true", f"checkpoint.resume={resume}"])
+    assert load_config(str(TRAIN_CONFIG), ["job.overwrite_output_dir=true", "checkpoint.resume=none"]).job.overwrite_output_dir
+
+
+def test_overwrite_removes_a_linked_checkpoints_folder_without_following_it(toy_inputs, tmp_path):
+    run, elsewhere = tmp_path / "run", tmp_path / "scratch"
+    train(*toy_overrides(toy_inputs, elsewhere, **FLOAT32, **{"training.steps": 1}), nproc=1)
+    run.mkdir()
+    (run / "checkpoints").symlink_to(elsewhere / "checkpoints", target_is_directory=True)
+    kept = snapshot(elsewhere)
+    overwrite = {"checkpoint.resume": "none", "job.overwrite_output_dir": "true", "training.steps": 1}
+    train(*toy_overrides(toy_inputs, run, **FLOAT32, **overwrite), nproc=1)
+    assert snapshot(elsewhere) == kept  # the link's target is another folder's business
+    assert not (run / "checkpoints").is_symlink() and (run / "checkpoints" / "step-00000001").is_dir()
 
 
 def test_a_run_refused_on_every_rank_leaves_no_lock_and_no_folder_it_made(toy_inputs, tmp_path):

@@ -301,6 +301,18 @@ NEVER_IN_DCP_METADATA = {  # what a pickle does -> (the pickle, what the refusal
                           "refusing to call torch.float32"),
     "NEWOBJ of torch.Size": (stream(by_stack_global("torch", "Size"), pickle.EMPTY_TUPLE, pickle.NEWOBJ),
                              "refusing to make a <class 'torch.Size'>"),
+    # A first BUILD plants an instance __setstate__, a second would call it with any argument.
+    "BUILD of a field that is not one": (stream(by_stack_global("torch.distributed.checkpoint.metadata", "Metadata"),
+                                                pickle.EMPTY_TUPLE, pickle.NEWOBJ, pickle.EMPTY_DICT, text("__setstate__"),
+                                                by_stack_global("torch.distributed.checkpoint.metadata", "Metadata"),
+                                                pickle.SETITEM, pickle.BUILD, pickle.EMPTY_DICT, text("x"),
+                                                pickle.BININT1 + b"\x01", pickle.SETITEM, pickle.BUILD),
+                                         "refusing the state {'__setstate__': <class"),
+    "Metadata without its entries": (stream(by_stack_global("torch.distributed.checkpoint.metadata", "Metadata"),
+                                            pickle.EMPTY_TUPLE, pickle.NEWOBJ, pickle.EMPTY_DICT,
+                                            text("state_dict_metadata"), pickle.BININT1 + b"\x01", pickle.SETITEM,
+                                            pickle.BUILD),
+                                     "state_dict_metadata is not a dict of DCP storage entries"),
     "PERSID": (stream(pickle.PERSID + b"0\n"), "refusing the PERSID opcode"),
     "BINPERSID": (stream(text("0"), pickle.BINPERSID), "refusing the BINPERSID opcode"),
 }
