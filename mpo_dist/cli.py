@@ -16,11 +16,10 @@ import warnings
 from typing import Callable
 
 from mpo_dist.distributed import RankInfo, configure_cpu_threads, destroy_distributed, init_distributed, wait_for_peers
-from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, InputError, Terminated
+from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, TERMINATED_EXIT_CODE, InputError, Terminated
 
 
 INPUT_ERROR_GRACE_S = 10.0  # how long a rank with an input error waits for the others to report theirs
-TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 
 
 def _raise_terminated(signum, frame) -> None:

@@ -8,6 +8,7 @@ traceback. Library code raises `InputError` (or a subclass) only for input the c
 from __future__ import annotations
 
 INPUT_ERROR_EXIT_CODE = 2
+TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM: what a shell reports for a process SIGTERM ended (`Terminated`)
 
 
 class InputError(ValueError):

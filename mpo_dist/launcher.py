@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from mpo_dist.errors import INPUT_ERROR_EXIT_CODE
+from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, TERMINATED_EXIT_CODE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,8 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         run(parse_args(argv))
     except ChildFailedError as failed:
         codes = {failure.exitcode for failure in failed.failures.values()}
-        # A negative code is a signal: torchrun stopping the ranks left once one had exited.
-        if INPUT_ERROR_EXIT_CODE in codes and all(code == INPUT_ERROR_EXIT_CODE or code < 0 for code in codes):
+        # A negative code is a signal, and TERMINATED_EXIT_CODE a rank that left through its cleanup on
+        # SIGTERM: torchrun stopping the ranks left once one had exited.
+        stopped = lambda code: code < 0 or code == TERMINATED_EXIT_CODE  # noqa: E731
+        if INPUT_ERROR_EXIT_CODE in codes and all(code == INPUT_ERROR_EXIT_CODE or stopped(code) for code in codes):
             return INPUT_ERROR_EXIT_CODE
         raise
     return 0

@@ -80,8 +80,11 @@ def open_reference(model_dir: str | Path, pairs_dir: str | Path, dtype: str, inf
     Only rank 0 hashes the weights (reading every byte again): it alone claims the output folder."""
     pairs = Manifest.read(pairs_dir, "pairs")
     device = device_for(info)
-    dtype = choose_dtype(dtype, device, "--dtype", tool, log=stderr_log if info.is_main else lambda message: None)
+    said: list[str] = []  # what auto became, said once the model is accepted (a refusal is its one line)
+    dtype = choose_dtype(dtype, device, "--dtype", tool, log=said.append)
     model = load_reference_model(model_dir, pairs, Path(pairs_dir), dtype, device)
+    for line in said if info.is_main else ():
+        stderr_log(line)
     # The generation config lists every stop token (e.g. end of turn as well as end of text).
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     if eos is None:
