@@ -5,7 +5,9 @@ It is written as `step-00000100.tmp/` and renamed by rank 0 only after every ran
 and the metadata is written, so a crash during a save never leaves something that looks complete
 and never touches the previous checkpoint. The newest complete ones are kept (`checkpoint.keep`), and
 older ones are pruned only once the new one is complete. `Checkpointer.resume` loads the newest
-intact one, passing over (with a warning) one whose files were damaged after it was completed.
+intact one, passing over (with a warning) one whose files were damaged after it was completed;
+what can be wrong with a checkpoint (damage, another model, a full disk, an interrupt) is told apart
+in checkpoint_problems.py.
 
 What is saved is handed in by name as Stateful objects; the checkpointer never looks inside them.
 Global state (model, optimizer, scheduler, train state) is shared by all ranks and resharded by
@@ -22,7 +24,6 @@ counters, optimizer hyper-parameters, the schedule) are read with `torch.load(we
 
 from __future__ import annotations
 
-import errno
 import json
 import pickle
 import re
@@ -34,19 +35,20 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
 from mpo_dist.dcp_reader import SafeFileSystemReader
 from mpo_dist.distributed import all_ranks_succeeded, barrier, has_process_group, raise_on_every_rank, world_size
-from mpo_dist.errors import InputError, MissingInputError, Terminated
+from mpo_dist.checkpoint_problems import (DISK_FULL_BYTES, HF_FILES_DIR, INFO_NAME, MODEL_PREFIX,  # noqa: F401 (re-exported)
+                                          CheckpointMismatchError, DamagedCheckpointError, DiskFullError,
+                                          checkpoint_problem, free_bytes, interruption, is_out_of_space,
+                                          model_differences, one_line, rank_failures, raise_if_interrupted,
+                                          shape_mismatches, short_error)
+from mpo_dist.errors import InputError, MissingInputError
 
-INFO_NAME = "checkpoint.json"
 BEST_NAME = "best.json"  # beside the checkpoints: which one checkpoint.keep_best keeps
-HF_FILES_DIR = "hf"  # config.json, generation config and tokenizer: what conversion to Hugging Face needs
-MODEL_PREFIX = "model_optimizer.model."  # where the model's tensors live in a checkpoint
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -166,143 +168,6 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def checkpoint_problem(folder: str | Path) -> str | None:
-    """What makes a complete checkpoint unloadable, in a few words, or None when it looks intact.
-
-    Cheap (no tensor is read): checkpoint.json parses, DCP's `.metadata` loads (under the allowlist
-    of `SafeFileSystemReader`), and every byte range it lists lies within its
-    `.distcp` file: a truncated, zero-byte or missing data file is found here. Bits flipped inside a
-    tensor are not (there are no checksums); a load that fails is caught by `Checkpointer.resume`.
-    """
-    folder = Path(folder)
-    try:
-        info = json.loads((folder / INFO_NAME).read_text())
-        int(info["step"]), int(info["dp_world_size"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"{INFO_NAME} cannot be read ({type(error).__name__}: {error})"
-    try:
-        metadata = SafeFileSystemReader(str(folder)).read_metadata()
-        ranges = list(metadata.storage_data.values())
-    except Exception as error:  # unpickling a damaged file raises almost anything
-        return f".metadata cannot be read ({type(error).__name__}: {error})"
-    sizes: dict[str, int] = {}
-    for item in ranges:
-        name = item.relative_path
-        if name not in sizes:
-            try:
-                sizes[name] = (folder / name).stat().st_size
-            except OSError:
-                return f"{name} is missing"
-        if sizes[name] < item.offset + item.length:
-            return f"{name} is truncated ({sizes[name]} bytes, the metadata needs {item.offset + item.length})"
-    return None
-
-
-class DamagedCheckpointError(InputError):
-    """A checkpoint folder that cannot be loaded: files truncated, missing or unreadable."""
-
-
-class DiskFullError(InputError):
-    """A save that ran out of disk space: an InputError, so that it ends the run with one line saying
-    what to free, not a traceback (nothing in the run is at fault)."""
-
-
-DISK_FULL_BYTES = 2**20  # free space below this after a failed save: it failed because the disk is full
-
-
-def _is_out_of_space(error: BaseException) -> bool:
-    """An ENOSPC or EDQUOT anywhere in `error`: its causes, and each rank's failure DCP gathered."""
-    pending, visited = [error], set()
-    while pending:
-        current = pending.pop()
-        if id(current) in visited:
-            continue
-        visited.add(id(current))
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        pending += rank_failures(current) + [e for e in (current.__cause__, current.__context__) if e is not None]
-    return False
-
-
-def rank_failures(error: BaseException) -> list[BaseException]:
-    """The ranks' exceptions a CheckpointException gathered (DCP keeps each with its stack)."""
-    if not isinstance(error, CheckpointException):
-        return []
-    return [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
-
-
-def interruption(error: BaseException) -> BaseException | None:
-    """A SIGTERM (`Terminated`) or Ctrl-C that DCP caught and wrapped (it catches BaseException on every
-    rank), or None: it is no damage and no failed save, and must end the run as itself."""
-    return next((failure for failure in rank_failures(error) if isinstance(failure, (Terminated, KeyboardInterrupt))),
-                None)
-
-
-def raise_if_interrupted(error: BaseException) -> None:
-    interrupt = interruption(error)
-    if interrupt is not None:
-        raise interrupt
-
-
-def _free_bytes(folder: Path) -> int | None:
-    """Free bytes on the file system of `folder` (or its nearest existing parent)."""
-    path = Path(folder)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
-
-
-class CheckpointMismatchError(InputError):
-    """An intact checkpoint of another model (parameter names or shapes differ): not damage."""
-
-
-# Config fields that say which model a checkpoint holds (its hf/config.json against the run's model).
-_MODEL_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head", "n_inner", "tie_word_embeddings")
-
-
-def shape_mismatches(folder: Path, states: dict[str, Stateful]) -> list[str]:
-    """What keeps the model in `states` from loading `folder` although its files are intact: a parameter
-    whose shape differs, one the checkpoint lacks or one it holds beyond the model's. Names a few at most,
-    from the metadata alone (no tensor is read). (Other state, e.g. data positions, may legitimately
-    change shape with the world size: it is not compared.)"""
-    model_states = {name: state for name, state in states.items() if MODEL_PREFIX.startswith(name + ".")}
-    stored = SafeFileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    held = {key for key in stored if key.startswith(MODEL_PREFIX)}
-    if not (model_states and held):  # no model on one side: nothing to compare (`load` reports what is missing)
-        return []
-    expected, _ = flatten_state_dict({name: state.state_dict() for name, state in model_states.items()})
-    expected = {key: value for key, value in expected.items() if key.startswith(MODEL_PREFIX)}
-    found: list[str] = []
-    for key, value in expected.items():
-        size = getattr(stored.get(key), "size", None)
-        if isinstance(value, torch.Tensor) and size is not None and tuple(size) != tuple(value.shape):
-            found.append(f"{key.removeprefix(MODEL_PREFIX)} is {list(size)} there and {list(value.shape)} in this run")
-    wanted = set(expected)
-    for key in sorted(wanted - held)[:3]:
-        found.append(f"it has no {key.removeprefix(MODEL_PREFIX)}")
-    for key in sorted(held - wanted)[:3]:
-        found.append(f"it holds {key.removeprefix(MODEL_PREFIX)}, which this model lacks")
-    return found
-
-
-def model_differences(folder: Path, run_model_config: dict[str, Any] | None) -> str:
-    """', the checkpoint's model has hidden_size 96 (this run's: 64), ...' from its hf/config.json, or ''."""
-    path = Path(folder) / HF_FILES_DIR / "config.json"
-    if not run_model_config or not path.is_file():
-        return ""
-    try:
-        theirs = json.loads(path.read_text())
-    except ValueError:
-        return ""
-    differing = [f"{key} {theirs[key]} (this run's: {run_model_config[key]})" for key in _MODEL_FIELDS
-                 if key in theirs and key in run_model_config and theirs[key] != run_model_config[key]]
-    return f"; the checkpoint's model has {', '.join(differing)}" if differing else ""
-
-
 # What a damaged file makes dcp.load (which wraps them in CheckpointException, a BaseException) or
 # unpickling raise; anything else (a bug) propagates with its traceback.
 _LOAD_ERRORS = (CheckpointException, pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError)
@@ -385,8 +250,8 @@ class Checkpointer:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise interrupt
-        free = _free_bytes(self.root)
-        full = _is_out_of_space(failure) or (free is not None and free < DISK_FULL_BYTES)
+        free = free_bytes(self.root)
+        full = is_out_of_space(failure) or (free is not None and free < DISK_FULL_BYTES)
         # Every rank failed here together (dcp.save gathers; rank 0's completion is shared by
         # raise_on_every_rank): they agree on the diagnosis before rank 0 frees the space.
         full = not all_ranks_succeeded(not full)
@@ -399,7 +264,7 @@ class Checkpointer:
             free_text = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
             raise DiskFullError(
                 f"checkpoint of step {step}: the disk is full under {self.root} ({free_text}; "
-                f"{'; '.join(dict.fromkeys(map(_one_line, rank_failures(failure) or [failure])))}); "
+                f"{'; '.join(dict.fromkeys(map(one_line, rank_failures(failure) or [failure])))}); "
                 f"the half-written {tmp.name} was removed and {intact}; free space there, or set job.output_dir "
                 "on a larger disk, and run again") from failure
 
@@ -528,7 +393,7 @@ class Checkpointer:
             info = self.load(folder, states, rank_local)
         except _LOAD_ERRORS as error:
             raise_if_interrupted(error)
-            problem = _short_error(error)
+            problem = short_error(error)
         if not all_ranks_succeeded(problem is None):
             return problem or "loading failed on another rank"
         return info
@@ -567,16 +432,3 @@ class Checkpointer:
                 state.load_state_dict(_like(templates[name], payload[key]))
         restored = same_dp and not any(key.startswith(f"{name}/") for name in rank_local for key in missing)
         return {**info, "rank_local_restored": restored, "missing": missing}
-
-
-def _short_error(error: BaseException) -> str:
-    """One line for a load failure: DCP's CheckpointException holds the ranks' tracebacks; keep their last lines."""
-    if isinstance(error, CheckpointException):
-        causes = map(_one_line, rank_failures(error))
-        return "loading failed: " + ("; ".join(dict.fromkeys(causes)) or "CheckpointException")
-    return f"loading failed: {_one_line(error)}"
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -23,7 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from mpo_dist.checkpoint import HF_FILES_DIR, MODEL_PREFIX, raise_if_interrupted, rank_failures, read_info
+from mpo_dist.checkpoint import read_info
+from mpo_dist.checkpoint_problems import HF_FILES_DIR, MODEL_PREFIX, raise_if_interrupted, rank_failures
 from mpo_dist.dcp_reader import SafeFileSystemReader
 from mpo_dist.distributed import barrier, is_main
 from mpo_dist.errors import InputError, MissingInputError
