@@ -49,6 +49,7 @@ from mpo_dist.evaluation import Evaluator
 from mpo_dist.logprobs import sequence_logprobs
 from mpo_dist.losses import LOSSES, build_loss, loss_options
 from mpo_dist.metrics import model_layout_cost
+from mpo_dist.model import read_model_config
 from mpo_dist.sampling import SamplingParams, generate, sample_seed
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
@@ -164,16 +165,10 @@ def validate(request: EvaluationRequest) -> None:
 def _load_model(flag: str, folder: str | Path, manifests: list[tuple[str, Manifest]], dtype: str, device: torch.device):
     """A Hugging Face causal LM, refused before its weights are read when its tokenizer or vocabulary
     is not the one of the data it will read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise MissingInputError(f"{flag} {folder}: no config.json; expected a Hugging Face model folder "
-                                "or a training checkpoint folder")
-    try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{flag} {folder}: cannot read its config.json ({str(error).strip().splitlines()[0]})") from error
+    config = read_model_config(folder, flag, "a Hugging Face model folder or a training checkpoint folder")
     tokenizer = tokenizer_beside_model(folder)
     for data, manifest in manifests:
         check_tokenizer_matches(manifest, config.vocab_size, tokenizer, data=data, model=f"{flag} {folder}",

@@ -21,18 +21,26 @@ from mpo_dist.logprobs import add_logprob_method
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def read_model_config(folder: str | Path, option: str, expected: str = "a Hugging Face model folder"):
+    """The transformers config of a model folder (`option` names it in errors, e.g. model.path or
+    --model); custom code an auto_map names is never run (trust_remote_code=False): refused in one line."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise MissingInputError(f"{option} {folder}: no config.json; expected {expected}")
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as error:  # unreadable, or custom code
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{option} {folder}: cannot read its config.json ({first_line})") from error
+
+
 def load_model_config(model: ModelConfig):
     from transformers import AutoConfig
 
     if model.path:
-        path = Path(model.path)
-        if not (path / "config.json").is_file():
-            raise MissingInputError(f"model.path {path}: no config.json; expected a Hugging Face model folder")
-        try:
-            return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        except (OSError, ValueError) as error:  # unreadable, or custom code (auto_map), which is never run
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise InputError(f"model.path {path}: cannot read its config.json ({first_line})") from error
+        return read_model_config(model.path, "model.path")
     kwargs = dict(model.config)
     model_type = kwargs.pop("model_type", None)
     if model_type is None:

@@ -28,9 +28,9 @@ from mpo_dist.data.layout import lay_out
 from mpo_dist.data.samples import write_reference_shard
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
 from mpo_dist.distributed import RankInfo, device_for
-from mpo_dist.errors import InputError, MissingInputError
 from mpo_dist.logprobs import batch_logprobs
 from mpo_dist.metrics import model_layout_cost
+from mpo_dist.model import read_model_config
 from mpo_dist.shard_job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
@@ -49,16 +49,10 @@ def weights_fingerprint(model_dir: str | Path) -> str:
 def load_reference_model(model_dir: str | Path, pairs: Manifest, pairs_dir: Path, dtype: str, device: torch.device):
     """The reference model, refused (before its weights are read) when its tokenizer is not the one
     that made the pairs or its vocabulary is smaller than theirs."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise MissingInputError(f"--model {model_dir}: no config.json; expected a Hugging Face model folder")
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"--model {model_dir}: cannot read its config.json ({first_line})") from error
+    config = read_model_config(model_dir, "--model")
     check_tokenizer_matches(pairs, config.vocab_size, tokenizer_beside_model(model_dir), data=f"--pairs {pairs_dir}",
                             model=f"--model {model_dir}", fix="use the reference model that matches the policy's tokenizer")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=getattr(torch, dtype), trust_remote_code=False)
