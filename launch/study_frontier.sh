@@ -3,7 +3,7 @@
 # over a sweep of beta, on a story task with a known reward, from the real pretrained stories260K model.
 #   bash launch/study_frontier.sh OUTPUT_DIR [--tiny] [--methods dpo,ipo,...] [--nproc 2] [--model DIR]
 # Makes the data with the project's tools (story-opening prompts, two reference samples per pair
-# labelled by Bradley-Terry on mpo_dist/story_reward.py, prepare, score, D_ref), trains every run under
+# labelled by Bradley-Terry on mpo_dist/study/story_reward.py, prepare, score, D_ref), trains every run under
 # torchrun (configs/study_frontier.yaml), evaluates each final policy on held-out prompts on its own
 # samples (true reward and KL(pi_theta || pi_ref) with standard errors, tools/evaluate.py), and writes
 # OUTPUT_DIR/results.csv, results.json, frontier.png and kl_steps.png. 24 runs, 27 minutes on a 2-core

@@ -50,7 +50,7 @@ from mpo_dist.logprobs import sequence_logprobs
 from mpo_dist.losses import LOSSES, build_loss, loss_options
 from mpo_dist.metrics import model_layout_cost
 from mpo_dist.model import read_model_config
-from mpo_dist.sampling import SamplingParams, generate, sample_seed
+from mpo_dist.producers.sample import SamplingParams, generate, sample_seed
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
 ON_POLICY = "on_policy/"

@@ -90,10 +90,10 @@ def toy_inputs(tmp_path_factory) -> dict[str, Path]:
     start and the reference), pairs shards, reference log-probs and D_ref samples."""
     from transformers import AutoModelForCausalLM
 
-    from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
+    from mpo_dist.producers.prepare import PrepareOptions, prepare_pairs
     from mpo_dist.data.toy_task import write_toy_task
-    from mpo_dist.reference import score_pairs
-    from mpo_dist.sampling import SamplingParams, sample_dref
+    from mpo_dist.producers.score import score_pairs
+    from mpo_dist.producers.sample import SamplingParams, sample_dref
 
     root = tmp_path_factory.mktemp("toy")
     pairs_jsonl, model_dir = write_toy_task(root / "toy", num_records=1200, seed=0)
@@ -111,8 +111,8 @@ def stories_inputs(tmp_path_factory) -> dict[str, Path]:
     """stories260K (real pretrained weights) with 40 HH-RLHF pairs prepared by its tokenizer and scored by it."""
     from transformers import AutoModelForCausalLM
 
-    from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
-    from mpo_dist.reference import score_pairs
+    from mpo_dist.producers.prepare import PrepareOptions, prepare_pairs
+    from mpo_dist.producers.score import score_pairs
 
     root = tmp_path_factory.mktemp("stories")
     model = require_shared("stories260K")

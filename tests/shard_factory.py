@@ -104,7 +104,7 @@ def make_sampled_dref(directory: Path, pairs_dir: Path, per_pair: int = 2) -> li
     """D_ref shards as tools/sample_reference.py lays them out: one per pairs shard (same name), keys
     `KEY-sK`, the pairs fingerprint and sampling parameters in the manifest. Returns all keys."""
     from mpo_dist.data.shards import ShardCursor
-    from mpo_dist.shard_job import manifest_fingerprint
+    from mpo_dist.producers.job import manifest_fingerprint
 
     directory.mkdir(parents=True, exist_ok=True)
     pairs = Manifest.read(pairs_dir, "pairs")

@@ -157,7 +157,7 @@ def test_sharding_refuses_an_unresolved_dtype(one_process_group):
 def test_the_reference_is_loaded_and_recorded_in_what_auto_became(stories_inputs, monkeypatch, capsys, cpu, onednn_bf16,
                                                                   expected):
     from mpo_dist.distributed import RankInfo
-    from mpo_dist.reference import open_reference
+    from mpo_dist.producers.score import open_reference
 
     fake_cpu(monkeypatch, cpu, onednn_bf16)
     name = str(expected).removeprefix("torch.")

@@ -74,7 +74,7 @@ def step0_checkpoint(model_dir: Path, stories_inputs, out: Path) -> Path:
 
 
 def test_stories260k_tied_embeddings_step_0_generates_the_original_text(stories_inputs, tmp_path, one_process_group):
-    from mpo_dist.sampling import SamplingParams, generate
+    from mpo_dist.producers.sample import SamplingParams, generate
     from mpo_dist.tokenizer import load_tokenizer
 
     model_dir = stories_inputs["model"]

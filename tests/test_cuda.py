@@ -23,7 +23,7 @@ from mpo_dist.checkpoint import MODEL_PREFIX
 from mpo_dist.data.collate import pad_sequences
 from mpo_dist.data.layout import lay_out, pair_documents, single_documents
 from mpo_dist.logprobs import batch_logprobs, padded_rows_input, token_logprobs
-from mpo_dist.sampling import SamplingParams, generate
+from mpo_dist.producers.sample import SamplingParams, generate
 
 NEEDS_GPU = "needs a CUDA GPU (tools/gpu_check.sh runs these on one)"
 DEVICES = [pytest.param("cpu"),

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import QUIET, REPO, SUBPROCESS_ENV, require_shared, run_tool, torchrun_command
-from mpo_dist.data.prepare import (REPORT_NAME, SPLIT_RULE, STATS_DIR, PrepareOptions, prepare_pairs, split_side,
+from mpo_dist.producers.prepare import (REPORT_NAME, SPLIT_RULE, STATS_DIR, PrepareOptions, prepare_pairs, split_side,
                                    split_value)
 from mpo_dist.data.shards import MANIFEST_NAME, Manifest, ShardCursor, shard_name
 from mpo_dist.errors import InputError

@@ -183,7 +183,7 @@ def test_scoring_with_packing_gives_the_padded_reference_log_probs(stories_input
     from conftest import QUIET
 
     from mpo_dist.data.shards import Manifest, ShardCursor
-    from mpo_dist.reference import score_pairs
+    from mpo_dist.producers.score import score_pairs
 
     model = AutoModelForCausalLM.from_pretrained(str(stories_inputs["model"])).float()
     for packing in ("never", "always"):

@@ -53,7 +53,7 @@ def test_reading_a_member_named_by_a_path_is_a_shard_error(tmp_path, name):
 @pytest.fixture(scope="module")
 def toy_pairs(tmp_path_factory) -> dict[str, Path]:
     """A few toy pairs and the tiny model whose tokenizer made them (what the tools need, no more)."""
-    from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
+    from mpo_dist.producers.prepare import PrepareOptions, prepare_pairs
     from mpo_dist.data.toy_task import write_toy_task
 
     root = tmp_path_factory.mktemp("toy-names")

@@ -14,7 +14,7 @@ from conftest import QUIET, free_port
 from mpo_dist.data.preflight import check_provenance, check_training_inputs, preflight_check
 from mpo_dist.data.shards import Manifest, ShardError
 from mpo_dist.errors import InputError
-from mpo_dist.shard_job import manifest_fingerprint
+from mpo_dist.producers.job import manifest_fingerprint
 from shard_factory import make_dref, make_pairs, make_reference, make_sampled_dref, rewrite
 
 SIZES = [5, 6, 4]

@@ -1,4 +1,4 @@
-"""tools/prepare_pairs.py and mpo_dist.data.prepare: preference records -> pairs shards (the pairs
+"""tools/prepare_pairs.py and mpo_dist.producers.prepare: preference records -> pairs shards (the pairs
 data contract); also every tool's --help.
 
 Runs on the real assets in ../shared/data (HH-RLHF harmless test split, GPT-2 and stories260K
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SUBPROCESS_ENV
-from mpo_dist.data.prepare import REPORT_NAME, STATS_DIR, PrepareOptions, prepare_pairs
+from mpo_dist.producers.prepare import REPORT_NAME, STATS_DIR, PrepareOptions, prepare_pairs
 from mpo_dist.data.shards import MANIFEST_NAME, Manifest, ShardCursor, shard_name
 from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -743,7 +743,7 @@ def test_strict_stops_at_a_malformed_shards_first_record_and_a_fixed_rerun_start
 
 
 def test_a_claim_without_output_does_not_block_a_rerun_with_other_settings(tmp_path, gpt2_dir):
-    from mpo_dist.shard_job import JOB_FILE
+    from mpo_dist.producers.job import JOB_FILE
 
     out = tmp_path / "out"
     (out / STATS_DIR).mkdir(parents=True)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from conftest import QUIET, REPO, SUBPROCESS_ENV as ENV, free_port, worker_pids
-from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
+from mpo_dist.producers.prepare import PrepareOptions, prepare_pairs
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardError, ShardInfo
-from mpo_dist.shard_job import manifest_fingerprint
+from mpo_dist.producers.job import manifest_fingerprint
 
 
 def run_tool(tool: str, *args, nproc: int = 1, rendezvous: list[str] | None = None, check: bool = True):
@@ -74,7 +74,7 @@ def test_scored_logps_equal_the_trainers_at_step_0(stories, tmp_path, one_proces
     from mpo_dist.logprobs import batch_logprobs
     from mpo_dist.model import build_model, materialize_model
     from mpo_dist.parallelize import apply_fsdp, build_mesh
-    from mpo_dist.reference import score_pairs
+    from mpo_dist.producers.score import score_pairs
     from transformers import AutoModelForCausalLM
 
     score_pairs(AutoModelForCausalLM.from_pretrained(str(stories["model"])), stories["pairs"], tmp_path / "ref",
@@ -168,7 +168,7 @@ def test_stored_logp_ref_equals_a_rescoring_and_samples_read_like_stories(storie
     from transformers import AutoModelForCausalLM
 
     from mpo_dist.logprobs import sequence_logprobs
-    from mpo_dist.sampling import SamplingParams, generate, sample_dref
+    from mpo_dist.producers.sample import SamplingParams, generate, sample_dref
     from mpo_dist.tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(stories["model"])).eval()
@@ -236,7 +236,7 @@ def test_any_of_several_eos_ids_ends_a_response(stories):
     """Chat models stop at any of several tokens (e.g. end of turn): each one ends a sample."""
     from transformers import AutoModelForCausalLM
 
-    from mpo_dist.sampling import SamplingParams, generate
+    from mpo_dist.producers.sample import SamplingParams, generate
 
     model = AutoModelForCausalLM.from_pretrained(str(stories["model"])).eval()
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
@@ -269,8 +269,8 @@ def test_a_rerun_with_other_settings_is_refused(stories, tmp_path):
 @pytest.mark.parametrize("tool", ["score", "sample"])
 def test_a_pairs_manifest_naming_a_shard_outside_its_folder_writes_nothing_outside_out(tmp_path, tool):
     """A pairs manifest naming `../../victim.tar` is refused before any output is written."""
-    from mpo_dist.reference import score_pairs
-    from mpo_dist.sampling import SamplingParams, sample_dref
+    from mpo_dist.producers.score import score_pairs
+    from mpo_dist.producers.sample import SamplingParams, sample_dref
 
     pairs = tmp_path / "data" / "pairs"
     pairs.mkdir(parents=True)
@@ -285,7 +285,7 @@ def test_a_pairs_manifest_naming_a_shard_outside_its_folder_writes_nothing_outsi
 
 
 def test_the_shard_job_refuses_a_path_as_an_output_name(tmp_path):
-    from mpo_dist.shard_job import run_shard_job
+    from mpo_dist.producers.job import run_shard_job
 
     with pytest.raises(ShardError, match=r"shard name '\.\./x\.tar' is not a plain file name"):
         run_shard_job("t", [ShardInfo("../x.tar", 1)], tmp_path / "out", lambda i, s: 0, rank=0, world_size=1,
@@ -320,7 +320,7 @@ def test_imported_responses_give_the_shards_sample_reference_wrote(stories, tmp_
 
 def test_imported_text_is_tokenized_and_bad_lines_are_named(stories, tmp_path):
     from mpo_dist.errors import InputError
-    from mpo_dist.dref_import import read_external_responses
+    from mpo_dist.producers.import_dref import read_external_responses
     from mpo_dist.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(stories["model"])

@@ -1,4 +1,4 @@
-"""The D_ref sampler (`mpo_dist.sampling.generate`): its draws follow the model's distribution (tempered,
+"""The D_ref sampler (`mpo_dist.producers.sample.generate`): its draws follow the model's distribution (tempered,
 top-p filtered), greedy is the argmax, a sample does not depend on its batch or on refills, and any of
 several stop ids ends a response. tools/bench_sampler.py runs and counts alike for every sampler."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import require_shared
-from mpo_dist.sampling import SamplingParams, generate
+from mpo_dist.producers.sample import SamplingParams, generate
 
 CPU = torch.device("cpu")
 
@@ -210,7 +210,7 @@ def test_a_sliding_window_model_is_sampled_in_whole_batches_with_the_same_result
     batches are refilled only when all of their rows have ended, and the samples are those drawn alone."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from mpo_dist.sampling import _kv_cache
+    from mpo_dist.producers.sample import _kv_cache
 
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -15,13 +15,13 @@ import pytest
 
 from conftest import REPO, SUBPROCESS_ENV, require_shared
 
-from mpo_dist.frontier import (
+from mpo_dist.study.frontier import (
     COLUMNS, DEFAULT, METHODS, TINY, Method, Run, StudySize, kl_curve, plan_runs, read_results_csv, read_results_json,
 )
-from mpo_dist.story_reward import (
+from mpo_dist.study.story_reward import (
     NEGATIVE, POSITIVE, SCALE, label_uniform, preference_probability, reward, sample_preference, sentiment_rate,
 )
-from mpo_dist.story_task import NAMES, TEMPLATES, story_prompts
+from mpo_dist.study.story_task import NAMES, TEMPLATES, story_prompts
 
 # ------------------------------------------------------------------------------- the true reward
 
@@ -52,7 +52,7 @@ def test_lexicons_are_disjoint_lowercase_words():
 def test_reward_is_usable_by_the_evaluation_tool():
     from mpo_dist.evaluate_model import load_reward
 
-    assert load_reward("mpo_dist.story_reward:reward")("Once.", "She was happy.") == pytest.approx(SCALE / 3)
+    assert load_reward("mpo_dist.study.story_reward:reward")("Once.", "She was happy.") == pytest.approx(SCALE / 3)
 
 
 # ---------------------------------------------------------------------------- Bradley-Terry labels
@@ -110,7 +110,7 @@ def _sample_sets(root, tokenizer, responses: dict[str, list[str]]):
 
 
 def test_label_pairs_takes_samples_two_at_a_time_and_labels_them(tmp_path):
-    from mpo_dist.story_task import label_pairs
+    from mpo_dist.study.story_task import label_pairs
     from mpo_dist.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(require_shared("stories260K"))

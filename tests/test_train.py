@@ -200,7 +200,7 @@ def test_reference_scored_on_other_pairs_is_refused_before_step_1(toy_inputs, tm
     """Pairs re-prepared with other length limits (same tokenizer, keys and counts) against the
     reference scored on the old ones: refused by its recorded pairs fingerprint, not trained on."""
     from conftest import QUIET
-    from mpo_dist.data.prepare import PrepareOptions, prepare_pairs
+    from mpo_dist.producers.prepare import PrepareOptions, prepare_pairs
 
     prepare_pairs(toy_inputs["root"] / "toy" / "pairs.jsonl", toy_inputs["model"], tmp_path / "pairs",
                   PrepareOptions(samples_per_shard=300, max_length=48, max_prompt_length=24), log=QUIET)

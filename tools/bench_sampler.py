@@ -1,4 +1,4 @@
-"""Sampled tokens/s of the D_ref sampler (`mpo_dist.sampling.generate`) against transformers' batched
+"""Sampled tokens/s of the D_ref sampler (`mpo_dist.producers.sample.generate`) against transformers' batched
 `model.generate`: the same model, prompts, batch size, max_new_tokens, temperature and top-p.
 
     python tools/bench_sampler.py [--model ../shared/data/stories260K] [--pairs DIR] [--num-prompts 64]
@@ -46,8 +46,8 @@ from mpo_dist.cli import add_threads_flag, run_main, tool_parser
 from mpo_dist.compute_dtype import choose_dtype
 from mpo_dist.errors import InputError
 from mpo_dist.model import DTYPES as MODEL_DTYPES
-from mpo_dist.sampling import SamplingParams, generate
-from mpo_dist.shard_job import check_batch_size
+from mpo_dist.producers.sample import SamplingParams, generate
+from mpo_dist.producers.job import check_batch_size
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stories260K"
 STORY_OPENINGS = ["Once upon a time", "One day, a little", "Tom and Sue", "The cat", "Lily wanted to",

@@ -24,7 +24,7 @@ from mpo_dist.distributed import device_for
 from mpo_dist.evaluate_model import (EvaluationRequest, evaluate_model, evaluation_loss_config, is_checkpoint,
                                      run_loss_config)
 from mpo_dist.losses import LOSSES
-from mpo_dist.sampling import SamplingParams
+from mpo_dist.producers.sample import SamplingParams
 
 
 def main(argv=None) -> int:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
 from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
-from mpo_dist.reference import open_reference
-from mpo_dist.dref_import import import_dref, read_external_responses
-from mpo_dist.shard_job import check_batch_size
+from mpo_dist.producers.score import open_reference
+from mpo_dist.producers.import_dref import import_dref, read_external_responses
+from mpo_dist.producers.job import check_batch_size
 from mpo_dist.tokenizer import load_tokenizer
 
 

@@ -6,7 +6,7 @@
 --pairs are the prompt shards (tools/make_story_prompts.py, then tools/prepare_pairs.py) and
 --samples the reference samples of their prompts (tools/sample_reference.py --num-samples 2P). Each
 sample is decoded as tools/evaluate.py decodes responses, scored with the true reward
-(mpo_dist.story_reward.reward), and the samples of a prompt are taken two at a time into P pairs,
+(mpo_dist.study.story_reward.reward), and the samples of a prompt are taken two at a time into P pairs,
 labelled by Bradley-Terry on the reward: `sampled` draws a hard label with probability
 sigmoid(r_a - r_b), seeded per pair; `soft` keeps the better response as chosen with that
 probability as `label`. The output is pairs JSONL for tools/prepare_pairs.py; --report gets the
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from mpo_dist.cli import run_main, tool_parser
-from mpo_dist.story_task import LABEL_MODES, label_pairs, write_jsonl
+from mpo_dist.study.story_task import LABEL_MODES, label_pairs, write_jsonl
 from mpo_dist.tokenizer import load_tokenizer
 
 

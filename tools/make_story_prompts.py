@@ -2,7 +2,7 @@
 
     python tools/make_story_prompts.py --out prompts.jsonl [--num-prompts 400]
 
-One JSONL record per opening (`mpo_dist.story_task`: templates x character names) with placeholder
+One JSONL record per opening (`mpo_dist.study.story_task`: templates x character names) with placeholder
 responses, for tools/prepare_pairs.py; tools/sample_reference.py --num-samples 2P on those shards
 then draws 2P reference continuations per opening, and tools/label_story_pairs.py makes them into P
 labelled pairs per opening. tools/study_frontier.py runs the whole chain.
@@ -11,7 +11,7 @@ labelled pairs per opening. tools/study_frontier.py runs the whole chain.
 import sys
 
 from mpo_dist.cli import run_main, tool_parser
-from mpo_dist.story_task import NAMES, TEMPLATES, story_prompts, write_prompt_records
+from mpo_dist.study.story_task import NAMES, TEMPLATES, story_prompts, write_prompt_records
 
 
 def main(argv=None) -> int:

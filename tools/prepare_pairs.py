@@ -14,7 +14,7 @@ output does not depend on K). A rerun after a crash skips the shards already wri
 import sys
 
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
-from mpo_dist.data.prepare import PROMPT_LENGTH_CAP, PrepareOptions, prepare_pairs
+from mpo_dist.producers.prepare import PROMPT_LENGTH_CAP, PrepareOptions, prepare_pairs
 from mpo_dist.data.raw_records import FORMATS
 
 

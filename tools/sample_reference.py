@@ -12,9 +12,9 @@ import sys
 
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
 from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
-from mpo_dist.reference import open_reference
-from mpo_dist.sampling import SamplingParams, sample_dref
-from mpo_dist.shard_job import check_batch_size
+from mpo_dist.producers.score import open_reference
+from mpo_dist.producers.sample import SamplingParams, sample_dref
+from mpo_dist.producers.job import check_batch_size
 
 
 def main(argv=None) -> int:

@@ -8,17 +8,17 @@ printed before it runs, with its output in OUTPUT_DIR/logs/:
 
 1. data (OUTPUT_DIR/data): story-opening prompts (tools/make_story_prompts.py) -> their pairs
    shards (tools/prepare_pairs.py) -> 2P reference samples per prompt (tools/sample_reference.py)
-   -> P pairs per prompt labelled by Bradley-Terry on the true reward mpo_dist.story_reward
+   -> P pairs per prompt labelled by Bradley-Terry on the true reward mpo_dist.study.story_reward
    (tools/label_story_pairs.py) -> pairs shards split by prompt into train and held-out
    (prepare_pairs --eval-fraction) -> reference log-probs of both (tools/score_reference.py) ->
    D_ref: one reference sample per training pair (MPO's tau term) and two per held-out pair (the
    trainer's KL monitor eval/kl_ref_policy, which no loss sees);
 2. the reference model evaluated on-policy on the held-out prompts (the baseline, KL 0);
-3. for each method and beta (mpo_dist/frontier.py: METHODS): training under torchrun
+3. for each method and beta (mpo_dist/study/frontier.py: METHODS): training under torchrun
    (`python -m mpo_dist.launcher --standalone --nproc-per-node N -m mpo_dist.train --config
    configs/study_frontier.yaml ...`) into OUTPUT_DIR/runs/RUN, then tools/evaluate.py on its final
    checkpoint: K samples per held-out pair record, `on_policy/reward` (--reward
-   mpo_dist.story_reward:reward) and `on_policy/kl_policy_ref`, with standard errors, into
+   mpo_dist.study.story_reward:reward) and `on_policy/kl_policy_ref`, with standard errors, into
    OUTPUT_DIR/evals/RUN.json;
 4. OUTPUT_DIR/results.csv and results.json (a row per run and the reference), frontier.png (reward
    against KL, one curve per method) and kl_steps.png (the held-out KL monitor against the step).
@@ -49,14 +49,14 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the checkout's m
 
 from mpo_dist.cli import tool_parser  # noqa: E402
 from mpo_dist.errors import INPUT_ERROR_EXIT_CODE  # noqa: E402
-from mpo_dist.frontier import (  # noqa: E402
+from mpo_dist.study.frontier import (  # noqa: E402
     DEFAULT, METHODS, TINY, Run, StudySize, describe_plan, kl_curve, plan_runs, plot_frontier, plot_kl_steps,
     read_metrics, reference_row, run_row, write_results,
 )
 
 DEFAULT_MODEL = REPO.parent / "shared" / "data" / "stories260K"
 CONFIG = REPO / "configs" / "study_frontier.yaml"
-REWARD = "mpo_dist.story_reward:reward"
+REWARD = "mpo_dist.study.story_reward:reward"
 # Seeds of the independent random streams: labels, the pairs' samples, D_ref, held-out D_ref, on-policy
 # evaluation (the same for every model evaluated: their samples share random numbers).
 SEEDS = {"labels": 0, "pairs": 1, "dref": 2, "dref_eval": 3, "on_policy": 4}

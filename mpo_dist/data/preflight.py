@@ -33,10 +33,10 @@ from mpo_dist.data.samples import (
     reference_problem,
     vocab_limit,
 )
-from mpo_dist.data.shards import DamagedRecordError, FORMAT_VERSION, Manifest, ShardCursor, ShardError, ShardInfo
+from mpo_dist.data.shards import (DamagedRecordError, FORMAT_VERSION, JOB_FILE, Manifest, ShardCursor, ShardError, ShardInfo,
+                                  manifest_fingerprint)
 from mpo_dist.distributed import all_ranks_succeeded
 from mpo_dist.errors import InputError
-from mpo_dist.shard_job import JOB_FILE, manifest_fingerprint
 
 MAX_PROBLEMS = 20
 

@@ -12,6 +12,7 @@ Shard names in a manifest are plain file names inside its folder (checked when i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -28,6 +29,13 @@ import webdataset as wds
 from mpo_dist.errors import InputError
 
 MANIFEST_NAME = "manifest.json"
+JOB_FILE = ".job.json"  # what a shard job's output folder is made from (producers/job.py)
+
+
+def manifest_fingerprint(shard_dir: Path) -> str:
+    """What a shard set is, in one string: a hash of its manifest (shard names, counts, lengths, how
+    it was made). Shards made from a shard set record it; the trainer compares (`check_provenance`)."""
+    return "sha256:" + hashlib.sha256((Path(shard_dir) / MANIFEST_NAME).read_bytes()).hexdigest()[:32]
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)  # 1: records without checksums
 _MAGIC = b"MPO2"

@@ -2,7 +2,7 @@
 
 The reward/KL frontier study (tools/study_frontier.py) needs a task whose true reward is known, so
 that every trained policy can be scored on its own samples (tools/evaluate.py
-`--reward mpo_dist.story_reward:reward`). The task: continue a story opening with the stories260K
+`--reward mpo_dist.study.story_reward:reward`). The task: continue a story opening with the stories260K
 model (a llama2.c TinyStories model); the reward is the story's net sentiment.
 
     reward(prompt, response) = SCALE * (positive words - negative words) / words of the response
@@ -75,7 +75,7 @@ def sentiment_rate(text: str) -> float:
 def reward(prompt_text: str, response_text: str) -> float:
     """The true reward of a story continuation: SCALE x its net sentiment rate (the prompt is ignored).
 
-    For tools/evaluate.py: `--reward mpo_dist.story_reward:reward`."""
+    For tools/evaluate.py: `--reward mpo_dist.study.story_reward:reward`."""
     del prompt_text  # the opening is given; only what the policy wrote is rewarded
     return SCALE * sentiment_rate(response_text)
 
@@ -91,7 +91,7 @@ def preference_probability(reward_a: float, reward_b: float) -> float:
 
 def label_uniform(seed: int, key: str) -> float:
     """A uniform in [0, 1) that depends only on (seed, key): stable across runs, machines and orders."""
-    digest = hashlib.sha256(f"mpo_dist.story_reward.v1/{seed}/{key}".encode()).digest()
+    digest = hashlib.sha256(f"mpo_dist.study.story_reward.v1/{seed}/{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 

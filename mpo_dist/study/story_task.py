@@ -2,7 +2,7 @@
 
 Prompts are story openings (`TEMPLATES` x `NAMES`: 400 distinct ones). Preference pairs are two
 samples of the reference model for the same prompt, labelled by the Bradley-Terry model on the true
-reward of `mpo_dist.story_reward`. The samples are drawn by the project's own sampler
+reward of `mpo_dist.study.story_reward`. The samples are drawn by the project's own sampler
 (tools/sample_reference.py) from a bootstrap pairs set whose records carry only the prompts, so the
 chain is made of the ordinary tools (tools/study_frontier.py runs it):
 
@@ -32,7 +32,7 @@ from typing import Callable
 
 from mpo_dist.data.shards import Manifest, ShardCursor
 from mpo_dist.errors import InputError
-from mpo_dist.story_reward import preference_probability, reward, sample_preference
+from mpo_dist.study.story_reward import preference_probability, reward, sample_preference
 
 TEMPLATES = [
     "Once upon a time, there was a little girl named {name}.",

@@ -14,8 +14,8 @@ import torch
 
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
 from mpo_dist.errors import InputError
-from mpo_dist.sampling import as_id_list, write_dref_manifest, write_dref_shard
-from mpo_dist.shard_job import check_batch_size, describe_totals, manifest_fingerprint, run_shard_job, stderr_log
+from mpo_dist.producers.sample import as_id_list, write_dref_manifest, write_dref_shard
+from mpo_dist.producers.job import check_batch_size, describe_totals, manifest_fingerprint, run_shard_job, stderr_log
 
 
 @dataclass

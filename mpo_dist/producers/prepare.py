@@ -39,7 +39,7 @@ from mpo_dist.data.raw_records import (
 )
 from mpo_dist.distributed import barrier
 from mpo_dist.errors import InputError, MissingInputError
-from mpo_dist.shard_job import Progress, release_output_dir, start_job, stderr_log
+from mpo_dist.producers.job import Progress, release_output_dir, start_job, stderr_log
 from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 STATS_DIR = ".prepare"

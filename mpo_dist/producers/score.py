@@ -31,7 +31,7 @@ from mpo_dist.distributed import RankInfo, device_for
 from mpo_dist.logprobs import batch_logprobs
 from mpo_dist.metrics import model_layout_cost
 from mpo_dist.model import read_model_config
-from mpo_dist.shard_job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
+from mpo_dist.producers.job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
 

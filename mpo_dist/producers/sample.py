@@ -54,7 +54,7 @@ from mpo_dist.data.collate import pad_sequences
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo, ShardWriter
 from mpo_dist.logprobs import position_ids_for, sequence_logprobs
 from mpo_dist.errors import InputError
-from mpo_dist.shard_job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
+from mpo_dist.producers.job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
 
 SAMPLER_VERSION = 2  # 1: per-row torch.multinomial; 2: inverse CDF of pre-drawn uniforms, refilled batches
 

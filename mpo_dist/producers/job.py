@@ -16,18 +16,16 @@ claim, the temp-file sweep and the progress lines are shared.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mpo_dist.data.shards import MANIFEST_NAME, ShardInfo, atomic_write_bytes, check_shard_name
+from mpo_dist.data.shards import JOB_FILE, ShardInfo, atomic_write_bytes, check_shard_name, manifest_fingerprint
 from mpo_dist.distributed import barrier, raise_on_every_rank
 from mpo_dist.errors import InputError
 
-JOB_FILE = ".job.json"
 
 
 def stderr_log(message: str) -> None:
@@ -37,12 +35,6 @@ def stderr_log(message: str) -> None:
 def check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-
-
-def manifest_fingerprint(shard_dir: Path) -> str:
-    """What a shard set is, in one string: a hash of its manifest (shard names, counts, lengths, how
-    it was made). Shards made from a shard set record it; the trainer compares (`check_provenance`)."""
-    return "sha256:" + hashlib.sha256((Path(shard_dir) / MANIFEST_NAME).read_bytes()).hexdigest()[:32]
 
 
 def made_from(pairs_dir: Path, pairs_tokenizer_hash: str, model, model_info: dict | None) -> dict[str, Any]:
