@@ -1,9 +1,10 @@
 """What can be wrong with a checkpoint, told apart so that each gets its own one-line answer.
 
 Damage (`checkpoint_problem`: files truncated, missing or unreadable; resume=auto passes over it), an
-intact checkpoint of another model (`shape_mismatches`: never called damage, never overwritten), a
-save that found the disk full (`DiskFullError`), and a SIGTERM or Ctrl-C that DCP caught and wrapped
-on every rank (`interruption`: neither damage nor a failed save). Reads metadata only, never tensors.
+intact checkpoint of another model (`shape_mismatches`: never called damage, never overwritten) or of
+another checkpoint format (`refuse_other_format`: refused, never misread), a save that found the
+disk full (`DiskFullError`), and a SIGTERM or Ctrl-C that DCP caught and wrapped on every rank
+(`interruption`: neither damage nor a failed save). Reads metadata only, never tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from mpo_dist.errors import InputError, Terminated
 INFO_NAME = "checkpoint.json"
 HF_FILES_DIR = "hf"  # config.json, generation config and tokenizer: what conversion to Hugging Face needs
 MODEL_PREFIX = "model_optimizer.model."  # where the model's tensors live in a checkpoint
+# What checkpoint.json's "format" says. 2: the data position of both streams under one key ("data").
+# Earlier layouts were never released; they are refused, not read (`refuse_other_format`).
+CHECKPOINT_FORMAT = 2
 
 
 def checkpoint_problem(folder: str | Path) -> str | None:
@@ -114,6 +118,17 @@ def free_bytes(folder: Path) -> int | None:
         return shutil.disk_usage(path).free
     except OSError:
         return None
+
+
+def refuse_other_format(folder: Path, info: dict[str, Any], option: str) -> None:
+    """An InputError unless `info` (checkpoint.json) is of this version's CHECKPOINT_FORMAT."""
+    found = info.get("format")
+    if found != CHECKPOINT_FORMAT:
+        raise InputError(
+            f"{option}: {folder} was written by another mpo_dist version (checkpoint format {found or 'none'}; this "
+            f"one reads format {CHECKPOINT_FORMAT} only: earlier formats were never released, so they are not "
+            "converted); start a new run in another job.output_dir, or set checkpoint.resume=none "
+            "job.overwrite_output_dir=true to delete these checkpoints")
 
 
 class CheckpointMismatchError(InputError):

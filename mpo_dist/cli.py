@@ -84,6 +84,10 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
              cleanup: Callable[[], None] = lambda: None) -> int:
     """Join the process group (torchrun) or run alone, run `body(info)`, always leave the group.
 
+    This is where every entry point's process group is set up, once (`init_distributed`); code that
+    needs one, like the Trainer, uses it (`distributed.rank_info_of_group`) and never makes its own.
+    `single_process_group`: a plain process without torchrun gets a group of one too.
+
     Returns 0, or 2 after printing an input error in one line, or 143 when SIGTERM stopped the body
     (after its cleanup: `Terminated`); a rank of a multi-process launch exits with that code instead
     of returning (`_end_rank`). Other exceptions propagate.
@@ -138,9 +142,8 @@ def _write_stderr(text: str) -> None:
 def _end_rank(code: int) -> None:
     """End a rank of a multi-process launch now, its files closed (the body returned, cleanup ran),
     without interpreter shutdown: that can free work gloo's threads still hold and abort (SIGABRT,
-    "terminate called without an active exception"; seen about 1 run in 14 after an input error under
-    load, and 3 times after "done" in one loaded test-suite run), and torchrun would then report a
-    crash instead of the exit code."""
+    "terminate called without an active exception"; seen under load after an input error and after
+    a clean finish), and torchrun would then report a crash instead of the exit code."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

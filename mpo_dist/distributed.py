@@ -74,6 +74,22 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800, single
     return info
 
 
+def rank_info_of_group() -> RankInfo:
+    """This process's rank facts inside the process group that its entry point set up.
+
+    For code that needs a group at any size (FSDP2 meshes, DCP), such as the Trainer: it never creates
+    one, so the group is set up in one place only (`init_distributed`, called by `cli.run_main`; with
+    `single_process_group=True` a plain one-process run gets a group too). The rank and world size are
+    the group's; the node-local facts come from torchrun's environment.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("no process group: run under cli.run_main(..., single_process_group=True), which "
+                           "sets one up for a single process too, or create one before this call")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    return RankInfo(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+
+
 def check_local_gpu(local_rank: int, local_world_size: int, device_count: int,
                     cuda_visible_devices: str | None = None) -> None:
     """NCCL puts each rank of a node on GPU LOCAL_RANK (`init_distributed`, `device_for`): raise an

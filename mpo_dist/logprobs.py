@@ -131,8 +131,9 @@ def token_logprobs(model, batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> to
 
 
 def add_logprob_method(model) -> None:
-    """Give `model` the method `model.token_logprobs(input_ids, attention_mask, chunk_tokens)`,
-    the single entry of this module's forward; a no-op when it has it already."""
+    """Give `model` the method `model.token_logprobs(batch, chunk_tokens=DEFAULT_CHUNK_TOKENS)` (this
+    module's `token_logprobs`, bound: `batch` a data.layout.ModelInput), the single entry of this
+    module's forward; a no-op when it has it already."""
     if not hasattr(model, LOGPROB_METHOD):
         setattr(model, LOGPROB_METHOD, types.MethodType(token_logprobs, model))
 

@@ -49,6 +49,8 @@ def main(argv=None) -> int:
         trainer = Trainer(config)
         trainer.train()
 
+    # single_process_group: the one place the trainer's process group is set up; a plain process gets a
+    # group of its own too (FSDP2 and DCP need one at any size), and the Trainer uses the group it finds.
     # threads=0: OMP_NUM_THREADS when set (torchrun sets 1 for several processes per node), else the
     # cores divided among this node's processes, so processes never oversubscribe the cores.
     return run_main("mpo_dist", body, single_process_group=True, threads=0,

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from mpo_dist.data.samples import (
     reference_problem,
     vocab_limit,
 )
-from mpo_dist.data.shards import (DamagedRecordError, FORMAT_VERSION, JOB_FILE, Manifest, ShardCursor, ShardError, ShardInfo,
+from mpo_dist.data.shards import (DamagedRecordError, Manifest, ShardCursor, ShardError, ShardInfo,
                                   manifest_fingerprint)
 from mpo_dist.distributed import all_ranks_succeeded
 from mpo_dist.errors import InputError
@@ -49,12 +48,10 @@ class PreflightReport:
     records: int = 0
     pairs: int = 0
     seconds: float = 0.0
-    unchecksummed: tuple[str, ...] = ()  # shard folders of format 1 (records without checksums)
 
     def describe(self, world_size: int) -> str:
-        note = f"; {', '.join(self.unchecksummed)} carry no checksums (format 1)" if self.unchecksummed else ""
         return (f"pre-flight: rank 0 of {world_size} checked {self.shards} shard files, {self.records:,} records "
-                f"({self.pairs:,} pairs) in {self.seconds:.1f}s{note}")
+                f"({self.pairs:,} pairs) in {self.seconds:.1f}s")
 
 
 class _Problems:
@@ -105,16 +102,9 @@ class _Problems:
 # ---------------------------------------------------------------------------- provenance
 
 
-def recorded_pairs_fingerprint(manifest: Manifest, directory: str | Path) -> str | None:
-    """The pairs fingerprint a reference or D_ref set was made from: its manifest's, or (sets made
-    before manifests recorded it) its tool's job file's."""
-    if manifest.info.get("pairs_fingerprint"):
-        return manifest.info["pairs_fingerprint"]
-    job = Path(directory) / JOB_FILE
-    try:
-        return json.loads(job.read_text()).get("pairs") if job.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        return None
+def recorded_pairs_fingerprint(manifest: Manifest) -> str | None:
+    """The pairs fingerprint a reference or D_ref set was made from (None: a set made by hand)."""
+    return manifest.info.get("pairs_fingerprint") or None
 
 
 def check_provenance(pairs_manifest: Manifest, pairs_dir: str | Path, reference_manifest: Manifest | None = None,
@@ -133,7 +123,7 @@ def check_provenance(pairs_manifest: Manifest, pairs_dir: str | Path, reference_
                                             ("data.dref", dref_manifest, dref_dir, "sample_reference")):
         if manifest is None:
             continue
-        recorded = recorded_pairs_fingerprint(manifest, directory)
+        recorded = recorded_pairs_fingerprint(manifest)
         if recorded is not None and recorded != fingerprint:
             made_from = manifest.info.get("pairs", "other pairs")
             raise InputError(
@@ -175,7 +165,7 @@ def _open_sets(pairs_dir, reference_dir, dref_dir) -> _Sets:
                              f"{pairs.manifest.tokenizer_hash} ({pairs.directory}); resample D_ref with the policy's tokenizer")
         sampling = dref.manifest.info.get("sampling")
         same_shards = [s.name for s in dref.manifest.shards] == [s.name for s in pairs.manifest.shards]
-        if (isinstance(sampling, dict) and same_shards and recorded_pairs_fingerprint(dref.manifest, dref.directory)
+        if (isinstance(sampling, dict) and same_shards and recorded_pairs_fingerprint(dref.manifest)
                 == manifest_fingerprint(pairs.directory)):
             per_pair = int(sampling.get("num_samples") or 0)
     return _Sets(pairs, reference, dref, per_pair)
@@ -306,8 +296,6 @@ def preflight_check(pairs_dir: str | Path, reference_dir: str | Path | None = No
             failed_quietly = rank != 0
         if sets is not None:
             _check_shards(sets, vocab_size, rank, world_size, problems, report)
-            report.unchecksummed = tuple(str(s.directory) for s in (sets.pairs, sets.reference, sets.dref)
-                                         if s is not None and s.manifest.format_version < FORMAT_VERSION)
     except BaseException:
         all_ranks_succeeded(False)  # the others stop cleanly instead of waiting in a later collective
         raise
@@ -340,7 +328,7 @@ def check_eval_inputs(eval_pairs_dir: str | Path | None, eval_reference_dir: str
             raise InputError(f"eval.pairs {eval_pairs_dir} is the training set data.pairs {train_pairs_dir}; hold pairs out "
                              "with tools/prepare_pairs.py --eval-fraction, or set eval.require_held_out=false")
         reference = read_manifest("eval.reference", eval_reference_dir, "ref_logps")
-        recorded = recorded_pairs_fingerprint(reference, eval_reference_dir)
+        recorded = recorded_pairs_fingerprint(reference)
         if recorded is not None and recorded != manifest_fingerprint(Path(eval_pairs_dir)):
             raise InputError(f"eval.reference {eval_reference_dir} was made from other pairs than eval.pairs "
                              f"{eval_pairs_dir}: re-run tools/score_reference.py --pairs {eval_pairs_dir}")
@@ -351,7 +339,7 @@ def check_eval_inputs(eval_pairs_dir: str | Path | None, eval_reference_dir: str
                              "training run's reference model")
     if eval_dref_dir:
         dref = read_manifest("eval.dref", eval_dref_dir, "dref")
-        if require_held_out and recorded_pairs_fingerprint(dref, eval_dref_dir) == train_fingerprint:
+        if require_held_out and recorded_pairs_fingerprint(dref) == train_fingerprint:
             raise InputError(f"eval.dref {eval_dref_dir} was sampled from the training prompts (data.pairs "
                              f"{train_pairs_dir}): its KL would be the optimistic training-set figure; sample it from "
                              "held-out prompts (prepare_pairs --eval-fraction), or set eval.require_held_out=false")

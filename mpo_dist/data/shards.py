@@ -2,11 +2,13 @@
 
 A shard set is a folder of webdataset tars (`shard-000000.tar`, ...) plus `manifest.json`.
 Every sample is a single tar member `KEY.EXT` holding one packed record (a JSON header and raw
-1-D arrays): one member per sample reads ~3x faster than one member per field.
+1-D arrays): one member per sample reads much faster than one member per field
+(the per-member cost of tar dominates small fields).
 
-Record format 2: `MPO2 | crc32 | header length | header | arrays` (little-endian uint32s); the CRC32
-covers everything after it, so a flipped bit anywhere in a record is found when it is read.
-Format 1 records (`MPO1 | header length | header | arrays`, no checksum) are still read.
+Records (`MPO2 | crc32 | header length | header | arrays`, little-endian uint32s): the CRC32 covers
+everything after it, so a flipped bit anywhere in a record is found when it is read. The manifest's
+`format_version` is that of the whole set (3: every record checksummed, and nothing older is read);
+a set of another version is refused in one line naming the tool that re-makes it.
 Shard names in a manifest are plain file names inside its folder (checked when it is read).
 """
 
@@ -30,20 +32,12 @@ from mpo_dist.errors import InputError
 
 MANIFEST_NAME = "manifest.json"
 JOB_FILE = ".job.json"  # what a shard job's output folder is made from (producers/job.py)
-
-
-def manifest_fingerprint(shard_dir: Path) -> str:
-    """What a shard set is, in one string: a hash of its manifest (shard names, counts, lengths, how
-    it was made). Shards made from a shard set record it; the trainer compares (`check_provenance`)."""
-    return "sha256:" + hashlib.sha256((Path(shard_dir) / MANIFEST_NAME).read_bytes()).hexdigest()[:32]
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)  # 1: records without checksums
-_MAGIC = b"MPO2"
-_MAGIC_V1 = b"MPO1"
+FORMAT_VERSION = 3
+_MAGIC = b"MPO2"  # the record layout, unchanged since format 2 introduced its checksum
 _UINT32 = struct.Struct("<I")
 _TAR_BLOCK = 512
 
-# The three shard sets of the data contracts (README): manifest kind -> tar member extension.
+# The three shard sets of the data contracts (docs/data.md): manifest kind -> tar member extension.
 KIND_EXTENSIONS = {"pairs": "pair", "ref_logps": "ref", "dref": "dref"}
 
 
@@ -55,6 +49,12 @@ class DamagedRecordError(ShardError):
     """One sample's record is damaged (checksum, truncation, format) but the tar around it is sound."""
 
 
+def manifest_fingerprint(shard_dir: Path) -> str:
+    """What a shard set is, in one string: a hash of its manifest (shard names, counts, lengths, how
+    it was made). Shards made from a shard set record it; the trainer compares (`check_provenance`)."""
+    return "sha256:" + hashlib.sha256((Path(shard_dir) / MANIFEST_NAME).read_bytes()).hexdigest()[:32]
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
@@ -63,7 +63,7 @@ def shard_name(index: int) -> str:
 
 
 def encode_record(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
-    """Pack JSON-able `meta` and 1-D numpy `arrays` into one checksummed bytes object (format 2)."""
+    """Pack JSON-able `meta` and 1-D numpy `arrays` into one checksummed bytes object."""
     specs, blobs = [], []
     for name, array in arrays.items():
         array = np.ascontiguousarray(array)
@@ -77,8 +77,7 @@ def encode_record(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def decode_record(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Inverse of `encode_record` (and reader of format-1 records, which carry no checksum);
-    raises ValueError on anything malformed, a checksum mismatch included."""
+    """Inverse of `encode_record`; raises ValueError on anything malformed, a checksum mismatch included."""
     try:
         return _decode(memoryview(data))
     except ValueError:
@@ -88,17 +87,13 @@ def decode_record(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 def _decode(data: memoryview) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    magic = bytes(data[:4])
-    if magic == _MAGIC:
-        (stored,) = _UINT32.unpack_from(data, 4)
-        actual = zlib.crc32(data[8:])
-        if actual != stored:
-            raise ValueError(f"checksum mismatch (stored crc32 {stored:08x}, content has {actual:08x})")
-        start = 8
-    elif magic == _MAGIC_V1:
-        start = 4
-    else:
+    if bytes(data[:4]) != _MAGIC:
         raise ValueError("not a packed mpo_dist record (bad magic bytes)")
+    (stored,) = _UINT32.unpack_from(data, 4)
+    actual = zlib.crc32(data[8:])
+    if actual != stored:
+        raise ValueError(f"checksum mismatch (stored crc32 {stored:08x}, content has {actual:08x})")
+    start = 8
     (header_len,) = _UINT32.unpack_from(data, start)
     start += _UINT32.size
     if start + header_len > len(data):
@@ -170,9 +165,9 @@ class Manifest:
             )
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ShardError(f"{path}: malformed manifest ({type(error).__name__}: {error})") from error
-        if manifest.format_version not in READABLE_FORMAT_VERSIONS:
-            raise ShardError(f"{path}: format version {manifest.format_version}, this mpo_dist reads "
-                             f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}")
+        if manifest.format_version != FORMAT_VERSION:
+            raise ShardError(f"{path}: shard format version {manifest.format_version}, but this mpo_dist reads version "
+                             f"{FORMAT_VERSION} only; re-make the set with {_maker_of(manifest)}")
         if expected_kind is not None and manifest.kind != expected_kind:
             raise ShardError(f"{path}: holds '{manifest.kind}' shards, expected '{expected_kind}'")
         seen = set()
@@ -186,6 +181,16 @@ class Manifest:
             if shard.lengths is not None and len(shard.lengths) != shard.num_samples:
                 raise ShardError(f"{path}: shard {shard.name} lists {len(shard.lengths)} lengths for {shard.num_samples} samples")
         return manifest
+
+
+# Who makes each kind of set, for a manifest that does not say (`info.created_by`).
+_MAKERS = {"pairs": "tools/prepare_pairs.py", "ref_logps": "tools/score_reference.py",
+           "dref": "tools/sample_reference.py (or tools/import_dref.py)"}
+
+
+def _maker_of(manifest: Manifest) -> str:
+    made_by = manifest.info.get("created_by") if isinstance(manifest.info, dict) else None
+    return made_by if isinstance(made_by, str) and made_by else _MAKERS.get(manifest.kind, "the tool that made it")
 
 
 def check_shard_name(name: Any, manifest: str | os.PathLike) -> None:

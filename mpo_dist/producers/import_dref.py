@@ -1,6 +1,6 @@
 """Importing D_ref responses sampled by another engine (vLLM, SGLang, TGI, ...): the D_ref shards
 and manifest are the contract, so responses from anywhere become standard D_ref once the reference
-re-scores their `logp_ref` with the trainer's own computation (`sampling.write_dref_shard`)."""
+re-scores their `logp_ref` with the trainer's own computation (`sample.write_dref_shard`)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Shard `i` holds the kept records among input records `[i*N, (i+1)*N)`, N = sampl
 the output is the same whatever the number of processes: process `r` of `W` writes the shards with
 `i % W == r`. Each shard is written atomically with a small stats file beside it (in `.prepare/`);
 a rerun skips shards whose stats exist. The output folder is claimed, swept of stale temp files and
-progress is reported by `shard_job` (the tools' one resumable-job mechanism). After a barrier,
+progress is reported by `producers.job` (the tools' one resumable-job mechanism). After a barrier,
 rank 0 writes the manifest and the report.
 
 Held-out split (`eval_fraction` F > 0): every record goes to `OUT/eval/` when a stable hash of its

@@ -9,11 +9,10 @@ For every prompt of the pairs shards, K responses are sampled (`generate`):
   prefilled together in one batch and joined: their cache and the batch's are left-padded to one
   width (masked columns) and concatenated, and columns that no row attends any more are cut off.
   Long and short responses thus share the batch without idle rows. The price: a joining row is
-  padded to the batch's width, its oldest row's length. Measured on stories260K on CPU
-  (tools/bench_sampler.py): refills sample paragraph-long responses (30-250 tokens) ~1.15x faster than
-  decoding whole batches to their longest row, and cost 15-20% when nearly every response runs to
-  max_new_tokens; per-slot preallocated caches with ready-made masks, whose every step attends the
-  full capacity, were 10-30% slower than these joins. A cache that is not plain key/value tensors
+  padded to the batch's width, its oldest row's length. Refills pay when response lengths vary and
+  cost a little when nearly every response runs to max_new_tokens; per-slot preallocated caches with
+  ready-made masks, whose every step attends the full capacity, were slower than these joins
+  (tools/bench_sampler.py; figures in docs/performance.md). A cache that is not plain key/value tensors
   (sliding windows, recurrent state) is only ever narrowed: then a batch is refilled once all of
   its rows have ended.
 - Vectorised sampling with one random stream per sample. Sample k of prompt `key` has its own
@@ -25,16 +24,15 @@ For every prompt of the pairs shards, K responses are sampled (`generate`):
 A sample therefore does not depend on the rank, the number of ranks or nodes, or which prompts share
 its batch, up to floating-point batch effects: its probabilities in a batch differ from those alone by
 a few 1e-6 at most (left padding, other rows), so a token differs only when its uniform falls that
-close to a CDF step; on stories260K that was 1 token in ~2,400 (the rest of that response then
-differs too, an equally valid draw). Even those repeat: the schedule, like everything else, depends
-only on the shard (its prompts in file order) and the settings, so D_ref is byte-identical whatever
-the number of processes.
+close to a CDF step, which is rare (the rest of that response then differs too, an equally valid
+draw). Even those repeat: the schedule, like everything else, depends only on the shard (its prompts
+in file order) and the settings, so D_ref is byte-identical whatever the number of processes.
 
 The stored `logp_ref(y|x)` is a re-scoring of prompt + response with `logprobs.py`, the trainer's
 own computation, at temperature 1, in batches of `batch_size` samples in file order: with the
 default temperature 1 and top-p 1 the responses are draws from pi_ref itself, as MPO's estimator of
 KL(pi_ref || pi_theta) assumes. Like the reference's, the manifest records the pairs' fingerprint
-and the model, dtype and tokenizer (`shard_job.made_from`). Its shards and manifest are the
+and the model, dtype and tokenizer (`job.made_from`). Its shards and manifest are the
 contract: D_ref made by another engine can be imported (tools/import_dref.py).
 """
 
@@ -191,7 +189,7 @@ def _decode(model, rows: _Rows, latest: torch.Tensor, ready_mask: bool) -> None:
 
     With `ready_mask` (sdpa attention) a padded batch of plain caches gets its mask ready-made:
     [rows, 1, 1, width] booleans, exactly what transformers would build for one new query per row
-    (it attends every real column), without building it again each step (~6% of a step on CPU).
+    (it attends every real column), without building it again each step (a visible share of a CPU step).
     Unpadded batches get the 2D mask, for which transformers passes no mask to the attention kernel."""
     rows.attention_mask = torch.cat([rows.attention_mask, torch.ones_like(rows.attention_mask[:, :1])], dim=1)
     mask = rows.attention_mask

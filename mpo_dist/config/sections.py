@@ -1,35 +1,24 @@
-"""Training configuration: dataclass sections, a YAML loader and dotted command-line overrides.
-
-A config file is a YAML mapping of section -> {key: value}; overrides `section.key=value` from the
-command line are applied on top. Unknown sections or keys, wrong types and out-of-range values are
-errors (`ConfigError`) that name the dotted key, where the value came from and what is allowed, so
-a typo never silently trains with a default.
+"""The training options: one dataclass per config section, each option with its default and its
+one-line description (`opt(default, help)`, kept in the field's `metadata["help"]`: --options and
+docs/configuration.md are generated from it), and each section's `validate()`: the allowed values,
+and the checks that span sections in `Config.validate`.
 """
 
 import copy
-import dataclasses
-import difflib
-import json
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
-
-import yaml
+from typing import Any, Literal
 
 from mpo_dist.errors import InputError
-
-COMMAND_LINE = "command line"
-DEFAULT = "default"
 
 
 class ConfigError(InputError):
     """A config value is unknown, mistyped or out of range; the message says which and where."""
 
 
-class _Invalid(ConfigError):
-    """A failed `validate()` check; carries the dotted keys involved so the loader can add sources."""
+class InvalidOption(ConfigError):
+    """A failed `validate()` check; carries the dotted keys involved, so the loader can say where each
+    was set (file, command line, default)."""
 
     def __init__(self, message: str, *keys: str):
         super().__init__(message)
@@ -38,7 +27,7 @@ class _Invalid(ConfigError):
 
 def _check(ok: bool, key: str, rule: str, value: Any, *also: str) -> None:
     if not ok:
-        raise _Invalid(f"{key} {rule}, got {value!r}", key, *also)
+        raise InvalidOption(f"{key} {rule}, got {value!r}", key, *also)
 
 
 def opt(default: Any, help: str) -> Any:
@@ -72,12 +61,12 @@ class ModelConfig:
     def validate(self) -> None:
         # Both set is ambiguous: one of them would be silently ignored.
         if self.path and self.config:
-            raise _Invalid(
+            raise InvalidOption(
                 "model.path and model.config are both set; model.config only describes a random-init "
                 "model, so set model.config={} to load model.path", "model.path", "model.config")
         if not (self.path or self.config):
-            raise _Invalid("set model.path (a Hugging Face model directory) or model.config "
-                           "(a random-init model config)", "model.path", "model.config")
+            raise InvalidOption("set model.path (a Hugging Face model directory) or model.config "
+                                "(a random-init model config)", "model.path", "model.config")
 
 
 @dataclass
@@ -132,8 +121,8 @@ class DataConfig:
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1", self.batch_size)
         _check(self.max_tokens >= 0, "data.max_tokens", "must be >= 0", self.max_tokens)
         if self.batching == "tokens" and self.max_tokens <= 0:
-            raise _Invalid(f"data.max_tokens must be > 0 when data.batching=tokens, got {self.max_tokens}; "
-                           "set data.max_tokens or use data.batching=fixed", "data.max_tokens", "data.batching")
+            raise InvalidOption(f"data.max_tokens must be > 0 when data.batching=tokens, got {self.max_tokens}; "
+                                "set data.max_tokens or use data.batching=fixed", "data.max_tokens", "data.batching")
         _check(self.shuffle_window >= 1, "data.shuffle_window", "must be >= 1", self.shuffle_window)
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
         _check(self.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", "must be >= 1", self.pad_to_multiple_of)
@@ -261,14 +250,14 @@ class EvalConfig:
         _check(self.max_batches >= 0, "eval.max_batches", "must be >= 0 (0: the whole set)", self.max_batches)
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
         if self.pairs and not self.reference:
-            raise _Invalid("eval.pairs needs eval.reference: its reference log-probs (tools/score_reference.py "
-                           "on eval.pairs with the reference model)", "eval.pairs", "eval.reference")
+            raise InvalidOption("eval.pairs needs eval.reference: its reference log-probs (tools/score_reference.py "
+                                "on eval.pairs with the reference model)", "eval.pairs", "eval.reference")
         if self.reference and not self.pairs:
-            raise _Invalid("eval.reference is set but eval.pairs is not: set eval.pairs (the pairs it scores) "
-                           "or leave eval.reference empty", "eval.reference", "eval.pairs")
+            raise InvalidOption("eval.reference is set but eval.pairs is not: set eval.pairs (the pairs it scores) "
+                                "or leave eval.reference empty", "eval.reference", "eval.pairs")
         if self.interval and not (self.pairs or self.dref):
-            raise _Invalid("eval.interval needs something to evaluate: set eval.pairs (with eval.reference) "
-                           "and/or eval.dref", "eval.interval", "eval.pairs", "eval.dref")
+            raise InvalidOption("eval.interval needs something to evaluate: set eval.pairs (with eval.reference) "
+                                "and/or eval.dref", "eval.interval", "eval.pairs", "eval.dref")
 
     @property
     def enabled(self) -> bool:
@@ -301,22 +290,22 @@ class Config:
             getattr(self, f.name).validate()
         # Checks that span sections.
         if self.job.overwrite_output_dir and self.checkpoint.resume != "none":
-            raise _Invalid("job.overwrite_output_dir=true deletes job.output_dir's checkpoints, which checkpoint.resume="
-                           f"{self.checkpoint.resume} would resume from (or which may hold the folder it names): set "
-                           "checkpoint.resume=none to start fresh", "job.overwrite_output_dir", "checkpoint.resume")
+            raise InvalidOption("job.overwrite_output_dir=true deletes job.output_dir's checkpoints, which checkpoint.resume="
+                                f"{self.checkpoint.resume} would resume from (or which may hold the folder it names): set "
+                                "checkpoint.resume=none to start fresh", "job.overwrite_output_dir", "checkpoint.resume")
         if self.checkpoint.keep_best and not self.eval.enabled:
-            raise _Invalid(f"checkpoint.keep_best={self.checkpoint.keep_best} needs an eval set: set eval.pairs (with "
-                           "eval.reference) or eval.dref", "checkpoint.keep_best", "eval.pairs")
+            raise InvalidOption(f"checkpoint.keep_best={self.checkpoint.keep_best} needs an eval set: set eval.pairs (with "
+                                "eval.reference) or eval.dref", "checkpoint.keep_best", "eval.pairs")
         if self.training.global_batch_size and self.data.batching == "tokens":
-            raise _Invalid("training.global_batch_size counts pairs and needs data.batching=fixed; with token "
-                           "budgets set training.global_batch_size=0 and training.grad_accum",
-                           "training.global_batch_size", "data.batching")
+            raise InvalidOption("training.global_batch_size counts pairs and needs data.batching=fixed; with token "
+                                "budgets set training.global_batch_size=0 and training.grad_accum",
+                                "training.global_batch_size", "data.batching")
         if self.loss.name == "mpo" and self.loss.tau > 0 and not self.data.dref:
-            raise _Invalid("loss.tau > 0 needs D_ref samples: set data.dref (made by tools/sample_reference.py) "
-                           "or loss.tau=0", "loss.tau", "data.dref")
+            raise InvalidOption("loss.tau > 0 needs D_ref samples: set data.dref (made by tools/sample_reference.py) "
+                                "or loss.tau=0", "loss.tau", "data.dref")
         if not self.data.reference:
-            raise _Invalid("data.reference is required: the losses compare with reference log-probs "
-                           "(made by tools/score_reference.py)", "data.reference")
+            raise InvalidOption("data.reference is required: the losses compare with reference log-probs "
+                                "(made by tools/score_reference.py)", "data.reference")
 
 
 def grad_accum_for(config: Config, dp_world_size: int) -> int:
@@ -333,181 +322,3 @@ def grad_accum_for(config: Config, dp_world_size: int) -> int:
             "change training.global_batch_size or data.batch_size"
         )
     return accum
-
-
-# ---- loading -------------------------------------------------------------------------------------
-
-class _Mismatch(Exception):
-    pass
-
-
-def _type_label(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(c) for c in get_args(tp))
-    return tp.__name__ if isinstance(tp, type) and get_origin(tp) is None else str(tp)
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """`value` as type `tp`, or _Mismatch. Deliberately strict: no bool-as-int, no 1.5-as-int."""
-    if get_origin(tp) is Literal:
-        if isinstance(value, str) and value in get_args(tp):
-            return value
-    elif tp is bool or tp is str:
-        if isinstance(value, tp):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        # PyYAML (YAML 1.1) reads `3e-6` as a string, so numeric strings are accepted too.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif get_origin(tp) is list:
-        if isinstance(value, list):
-            try:
-                return [_coerce(v, get_args(tp)[0]) for v in value]
-            except _Mismatch:
-                pass
-    elif tp is dict:
-        if isinstance(value, Mapping):
-            return dict(value)
-    raise _Mismatch
-
-
-def _closest(name: str, valid: Sequence[str]) -> str:
-    match = difflib.get_close_matches(str(name), valid, n=1)
-    return f"did you mean {match[0]!r}? " if match else ""
-
-
-def _section(config: Config, name: Any, source: str) -> Any:
-    valid = [f.name for f in fields(config)]
-    if name not in valid:
-        raise ConfigError(f"unknown section {name!r} ({source}); {_closest(name, valid)}"
-                          f"valid sections: {', '.join(valid)}")
-    return getattr(config, name)
-
-
-def _assign(config: Config, section_name: Any, key: Any, value: Any, source: str,
-            sources: dict[str, str], nested: Sequence[str] = (), raw: str | None = None) -> None:
-    """Set `section.key` (or a key inside a dict field, via `nested`) after checking its type."""
-    section = _section(config, section_name, source)
-    by_name = {f.name: f for f in fields(section)}
-    dotted = f"{section_name}.{key}"
-    if key not in by_name:
-        raise ConfigError(f"unknown key {dotted} ({source}); {_closest(key, list(by_name))}"
-                          f"valid keys of {section_name}: {', '.join(by_name)}")
-    tp = by_name[key].type
-    if nested:
-        if tp is not dict:
-            raise ConfigError(f"{dotted}.{'.'.join(nested)}: {dotted} is a {_type_label(tp)}, "
-                              f"not a mapping ({source})")
-        target = getattr(section, key)
-        for part in nested[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise ConfigError(f"{dotted}.{'.'.join(nested)}: {part} is not a mapping ({source})")
-        target[nested[-1]] = value
-        sources[dotted] = source
-        return
-    if raw is not None and tp is str:
-        value = raw  # a path like `123` or `null` given on the command line is still a string
-    try:
-        value = _coerce(value, tp)
-    except _Mismatch:
-        raise ConfigError(f"{dotted}: expected {_type_label(tp)}, got {value!r} "
-                          f"({type(value).__name__}) ({source})") from None
-    setattr(section, key, value)
-    sources[dotted] = source
-
-
-def _read_yaml(path: str) -> dict:
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"config file {path} must be a mapping of section -> {{key: value}}, "
-                          f"got {type(raw).__name__}")
-    return raw
-
-
-def _parse_override(item: str) -> tuple[list[str], Any, str]:
-    dotted, eq, text = item.partition("=")
-    parts = dotted.strip().split(".")
-    if not eq or len(parts) < 2 or not all(parts):
-        raise ConfigError(f"override {item!r} must look like section.key=value ({COMMAND_LINE})")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({COMMAND_LINE}): {e}") from None
-    return parts, value, text
-
-
-def _where(keys: Sequence[str], sources: dict[str, str]) -> str:
-    where = [sources.get(k, DEFAULT) for k in keys]
-    if len(set(where)) == 1:
-        return where[0]
-    return ", ".join(f"{k} from {w}" for k, w in zip(keys, where))
-
-
-def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then `section.key=value` overrides; validated."""
-    config = Config()
-    sources: dict[str, str] = {}  # dotted key -> where it was last set, for error messages
-    if path is not None:
-        source = str(path)
-        for section_name, values in _read_yaml(source).items():
-            _section(config, section_name, source)
-            if values is None:
-                continue
-            if not isinstance(values, Mapping):
-                raise ConfigError(f"section {section_name!r} must be a mapping of key: value, "
-                                  f"got {values!r} ({source})")
-            for key, value in values.items():
-                _assign(config, section_name, key, value, source, sources)
-    for item in overrides:
-        parts, value, text = _parse_override(item)
-        _assign(config, parts[0], parts[1], value, COMMAND_LINE, sources, nested=parts[2:], raw=text)
-    try:
-        config.validate()
-    except _Invalid as e:
-        raise ConfigError(f"{e} ({_where(e.keys, sources)})") from None
-    return config
-
-
-# ---- saving and documentation ---------------------------------------------------------------------
-
-def config_to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML that load_config reads back to an equal Config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-
-
-def describe_config() -> str:
-    """A Markdown table of every option (key, type, default, description), generated from the dataclasses."""
-    rows = ["| key | type | default | description |", "|---|---|---|---|"]
-    for section in fields(Config):
-        for f in fields(section.type):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            cells = [f"`{section.name}.{f.name}`", _type_label(f.type), f"`{json.dumps(default)}`",
-                     f.metadata["help"]]
-            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(rows) + "\n"
