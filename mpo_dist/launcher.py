@@ -4,13 +4,28 @@ Takes exactly torchrun's options. When the workers stopped on an input error (so
 code 2 after printing one line each saying what to change, the others exited 2 too or were
 stopped by torchrun's signal), the launcher exits 2 itself instead of adding torchrun's
 multi-screen `ChildFailedError` report. Any other failure is reported by torchrun as usual. The launch scripts and the container entrypoint use it.
+
+`launch_command` and `train_command` build its command line for the tools and tests that start a run.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Sequence
 
 from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, TERMINATED_EXIT_CODE
+
+
+def launch_command(nproc: int, target: Sequence[str]) -> list[str]:
+    """`python -m mpo_dist.launcher --standalone --nproc-per-node NPROC TARGET...` (TARGET: a script
+    and its arguments, or `-m module ...`), with this Python."""
+    return [sys.executable, "-m", "mpo_dist.launcher", "--standalone", "--nproc-per-node", str(nproc), *map(str, target)]
+
+
+def train_command(config: str | Path, overrides: Sequence[str], nproc: int = 1) -> list[str]:
+    """The trainer on NPROC processes: `launch_command(nproc, -m mpo_dist.train --config CONFIG OVERRIDES...)`."""
+    return launch_command(nproc, ["-m", "mpo_dist.train", "--config", str(config), *overrides])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,6 @@
-"""What a run reports and where: logged names, a step-window accumulator, throughput/MFU/memory
-formulas, and the writer (console line, TensorBoard and `metrics.jsonl`, on rank 0).
-
-The losses return short metric names (`preference_accuracy`, `kl_pair`, ...); `logged_name` is the one
-place that maps them to the names users read (`preference/accuracy`, `loss/kl_pair`, ...).
+"""Where a run's metrics go: a step-window accumulator, peak memory, and the writer (console line,
+TensorBoard and `metrics.jsonl`, on rank 0). The names are metric_names.py's, the FLOPs and MFU
+flops.py's, and metrics_file.py reads the file back.
 """
 
 from __future__ import annotations
@@ -16,101 +14,12 @@ from typing import Callable
 import torch
 
 from mpo_dist.distributed import all_reduce_sum
+from mpo_dist.metric_names import TRAIN_CONSOLE, console_line, logged_name
+from mpo_dist.metrics_file import METRICS_FILE, parse_records
 
-METRICS_FILE = "metrics.jsonl"
+__all__ = ["METRICS_FILE", "TENSORBOARD_DIR", "MetricLogger", "StepWindow", "peak_memory_bytes"]
+
 TENSORBOARD_DIR = "tensorboard"
-
-# Loss metric -> logged name; any other loss metric (a loss term) is logged as loss/<name>.
-_LOSS_METRIC_NAMES = {
-    "loss": "loss/total",
-    "reward_accuracy": "reward/accuracy",  # implicit reward z - z_ref > 0 (TRL's reward accuracy)
-    "preference_accuracy": "preference/accuracy",  # z > 0: the policy prefers chosen
-    "reward_margin": "reward/margin",
-    "p": "reward/p",
-    "chosen_logps": "logps/chosen",
-    "rejected_logps": "logps/rejected",
-    "grad_norm": "optim/grad_norm",
-}
-
-# The console line: (logged name, label, format), in order; absent values are left out.
-_CONSOLE_FIELDS = [
-    ("loss/total", "loss", "{:.4f}"), ("reward/accuracy", "acc", "{:.3f}"), ("preference/accuracy", "pacc", "{:.3f}"),
-    ("reward/margin", "margin", "{:+.3f}"),
-    ("reward/p", "p", "{:.3f}"), ("loss/dref_kl", "kl(ref|pol)", "{:.3f}"), ("optim/lr", "lr", "{:.2e}"),
-    ("optim/grad_norm", "gnorm", "{:.3f}"), ("throughput/tokens_per_s", "tok/s", "{:,.0f}"),
-    ("throughput/mfu", "mfu", "{:.1%}"), ("memory/peak_gib", "mem GiB", "{:.2f}"),
-    ("optim/skipped_steps", "skipped", "{:.0f}"),
-]
-_CONSOLE_IF_NONZERO = {"optim/skipped_steps"}  # shown only once something happened
-
-# Peak dense bf16 TFLOP/s per device, for MFU when metrics.peak_tflops is 0. The first name that
-# the device's name contains counts, so the PCIe H100 (756) comes before the SXM one.
-KNOWN_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "GH200": 989.0, "H200": 989.0, "H100": 989.0,
-                     "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "B200": 2250.0}
-
-
-def logged_name(metric: str) -> str:
-    return _LOSS_METRIC_NAMES.get(metric, f"loss/{metric}")
-
-
-def known_peak_tflops(device_name: str) -> float | None:
-    """The datasheet's dense bf16 TFLOP/s of a GPU by its name (torch.cuda.get_device_name), if known."""
-    return next((value for key, value in KNOWN_PEAK_TFLOPS.items() if key in device_name), None)
-
-
-def peak_tflops(configured: float, device: torch.device) -> float | None:
-    if configured > 0:
-        return configured
-    if device.type == "cuda":
-        return known_peak_tflops(torch.cuda.get_device_name(device))
-    return None
-
-
-def flops_per_token(num_params_without_embeddings: int, num_layers: int, hidden: int, seq_len: float) -> float:
-    """Training FLOPs per token (forward + backward): 6N for the matmuls with the weights, plus
-    attention scores and values, 12 * layers * hidden * sequence length (PaLM, appendix B)."""
-    return 6 * num_params_without_embeddings + 12 * num_layers * hidden * seq_len
-
-
-def row_flops(num_params_without_embeddings: int, num_layers: int, hidden: int, rows: int, width: int) -> float:
-    """Training FLOPs of `rows` rows of `width` positions (padding included: the hardware computes
-    it; a packed row's attention is computed densely under its mask, so it counts the full width)."""
-    return rows * width * flops_per_token(num_params_without_embeddings, num_layers, hidden, width)
-
-
-def layout_cost(num_body_params: int, num_layers: int, hidden: int) -> Callable[[int, int, bool], float]:
-    """What data/layout.py compares to choose padded or packed rows (data.packing=auto): the FLOPs of
-    rows x width positions, with the attention at full width under a mask (packed rows, padded rows
-    with padding) and at half width without one (SDPA's causal kernels skip the upper triangle). The
-    output head is left out: it runs on the same response tokens in every layout."""
-
-    def cost(rows: int, width: int, dense_attention: bool) -> float:
-        attention = (12 if dense_attention else 6) * num_layers * hidden * width
-        return rows * width * (6 * num_body_params + attention)
-
-    return cost
-
-
-def flop_counts(model) -> tuple[int, int, int, int]:
-    """(body parameters, head parameters, layers, hidden) of a causal LM for the FLOPs formulas: the
-    output head (vocab x hidden) is counted apart, since it runs only where a token is predicted."""
-    from mpo_dist.model import count_parameters
-
-    config = model.config
-    head = config.vocab_size * config.hidden_size
-    return count_parameters(model, exclude_embeddings=True) - head, head, config.num_hidden_layers, config.hidden_size
-
-
-def model_layout_cost(model) -> Callable[[int, int, bool], float]:
-    """`layout_cost` for this causal LM: what the trainer, its held-out evaluation and reference
-    scoring use to choose padded or packed rows."""
-    body_params, _, layers, hidden = flop_counts(model)
-    return layout_cost(body_params, layers, hidden)
-
-
-def mfu(flops: float, seconds: float, devices: int, peak_tflops_: float) -> float:
-    """Model FLOPs utilisation: `flops` done in `seconds` on `devices`, as a fraction of their peak."""
-    return flops / seconds / devices / (peak_tflops_ * 1e12)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -138,7 +47,8 @@ class StepWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.steps = 0
+        self.steps = 0  # steps whose metrics count (not skipped)
+        self.window_steps = 0  # every step of the window, skipped ones included
         self.summed: dict[str, torch.Tensor] = {}
         self.replicated: dict[str, torch.Tensor] = {}
         self.counts: dict[str, float] = {}
@@ -146,6 +56,7 @@ class StepWindow:
 
     def add_step(self, summed: dict[str, torch.Tensor], replicated: dict[str, torch.Tensor],
                  counts: dict[str, float], skipped: bool = False) -> None:
+        self.window_steps += 1
         for name, value in counts.items():
             self.counts[name] = self.counts.get(name, 0) + value
         if skipped:
@@ -157,7 +68,8 @@ class StepWindow:
 
     def reduce(self, device: torch.device) -> dict[str, float]:
         """Per-step means of the metrics under their logged names, plus the window's global counts
-        under their own names and its `seconds` (a collective: every rank calls it)."""
+        under their own names, its `seconds` and its `steps` (skipped ones included; a collective:
+        every rank calls it)."""
         summed, replicated, counted = sorted(self.summed), sorted(self.replicated), sorted(self.counts)
         counts = torch.tensor([self.counts[n] for n in counted], dtype=torch.float64, device=device)
         reduced = all_reduce_sum(torch.cat([torch.stack([self.summed[n].double() for n in summed]), counts])
@@ -168,6 +80,7 @@ class StepWindow:
         out = {logged_name(name): value / self.steps for name, value in zip(summed + replicated, metric_values)}
         out.update(zip(counted, values[len(summed) : len(summed) + len(counted)]))
         out["seconds"] = time.monotonic() - self.start
+        out["steps"] = self.window_steps
         return out
 
 
@@ -195,13 +108,9 @@ class MetricLogger:
 
     def _open_jsonl(self, start_step: int):
         kept = []
-        if start_step and self.jsonl_path.is_file():
-            for line in self.jsonl_path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= start_step:
-                        kept.append(line)
-                except (ValueError, KeyError):
-                    continue  # a line cut by a crash
+        if start_step and self.jsonl_path.is_file():  # a line cut by a crash is dropped
+            kept = [json.dumps(record) for record in parse_records(self.jsonl_path.read_text())
+                    if record["step"] <= start_step]
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.jsonl_path, "w")
         handle.writelines(line + "\n" for line in kept)
@@ -223,11 +132,8 @@ class MetricLogger:
         elapsed = time.monotonic() - self.start
         done = (step - self.start_step) / max(self.total_steps - self.start_step, 1)
         eta = elapsed / max(done, 1e-9) * (1 - done) if step > self.start_step else math.nan
-        parts = [f"step {step}/{self.total_steps}"]
-        parts += [f"{label} {fmt.format(values[name])}" for name, label, fmt in _CONSOLE_FIELDS
-                  if name in values and (values[name] or name not in _CONSOLE_IF_NONZERO)]
-        parts.append(f"eta {_duration(eta)}")
-        return " | ".join(parts)
+        return console_line(values, TRAIN_CONSOLE, before=[f"step {step}/{self.total_steps}"],
+                            after=[f"eta {_duration(eta)}"])
 
     def close(self) -> None:
         if self.writer is not None:

@@ -18,7 +18,7 @@ import time
 
 from mpo_dist.cli import run_main, tool_parser
 from mpo_dist.config import DataConfig
-from mpo_dist.data.collate import batch_documents
+from mpo_dist.batch import documents
 from mpo_dist.data.layout import layout_for
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
 
@@ -66,16 +66,17 @@ def bench(args) -> None:
         f"tokens, {args.max_tokens} padded tokens": DataConfig(**{**vars(fixed), "batching": "tokens",
                                                                    "max_tokens": args.max_tokens}),
     }
-    layout = layout_for(fixed, pad_token_id=0)
+    # No model here: data.packing=auto compares the positions computed.
+    layout = layout_for(fixed, pad_token_id=0, cost=lambda rows, width, dense_attention: rows * width)
     print(f"{'batching':<32} {'samples/s':>10} {'load ms':>8} {'layout ms':>10} {'batches':>8} {'per batch':>10} {'padding':>8}")
     for name, data in runs.items():
         loader = build_pair_loader(data, seed=0, dp_rank=0, dp_world_size=1, num_epochs=args.epochs)
-        report(name, measure(loader, layout, batch_documents))
+        report(name, measure(loader, layout, documents))
     if args.dref:
         loader = build_dref_loader(fixed, seed=0, dp_rank=0, dp_world_size=1)
         batches = args.epochs * -(-loader.manifest.num_samples // args.dref_batch_size)  # it cycles: stop after --epochs
         report(f"D_ref, {args.dref_batch_size} samples",
-               measure(itertools.islice(loader, batches), layout, lambda batch: batch_documents(None, batch)))
+               measure(itertools.islice(loader, batches), layout, lambda batch: documents(None, batch)))
 
 
 def report(name: str, result: dict) -> None:

@@ -21,22 +21,21 @@ What is timed: the trainer logs every `--log-interval` steps (and at step 1) int
 job.output_dir/metrics.jsonl, each line about the steps since the last one (a window). Windows
 that begin at or before `--warmup-steps` are discarded (the first one also holds the loaders'
 start); the rest, steps W+1..N, are summed: tokens/s = real tokens / seconds (D_ref rows included
-for MPO), pairs/s = real pairs / seconds. A window's seconds are its real tokens
-(progress/tokens_seen, difference to the previous line) over its `throughput/tokens_per_s`.
+for MPO), pairs/s = real pairs / seconds. A window's seconds are its steps times the trainer's
+`throughput/seconds_per_step`; its tokens and pairs the differences of progress/tokens_seen and
+progress/pairs_seen to the previous line (mpo_dist/metrics_file.py reads the file).
 
 Per pair: real tokens (prompt + response per sequence, as data), positions the model computed
-(`throughput/positions_per_pair`: padding included, a shared prompt once; without that metric, for
-the padded layout, the padded tokens per pair) and model FLOPs (`throughput/flops_per_pair`;
-without it, for the padded layout, the trainer's formula 6N + 12 x layers x hidden x row length
-per computed position; else n/a).
+(`throughput/positions_per_pair`: padding included, a shared prompt once) and model FLOPs
+(`throughput/flops_per_pair`: the trainer's count, mpo_dist/flops.py's CostModel.training_flops).
 
 MFU, against a peak measured in the same run: the matmul peak of a PxT configuration is the summed
 rate of P processes that each run a size x size matmul with T threads at the same time (started
 together, in the configuration's dtype): what this machine's dense matmul reaches with every
 thread the run uses busy. It is measured before the first round and after each, in short trials,
 and the best trial counts (a trial during which other work took cores would understate it and
-push MFU up, even past 100%). MFU = flops_per_pair x real pairs/s (all ranks) / that peak; the
-best MFU uses the best pairs/s, the median the median. The FLOPs count the positions the
+push MFU up, even past 100%). MFU = flops_per_pair x real pairs/s (all ranks) / that peak, by the
+trainer's formula (flops.mfu); the best MFU uses the best pairs/s, the median the median. The FLOPs count the positions the
 model computed, so MFU says how busy the arithmetic is; pairs/s says how much training gets done
 (a layout that computes less padding has fewer FLOPs per pair, so it can show a lower MFU and
 still train faster). It is relative to this machine's measured matmul, not a datasheet peak.
@@ -44,7 +43,7 @@ still train faster). It is relative to this machine's measured matmul, not a dat
 On a GPU (the trainer then runs each process on its own GPU with NCCL) the matmul peak is that of
 P GPUs, each running 8192^2 matmuls (timed in bursts, each ended by a synchronize), in spawned
 processes so the bench itself holds no GPU memory; "MFU card" is against the card's datasheet dense
-bf16 peak (mpo_dist.metrics.KNOWN_PEAK_TFLOPS) times P, "GPU MiB" rank 0's peak GPU memory allocated
+bf16 peak (mpo_dist.flops.KNOWN_PEAK_TFLOPS) times P, "GPU MiB" rank 0's peak GPU memory allocated
 to tensors (the trainer's memory/peak_gib) and "GPU rsv MiB" the peak held by PyTorch's caching
 allocator (memory/peak_reserved_gib; neither counts the CUDA context or NCCL's buffers). These
 columns are left out on CPU.
@@ -53,22 +52,16 @@ Peak memory: mpo_dist.process_memory.ProcessTreeMonitor polls the launcher's pro
 of the launcher, each rank and each rank's workers); the table shows the highest rank and the
 total of all processes' peaks, the JSON every process.
 
---make-workload writes the synthetic workload under --work and trains on it: a random-init Llama
-(`--workload tiny`: vocab 4096, hidden 256, 4 layers, 4 heads, MLP 688; saved as a Hugging Face
-folder, the policy's start and the reference), 256 pairs of random token ids, 64 prompt + 128 chosen
-+ 128 rejected tokens, 8 pairs per step (4 per micro-batch), DPO; `--workload 1b`: Llama-3.2-1B's
-shape (1.24B parameters, vocab 128256, 16 layers, hidden 2048, 32 heads, 8 KV heads, tied
-embeddings) in bf16, 256 + 256 + 256 tokens, 16 pairs per step (8 per micro-batch), for a GPU.
-Reference log-probs come from tools/score_reference.py and, for an `mpo` loss configuration (tau
-0.05, as many D_ref rows per micro-batch as pairs), one D_ref sample per prompt, as long as a
-response (128 or 256 tokens), from tools/sample_reference.py; both in the workload's dtype. Its default losses are dpo and mpo. Scoring
-and sampling take a few minutes on 2 CPU cores: give --work to keep the workload for the next run.
+--make-workload writes mpo_dist/benchmark.py's synthetic workload (`--workload tiny`: a 4-layer
+Llama, or `1b`: Llama-3.2-1B's shape in bf16, for a GPU; random-init, random token ids) under --work
+and trains on it: 8 pairs per step (4 per micro-batch) for tiny, 16 (8) for 1b, DPO; for an `mpo`
+loss configuration (tau 0.05) as many D_ref rows per micro-batch as pairs, one sample per prompt as
+long as a response. Its default losses are dpo and mpo. Scoring and sampling take a few minutes on
+2 CPU cores: give --work to keep the workload for the next run.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import json
 import math
@@ -76,28 +69,26 @@ import multiprocessing
 import os
 import platform
 import queue
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+from mpo_dist import metric_names as names
+from mpo_dist.benchmark import (DTYPE_SHORT, MPO_TAU, NO_EVAL, REPO, WORKLOADS, bench_device_type, first_error_line,
+                                make_workload, subprocess_env)
 from mpo_dist.cli import run_main, tool_parser
 from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, InputError
+from mpo_dist.flops import known_peak_tflops, mfu
+from mpo_dist.launcher import train_command
+from mpo_dist.metrics_file import METRICS_FILE, read_metrics, training_records
 
-REPO = Path(__file__).resolve().parents[1]
-METRICS_FILE = "metrics.jsonl"
-# The trainer's held-out eval is off in every run (the config's eval folders may not exist).
-NO_EVAL = ["eval.pairs=", "eval.reference=", "eval.dref=", "eval.interval=0"]
-_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 LOSSES = ("config", "dpo", "ipo", "mpo")
-MPO_TAU = 0.05  # loss.tau of the `mpo` loss configuration when the config has none
 
 
 # ---------------------------------------------------------------------------------- configurations
@@ -128,21 +119,12 @@ class BenchConfig:
     def overrides(self, config_tau: float) -> list[str]:
         """The trainer overrides that make this configuration (after the user's --set)."""
         out = [f"model.dtype={self.dtype}", f"parallel.activation_checkpointing={str(self.recompute).lower()}",
-               f"parallel.compile={str(self.compiled).lower()}"]
-        if trainer_knows("data", "packing"):  # before data.packing existed, padded was the only layout
-            out.append(f"data.packing={LAYOUT_PACKING[self.layout]}")
+               f"parallel.compile={str(self.compiled).lower()}", f"data.packing={LAYOUT_PACKING[self.layout]}"]
         if self.loss in ("dpo", "ipo"):
             out += [f"loss.name={self.loss}", "loss.tau=0", "loss.label_smoothing=0"]
         elif self.loss == "mpo":
             out += ["loss.name=mpo", f"loss.tau={config_tau or MPO_TAU}", "loss.label_smoothing=0"]
         return out
-
-
-def trainer_knows(section: str, key: str) -> bool:
-    """Whether the trainer's config has `section.key` (options being added show up once they land)."""
-    from mpo_dist.config import Config
-
-    return key in {f.name for f in fields(getattr(Config(), section))}
 
 
 def parse_procs(text: str) -> tuple[int, int]:
@@ -186,47 +168,34 @@ def configurations(layouts: list[str], dtypes: list[str], procs: list[str], loss
 
 @dataclass
 class Window:
-    """The steps first_step..last_step as one metrics.jsonl line reports them (over all ranks)."""
+    """The steps first_step..last_step as one metrics.jsonl record reports them (over all ranks)."""
 
     first_step: int
     last_step: int
-    seconds: float
+    seconds: float  # throughput/seconds_per_step x the window's steps
     tokens: float  # real tokens (as data: a prompt counts once per response)
     pairs: float  # real pairs
-    padding: float  # throughput/padding: the fraction of computed positions that are padding
-    positions_per_pair: float | None  # throughput/positions_per_pair, when logged
-    flops_per_pair: float | None  # throughput/flops_per_pair, when logged
+    padding: float  # the fraction of computed positions that are padding
+    positions_per_pair: float  # positions the model computed (padding included, a shared prompt once)
+    flops_per_pair: float  # flops.CostModel.training_flops per real pair
     peak_gib: float | None  # memory/peak_gib (rank 0)
     peak_reserved_gib: float | None = None  # memory/peak_reserved_gib (rank 0, CUDA only)
 
-    @property
-    def positions(self) -> float:
-        """Positions the model computed: logged per pair, or (a trainer without that metric, padded
-        rows only) the padded tokens, real tokens / (1 - padding)."""
-        if self.positions_per_pair is not None:
-            return self.positions_per_pair * self.pairs
-        return self.tokens / (1 - self.padding)
 
-
-def read_metrics(path: Path) -> list[dict]:
-    """The training lines of a metrics.jsonl (eval-only lines hold no throughput), by step."""
-    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return sorted((line for line in lines if "throughput/tokens_per_s" in line), key=lambda line: line["step"])
-
-
-def windows_of(lines: list[dict]) -> list[Window]:
-    """One Window per logged line; counts are differences of the cumulative progress counters, and a
-    window's seconds its real tokens over its tokens/s."""
-    windows, previous = [], {"step": 0, "progress/tokens_seen": 0, "progress/pairs_seen": 0}
-    for line in lines:
-        tokens = line["progress/tokens_seen"] - previous["progress/tokens_seen"]
+def windows_of(records: list[dict]) -> list[Window]:
+    """One Window per training record of a metrics.jsonl (metrics_file.training_records); counts are
+    differences of the cumulative progress counters."""
+    windows, previous = [], {"step": 0, names.TOKENS_SEEN: 0, names.PAIRS_SEEN: 0}
+    for record in records:
+        first_step = previous["step"] + 1
         windows.append(Window(
-            first_step=previous["step"] + 1, last_step=line["step"], seconds=tokens / line["throughput/tokens_per_s"],
-            tokens=tokens, pairs=line["progress/pairs_seen"] - previous["progress/pairs_seen"],
-            padding=line.get("throughput/padding", 0.0), positions_per_pair=line.get("throughput/positions_per_pair"),
-            flops_per_pair=line.get("throughput/flops_per_pair"), peak_gib=line.get("memory/peak_gib"),
-            peak_reserved_gib=line.get("memory/peak_reserved_gib")))
-        previous = line
+            first_step=first_step, last_step=record["step"],
+            seconds=record[names.SECONDS_PER_STEP] * (record["step"] - first_step + 1),
+            tokens=record[names.TOKENS_SEEN] - previous[names.TOKENS_SEEN],
+            pairs=record[names.PAIRS_SEEN] - previous[names.PAIRS_SEEN], padding=record[names.PADDING],
+            positions_per_pair=record[names.POSITIONS_PER_PAIR], flops_per_pair=record[names.FLOPS_PER_PAIR],
+            peak_gib=record.get(names.PEAK_GIB), peak_reserved_gib=record.get(names.PEAK_RESERVED_GIB)))
+        previous = record
     return windows
 
 
@@ -235,73 +204,28 @@ def timed(windows: list[Window], warmup_steps: int) -> list[Window]:
     return [window for window in windows if window.first_step > warmup_steps]
 
 
-def summarize(windows: list[Window], fallback: "FlopModel | None" = None) -> dict:
-    """Throughput, per-pair counts and FLOPs of the timed windows of one run (sums over the windows).
-
-    Without the trainer's positions and FLOPs per pair, `fallback` (given for the padded layout only,
-    where the model computes exactly the padded rows) derives them from the padded tokens; else n/a."""
+def summarize(windows: list[Window]) -> dict:
+    """Throughput, per-pair counts and FLOPs of the timed windows of one run (sums over the windows)."""
     if not windows:
         raise ValueError("no timed window")
     seconds, tokens, pairs = (sum(getattr(w, name) for w in windows) for name in ("seconds", "tokens", "pairs"))
-    logged = all(w.positions_per_pair is not None for w in windows)
-    positions = sum(w.positions for w in windows) if logged or fallback is not None else None
-    real_positions = sum(w.positions * (1 - w.padding) for w in windows) if positions is not None else None
-    out = {
+    positions = sum(w.positions_per_pair * w.pairs for w in windows)
+    real_positions = sum(w.positions_per_pair * w.pairs * (1 - w.padding) for w in windows)
+    return {
         "timed_steps": [windows[0].first_step, windows[-1].last_step], "seconds": seconds, "pairs": pairs,
         "tokens_per_s": tokens / seconds, "pairs_per_s": pairs / seconds, "real_tokens_per_pair": tokens / pairs,
-        "positions_per_pair": positions / pairs if positions is not None else None,
-        "padding": 1 - real_positions / positions if positions else None,
-        "flops_per_pair": None, "flops_source": None,
+        "positions_per_pair": positions / pairs, "padding": 1 - real_positions / positions,
+        "flops_per_pair": sum(w.flops_per_pair * w.pairs for w in windows) / pairs,
         "trainer_peak_gib": max((w.peak_gib for w in windows if w.peak_gib is not None), default=None),
         "trainer_peak_reserved_gib": max((w.peak_reserved_gib for w in windows if w.peak_reserved_gib is not None),
                                          default=None),
     }
-    if all(w.flops_per_pair is not None for w in windows):
-        out["flops_per_pair"] = sum(w.flops_per_pair * w.pairs for w in windows) / pairs
-        out["flops_source"] = "trainer"
-    elif fallback is not None:
-        out["flops_per_pair"], out["flops_source"] = fallback.per_pair(out["positions_per_pair"]), "derived"
-    return out
 
 
-@dataclass
-class FlopModel:
-    """The trainer's FLOP formula (metrics.flops_per_token) for a padded layout, where every row of a
-    forward has the same width: `rows_per_pair` rows (2, plus D_ref rows for MPO) per pair."""
-
-    params: int  # parameters whose matmuls run per token (count_parameters(exclude_embeddings=True))
-    layers: int
-    hidden: int
-    rows_per_pair: float
-
-    def per_pair(self, positions_per_pair: float) -> float:
-        from mpo_dist.metrics import flops_per_token
-
-        row_length = positions_per_pair / self.rows_per_pair
-        return positions_per_pair * flops_per_token(self.params, self.layers, self.hidden, row_length)
-
-
-def flop_model(config_path: str, overrides: list[str]) -> FlopModel | None:
-    """The FlopModel of a resolved config (the model built on the meta device), or None if it does not resolve."""
-    from mpo_dist.config import load_config
-    from mpo_dist.model import build_model, count_parameters
-
-    try:
-        config = load_config(config_path, overrides)
-        model = build_model(config.model)
-    except (InputError, OSError, ValueError):
-        return None
-    dref_rows = config.data.dref_batch_size / config.data.batch_size if config.loss.name == "mpo" and config.loss.tau > 0 else 0
-    return FlopModel(count_parameters(model, exclude_embeddings=True), model.config.num_hidden_layers,
-                     model.config.hidden_size, 2 + dref_rows)
-
-
-def model_flops_utilisation(flops_per_pair: float | None, pairs_per_s: float, peak_flops: float | None) -> float | None:
-    """Model FLOPs per second (FLOPs per real pair x real pairs per second, all ranks) over the
-    measured matmul peak of the same processes x threads."""
-    if flops_per_pair is None or not peak_flops:
-        return None
-    return flops_per_pair * pairs_per_s / peak_flops
+def pairs_mfu(flops_per_pair: float, pairs_per_s: float, devices: int, peak_flops: float | None) -> float | None:
+    """The trainer's MFU (flops.mfu) of `pairs_per_s` real pairs a second (all ranks) on `devices`
+    whose peak is `peak_flops` FLOP/s each; None without a peak."""
+    return mfu(flops_per_pair * pairs_per_s, 1.0, devices, peak_flops / 1e12) if peak_flops else None
 
 
 # ---------------------------------------------------------------------------------- matmul peak
@@ -377,64 +301,20 @@ def matmul_peak(processes: int, threads: int, dtypes: list[str], size: int = 204
     return {dtype: max(sum(rate[dtype][trial] for rate in rates) for trial in range(trials)) for dtype in dtypes}, reports[0][1]
 
 
-def bench_device_type() -> str:
-    """Where the trainer runs: "cuda" when a GPU is visible (it then uses one per process), else "cpu"."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # ---------------------------------------------------------------------------------- training runs
 
 
-def subprocess_env(threads: int) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in _TORCHRUN_VARIABLES}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-               PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads))
-    return env
-
-
-def trainer_takes_threads() -> bool:
-    """Whether `mpo_dist.train` has a --threads flag (else OMP_NUM_THREADS alone sets its threads)."""
-    from mpo_dist import train
-
-    with contextlib.redirect_stderr(io.StringIO()):
-        try:
-            train.parse_args(["--config", "x", "--threads", "1"])
-        except SystemExit:
-            return False
-    return True
-
-
 def training_command(config: BenchConfig, config_path: str, overrides: list[str], out_dir: Path, steps: int,
-                     log_interval: int, threads_flag: bool) -> list[str]:
+                     log_interval: int) -> list[str]:
+    """The trainer's command line of one run (its threads: OMP_NUM_THREADS, subprocess_env)."""
     run = [*NO_EVAL, *overrides, f"training.steps={steps}", f"metrics.log_interval={log_interval}",
            f"job.output_dir={out_dir}", "checkpoint.interval=0", "checkpoint.keep=1", "checkpoint.resume=none",
            "checkpoint.export_hf=false", "checkpoint.keep_best=", "metrics.tensorboard=false"]
-    threads = ["--threads", str(config.threads)] if threads_flag else []
-    return [sys.executable, "-m", "mpo_dist.launcher", "--standalone", "--nproc-per-node", str(config.processes),
-            "-m", "mpo_dist.train", "--config", config_path, *threads, *run]
-
-
-def first_error_line(text: str) -> str:
-    """What stopped a run: the trainer's one-line input error, else the first exception line of a
-    rank's traceback (not torchrun's ChildFailedError summary), else what killed a rank (a C++
-    abort, torchrun's root-cause exit code), else the last line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for pattern in (r"^mpo_dist: error", r"^(\[rank\d+\]:\s*)?[\w.]*(Error|Exception)\b", r"^terminate called"):
-        for line in lines:
-            if re.search(pattern, line) and "ChildFailedError" not in line:
-                return line
-    root = next((i for i, line in enumerate(lines) if line.startswith("Root Cause")), None)
-    if root is not None:
-        exit_line = next((line for line in lines[root:] if line.startswith("exitcode")), None)
-        if exit_line is not None:
-            return f"a rank failed, {' '.join(exit_line.split())}"
-    return lines[-1] if lines else "no output"
+    return train_command(config_path, run, config.processes)
 
 
 def run_training(command: list[str], env: dict[str, str], out_dir: Path, timeout: float) -> dict:
-    """One training run with its process tree's peak memory; metrics.jsonl lines, or an error."""
+    """One training run with its process tree's peak memory; its metrics.jsonl training records, or an error."""
     from mpo_dist.process_memory import ProcessTreeMonitor
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -455,7 +335,7 @@ def run_training(command: list[str], env: dict[str, str], out_dir: Path, timeout
     elif code != 0:
         result["error"] = first_error_line(log_path.read_text())
     elif (out_dir / METRICS_FILE).is_file():
-        result["lines"] = read_metrics(out_dir / METRICS_FILE)
+        result["records"] = training_records(read_metrics(out_dir))
     else:
         result["error"] = f"no {METRICS_FILE} in {out_dir}"
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the final checkpoint: not needed, maybe large
@@ -465,105 +345,6 @@ def run_training(command: list[str], env: dict[str, str], out_dir: Path, timeout
 def memory_summary(processes: list[dict]) -> dict:
     ranks = [p["peak_bytes"] for p in processes if p["role"].startswith("rank ") and not p["role"].endswith("worker")]
     return {"max_rank_bytes": max(ranks, default=None), "total_bytes": sum(p["peak_bytes"] for p in processes)}
-
-
-# ---------------------------------------------------------------------------------- the workload
-
-
-WORKLOAD_MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def write_workload_pairs(directory: Path, num_pairs: int, prompt: int, response: int, vocab: int, seed: int,
-                         per_shard: int = 64) -> None:
-    """Pairs shards of random token ids (3..vocab-1: no special token), every pair prompt + response x 2."""
-    import numpy as np
-
-    from mpo_dist.data.shards import Manifest, ShardInfo, ShardWriter, shard_name
-
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for index, first in enumerate(range(0, num_pairs, per_shard)):
-        keys = range(first, min(first + per_shard, num_pairs))
-        with ShardWriter(directory / shard_name(index), "pairs") as writer:
-            for key in keys:
-                ids = {name: rng.integers(3, vocab, size=length).astype(np.int32)
-                       for name, length in (("prompt_ids", prompt), ("chosen_ids", response), ("rejected_ids", response))}
-                writer.write(f"{key:09d}", {"prompt": f"synthetic {key}", "chosen": "", "rejected": "", "label": None}, ids)
-        shards.append(ShardInfo(shard_name(index), len(keys), [prompt + response] * len(keys)))
-    info = {"created_by": "tools/bench_train.py --make-workload", "seed": seed,
-            "tokenizer": {"vocab_size": vocab, "pad_token_id": 0}}
-    Manifest("pairs", "synthetic:random-token-ids", shards, info=info).write(directory)
-
-
-def run_tool(script: str, *args, threads: int) -> None:
-    command = [sys.executable, str(REPO / "tools" / script), *map(str, args), "--threads", str(threads)]
-    result = subprocess.run(command, env=subprocess_env(threads), capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{script} failed ({result.returncode}): {result.stderr[-3000:]}")
-
-
-# Llama-3.2-1B's shape (1.24B parameters, tied embeddings), random init: the GPU check's model.
-LLAMA_1B_MODEL = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                      num_key_value_heads=8, max_position_embeddings=2048, rope_theta=500000.0, tie_word_embeddings=True,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-# --workload: the model, pair sizes, dtype and batch sizes (pairs per micro-batch, per optimizer step per process).
-WORKLOADS = {
-    "tiny": dict(model=WORKLOAD_MODEL, prompt=64, response=128, dtype="float32", batch_size=4, global_batch_size=8,
-                 score_batch_size=16, sample_batch_size=64),
-    "1b": dict(model=LLAMA_1B_MODEL, prompt=256, response=256, dtype="bfloat16", batch_size=8, global_batch_size=16,
-               score_batch_size=32, sample_batch_size=128),
-}
-
-
-def _save_random_model(model: dict, dtype: str, seed: int, model_dir: str) -> None:
-    """A random-init Llama of config `model` saved in `dtype`; initialised on the GPU when there is
-    one (a 1B model's random init takes a while on CPU)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"), contextlib.redirect_stderr(io.StringIO()):
-        lm = AutoModelForCausalLM.from_config(LlamaConfig(**model)).to(getattr(torch, dtype))
-        lm.save_pretrained(model_dir)  # (the redirect: transformers' progress bar of one shard)
-
-
-def make_workload(folder: Path, *, dref: bool, model: dict = WORKLOAD_MODEL, num_pairs: int = 256, prompt: int = 64,
-                  response: int = 128, dtype: str = "float32", batch_size: int = 4, global_batch_size: int = 8,
-                  score_batch_size: int = 16, sample_batch_size: int = 64, seed: int = 0, log=print) -> list[str]:
-    """The synthetic workload under `folder` (reused when complete); returns its trainer overrides.
-
-    The model is saved in `dtype` and scored and sampled in it by the project's tools (on the GPU
-    when there is one)."""
-    model_dir, pairs, reference, dref_dir = (folder / name for name in ("model", "pairs", "reference", "dref"))
-    threads = os.cpu_count() or 1
-    if not (pairs / "manifest.json").is_file():
-        start = time.monotonic()
-        # In a child process: on a GPU this one would keep the CUDA context and the allocator's cache.
-        child = multiprocessing.get_context("spawn").Process(target=_save_random_model,
-                                                            args=(model, dtype, seed, str(model_dir)))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"making the workload's model in {model_dir} failed (its traceback is above)")
-        write_workload_pairs(pairs, num_pairs, prompt, response, model["vocab_size"], seed)
-        log(f"bench_train: workload model and {num_pairs} pairs in {folder} ({time.monotonic() - start:.0f}s)")
-    if not (reference / "manifest.json").is_file():
-        start = time.monotonic()
-        run_tool("score_reference.py", "--model", model_dir, "--pairs", pairs, "--out", reference, "--batch-size",
-                 score_batch_size, "--dtype", dtype, threads=threads)
-        log(f"bench_train: reference log-probs scored ({time.monotonic() - start:.0f}s)")
-    if dref and not (dref_dir / "manifest.json").is_file():
-        start = time.monotonic()
-        run_tool("sample_reference.py", "--model", model_dir, "--pairs", pairs, "--out", dref_dir, "--num-samples", 1,
-                 "--max-new-tokens", response, "--batch-size", sample_batch_size, "--dtype", dtype, threads=threads)
-        log(f"bench_train: D_ref sampled, 1 x {response} tokens per prompt ({time.monotonic() - start:.0f}s)")
-    return [f"model.path={model_dir}", "model.config={}", f"model.dtype={dtype}", f"data.pairs={pairs}",
-            f"data.reference={reference}", f"data.dref={dref_dir if dref else ''}", f"data.batch_size={batch_size}",
-            f"data.dref_batch_size={batch_size}", f"training.global_batch_size={global_batch_size}", "data.batching=fixed",
-            "data.pad_to_multiple_of=1", "loss.name=dpo", "loss.tau=0", "loss.label_smoothing=0"]
 
 
 # ---------------------------------------------------------------------------------- report
@@ -597,22 +378,22 @@ def config_result(config: BenchConfig, runs: list[dict], peaks: dict[str, float]
         return out
     tokens = [s["tokens_per_s"] for s in good]
     pairs = [s["pairs_per_s"] for s in good]
-    flops = [s["flops_per_pair"] for s in good if s["flops_per_pair"] is not None]
-    flops_per_pair = statistics.median(flops) if flops else None
+    flops_per_pair = statistics.median(s["flops_per_pair"] for s in good)
     peak = peaks.get(config.dtype)
     memory = [memory_summary(run["processes"]) for run in runs if "summary" in run]
     out.update(
         tokens_per_s_best=max(tokens), tokens_per_s_median=statistics.median(tokens),
         pairs_per_s_best=max(pairs), pairs_per_s_median=statistics.median(pairs),
         real_tokens_per_pair=statistics.median(s["real_tokens_per_pair"] for s in good),
-        positions_per_pair=_median_or_none([s["positions_per_pair"] for s in good]),
-        padding=_median_or_none([s["padding"] for s in good]),
-        flops_per_pair=flops_per_pair, flops_source=good[0]["flops_source"], matmul_peak_flops=peak,
-        mfu_best=model_flops_utilisation(flops_per_pair, max(pairs), peak),
-        mfu_median=model_flops_utilisation(flops_per_pair, statistics.median(pairs), peak),
+        positions_per_pair=statistics.median(s["positions_per_pair"] for s in good),
+        padding=statistics.median(s["padding"] for s in good),
+        flops_per_pair=flops_per_pair, matmul_peak_flops=peak,
+        # Against the matmul measured on all P processes at once (one device's worth of peak), and
+        # against P cards' datasheet peak.
+        mfu_best=pairs_mfu(flops_per_pair, max(pairs), 1, peak),
+        mfu_median=pairs_mfu(flops_per_pair, statistics.median(pairs), 1, peak),
         card_peak_flops=card_peak_flops,
-        mfu_card_median=model_flops_utilisation(flops_per_pair, statistics.median(pairs),
-                                                card_peak_flops * config.processes if card_peak_flops else None),
+        mfu_card_median=pairs_mfu(flops_per_pair, statistics.median(pairs), config.processes, card_peak_flops),
         # The trainer's memory/peak_gib and peak_reserved_gib: rank 0's peak GPU memory allocated to
         # tensors and held by the caching allocator (on CPU the first is the rank's resident peak, which
         # the process-tree columns already show). Neither counts the CUDA context or NCCL's buffers.
@@ -627,10 +408,6 @@ def config_result(config: BenchConfig, runs: list[dict], peaks: dict[str, float]
 def _gpu_peak_bytes(summaries: list[dict], key: str, device_type: str) -> float | None:
     values = [summary.get(key) for summary in summaries]
     return max(values) * 2**30 if device_type == "cuda" and values and None not in values else None
-
-
-def _median_or_none(values: list) -> float | None:
-    return None if any(v is None for v in values) else statistics.median(values)
 
 
 def _fmt(value, spec: str, width: int) -> str:
@@ -665,7 +442,7 @@ def format_table(results: list[dict]) -> str:
             lines.append(f"{result['name']:<{width}} failed: {result['error']}")
             continue
         cells = [_fmt(None if result.get(key) is None else result[key] * scale, spec, w) for _, key, spec, w, scale in columns]
-        notes = ["FLOPs derived"] if result.get("flops_source") == "derived" else []
+        notes = []
         if result["failures"]:
             notes.append(f"{len(result['failures'])} of {result['runs']} runs failed, {result['failures'][0]}")
         lines.append(f"{result['name']:<{width}} " + " ".join(cells) + (f" ({'; '.join(notes)})" if notes else ""))
@@ -785,13 +562,9 @@ def _bench(args, configs: list[BenchConfig], header: dict, work: Path, wants_dre
                      + ", ".join(f"{DTYPE_SHORT[d]} {r / 1e12:.3f} TFLOP/s" for d, r in rates.items()))
 
     measure_peaks("before")
-    from mpo_dist.metrics import known_peak_tflops
-
     card_tflops = known_peak_tflops(header["device"]) if header["device_type"] == "cuda" else None
     header["card_peak_flops"] = card_tflops * 1e12 if card_tflops else None
-    threads_flag = trainer_takes_threads()
     runs: dict[BenchConfig, list[dict]] = {config: [] for config in configs}
-    fallbacks: dict[BenchConfig, FlopModel | None] = {}
     for round_index in range(args.rounds):
         for config in configs:
             if any(run["returncode"] == INPUT_ERROR_EXIT_CODE for run in runs[config]):
@@ -799,17 +572,14 @@ def _bench(args, configs: list[BenchConfig], header: dict, work: Path, wants_dre
             overrides = [*base, *config.overrides(config_tau)]
             out_dir = work / "runs" / f"r{round_index + 1}-{config.slug}"
             shutil.rmtree(out_dir, ignore_errors=True)
-            command = training_command(config, args.config, overrides, out_dir, args.steps, args.log_interval, threads_flag)
+            command = training_command(config, args.config, overrides, out_dir, args.steps, args.log_interval)
             run = {"round": round_index + 1, "command": command,
                    **run_training(command, subprocess_env(config.threads), out_dir, args.run_timeout)}
-            if "lines" in run:
-                if config not in fallbacks:  # the padded layout, from a trainer that does not log FLOPs per pair
-                    derive = config.layout == "padded" and not any("throughput/flops_per_pair" in line for line in run["lines"])
-                    fallbacks[config] = flop_model(args.config, [*NO_EVAL, *overrides]) if derive else None
+            if "records" in run:
                 try:
-                    run["summary"] = summarize(timed(windows_of(run["lines"]), args.warmup_steps), fallbacks[config])
+                    run["summary"] = summarize(timed(windows_of(run["records"]), args.warmup_steps))
                 except ValueError as error:
-                    run["error"] = f"{error}: {len(run['lines'])} logged lines; raise --steps"
+                    run["error"] = f"{error}: {len(run['records'])} logged steps; raise --steps"
             runs[config].append(run)
             if "summary" in run:
                 summary = run["summary"]

@@ -44,16 +44,17 @@ def main(argv=None) -> int:
     parser = tool_parser(__doc__)
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when the page differs from what the code generates")
+    parser.add_argument("--page", type=Path, default=PAGE, help="the page to write or check")
     args = parser.parse_args(argv)
     page = render()
     if args.check:
-        if PAGE.exists() and PAGE.read_text() == page:
+        if args.page.exists() and args.page.read_text() == page:
             return 0
-        print(f"config_reference: {PAGE} is out of date with the config dataclasses; run {REGENERATE}",
+        print(f"config_reference: {args.page} is out of date with the config dataclasses; run {REGENERATE}",
               file=sys.stderr)
         return 1
-    PAGE.write_text(page)
-    print(f"config_reference: wrote {PAGE}")
+    args.page.write_text(page)
+    print(f"config_reference: wrote {args.page}")
     return 0
 
 

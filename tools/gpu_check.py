@@ -11,7 +11,7 @@ after each one, so a run that is cut short still leaves what it measured:
                   the chunked head, packing masks in the GPU's attention kernel, the sampler's KV
                   cache, and the trainer with NCCL at world size 1: bf16, recomputed activations,
                   packed rows, a checkpoint resumed, torch.compile, conversion)
-  workload        tools/bench_train.py's `1b` workload: a random-init Llama of Llama-3.2-1B's shape
+  workload        mpo_dist/benchmark.py's `1b` workload: a random-init Llama of Llama-3.2-1B's shape
                   (1.24B parameters) in bf16 and 256 pairs of random tokens (256 prompt + 256 + 256);
                   reference log-probs and one D_ref sample per prompt made on the GPU by
                   tools/score_reference.py and tools/sample_reference.py
@@ -29,14 +29,14 @@ after each one, so a run that is cut short still leaves what it measured:
   train_compiled  train_eager's packed runs with torch.compile of the decoder layers (last: the
                   slowest to start, so a tight budget skips it first)
 
-Without a GPU (or with --cpu) the same stages run on the CPU with gloo, on bench_train's `tiny`
+Without a GPU (or with --cpu) the same stages run on the CPU with gloo, on the `tiny`
 workload with fewer steps and in float32 (a CPU without native bf16 would emulate it, 10-50x slower):
 the CUDA tests are skipped (and reported so), two processes train.
 That fallback checks the script itself; its figures say nothing about a GPU.
 
 The time budget (--budget-s, default 480 s; how long each stage takes on a GPU is not measured
 yet) is checked before each stage: a stage that would start after it is skipped and says so. OUTPUT_DIR receives
-gpu_check.json (every figure), gpu_check.md (the tables for README), cuda_tests.xml and the JSON of
+gpu_check.json (every figure), gpu_check.md (the tables for docs/gpu-check.md), cuda_tests.xml and the JSON of
 each bench; the runs' logs and the workload (about 3 GB for the 1b one) stay under --work (default
 OUTPUT_DIR/work), the runs' checkpoints are deleted once checked.
 """
@@ -55,11 +55,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-import bench_train
+from mpo_dist import benchmark
+from mpo_dist.benchmark import REPO
 from mpo_dist.cli import run_main, tool_parser
 from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, InputError
-
-REPO = Path(__file__).resolve().parents[1]
+from mpo_dist.launcher import train_command
 # In order of value: compile, the slowest to start, comes last, so a tight budget skips it first.
 STAGES = ("environment", "cuda_tests", "workload", "train_eager", "sampler", "checkpoint", "two_processes",
           "train_compiled")
@@ -75,7 +75,7 @@ SIZES = {
 }
 ENVIRONMENT_SCRIPT = """
 import json, platform, torch, transformers
-from mpo_dist.metrics import known_peak_tflops
+from mpo_dist.flops import known_peak_tflops
 out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
        "cuda_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count()}
 if torch.cuda.is_available():
@@ -96,10 +96,10 @@ class GpuCheck:
     def __init__(self, out: Path, work: Path, budget_s: float, device_type: str, skip: set[str]):
         self.out, self.work, self.budget_s, self.device_type, self.skip = out, work, budget_s, device_type, skip
         self.size = SIZES[device_type]
-        self.dtype = bench_train.WORKLOADS[self.size["workload"]]["dtype"]  # the workload's: bf16 on a GPU, float32 on CPU
+        self.dtype = benchmark.WORKLOADS[self.size["workload"]]["dtype"]  # the workload's: bf16 on a GPU, float32 on CPU
         self.start = time.monotonic()
         self.workload: list[str] | None = None
-        self.env = {**bench_train.subprocess_env(1), **({} if device_type == "cuda" else {"CUDA_VISIBLE_DEVICES": ""})}
+        self.env = {**benchmark.subprocess_env(1), **({} if device_type == "cuda" else {"CUDA_VISIBLE_DEVICES": ""})}
         self.env.pop("OMP_NUM_THREADS")  # each tool sets its own threads
         self.report = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "device_type": device_type,
                        "dtype": self.dtype, "budget_s": budget_s, "stages": {}}
@@ -144,7 +144,7 @@ class GpuCheck:
             raise StageError(f"stopped after {timeout:.0f}s; see {log}") from None
         log.write_text(f"$ {' '.join(map(str, command))}\n{result.stdout}\n{result.stderr}")
         if result.returncode not in ok_codes:
-            raise StageError(f"exit code {result.returncode}: {bench_train.first_error_line(result.stdout + result.stderr)} "
+            raise StageError(f"exit code {result.returncode}: {benchmark.first_error_line(result.stdout + result.stderr)} "
                              f"(log: {log})")
         return result
 
@@ -177,8 +177,8 @@ class GpuCheck:
 
     def make_workload(self) -> dict:
         started = time.monotonic()
-        workload = bench_train.WORKLOADS[self.size["workload"]]
-        self.workload = bench_train.make_workload(self.work / "workload", dref=True, log=progress, **workload)
+        workload = benchmark.WORKLOADS[self.size["workload"]]
+        self.workload = benchmark.make_workload(self.work / "workload", dref=True, log=progress, **workload)
         return {"workload": self.size["workload"], "summary": f"{self.size['workload']} workload in {time.monotonic() - started:.0f}s"}
 
     def bench(self, name: str, layouts: str, compile_: str, warmup_steps: int) -> dict:
@@ -216,11 +216,10 @@ class GpuCheck:
                 "summary": f"{ours['tokens_per_second']:,.0f} tokens/s, {ours['ratio_to_generate']:.2f}x transformers generate"}
 
     def train_command(self, out_dir: Path, steps: int, nproc: int = 1, extra: tuple[str, ...] = ()) -> list[str]:
-        return [sys.executable, "-m", "mpo_dist.launcher", "--standalone", "--nproc-per-node", str(nproc), "-m",
-                "mpo_dist.train", "--config", self.size["config"], *bench_train.NO_EVAL, *self.workload, "loss.name=mpo",
-                f"loss.tau={bench_train.MPO_TAU}", "data.packing=always", f"job.output_dir={out_dir}",
-                f"training.steps={steps}", "metrics.log_interval=1", "metrics.tensorboard=false",
-                "checkpoint.export_hf=false", "checkpoint.keep_best=", *extra]
+        return train_command(self.size["config"], [
+            *benchmark.NO_EVAL, *self.workload, "loss.name=mpo", f"loss.tau={benchmark.MPO_TAU}", "data.packing=always",
+            f"job.output_dir={out_dir}", f"training.steps={steps}", "metrics.log_interval=1", "metrics.tensorboard=false",
+            "checkpoint.export_hf=false", "checkpoint.keep_best=", *extra], nproc)
 
     def checkpoint(self) -> dict:
         run_dir = self.work / "checkpoint" / "run"
@@ -346,7 +345,7 @@ def format_report(report: dict) -> str:
     if rows:
         matmul = next(iter(report.get("matmul", {}).values()), {})
         dtype = report.get("dtype", "bfloat16")
-        short = bench_train.DTYPE_SHORT.get(dtype, dtype)
+        short = benchmark.DTYPE_SHORT.get(dtype, dtype)
         peaks = "; ".join(f"{procs}: {rate[dtype] / 1e12:,.1f} TFLOP/s" for procs, rate in matmul.get("peak_flops", {}).items())
         card = matmul.get("card_peak_flops")
         lines += ["", f"Training, MPO with D_ref rows, {short}, FSDP2. Timed {short} matmul: {peaks}"
@@ -393,7 +392,7 @@ def main(argv=None) -> int:
         out = Path(args.out).resolve()
         out.mkdir(parents=True, exist_ok=True)
         work = Path(args.work).resolve() if args.work else out / "work"
-        device_type = "cpu" if args.cpu else bench_train.bench_device_type()
+        device_type = "cpu" if args.cpu else benchmark.bench_device_type()
         report = GpuCheck(out, work, args.budget_s, device_type, skip).run()
         print(format_report(report))
         failed = [name for name, stage in report["stages"].items() if stage["status"] == "failed"]

@@ -49,9 +49,11 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the checkout's m
 
 from mpo_dist.cli import tool_parser  # noqa: E402
 from mpo_dist.errors import INPUT_ERROR_EXIT_CODE  # noqa: E402
+from mpo_dist.launcher import train_command  # noqa: E402
+from mpo_dist.metrics_file import read_metrics  # noqa: E402
 from mpo_dist.study.frontier import (  # noqa: E402
     DEFAULT, METHODS, TINY, Run, StudySize, describe_plan, kl_curve, plan_runs, plot_frontier, plot_kl_steps,
-    read_metrics, reference_row, run_row, write_results,
+    reference_row, run_row, write_results,
 )
 
 DEFAULT_MODEL = REPO.parent / "shared" / "data" / "stories260K"
@@ -184,8 +186,7 @@ class Study:
                                     and json.loads(settings.read_text()) == mine):
             self.say(f"{run.name}: unfinished or made with other settings: trained again")
             shutil.rmtree(folder)
-        command = [sys.executable, "-m", "mpo_dist.launcher", "--standalone", "--nproc-per-node", str(self.nproc),
-                   "-m", "mpo_dist.train", "--config", str(CONFIG), *mine["overrides"]]
+        command = train_command(CONFIG, mine["overrides"], self.nproc)
         key = f"train_{run.name}"
         self.say(f"run {index}/{len(self.runs)}: {run.name}")
         seconds = self.step(key, command, [final / "checkpoint.json"])
@@ -215,7 +216,7 @@ class Study:
         curves = {}
         for run in self.runs:
             report = json.loads((self.out / "evals" / f"{run.name}.json").read_text())
-            records = read_metrics(self.out / "runs" / run.name / "metrics.jsonl")
+            records = read_metrics(self.out / "runs" / run.name)
             rows.append(run_row(run, self.size, report, records, timings.get(f"train_{run.name}", 0.0),
                                 timings.get(f"eval_{run.name}", 0.0)))
             curves[run.name] = kl_curve(records)

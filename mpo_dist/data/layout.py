@@ -20,8 +20,8 @@ first), so the output head runs on response tokens only, and both layouts give t
 With `bucket_shapes` (data.bucket_shapes) the width, the packed row count and the number of head
 positions are rounded up to a few sizes (`shape_bucket`, at most 25% more): a run then meets few
 distinct tensor shapes. This matters on CPU in bf16, where the matmul kernels keep memory for every
-shape they meet (tools/bench_bf16_shape_memory.py: 974 MiB after 400 random lengths, 260 MiB with
-lengths rounded), and for compiled layers, which recompile per shape.
+shape they meet (tools/bench_bf16_shape_memory.py; figures in docs/performance.md), and for compiled
+layers, which recompile per shape.
 """
 
 from __future__ import annotations
@@ -73,6 +73,12 @@ class ModelInput:
     def num_positions(self) -> int:
         """Positions the model computes, padding included."""
         return self.input_ids.numel()
+
+    @property
+    def dense_attention(self) -> bool:
+        """Whether the attention runs under a mask over the full width (packed rows, or padded rows
+        with padding); without one, causal kernels skip the upper triangle (flops.CostModel)."""
+        return self.packed or self.num_real_positions < self.num_positions
 
     def to(self, device: torch.device) -> "ModelInput":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -265,37 +271,18 @@ def pack_documents(documents: Sequence[Document], pad_token_id: int, pack_tokens
                    bucket_shapes)
 
 
-def pair_documents(prompts: Sequence[np.ndarray], chosen: Sequence[np.ndarray], rejected: Sequence[np.ndarray],
-                   first_index: int = 0) -> list[Document]:
-    """B pairs -> B documents; sequence indices: chosen first_index + i, rejected first_index + B + i."""
-    size = len(prompts)
-    return [Document(prompt, [(first_index + i, good), (first_index + size + i, bad)])
-            for i, (prompt, good, bad) in enumerate(zip(prompts, chosen, rejected))]
-
-
-def single_documents(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], first_index: int = 0) -> list[Document]:
-    """One response per prompt (D_ref samples, or rows scored alone); sequence indices first_index + i."""
-    return [Document(prompt, [(first_index + i, response)]) for i, (prompt, response) in enumerate(zip(prompts, responses))]
-
-
 PACKING_CHOICES = ("auto", "always", "never")
 
 
-def positions_cost(rows: int, width: int, dense_attention: bool) -> float:
-    """The cost model when none is given: the positions computed."""
-    return float(rows * width)
-
-
-def lay_out(documents: Sequence[Document], *, packing: str, pad_token_id: int, padding_side: str = "right",
-            pad_to_multiple_of: int = 1, pack_tokens: int = 0,
-            cost: Callable[[int, int, bool], float] | None = None, bucket_shapes: bool = False) -> ModelInput:
+def lay_out(documents: Sequence[Document], *, packing: str, pad_token_id: int,
+            cost: Callable[[int, int, bool], float], padding_side: str = "right", pad_to_multiple_of: int = 1,
+            pack_tokens: int = 0, bucket_shapes: bool = False) -> ModelInput:
     """The model input for `documents`: packed ("always"), padded ("never"), or ("auto") whichever
-    `cost(rows, width, dense_attention)` says is cheaper for these documents. `dense_attention`: the
-    attention runs under a mask over the full width (packed rows, or padded rows with padding);
-    without a mask, causal kernels skip the upper triangle. Both layouts give the same numbers."""
+    `cost(rows, width, dense_attention)` says is cheaper for these documents (flops.CostModel.layout_cost;
+    it also picks the packed row length). `dense_attention`: ModelInput.dense_attention. Both layouts
+    give the same numbers."""
     if packing not in PACKING_CHOICES:
         raise InputError(f"data.packing must be one of {', '.join(PACKING_CHOICES)}, got {packing!r}")
-    cost = cost or positions_cost
     packed = padded = None
     if packing != "never":
         packed = pack_documents(documents, pad_token_id, pack_tokens, pad_to_multiple_of,
@@ -307,15 +294,15 @@ def lay_out(documents: Sequence[Document], *, packing: str, pad_token_id: int, p
 
     def estimate(inputs: ModelInput) -> float:
         rows, width = inputs.input_ids.shape
-        return cost(rows, width, inputs.packed or inputs.num_real_positions < inputs.num_positions)
+        return cost(rows, width, inputs.dense_attention)
 
     return packed if estimate(packed) < estimate(padded) else padded
 
 
-def layout_for(data, pad_token_id: int, cost: Callable[[int, int, bool], float] | None = None
+def layout_for(data, pad_token_id: int, cost: Callable[[int, int, bool], float]
                ) -> Callable[[Sequence[Document]], ModelInput]:
     """`lay_out` with the options of a DataConfig (data.packing, data.pack_tokens, data.padding_side,
-    data.pad_to_multiple_of, data.bucket_shapes) and the model's `cost` (metrics.layout_cost)."""
+    data.pad_to_multiple_of, data.bucket_shapes) and the model's `cost` (flops.CostModel.layout_cost)."""
     return partial(lay_out, packing=data.packing, pad_token_id=pad_token_id, padding_side=data.padding_side,
                    pad_to_multiple_of=data.pad_to_multiple_of, pack_tokens=data.pack_tokens, cost=cost,
                    bucket_shapes=data.bucket_shapes)

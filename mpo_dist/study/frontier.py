@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mpo_dist import metric_names as names
+
 # ------------------------------------------------------------------------------------------- plan
 
 
@@ -143,25 +145,12 @@ _BOOL = {"length_normalized_pair", "length_normalized_tau"}
 _INT = {"steps", "on_policy_samples"}
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The trainer's metrics.jsonl records (a line cut by a crash is skipped)."""
-    records = []
-    path = Path(path)
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
-
-
 def kl_curve(records: list[dict]) -> list[tuple[int, float, float]]:
     """(step, held-out KL(pi_ref || pi_theta), its stderr) at every held-out evaluation, from step 0
     (the policy is the reference there: 0 exactly)."""
     points = [(0, 0.0, 0.0)]
-    points += [(int(r["step"]), float(r["eval/kl_ref_policy"]), float(r.get("eval/kl_ref_policy_stderr", math.nan)))
-               for r in records if "eval/kl_ref_policy" in r]
+    points += [(int(r["step"]), float(r[names.KL_MONITOR]), float(r.get(names.stderr_name(names.KL_MONITOR), math.nan)))
+               for r in records if names.KL_MONITOR in r]
     return points
 
 
@@ -184,13 +173,13 @@ def run_row(run: Run, size: StudySize, report: dict, records: list[dict], train_
         "chosen_nll": float(options.get("chosen_nll", 0.0)),
         "steps": size.steps, "lr": size.lr,
         **_on_policy(metrics),
-        "heldout_kl_ref_policy": _last(records, "eval/kl_ref_policy"),
-        "heldout_kl_ref_policy_stderr": _last(records, "eval/kl_ref_policy_stderr"),
-        "heldout_preference_accuracy": _last(records, "eval/preference/accuracy"),
-        "heldout_reward_accuracy": _last(records, "eval/reward/accuracy"),
-        "heldout_reward_margin": _last(records, "eval/reward/margin"),
-        "train_reward_accuracy": _last(records, "reward/accuracy"),
-        "train_preference_accuracy": _last(records, "preference/accuracy"),
+        "heldout_kl_ref_policy": _last(records, names.KL_MONITOR),
+        "heldout_kl_ref_policy_stderr": _last(records, names.stderr_name(names.KL_MONITOR)),
+        "heldout_preference_accuracy": _last(records, names.eval_name("preference_accuracy")),
+        "heldout_reward_accuracy": _last(records, names.eval_name("reward_accuracy")),
+        "heldout_reward_margin": _last(records, names.eval_name("reward_margin")),
+        "train_reward_accuracy": _last(records, names.REWARD_ACCURACY),
+        "train_preference_accuracy": _last(records, names.PREFERENCE_ACCURACY),
         "train_seconds": float(train_seconds), "eval_seconds": float(eval_seconds),
     }
 
