@@ -7,7 +7,8 @@ and never touches the previous checkpoint. The newest complete ones are kept (`c
 older ones are pruned only once the new one is complete. `Checkpointer.resume` loads the newest
 intact one, passing over (with a warning) one whose files were damaged after it was completed;
 what can be wrong with a checkpoint (damage, another model, a full disk, an interrupt) is told apart
-in checkpoint_problems.py.
+in checkpoint_problems.py. `checkpoint.json` records the layout's version (`CHECKPOINT_FORMAT`): a
+checkpoint of another version is refused in one line, never loaded as if it were this one.
 
 What is saved is handed in by name as Stateful objects; the checkpointer never looks inside them.
 Global state (model, optimizer, scheduler, train state) is shared by all ranks and resharded by
@@ -41,11 +42,11 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from mpo_dist.dcp_reader import SafeFileSystemReader
 from mpo_dist.distributed import all_ranks_succeeded, barrier, has_process_group, raise_on_every_rank, world_size
-from mpo_dist.checkpoint_problems import (DISK_FULL_BYTES, HF_FILES_DIR, INFO_NAME, MODEL_PREFIX,  # noqa: F401 (re-exported)
-                                          CheckpointMismatchError, DamagedCheckpointError, DiskFullError,
+from mpo_dist.checkpoint_problems import (CHECKPOINT_FORMAT, DISK_FULL_BYTES, HF_FILES_DIR, INFO_NAME,  # noqa: F401 (re-exported)
+                                          MODEL_PREFIX, CheckpointMismatchError, DamagedCheckpointError, DiskFullError,
                                           checkpoint_problem, free_bytes, interruption, is_out_of_space,
                                           model_differences, one_line, rank_failures, raise_if_interrupted,
-                                          shape_mismatches, short_error)
+                                          refuse_other_format, shape_mismatches, short_error)
 from mpo_dist.errors import InputError, MissingInputError
 
 BEST_NAME = "best.json"  # beside the checkpoints: which one checkpoint.keep_best keeps
@@ -227,8 +228,9 @@ class Checkpointer:
             error = None
             if self.rank == 0:
                 try:
-                    self._complete(tmp, final, {"step": step, "dp_world_size": self.dp_world_size,
-                                                "world_size": world_size(), "rank_local": sorted(rank_local)}, write_extra)
+                    info = {"format": CHECKPOINT_FORMAT, "step": step, "dp_world_size": self.dp_world_size,
+                            "world_size": world_size(), "rank_local": sorted(rank_local)}
+                    self._complete(tmp, final, info, write_extra)
                 except Exception as caught:
                     error = caught
             raise_on_every_rank(error, lambda: RuntimeError(f"checkpoint {final}: completing the save failed on rank 0 "
@@ -381,6 +383,7 @@ class Checkpointer:
         problem = checkpoint_problem(folder)
         if not all_ranks_succeeded(problem is None):
             return problem or "damaged as seen from another rank"
+        refuse_other_format(folder, read_info(folder), option)  # intact but unreadable: no damage, not skipped
         mismatches = shape_mismatches(folder, states)
         if mismatches:
             fix = ("use another job.output_dir for this model, or set checkpoint.resume=none "
@@ -410,7 +413,13 @@ class Checkpointer:
         present = {name: state for name, state in states.items()
                    if any(key == name or key.startswith(name + ".") for key in stored)}
         missing = [name for name in states if name not in present]
-        payload: dict[str, Any] = {name: state.state_dict() for name, state in present.items()}
+        payload: dict[str, Any] = {}
+        for name, state in present.items():
+            payload[name] = state.state_dict()
+            if getattr(state, "parts_may_be_missing", False):  # e.g. a data stream the saving run did not read
+                found = _present(payload[name], name, stored)
+                missing += [f"{name}.{part}" for part in payload[name] if part not in found]
+                payload[name] = found
         same_dp = info["dp_world_size"] == self.dp_world_size
         templates: dict[str, dict[str, Any]] = {}
         if same_dp:

@@ -5,20 +5,9 @@ The model is a Hugging Face folder or a training checkpoint folder (one with che
 checkpoint is converted to a temporary Hugging Face folder in float32 by each node's first process
 (the others wait at a barrier), then every process loads it in the requested dtype (auto: `compute_dtype.resolve_dtype`).
 
-Offline: the trainer's own held-out pass (`evaluation.Evaluator`, given the plain model), so the
-`eval/...` metrics are the trainer's, computed the same way: held-out pairs with their reference
-log-probs (preference metrics of the chosen loss) and a held-out D_ref (the KL monitor
-`eval/kl_ref_policy`, an estimate of KL(pi_ref || pi_theta), with its standard error). Every sample
-is read once over all ranks; with `per_sample`, every sample's log-probs are gathered into the
-report by key (one more sum over ranks: each rank fills the positions of its own samples).
-
-On-policy: K responses per eval prompt sampled from the evaluated model (`sampling.generate`, each
-response seeded from (seed, prompt key, k): the samples do not depend on the number of ranks),
-scored under the evaluated model and under the reference model; `on_policy/kl_policy_ref` is
-mean(logp_theta - logp_ref), an estimate of KL(pi_theta || pi_ref) when sampling at temperature 1
-and top-p 1, with its standard error; with a reward function, `on_policy/reward` likewise. Prompts
-are cut into fixed batches in manifest order and batch b runs on rank b mod world size, so even the
-floating-point batch effects are the same at any world size.
+The offline pass is evaluate_offline.py (the trainer's held-out pass, `eval/...`), the on-policy
+pass evaluate_on_policy.py (`on_policy/...`); this module checks the request, loads the model
+(converting a checkpoint) and writes the report.
 """
 
 from __future__ import annotations
@@ -26,11 +15,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,23 +26,18 @@ import torch
 
 from mpo_dist.checkpoint import read_info
 from mpo_dist.compute_dtype import DTYPE_CHOICES, choose_dtype
-from mpo_dist.config import DataConfig, EvalConfig, LossConfig
+from mpo_dist.config import LossConfig
 from mpo_dist.convert import convert_checkpoint
-from mpo_dist.data.collate import pad_sequences
-from mpo_dist.data.shards import Manifest, ShardCursor, ShardError
-from mpo_dist.distributed import RankInfo, all_reduce_sum, barrier
+from mpo_dist.data.shards import Manifest
+from mpo_dist.distributed import RankInfo, barrier
 from mpo_dist.errors import InputError, MissingInputError
-from mpo_dist.evaluation import Evaluator
-from mpo_dist.logprobs import sequence_logprobs
-from mpo_dist.losses import LOSSES, build_loss, loss_options
-from mpo_dist.metrics import model_layout_cost
+from mpo_dist.evaluate_offline import offline_metrics
+from mpo_dist.evaluate_on_policy import on_policy_metrics
+from mpo_dist.losses import LOSSES, loss_options
+from mpo_dist.metric_names import EVAL_CONSOLE, ON_POLICY_CONSOLE, console_line
 from mpo_dist.model import read_model_config
-from mpo_dist.producers.sample import SamplingParams, generate, sample_seed
+from mpo_dist.producers.sample import SamplingParams
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
-
-ON_POLICY = "on_policy/"
-KL_POLICY_REF = ON_POLICY + "kl_policy_ref"
-REWARD = ON_POLICY + "reward"
 
 
 @dataclass
@@ -185,155 +167,6 @@ def _conversion_dir(checkpoint: Path, info: RankInfo) -> Path:
     return Path(tempfile.gettempdir()) / f"mpo_dist-evaluate-{hashlib.sha256(launch.encode()).hexdigest()[:16]}" / "model"
 
 
-# --------------------------------------------------------------------------------------- offline
-
-
-class _RecordingEvaluator(Evaluator):
-    """The trainer's Evaluator, also keeping every real sample's log-probs by key (for --per-sample)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.records: dict[str, dict[str, tuple[float, ...]]] = {"pairs": {}, "dref": {}}
-
-    def _logps(self, batch: dict) -> torch.Tensor:
-        logps = super()._logps(batch)
-        values = logps.double().tolist()
-        keys, pads = batch["keys"], batch["is_pad"].tolist()
-        if "ref_chosen_logps" in batch:  # a pairs batch: chosen rows, then rejected rows
-            size = len(keys)
-            refs = zip(batch["ref_chosen_logps"].double().tolist(), batch["ref_rejected_logps"].double().tolist())
-            for i, (key, pad, (ref_chosen, ref_rejected)) in enumerate(zip(keys, pads, refs)):
-                if not pad:
-                    self.records["pairs"][key] = (values[i], values[size + i], ref_chosen, ref_rejected)
-        else:  # a D_ref batch
-            for key, pad, value, ref in zip(keys, pads, values, batch["ref_logps"].double().tolist()):
-                if not pad:
-                    self.records["dref"][key] = (value, ref)
-        return logps
-
-
-PER_SAMPLE_FIELDS = {"pairs": ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"),
-                     "dref": ("policy_logps", "ref_logps")}
-
-
-def _manifest_keys(folder: str | Path, kind: str) -> list[str]:
-    manifest = Manifest.read(folder, kind)
-    return [key for shard in manifest.shards
-            for key, _, _ in ShardCursor(Path(folder) / shard.name, kind, shard.num_samples)]
-
-
-def _gather_per_sample(records: dict, folders: dict[str, str], device: torch.device) -> dict:
-    """Every sample's values in manifest order, whichever rank computed them (one sum over ranks)."""
-    layout, parts = [], []
-    for what, folder in folders.items():
-        keys = _manifest_keys(folder, "pairs" if what == "pairs" else "dref")
-        width = len(PER_SAMPLE_FIELDS[what])
-        values = torch.zeros(len(keys), width + 1, dtype=torch.float64)  # the last column counts who filled a row
-        index = {key: i for i, key in enumerate(keys)}
-        for key, row in records[what].items():
-            values[index[key], :width] = torch.tensor(row, dtype=torch.float64)
-            values[index[key], width] = 1
-        layout.append((what, keys, values.shape))
-        parts.append(values.flatten())
-    if not parts:
-        return {}
-    total = all_reduce_sum(torch.cat(parts).to(device)).cpu()
-    out, start = {}, 0
-    for what, keys, shape in layout:
-        values = total[start : start + shape.numel()].reshape(shape)
-        start += shape.numel()
-        if not bool((values[:, -1] == 1).all()):  # an error in the sharding, never in the data
-            raise RuntimeError(f"per-sample {what}: some samples were evaluated {values[:, -1].tolist()} times")
-        out[what] = {"keys": keys, **{name: values[:, i].tolist() for i, name in enumerate(PER_SAMPLE_FIELDS[what])}}
-    return out
-
-
-def _flag_names(error: ShardError) -> InputError:
-    text = str(error).replace("eval.pairs=", "--pairs ").replace("eval.reference=", "--reference ").replace("eval.dref=", "--dref ")
-    return InputError(text)
-
-
-def offline_metrics(request: EvaluationRequest, model, *, device: torch.device, info: RankInfo, pad_token_id: int,
-                    vocab_size: int) -> tuple[dict[str, float], dict]:
-    """The trainer's eval metrics (`eval/...`) of `model`, and the per-sample log-probs when asked."""
-    pairs = request.pairs if request.reference else ""
-    config = EvalConfig(pairs=pairs, reference=request.reference if pairs else "", dref=request.dref,
-                        batch_size=request.batch_size)
-    if not config.enabled:
-        return {}, {}
-    try:
-        evaluator = _RecordingEvaluator(config, DataConfig(pairs=pairs or request.dref), model=model,
-                                        loss_fn=build_loss(request.loss), device=device, dp_rank=info.rank,
-                                        dp_world_size=info.world_size, pad_token_id=pad_token_id, vocab_size=vocab_size,
-                                        layout_cost=model_layout_cost(model))
-    except ShardError as error:
-        raise _flag_names(error) from error
-    metrics = evaluator.evaluate()
-    per_sample = {}
-    if request.per_sample:
-        folders = {what: folder for what, folder in (("pairs", pairs), ("dref", request.dref)) if folder}
-        per_sample = _gather_per_sample(evaluator.records, folders, device)
-    return metrics, per_sample
-
-
-# ------------------------------------------------------------------------------------- on-policy
-
-
-def _mean_stderr(count: float, total: float, squares: float) -> tuple[float, float]:
-    mean = total / count
-    variance = max(squares / count - mean * mean, 0.0) * count / (count - 1) if count > 1 else math.nan
-    return mean, math.sqrt(variance / count)
-
-
-@torch.no_grad()
-def on_policy_metrics(request: EvaluationRequest, model, reference, *, tokenizer, reward: Callable | None,
-                      device: torch.device, info: RankInfo, pad_token_id: int, eos_token_ids) -> dict[str, float]:
-    """KL(pi_theta || pi_ref) estimated on the model's own samples, and the mean reward when given."""
-    start = time.monotonic()
-    params = request.on_policy
-    pairs = Manifest.read(request.pairs, "pairs")
-    jobs = []  # (prompt ids, seed) in manifest order: the first max_prompts prompts, K samples each
-    for shard in pairs.shards:
-        for key, _, arrays in ShardCursor(Path(request.pairs) / shard.name, "pairs", shard.num_samples):
-            if request.max_prompts and len(jobs) >= request.max_prompts * params.num_samples:
-                break
-            jobs += [(arrays["prompt_ids"], sample_seed(params.seed, key, k)) for k in range(params.num_samples)]
-    # count, sum d, sum d**2, sum reward, sum reward**2, response tokens, responses that ended with EOS
-    sums = torch.zeros(7, dtype=torch.float64)
-    batches = [jobs[i : i + request.batch_size] for i in range(0, len(jobs), request.batch_size)]
-    for chunk in batches[info.rank :: info.world_size]:
-        prompts = [prompt for prompt, _ in chunk]
-        results = generate(model, prompts, [seed for _, seed in chunk], params, eos_token_ids, pad_token_id, device)
-        responses = [response for response, _ in results]
-        rows = pad_sequences(prompts, responses, pad_token_id)
-        tensors = [rows[name].to(device) for name in ("input_ids", "attention_mask", "response_mask")]
-        theta = sequence_logprobs(model, *tensors).logps.double().cpu()
-        ref = sequence_logprobs(reference, *tensors).logps.double().cpu()
-        d = theta - ref
-        sums[0] += len(chunk)
-        sums[1] += d.sum()
-        sums[2] += (d * d).sum()
-        if reward is not None:
-            for prompt, response in zip(prompts, responses):
-                value = float(reward(tokenizer.decode(prompt.tolist(), skip_special_tokens=True),
-                                     tokenizer.decode(response.tolist(), skip_special_tokens=True)))
-                sums[3] += value
-                sums[4] += value * value
-        sums[5] += sum(len(response) for response in responses)
-        sums[6] += sum(reason == "eos" for _, reason in results)
-    count, total, squares, rewards, reward_squares, tokens, eos = all_reduce_sum(sums.to(device)).tolist()
-    if round(count) != len(jobs):  # an error in the sharding, never in the data
-        raise RuntimeError(f"on-policy pass sampled {count:.0f} responses, expected {len(jobs)}")
-    out = {ON_POLICY + "samples": count, ON_POLICY + "prompts": count / params.num_samples}
-    out[KL_POLICY_REF], out[KL_POLICY_REF + "_stderr"] = _mean_stderr(count, total, squares)
-    if reward is not None:
-        out[REWARD], out[REWARD + "_stderr"] = _mean_stderr(count, rewards, reward_squares)
-    out[ON_POLICY + "response_tokens"] = tokens / count
-    out[ON_POLICY + "eos_fraction"] = eos / count
-    out[ON_POLICY + "seconds"] = time.monotonic() - start
-    return out
-
-
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -384,15 +217,18 @@ def evaluate_model(request: EvaluationRequest, info: RankInfo, device: torch.dev
         raise InputError(f"--reward needs the tokenizer beside --model {request.model} to decode text, and it has none")
     vocab_size = model.config.vocab_size
 
-    metrics, per_sample = offline_metrics(request, model, device=device, info=info, pad_token_id=pad_token_id,
-                                          vocab_size=vocab_size)
+    metrics, per_sample = offline_metrics(model, pairs=request.pairs, reference=request.reference, dref=request.dref,
+                                          batch_size=request.batch_size, loss=request.loss, per_sample=request.per_sample,
+                                          device=device, info=info, pad_token_id=pad_token_id, vocab_size=vocab_size)
     if request.on_policy is not None:
         reference, _ = _load_model("--reference-model", request.reference_model, manifests[:1], dtype, device)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         if eos is None:
             eos = model.config.eos_token_id
-        metrics.update(on_policy_metrics(request, model, reference, tokenizer=tokenizer, reward=reward, device=device,
-                                         info=info, pad_token_id=pad_token_id, eos_token_ids=eos))
+        metrics.update(on_policy_metrics(request.on_policy, request.pairs, model, reference,
+                                         max_prompts=request.max_prompts, batch_size=request.batch_size,
+                                         tokenizer=tokenizer, reward=reward, device=device, info=info,
+                                         pad_token_id=pad_token_id, eos_token_ids=eos))
     report = {
         "model": {"path": str(model_dir.resolve()), "checkpoint_step": step, "dtype": dtype},
         "data": {"pairs": request.pairs or None, "reference": request.reference or None, "dref": request.dref or None},
@@ -412,6 +248,4 @@ def evaluate_model(request: EvaluationRequest, info: RankInfo, device: torch.dev
 
 
 def describe(metrics: dict[str, float]) -> str:
-    parts = [f"{name} {value:.4f}" for name, value in metrics.items()
-             if name.endswith(("loss/total", "accuracy", "kl_ref_policy", "kl_policy_ref", "on_policy/reward"))]
-    return " | ".join(parts) or "no metrics"
+    return console_line(metrics, EVAL_CONSOLE + ON_POLICY_CONSOLE) or "no metrics"

@@ -3,9 +3,10 @@
 One pass reads the whole held-out set once (or `eval.max_batches` batches per rank), sharded over
 the data-parallel ranks in manifest order (no shuffle): fixed batches of `eval.batch_size`, the tail
 padded with flagged duplicates so every rank runs the same number of batches, and the duplicates
-given weight 0, so every sample counts exactly once whatever the number of ranks. The loss function
-is called with weight = real / (real samples over all ranks), so its metrics, summed over batches
-and ranks, are global means; everything is summed over ranks in ONE all-reduce at the end.
+given weight 0, so every sample counts exactly once whatever the number of ranks. The training
+objective (objective.py) weighs each real pair by 1 / (real pairs over all ranks), so its metrics,
+summed over batches and ranks, are global means; everything is summed over ranks in ONE all-reduce
+at the end.
 
 The KL monitor `eval/kl_ref_policy` estimates KL(pi_ref || pi_theta) as mean(logp_ref - logp_theta)
 over held-out D_ref samples y ~ pi_ref (their logp_ref comes from the shards), with its standard
@@ -28,18 +29,17 @@ from typing import Callable, Iterator
 import torch
 
 from mpo_dist.config import DataConfig, EvalConfig
-from mpo_dist.data.collate import batch_documents, collate_dref, collate_pairs
+from mpo_dist.batch import MicroBatch
+from mpo_dist.data.collate import collate_dref, collate_pairs
 from mpo_dist.data.layout import layout_for
 from mpo_dist.data.dataset import ShardStream
 from mpo_dist.data.sampler import BatchSpec
 from mpo_dist.data.samples import DrefSource, PairSource
 from mpo_dist.data.shards import ShardError
 from mpo_dist.distributed import all_reduce_sum
-from mpo_dist.logprobs import batch_logprobs
-from mpo_dist.metrics import logged_name
-
-PREFIX = "eval/"
-KL_MONITOR = "eval/kl_ref_policy"
+from mpo_dist.objective import Objective, policy_logprobs
+from mpo_dist.metric_names import (EVAL_CONSOLE, EVAL_DREF_SAMPLES, EVAL_PAIRS, EVAL_SECONDS, KL_MONITOR, console_line,
+                                   eval_name, stderr_name)
 
 
 def _stream(source, collate, batch_size: int, sequences_per_sample: int, dp_rank: int, dp_world_size: int) -> ShardStream:
@@ -47,6 +47,13 @@ def _stream(source, collate, batch_size: int, sequences_per_sample: int, dp_rank
     spec = BatchSpec(batch_size=batch_size, sequences_per_sample=sequences_per_sample, shuffle=False,
                      shuffle_window=4096, drop_tail=False)
     return ShardStream(source, collate, spec, seed=0, dp_rank=dp_rank, dp_world_size=dp_world_size, num_epochs=1)
+
+
+def mean_and_stderr(count: float, total: float, squares: float) -> tuple[float, float]:
+    """The mean of `count` values from their sum and sum of squares, and its standard error (NaN for one value)."""
+    mean = total / count
+    variance = max(squares / count - mean * mean, 0.0) * count / (count - 1) if count > 1 else math.nan
+    return mean, math.sqrt(variance / count)
 
 
 def real_samples(total: int, batch_size: int, dp_world_size: int, max_batches: int) -> int:
@@ -60,12 +67,14 @@ def real_samples(total: int, batch_size: int, dp_world_size: int, max_batches: i
 class Evaluator:
     """Held-out evaluation of the trainer's (FSDP) model; `evaluate()` is a collective: every rank calls it."""
 
-    def __init__(self, config: EvalConfig, data: DataConfig, *, model: torch.nn.Module, loss_fn: Callable,
+    def __init__(self, config: EvalConfig, data: DataConfig, *, model: torch.nn.Module, objective: Objective,
                  device: torch.device, dp_rank: int, dp_world_size: int, pad_token_id: int,
                  tokenizer_hash: str | None = None, vocab_size: int | None = None,
-                 layout_cost: Callable[[int, int, bool], float] | None = None):
-        self.config, self.model, self.loss_fn, self.device = config, model, loss_fn, device
-        # The training forward's layout: data's options, and the model's cost (metrics.model_layout_cost).
+                 layout_cost: Callable[[int, int, bool], float],
+                 record: Callable[[MicroBatch, torch.Tensor], None] | None = None):
+        """`record(batch, logps)`, when given, sees every batch's per-sequence policy log-probs (on the host)."""
+        self.config, self.model, self.objective, self.device, self.record = config, model, objective, device, record
+        # The training forward's layout: data's options, and the model's cost (flops.CostModel.layout_cost).
         self.layout = layout_for(data, pad_token_id, cost=layout_cost)
         ranks = dict(dp_rank=dp_rank, dp_world_size=dp_world_size)
         self.pairs = self.dref = None
@@ -88,15 +97,20 @@ class Evaluator:
                 "eval.dref", config.dref, f"eval.dref={config.dref}", lambda: DrefSource(config.dref, vocab_size=vocab_size),
                 collate_dref, 1)
 
-    def _batches(self, stream: ShardStream) -> Iterator[dict]:
+    def _batches(self, stream: ShardStream, what: str) -> Iterator[MicroBatch]:
+        """The pass's micro-batches of one stream (pairs or D_ref alone: one forward each), on the device."""
         stream.start_at(0, 0)
         batches = iter(stream)
-        return itertools.islice(batches, self.config.max_batches) if self.config.max_batches else batches
+        if self.config.max_batches:
+            batches = itertools.islice(batches, self.config.max_batches)
+        for batch in batches:
+            pairs, dref = (batch, None) if what == "pairs" else (None, batch)
+            yield MicroBatch.build(pairs, dref, self.layout).to(self.device)
 
-    def _logps(self, batch: dict) -> torch.Tensor:
-        """Policy log-probs of a pairs batch (chosen, then rejected) or of a D_ref batch."""
-        documents = batch_documents(batch) if "chosen_ids" in batch else batch_documents(None, batch)
-        return batch_logprobs(self.model, self.layout(documents).to(self.device)).logps
+    def _recorded(self, batch: MicroBatch, logps: torch.Tensor) -> torch.Tensor:
+        if self.record is not None:
+            self.record(batch, logps.detach().cpu())
+        return logps
 
     def _local_sums(self) -> tuple[list[str], torch.Tensor]:
         """This rank's shares: the loss metrics (weighted to global means), then pair count, D_ref count,
@@ -105,23 +119,18 @@ class Evaluator:
         metric_sums: dict[str, torch.Tensor] = {}
         pairs = torch.zeros((), dtype=torch.float64, device=device)
         if self.pairs is not None:
-            for batch in self._batches(self.pairs):
-                logps = self._logps(batch)
-                size = len(batch["keys"])
-                real = (~batch["is_pad"]).to(device)
-                weight = real.to(torch.float32) / self.expected["pairs"]
-                out = self.loss_fn(logps[:size], logps[size:], batch["ref_chosen_logps"].to(device),
-                                   batch["ref_rejected_logps"].to(device), label=batch["label"].to(device),
-                                   weight=weight, chosen_lengths=batch["chosen_lengths"].to(device),
-                                   rejected_lengths=batch["rejected_lengths"].to(device))
-                for name, value in out.metrics.items():
+            for batch in self._batches(self.pairs, "pairs"):
+                out = self.objective(self.model, batch, pair_total=self.expected["pairs"])
+                self._recorded(batch, out.logps)
+                for name, value in out.loss.metrics.items():
                     metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
-                pairs += real.sum()
+                pairs += batch.pairs.real.sum()
         dref = torch.zeros(3, dtype=torch.float64, device=device)  # count, sum d, sum d**2
         if self.dref is not None:
-            for batch in self._batches(self.dref):
-                real = (~batch["is_pad"]).to(device, torch.float64)
-                d = batch["ref_logps"].to(device, torch.float64) - self._logps(batch).double()
+            for batch in self._batches(self.dref, "dref"):
+                logps = self._recorded(batch, batch.dref_part(policy_logprobs(self.model, batch).logps))
+                real = batch.dref.real.to(torch.float64)
+                d = batch.dref.ref_logps.to(torch.float64) - logps.double()
                 dref += torch.stack([real.sum(), (real * d).sum(), (real * d * d).sum()])
         names = sorted(metric_sums)  # the same on every rank: every rank has at least one batch
         local = torch.cat([torch.stack([metric_sums[n] for n in names]) if names else dref.new_zeros(0),
@@ -144,20 +153,17 @@ class Evaluator:
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state(cuda_rng, self.device)
-        out = {PREFIX + logged_name(name): value for name, value in zip(names, values)}
+        out = {eval_name(name): value for name, value in zip(names, values)}
         pairs, count, total, squares = values[len(names):]
         for what, seen in (("pairs", pairs), ("dref", count)):
             if round(seen) != self.expected[what]:  # an error in the sharding, never in the data
                 raise RuntimeError(f"eval pass read {seen:.0f} real {what} samples, expected {self.expected[what]}")
         if self.pairs is not None:
-            out[PREFIX + "pairs"] = pairs
+            out[EVAL_PAIRS] = pairs
         if self.dref is not None:
-            mean = total / count
-            variance = max(squares / count - mean * mean, 0.0) * count / (count - 1) if count > 1 else math.nan
-            out[KL_MONITOR] = mean
-            out[KL_MONITOR + "_stderr"] = math.sqrt(variance / count)
-            out[PREFIX + "dref_samples"] = count
-        out[PREFIX + "seconds"] = time.monotonic() - start
+            out[KL_MONITOR], out[stderr_name(KL_MONITOR)] = mean_and_stderr(count, total, squares)
+            out[EVAL_DREF_SAMPLES] = count
+        out[EVAL_SECONDS] = time.monotonic() - start
         return out
 
 
@@ -169,15 +175,4 @@ def _same_tokenizer(option: str, folder: str, found: str | None, expected: str |
 
 def describe(values: dict[str, float]) -> str:
     """One console line of the main eval metrics present in `values`."""
-    parts = []
-    for name, label, fmt in ((PREFIX + logged_name("loss"), "loss", "{:.4f}"),
-                             (PREFIX + logged_name("reward_accuracy"), "reward acc", "{:.3f}"),
-                             (PREFIX + logged_name("preference_accuracy"), "pref acc", "{:.3f}"),
-                             (PREFIX + logged_name("accuracy"), "acc", "{:.3f}"),
-                             (PREFIX + logged_name("reward_margin"), "margin", "{:+.3f}")):
-        if name in values:
-            parts.append(f"{label} {fmt.format(values[name])}")
-    if KL_MONITOR in values:
-        parts.append(f"kl(ref|pol) {values[KL_MONITOR]:.3f} +- {values[KL_MONITOR + '_stderr']:.3f}")
-    parts.append(f"{values[PREFIX + 'seconds']:.1f}s")
-    return " | ".join(parts)
+    return console_line(values, EVAL_CONSOLE, after=[f"{values[EVAL_SECONDS]:.1f}s"])

@@ -1,4 +1,4 @@
-"""Preference losses as pure functions of per-sequence log-prob sums (formulas in README, "Losses").
+"""Preference losses as pure functions of per-sequence log-prob sums (formulas in docs/losses.md).
 
 Tensors in, tensors out: no `.item()`, no collectives, so they test in one process and the trainer
 reduces across ranks once. Each returns a `LossOutput` whose `.loss` is a scalar and whose

@@ -1,11 +1,11 @@
 """The Trainer: builds the parts from a Config, runs train steps, logs, and checkpoints.
 
-One optimizer step takes `grad_accum` micro-batches of pairs (plus, for MPO with tau > 0, one D_ref
-micro-batch each), runs one forward per micro-batch over its chosen, rejected and D_ref sequences
-(laid out by data/layout.py: padded rows, or packed with each pair's prompt shared), and
-weights every real pair by 1 / (real pairs in the global batch); gradients are summed over ranks
-(parallelize.py), so the gradient is that of the exact global mean whatever the world size,
-accumulation or padding. No reference model is loaded: reference log-probs come from the shards.
+One optimizer step takes `grad_accum` micro-batches (batch.MicroBatch, made ready by
+stream.TrainingStream: pairs plus, for MPO with tau > 0, D_ref samples, laid out by data/layout.py
+as padded rows or packed with each pair's prompt shared), runs the objective on each (objective.py:
+one forward, then the loss), which weighs every real pair by 1 / (real pairs in the global batch);
+gradients are summed over ranks (parallelize.py), so the gradient is that of the exact global mean
+whatever the world size, accumulation or padding. No reference model is loaded: reference log-probs come from the shards.
 Host syncs: one per step for the finite-value guard (a step whose global loss or gradient norm is
 NaN or inf is skipped, and too many in a row stop the run), the rest at logging steps only.
 With `eval` configured, a held-out pass (evaluation.py) runs every eval.interval steps and after the
@@ -16,38 +16,38 @@ from __future__ import annotations
 
 import shutil
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
-from mpo_dist.checkpoint import Checkpointer, ModelOptimizerState, RNGState, refuse_to_overwrite_a_run
+from mpo_dist import metric_names as names
+from mpo_dist.checkpoint import Checkpointer, DamagedCheckpointError, ModelOptimizerState, RNGState, refuse_to_overwrite_a_run
 from mpo_dist.compute_dtype import choose_dtype
 from mpo_dist.config import Config, grad_accum_for, save_config
 from mpo_dist.convert import export_hf, write_hf_files
-from mpo_dist.data.collate import batch_documents
-from mpo_dist.data.layout import ModelInput, layout_for
+from mpo_dist.batch import MicroBatch
+from mpo_dist.data.layout import layout_for
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
 from mpo_dist.data.input_paths import check_input_paths
 from mpo_dist.data.preflight import check_eval_inputs, check_training_inputs, read_manifest
-from mpo_dist.distributed import all_reduce_sum, device_for, init_distributed, log_main, raise_on_every_rank
+from mpo_dist.distributed import all_reduce_sum, device_for, log_main, raise_on_every_rank, rank_info_of_group
 from mpo_dist.errors import InputError
 from mpo_dist.evaluation import Evaluator, describe as describe_eval
 from mpo_dist.finite_guard import FiniteGuard, refuse_non_finite_state
-from mpo_dist.logprobs import batch_logprobs
+from mpo_dist.flops import CostModel, mfu, peak_tflops
 from mpo_dist.losses import build_loss
-from mpo_dist.metrics import (METRICS_FILE, TENSORBOARD_DIR, MetricLogger, StepWindow, flop_counts, mfu, model_layout_cost, peak_memory_bytes, peak_tflops,
-                              row_flops)
+from mpo_dist.objective import Objective
+from mpo_dist.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricLogger, StepWindow, peak_memory_bytes
 from mpo_dist.model import build_model, count_parameters, load_model_config, materialize_model
 from mpo_dist.optim import build_lr_scheduler, build_optimizer
 from mpo_dist.parallelize import apply_fsdp, build_mesh
 from mpo_dist.run_lock import folders_to_create, remove_if_empty, take_run_lock
+from mpo_dist.stream import TrainingStream
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
 HF_EXPORT_DIR = "hf"  # checkpoint.export_hf's folder in job.output_dir
-MicroBatch = tuple[dict, "dict | None", ModelInput]  # (pairs, D_ref or None, the forward's rows)
 
 
 class Trainer(Stateful):
@@ -65,7 +65,7 @@ class Trainer(Stateful):
 
     def _build(self, config: Config) -> None:
         self.config = config
-        self.info = init_distributed(single_process_group=True)  # FSDP2 and DCP need a group at any size
+        self.info = rank_info_of_group()  # FSDP2 and DCP need a group at any size: the entry point set it up
         self.device = device_for(self.info)
         # model.dtype=auto resolved once, here: the model, the FSDP policy and the provenance check use this name.
         self.dtype = choose_dtype(config.model.dtype, self.device, "model.dtype", "mpo_dist", log=log_main)
@@ -104,15 +104,15 @@ class Trainer(Stateful):
             check_eval_inputs(config.eval.pairs or None, config.eval.reference or None, config.eval.dref or None,
                               train_pairs_dir=config.data.pairs, train_reference_dir=config.data.reference or None,
                               require_held_out=config.eval.require_held_out)
-        self.pair_loader = build_pair_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
-                                             dp_world_size=self.dp_world_size, num_epochs=None)
-        pairs = self.pair_loader.manifest
+        pair_loader = build_pair_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
+                                        dp_world_size=self.dp_world_size, num_epochs=None)
+        pairs = pair_loader.manifest
         self.pad_token_id = int(pairs.info.get("tokenizer", {}).get("pad_token_id") or 0)
-        self.dref_loader = None
+        dref_loader = None
         if uses_dref:
-            self.dref_loader = build_dref_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
-                                                 dp_world_size=self.dp_world_size, tokenizer_hash=pairs.tokenizer_hash)
-        self.loss_fn = build_loss(config.loss)
+            dref_loader = build_dref_loader(config.data, seed=config.job.seed, dp_rank=self.dp_rank,
+                                            dp_world_size=self.dp_world_size, tokenizer_hash=pairs.tokenizer_hash)
+        self.objective = Objective(build_loss(config.loss))
 
         self.mesh = build_mesh(config.parallel, self.info.world_size, self.device.type)
         self.model = build_model(config.model)
@@ -121,13 +121,16 @@ class Trainer(Stateful):
         self.model.train()
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_lr_scheduler(self.optimizer, config.optim, config.training.steps)
-        # Padded or packed rows (data/layout.py), by the model's FLOPs when data.packing=auto.
-        layout_cost = model_layout_cost(self.model)
-        self.layout = layout_for(config.data, self.pad_token_id, cost=layout_cost)
+        # Padded or packed rows (data/layout.py), by the model's FLOPs when data.packing=auto; the same
+        # cost model counts the FLOPs logged (flops.py).
+        self.cost_model = CostModel.of(self.model)
+        layout_cost = self.cost_model.layout_cost
+        # Micro-batches are laid out where they are made: the stream hands the trainer ready ones.
+        self.data = TrainingStream(pair_loader, dref_loader, layout_for(config.data, self.pad_token_id, cost=layout_cost))
         # Held-out evaluation (evaluation.py): its own streams, never the training loaders; the same layout.
         self.evaluator = None
         if config.eval.enabled:
-            self.evaluator = Evaluator(config.eval, config.data, model=self.model, loss_fn=self.loss_fn,
+            self.evaluator = Evaluator(config.eval, config.data, model=self.model, objective=self.objective,
                                        device=self.device, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size,
                                        pad_token_id=self.pad_token_id, tokenizer_hash=pairs.tokenizer_hash,
                                        vocab_size=model_config.vocab_size, layout_cost=layout_cost)
@@ -135,10 +138,6 @@ class Trainer(Stateful):
         self.checkpointer = Checkpointer(self.checkpoints_dir, config.checkpoint.keep, self.info.rank, self.dp_rank,
                                          self.dp_world_size, log=log_main, model_config=model_config.to_dict())
         self._peak_tflops = peak_tflops(config.metrics.peak_tflops, self.device)
-        # FLOPs: the body's matmuls and attention at every position computed; the output head (a
-        # vocab x hidden matmul) only where a response token is predicted (logprobs.py).
-        body_params, self._head_params, *dims = flop_counts(self.model)
-        self._body_flops = partial(row_flops, body_params, *dims)
         self._resume()
         self._claim_output_dir()
         self.metrics = MetricLogger(self.output_dir, self.info.is_main, config.metrics.tensorboard,
@@ -200,20 +199,14 @@ class Trainer(Stateful):
         return self.pairs_seen + int(local[0]), self.tokens_seen + int(local[1])
 
     def _checkpoint_states(self) -> tuple[dict[str, Stateful], dict[str, Stateful]]:
-        # The loaders' positions are global (equal on every rank: int64 tensors), so they are shared
-        # state and follow to any world size; only the RNG is per rank.
+        # The data position is global (equal on every rank: int64 tensors), so it is shared state and
+        # follows to any world size; only the RNG is per rank.
         shared = {"model_optimizer": ModelOptimizerState(self.model, self.optimizer),
-                  "scheduler": self.scheduler, "train_state": self, "pair_loader": self.pair_loader}
-        if self.dref_loader is not None:
-            shared["dref_loader"] = self.dref_loader
+                  "scheduler": self.scheduler, "train_state": self, "data": self.data}
         return shared, {"rng": self.rng_state}
 
     def _resume(self) -> None:
-        # Fixed batches: every epoch is whole steps of grad_accum micro-batches per rank, so a step
-        # takes the same samples at any world size (the same global batch) and positions convert.
-        for loader in (self.pair_loader, self.dref_loader):
-            if loader is not None:
-                loader.set_micro_batches_per_step(self.grad_accum)
+        self.data.set_micro_batches_per_step(self.grad_accum)
         resume = self.config.checkpoint.resume
         if resume == "none":
             return
@@ -226,19 +219,11 @@ class Trainer(Stateful):
                      f"{self.dp_world_size}: model, optimizer and schedule were resharded; the RNG state is per rank "
                      f"and is not restored (every rank goes on from job.seed's; dropout is off, so training does not "
                      f"depend on it)")
-        for name, loader, what in (("pair_loader", self.pair_loader, "pairs"), ("dref_loader", self.dref_loader, "dref")):
-            if loader is None:
-                continue
-            if loader.resume_error is not None:
-                raise loader.resume_error
-            if name in info.get("missing", ()):
-                # An older checkpoint: its per-rank positions are pickles, never read. Go on with the next epoch.
-                loader.restart_at_epoch(self.epochs[what] + 1)
-                log_main(f"mpo_dist: WARNING: {folder} holds no global {what} data position (written by an older "
-                         f"mpo_dist, which pickled it per rank; it is not read): {what} data restarts at the beginning "
-                         f"of epoch {self.epochs[what] + 1} (the rest of epoch {self.epochs[what]} is skipped)")
-            elif loader.resume_note is not None:
-                log_main(f"mpo_dist: {what} data position {loader.resume_note}")
+        if "data" in info["missing"]:
+            raise DamagedCheckpointError(f"{folder} holds no data position (every checkpoint of this format has one); "
+                                         "resume from another checkpoint (checkpoint.resume=PATH)")
+        for what, note in self.data.resumed():
+            log_main(f"mpo_dist: {what} data position {note}")
 
     def save_checkpoint(self) -> Path:
         folder = self.checkpointer.save(
@@ -249,27 +234,15 @@ class Trainer(Stateful):
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, micro_batches: list[MicroBatch]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def train_step(self, batches: list[MicroBatch]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One optimizer step. Returns this rank's shares of the step's loss metrics (device tensors;
         summed over ranks they give the global values) and the metrics equal on every rank."""
-        device = self.device
-        counts = torch.tensor([[float((~pairs["is_pad"]).sum()), float((~dref["is_pad"]).sum()) if dref else 0.0]
-                               for pairs, dref, _ in micro_batches], device=device).sum(0)
-        pair_count, dref_count = all_reduce_sum(counts).clamp(min=1.0).unbind()  # real samples in the global batch
+        local = [sum(batch.counts.pairs for batch in batches), sum(batch.counts.dref for batch in batches)]
+        totals = all_reduce_sum(torch.tensor(local, dtype=torch.float32, device=self.device))
+        pair_total, dref_total = totals.clamp(min=1.0).unbind()  # real samples in the global batch
         sums: dict[str, torch.Tensor] = {}
-        for pairs, dref, inputs in micro_batches:
-            logps = batch_logprobs(self.model, inputs.to(device)).logps  # chosen, rejected, then D_ref
-            size = len(pairs["keys"])
-            weight = (~pairs["is_pad"]).to(device, torch.float32) / pair_count
-            kwargs = {}
-            if dref is not None:
-                kwargs = {"dref_policy_logps": logps[2 * size :], "dref_ref_logps": dref["ref_logps"].to(device),
-                          "dref_weight": (~dref["is_pad"]).to(device, torch.float32) / dref_count,
-                          "dref_lengths": dref["response_lengths"].to(device)}
-            out = self.loss_fn(logps[:size], logps[size : 2 * size], pairs["ref_chosen_logps"].to(device),
-                               pairs["ref_rejected_logps"].to(device), label=pairs["label"].to(device),
-                               weight=weight, chosen_lengths=pairs["chosen_lengths"].to(device),
-                               rejected_lengths=pairs["rejected_lengths"].to(device), **kwargs)
+        for batch in batches:
+            out = self.objective(self.model, batch.to(self.device), pair_total=pair_total, dref_total=dref_total).loss
             out.loss.backward()  # gradients are summed over ranks: the weights make it the global mean
             for name, value in out.metrics.items():
                 sums[name] = sums.get(name, 0) + value.detach()
@@ -279,37 +252,33 @@ class Trainer(Stateful):
             grad_norm = grad_norm.full_tensor()
         if self.guard.step_is_finite(self.step + 1, sums["loss"], grad_norm):
             self.optimizer.step()  # else: parameters and optimizer state (moments, step count) stay as they were
-        # The schedule steps on a skipped step too: it is a function of the step count, which counts
-        # the batches consumed, skipped or not; so the learning rate of step N is the same with or
-        # without earlier skips, the schedule still ends at training.steps, and scheduler.last_epoch
-        # stays equal to the saved step. (torch warns when it steps before any optimizer step.)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-            self.scheduler.step()
+        self._step_schedule()
         self.optimizer.zero_grad(set_to_none=True)
         return sums, {"grad_norm": grad_norm.detach()}
 
-    def _micro_batch(self, pairs: dict, dref: dict | None) -> MicroBatch:
-        return pairs, dref, self.layout(batch_documents(pairs, dref))
+    def _step_schedule(self) -> None:
+        """The schedule steps on a skipped step too: it is a function of the step count, which counts
+        the batches consumed, skipped or not; so the learning rate of step N is the same with or
+        without earlier skips, the schedule still ends at training.steps, and scheduler.last_epoch
+        stays equal to the saved step. (torch warns when it steps before any optimizer step.)"""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
 
-    def _count(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+    def _count(self, batches: list[MicroBatch]) -> dict[str, float]:
         """A step's counts on this rank (tokens as data, positions computed, FLOPs, real pairs);
-        advances the progress counters."""
-        counts = dict.fromkeys(("tokens", "positions", "real_positions", "flops", "pairs"), 0)
-        for pairs, dref, inputs in micro_batches:
-            real_pairs = int((~pairs["is_pad"]).sum())
-            rows, width = inputs.input_ids.shape
-            counts["tokens"] += pairs["num_tokens"] + (dref["num_tokens"] if dref is not None else 0)
-            counts["positions"] += inputs.num_positions
-            counts["real_positions"] += inputs.num_real_positions
-            counts["flops"] += self._body_flops(rows, width) + 6 * self._head_params * len(inputs.targets)
-            counts["pairs"] += real_pairs
-            self._local_pairs += real_pairs
+        advances the progress counters and the epoch bookkeeping."""
+        counts = {"tokens": sum(batch.counts.tokens for batch in batches),
+                  "positions": sum(batch.counts.positions for batch in batches),
+                  "real_positions": sum(batch.counts.real_positions for batch in batches),
+                  "flops": sum(self.cost_model.training_flops(batch.inputs) for batch in batches),
+                  "pairs": sum(batch.counts.pairs for batch in batches)}
+        self._local_pairs += counts["pairs"]
         self._local_tokens += counts["tokens"]
-        last_pairs, last_dref, _ = micro_batches[-1]
-        self.epochs["pairs"], self.epoch_progress = last_pairs["epoch"], last_pairs["epoch_progress"]
-        if last_dref is not None:
-            self.epochs["dref"] = last_dref["epoch"]
+        last = batches[-1].position
+        self.epochs["pairs"], self.epoch_progress = last.pairs_epoch, last.pairs_progress
+        if last.dref_epoch is not None:
+            self.epochs["dref"] = last.dref_epoch
         return counts
 
     def train(self) -> None:
@@ -319,14 +288,12 @@ class Trainer(Stateful):
             log_main(f"mpo_dist: already at step {self.step} of {total} in {self.output_dir}; nothing to train "
                      "(raise training.steps to go on, or use a new job.output_dir)")
             return
-        pair_iter = iter(self.pair_loader)
-        dref_iter = iter(self.dref_loader) if self.dref_loader is not None else None
-        self.rng_state.restore()  # after the iterators' draws from the CPU generator, as in an uninterrupted run
+        batches = iter(self.data)
+        self.rng_state.restore()  # after the loaders' draws from the CPU generator, as in an uninterrupted run
         window = StepWindow()
         folder = None
         while self.step < total:
-            micro_batches = [self._micro_batch(next(pair_iter), next(dref_iter) if dref_iter is not None else None)
-                             for _ in range(self.grad_accum)]
+            micro_batches = [next(batches) for _ in range(self.grad_accum)]
             summed, replicated = self.train_step(micro_batches)
             self.step += 1
             window.add_step(summed, replicated, self._count(micro_batches), skipped=self.guard.last_skipped)
@@ -370,25 +337,27 @@ class Trainer(Stateful):
 
     def _log(self, window: dict[str, float], evaluated: dict[str, float] | None = None) -> None:
         pairs_seen, tokens_seen = self._progress()
-        seconds, tokens, positions = window.pop("seconds"), window.pop("tokens"), window.pop("positions")
-        real_positions, flops, pairs = window.pop("real_positions"), window.pop("flops"), max(window.pop("pairs"), 1)
+        seconds, steps, tokens = window.pop("seconds"), window.pop("steps"), window.pop("tokens")
+        positions, real_positions, flops = window.pop("positions"), window.pop("real_positions"), window.pop("flops")
+        pairs = max(window.pop("pairs"), 1)
         out = {
             **window,
-            "optim/lr": self.scheduler.get_last_lr()[0],
-            "throughput/tokens_per_s": tokens / seconds,
-            "throughput/tokens_per_s_per_device": tokens / seconds / self.info.world_size,
-            "throughput/pairs_per_s": pairs / seconds,
-            "throughput/padding": 1 - real_positions / max(positions, 1),
-            "throughput/positions_per_pair": positions / pairs,
-            "throughput/flops_per_pair": flops / pairs,
-            "memory/peak_gib": peak_memory_bytes(self.device) / 2**30,
-            **({"memory/peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / 2**30}
+            names.LR: self.scheduler.get_last_lr()[0],
+            names.TOKENS_PER_S: tokens / seconds,
+            names.TOKENS_PER_S_PER_DEVICE: tokens / seconds / self.info.world_size,
+            names.PAIRS_PER_S: pairs / seconds,
+            names.SECONDS_PER_STEP: seconds / steps,
+            names.PADDING: 1 - real_positions / max(positions, 1),
+            names.POSITIONS_PER_PAIR: positions / pairs,
+            names.FLOPS_PER_PAIR: flops / pairs,
+            names.PEAK_GIB: peak_memory_bytes(self.device) / 2**30,
+            **({names.PEAK_RESERVED_GIB: torch.cuda.max_memory_reserved(self.device) / 2**30}
                if self.device.type == "cuda" else {}),  # what the caching allocator holds: what runs out first
-            "progress/epoch": self.epoch_progress, "progress/pairs_seen": pairs_seen, "progress/tokens_seen": tokens_seen,
-            "optim/skipped_steps": self.guard.skipped_steps,  # cumulative over the run, resumes included
+            names.EPOCH: self.epoch_progress, names.PAIRS_SEEN: pairs_seen, names.TOKENS_SEEN: tokens_seen,
+            names.SKIPPED_STEPS: self.guard.skipped_steps,
         }
         if self._peak_tflops:
-            out["throughput/mfu"] = mfu(flops, seconds, self.info.world_size, self._peak_tflops)
+            out[names.MFU] = mfu(flops, seconds, self.info.world_size, self._peak_tflops)
         self.metrics.write(self.step, {**out, **(evaluated or {})})
 
     def close(self) -> None:

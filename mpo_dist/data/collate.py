@@ -1,9 +1,8 @@
-"""Batches of samples for one forward: pairs (and D_ref samples, joined by the trainer).
+"""Batches of samples as the data streams yield them: pairs, or D_ref samples.
 
-A collated batch keeps each sample's token ids as they are; `batch_documents` turns pairs (and
-D_ref samples) into the documents that data/layout.py lays out in rows, padded or packed, when the
-forward is built. `num_tokens` counts the tokens of the sequences as data (a pair's prompt once
-per response), whatever the layout. `pad_sequences` pads `prompt + response` rows for the tools
+A collated batch keeps each sample's token ids as they are; batch.MicroBatch turns pairs (and
+D_ref samples) into the documents of one forward, laid out in rows by data/layout.py, padded or
+packed (the layout counts the tokens, batch.BatchCounts). `pad_sequences` pads `prompt + response` rows for the tools
 that score or sample rows directly: with right padding tokens start at column 0, with left padding
 they end at the last column; `response_mask` marks the response tokens. The response token counts
 (`chosen_lengths`, `rejected_lengths`; `response_lengths` of D_ref samples, float32) are there for
@@ -17,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mpo_dist.data.layout import Document, pad_rows, pair_documents, single_documents
+from mpo_dist.data.layout import pad_rows
 
 
 def pad_sequences(
@@ -44,13 +43,8 @@ def _lengths(responses: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.tensor([len(r) for r in responses], dtype=torch.float32)
 
 
-def _sequence_tokens(prompts: Sequence[np.ndarray], *responses: Sequence[np.ndarray]) -> int:
-    """Tokens of the batch's sequences as data: prompt + response, for every response."""
-    return sum(len(p) + len(r) for group in responses for p, r in zip(prompts, group))
-
-
 def collate_pairs(samples: Sequence[dict], is_pad: np.ndarray) -> dict:
-    """B pairs -> their token ids (laid out for the forward by `batch_documents` and data/layout.py),
+    """B pairs -> their token ids (laid out for the forward by batch.MicroBatch and data/layout.py),
     labels, reference log-probs, response token counts and pad flags."""
     prompts = [s["prompt_ids"] for s in samples]
     batch = {"prompt_ids": prompts, "chosen_ids": [s["chosen_ids"] for s in samples],
@@ -62,7 +56,6 @@ def collate_pairs(samples: Sequence[dict], is_pad: np.ndarray) -> dict:
         batch["ref_chosen_logps"] = torch.tensor([s["ref_chosen_logp"] for s in samples], dtype=torch.float32)
         batch["ref_rejected_logps"] = torch.tensor([s["ref_rejected_logp"] for s in samples], dtype=torch.float32)
     batch["keys"] = [s["key"] for s in samples]
-    batch["num_tokens"] = _sequence_tokens(prompts, batch["chosen_ids"], batch["rejected_ids"])
     return batch
 
 
@@ -73,14 +66,5 @@ def collate_dref(samples: Sequence[dict], is_pad: np.ndarray) -> dict:
     batch["response_lengths"] = _lengths(batch["response_ids"])
     batch["is_pad"] = torch.from_numpy(np.asarray(is_pad, dtype=bool))
     batch["keys"] = [s["key"] for s in samples]
-    batch["num_tokens"] = _sequence_tokens(batch["prompt_ids"], batch["response_ids"])
     return batch
 
-
-def batch_documents(pairs: dict | None, dref: dict | None = None) -> list[Document]:
-    """The documents of one forward (data/layout.py): B pairs give sequences chosen 0..B-1 and
-    rejected B..2B-1; D_ref samples follow (2B, 2B+1, ...)."""
-    documents = [] if pairs is None else pair_documents(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"])
-    if dref is not None:
-        documents += single_documents(dref["prompt_ids"], dref["response_ids"], first_index=2 * len(documents))
-    return documents

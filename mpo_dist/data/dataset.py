@@ -87,10 +87,6 @@ class ShardStream(IterableDataset):
         """The next iteration starts at `epoch` with its first `batches` batches (of this rank) done."""
         self._epoch, self._start = int(epoch), int(batches)
 
-    def restart_at_epoch(self, epoch: int) -> None:
-        """Start at the beginning of `epoch`."""
-        self.start_at(epoch, 0)
-
     @property
     def start(self) -> tuple[int, int]:
         """Where the next iteration starts: (epoch, batches of it already done on every rank)."""

@@ -49,10 +49,6 @@ class ShardLoader(StatefulDataLoader):
         """Each step takes `count` batches per rank (fixed batches: epochs become whole global batches)."""
         self.dataset.set_micro_batches_per_step(count)
 
-    def restart_at_epoch(self, epoch: int) -> None:
-        """Start at the beginning of `epoch`."""
-        self._position = (int(epoch), 0)
-
     def __iter__(self):
         """Not a generator: the underlying iterator is made here, when `iter()` is called, so its draw
         from the CPU generator (DataLoader's base seed) happens then, not at the first batch."""

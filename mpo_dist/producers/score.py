@@ -16,6 +16,7 @@ the model's path, weights hash, dtype and tokenizer hash), which the trainer che
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -23,13 +24,14 @@ import numpy as np
 import torch
 
 from mpo_dist.compute_dtype import choose_dtype
-from mpo_dist.data.collate import batch_documents, collate_pairs
+from mpo_dist.batch import MicroBatch
+from mpo_dist.data.collate import collate_pairs
 from mpo_dist.data.layout import lay_out
 from mpo_dist.data.samples import write_reference_shard
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
 from mpo_dist.distributed import RankInfo, device_for
-from mpo_dist.logprobs import batch_logprobs
-from mpo_dist.metrics import model_layout_cost
+from mpo_dist.flops import CostModel
+from mpo_dist.objective import policy_logprobs
 from mpo_dist.model import read_model_config
 from mpo_dist.producers.job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
@@ -93,25 +95,25 @@ def open_reference(model_dir: str | Path, pairs_dir: str | Path, dtype: str, inf
 
 @torch.no_grad()
 def score_shard(model, pairs_dir: Path, shard: ShardInfo, out_path: Path, batch_size: int, device: torch.device,
-                packing: str = "auto", cost: Callable[[int, int, bool], float] | None = None) -> int:
+                packing: str, cost: Callable[[int, int, bool], float]) -> int:
     """Score one pairs shard into `out_path` (atomically), `batch_size` pairs per forward laid out
     as the trainer lays them out (data/layout.py: `packing` auto, always or never, as data.packing,
-    `cost` as metrics.model_layout_cost); returns the number of tokens scored."""
+    `cost` as flops.CostModel.layout_cost); returns the number of tokens scored."""
     samples = list(ShardCursor(pairs_dir / shard.name, "pairs", shard.num_samples))
     keys, chosen, rejected, chosen_tokens, rejected_tokens = [], [], [], [], []
     tokens = 0
+    layout = partial(lay_out, packing=packing, pad_token_id=0, cost=cost)
     for start in range(0, len(samples), batch_size):
-        batch = [{"key": key, "label": 1.0, **arrays} for key, _, arrays in samples[start : start + batch_size]]
-        pairs = collate_pairs(batch, np.zeros(len(batch), bool))
-        out = batch_logprobs(model, lay_out(batch_documents(pairs), packing=packing, pad_token_id=0, cost=cost).to(device))
-        size = len(batch)
-        logps, counts = out.logps.double().cpu().tolist(), out.num_tokens.cpu().tolist()
-        keys += pairs["keys"]
-        chosen += logps[:size]
-        rejected += logps[size:]
-        chosen_tokens += counts[:size]
-        rejected_tokens += counts[size:]
-        tokens += pairs["num_tokens"]
+        chunk = [{"key": key, "label": 1.0, **arrays} for key, _, arrays in samples[start : start + batch_size]]
+        batch = MicroBatch.build(collate_pairs(chunk, np.zeros(len(chunk), bool)), None, layout)
+        out = policy_logprobs(model, batch.to(device))
+        logps, counts = out.logps.double().cpu(), out.num_tokens.cpu()
+        keys += batch.pairs.keys
+        chosen += batch.chosen(logps).tolist()
+        rejected += batch.rejected(logps).tolist()
+        chosen_tokens += batch.chosen(counts).tolist()
+        rejected_tokens += batch.rejected(counts).tolist()
+        tokens += batch.counts.tokens
     write_reference_shard(out_path, keys, chosen, rejected, chosen_tokens, rejected_tokens)
     return tokens
 
@@ -137,7 +139,7 @@ def score_pairs(
     pairs = Manifest.read(pairs_dir, "pairs")
     model.eval()
     params = {"pairs": manifest_fingerprint(pairs_dir), "batch_size": batch_size, "packing": packing, **(model_info or {})}
-    cost = model_layout_cost(model)  # once for the job: each batch may choose padded or packed rows
+    cost = CostModel.of(model).layout_cost  # once for the job: each batch may choose padded or packed rows
     totals = run_shard_job(
         "score_reference", pairs.shards, out_dir,
         lambda index, shard: score_shard(model, pairs_dir, shard, out_dir / shard.name, batch_size, device, packing, cost),
