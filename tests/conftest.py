@@ -1,29 +1,29 @@
-"""Shared test helpers and fixtures: the repository root, the real third-party assets in ../shared/data
-(see its README.md), the toy and stories260K training inputs, and subprocess helpers (tools, torchrun,
-the trainer) with one quiet environment. Test files import these names from here: never redefine them."""
+"""Hooks of the test suite: the helpers and fixtures registered as plugins, the three test classes
+(unit, dist, e2e: docs/testing.md) required of every test, and the unit class held to one process.
+Helpers live in support.py and prepare_support.py: tests import them from there, never from here."""
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
+import platform
 import subprocess
-import sys
+import traceback
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-TRAIN_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+pytest.register_assert_rewrite("support", "prepare_support")  # before they are imported, here or as plugins
+from support import REPO  # noqa: E402
 
-# For every subprocess a test starts: this checkout importable, warnings off, one thread per process,
-# and none of the torchrun variables of an enclosing launch (a child would join the wrong group).
-_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-SUBPROCESS_ENV = {
-    **{key: value for key, value in os.environ.items() if key not in _TORCHRUN_VARIABLES},
-    "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    "PYTHONWARNINGS": "ignore",
-    "OMP_NUM_THREADS": "1",
-}
+# The tests run tiny models in this process: one intra-op thread is fastest, and on a busy machine idle
+# OpenMP threads spinning make them several times slower. Set before torch is first imported (the
+# subprocesses the tests start get the same through support.SUBPROCESS_ENV); an explicit setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+pytest_plugins = ["support", "prepare_support"]
+
+TEST_CLASSES = ("unit", "dist", "e2e")
 
 
 def pytest_configure(config):
@@ -31,174 +31,41 @@ def pytest_configure(config):
     from mpo_dist.cli import quiet_known_warnings
 
     quiet_known_warnings()
+    platform.processor()  # runs `uname -p` once and caches it: unit tests that read it start no process
 
 
-def require_shared(*parts: str) -> Path:
-    """The path SHARED_DATA/parts; fails (never skips) the test with a clear message when it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.fail(
-            f"{path} is missing: this test needs the real assets in ../shared/data beside the repository "
-            f"({SHARED_DATA}); see ../shared/data/README.md",
-            pytrace=False,
-        )
-    return path
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected test is checked, whatever runs
+def pytest_collection_modifyitems(config, items):
+    """Collection fails unless every test carries exactly one of the classes, so `pytest -m unit` and
+    `pytest -m "not e2e"` can never leave a test out silently."""
+    wrong = []
+    for item in items:
+        classes = sorted({mark.name for mark in item.iter_markers() if mark.name in TEST_CLASSES})
+        if len(classes) != 1:
+            wrong.append(f"  {item.nodeid}: {', '.join(classes) or 'none'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"{len(wrong)} test(s) without exactly one of the markers {', '.join(TEST_CLASSES)} "
+            "(a module's `pytestmark = pytest.mark.unit`, or a mark on each test where a file mixes them; "
+            "see docs/testing.md):\n" + "\n".join(wrong[:40]) + ("\n  ..." if len(wrong) > 40 else ""))
 
 
-@pytest.fixture(scope="session")
-def shared_data():
-    """`shared_data("gpt2-tokenizer")` -> the asset's path, failing the test when it is absent."""
-    return require_shared
+@pytest.fixture(autouse=True)
+def unit_tests_stay_in_one_process(request, monkeypatch):
+    """A unit test that starts a process (a subprocess, a DataLoader worker, mp.spawn) fails: the unit
+    class is what `pytest -m unit` promises to keep fast. pytest.fail raises a BaseException, so code
+    under test that catches Exception cannot hide the attempt."""
+    if request.node.get_closest_marker("unit") is None:
+        return
 
+    def refuse(*args, **kwargs):
+        ours = [frame for frame in traceback.extract_stack()[:-1]
+                if frame.filename.startswith(str(REPO)) and "site-packages" not in frame.filename]
+        where = f" at {Path(ours[-1].filename).relative_to(REPO)}:{ours[-1].lineno}" if ours else ""
+        pytest.fail(f"{request.node.nodeid} is marked unit (one process) but started a process{where}; mark it dist "
+                    "(it starts Python processes itself: mp.spawn, DataLoader workers, a helper script) or e2e "
+                    "(it runs a command: torchrun, a tool, the trainer, a launch script): see docs/testing.md",
+                    pytrace=False)
 
-@pytest.fixture()
-def one_torch_thread():
-    """For tiny models: one CPU thread is fastest, and threads spinning on a busy machine are far slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-QUIET = lambda message: None  # noqa: E731  (a log callback that prints nothing)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for a rendezvous or a process group)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture()
-def one_process_group():
-    """A gloo process group of this test process alone, for code that needs one (FSDP2, DCP)."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="session")
-def toy_inputs(tmp_path_factory) -> dict[str, Path]:
-    """The quickstart's inputs, small: the digit-sorting task, its tiny random-init Llama (the policy's
-    start and the reference), pairs shards, reference log-probs and D_ref samples."""
-    from transformers import AutoModelForCausalLM
-
-    from mpo_dist.producers.prepare import PrepareOptions, prepare_pairs
-    from mpo_dist.data.toy_task import write_toy_task
-    from mpo_dist.producers.score import score_pairs
-    from mpo_dist.producers.sample import SamplingParams, sample_dref
-
-    root = tmp_path_factory.mktemp("toy")
-    pairs_jsonl, model_dir = write_toy_task(root / "toy", num_records=1200, seed=0)
-    prepare_pairs(pairs_jsonl, model_dir, root / "pairs",
-                  PrepareOptions(samples_per_shard=300, max_length=64, max_prompt_length=32), log=QUIET)
-    reference = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    score_pairs(reference, root / "pairs", root / "reference", batch_size=64, log=QUIET)
-    sample_dref(reference, root / "pairs", root / "dref", SamplingParams(num_samples=1, max_new_tokens=10),
-                eos_token_ids=reference.config.eos_token_id, pad_token_id=0, batch_size=100, log=QUIET)
-    return {"root": root, "model": model_dir, "pairs": root / "pairs", "reference": root / "reference", "dref": root / "dref"}
-
-
-@pytest.fixture(scope="session")
-def stories_inputs(tmp_path_factory) -> dict[str, Path]:
-    """stories260K (real pretrained weights) with 40 HH-RLHF pairs prepared by its tokenizer and scored by it."""
-    from transformers import AutoModelForCausalLM
-
-    from mpo_dist.producers.prepare import PrepareOptions, prepare_pairs
-    from mpo_dist.producers.score import score_pairs
-
-    root = tmp_path_factory.mktemp("stories")
-    model = require_shared("stories260K")
-    records = require_shared("hh-rlhf-harmless-test", "pairs.jsonl").read_text().splitlines()[:40]
-    (root / "hh.jsonl").write_text("\n".join(records) + "\n")
-    prepare_pairs(root / "hh.jsonl", model, root / "pairs",
-                  PrepareOptions(samples_per_shard=8, max_length=160, max_prompt_length=96), log=QUIET)
-    score_pairs(AutoModelForCausalLM.from_pretrained(str(model)), root / "pairs", root / "reference", batch_size=4, log=QUIET)
-    return {"root": root, "model": model, "pairs": root / "pairs", "reference": root / "reference"}
-
-
-def torchrun_command(nproc: int, target: list[str]) -> list[str]:
-    """`torchrun --standalone --nproc-per-node NPROC TARGET...` (TARGET: a script, or `-m module`)."""
-    """torchrun as the launch scripts run it (mpo_dist.launcher: torchrun passing input errors through as exit 2)."""
-    return [sys.executable, "-m", "mpo_dist.launcher", "--standalone", "--nproc-per-node", str(nproc), *target]
-
-
-def run_tool(script_name: str, *args, cwd: str | os.PathLike | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python tools/SCRIPT_NAME ARGS...` in SUBPROCESS_ENV, output captured as text; the caller checks it."""
-    return subprocess.run([sys.executable, str(REPO / "tools" / script_name), *map(str, args)], env=SUBPROCESS_ENV,
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-NO_EVAL = ["eval.pairs=", "eval.reference=", "eval.dref=", "eval.interval=0"]
-# Training tests compute in float32, not the config's model.dtype=auto: a CPU without native bfloat16
-# would emulate it (10-50x slower) and one with it would round differently, so a test's time and numbers
-# would depend on the machine. Tests about bfloat16 itself set model.dtype=bfloat16 after this.
-FLOAT32 = "model.dtype=float32"
-
-
-def train(*overrides, nproc: int = 2, check: bool = True, timeout: int = 300):
-    """`torchrun -m mpo_dist.train --config configs/tiny_cpu.yaml OVERRIDES` with its output captured.
-    The config's held-out eval (the quickstart's folders) is off and model.dtype is float32 unless OVERRIDES set them."""
-    overrides = [*NO_EVAL, FLOAT32, *map(str, overrides)]
-    result = subprocess.run(torchrun_command(nproc, ["-m", "mpo_dist.train", "--config", str(TRAIN_CONFIG), *overrides]),
-                            env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
-
-
-def toy_overrides(toy: dict, out: Path, **extra) -> list[str]:
-    # No held-out eval unless a test asks for it (the config's eval folders are the quickstart's); float32 (FLOAT32).
-    values = {"job.output_dir": out, "model.path": toy["model"], "model.dtype": "float32", "data.pairs": toy["pairs"],
-              "data.reference": toy["reference"], "data.dref": toy["dref"], "metrics.log_interval": 1,
-              "eval.pairs": "", "eval.reference": "", "eval.dref": "", "eval.interval": 0, **extra}
-    return [f"{key}={value}" for key, value in values.items()]
-
-
-def flat_checkpoint(folder: Path, tmp_path: Path) -> dict:
-    """A DCP checkpoint folder as one flat {dotted.name: value} dict (via a torch.save copy in tmp_path)."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    target = tmp_path / f"{folder.parent.parent.name}-{folder.name}.pt"
-    dcp_to_torch_save(str(folder), str(target))
-
-    def flatten(value, prefix=""):
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: value}
-
-    return flatten(torch.load(target, weights_only=False))
-
-
-class Counter:
-    """The smallest Stateful (torch.distributed.checkpoint's protocol): one int that must survive a checkpoint."""
-
-    def __init__(self, value: int = 0):
-        self.value = value
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]
-
-
-def worker_pids(parent: int) -> list[int]:
-    """The live processes whose parent is `parent` (the workers torchrun started), from /proc."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == parent and fields[0] != "Z":
-            children.append(int(stat.parent.name))
-    return sorted(children)
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

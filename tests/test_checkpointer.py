@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
-from conftest import Counter, QUIET
-from mpo_dist.checkpoint import INFO_NAME, Checkpointer, ModelOptimizerState, complete_checkpoints, read_info
+from support import Counter, QUIET
+from mpo_dist.checkpoint import (CHECKPOINT_FORMAT, INFO_NAME, Checkpointer, ModelOptimizerState, complete_checkpoints,
+                                 read_info)
 from mpo_dist.errors import InputError
 
 # DCP says once per call that it saves/loads in a single process: that is what these tests do.
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+pytestmark = [pytest.mark.unit, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
 
 def model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -65,6 +67,34 @@ def test_save_is_atomic_and_ignores_a_crashed_save(tmp_path):
     (tmp_path / "step-00000008").mkdir()
     assert checkpointer(tmp_path).latest() == final
     assert complete_checkpoints(tmp_path) == [final]
+
+
+@pytest.mark.parametrize("written", [None, 1, CHECKPOINT_FORMAT + 1])
+def test_a_checkpoint_of_another_format_is_refused_in_one_line_not_skipped(tmp_path, written):
+    """A checkpoint whose checkpoint.json records no format or another one (these were never released)
+    is refused by name, with what to do, before anything is loaded; "auto" does not pass over it as damaged."""
+    model, optimizer = model_and_optimizer(0)
+    states = {"model_optimizer": ModelOptimizerState(model, optimizer)}
+    older = checkpointer(tmp_path).save(1, states, {})
+    newest = checkpointer(tmp_path).save(2, states, {})
+    assert read_info(newest)["format"] == CHECKPOINT_FORMAT
+    info = read_info(newest)
+    if written is None:
+        del info["format"]
+    else:
+        info["format"] = written
+    (newest / INFO_NAME).write_text(json.dumps(info))
+    before = snapshot(model, optimizer)
+    for resume in ("auto", str(newest)):
+        with pytest.raises(InputError) as refused:
+            checkpointer(tmp_path).resume(resume, states, {})
+        message = str(refused.value)
+        assert "\n" not in message and message.startswith(f"checkpoint.resume={resume}: {newest} ")
+        assert f"checkpoint format {written or 'none'}; this one reads format {CHECKPOINT_FORMAT} only" in message
+        assert "never released" in message and "checkpoint.resume=none job.overwrite_output_dir=true" in message
+    assert all(torch.equal(value, snapshot(model, optimizer)[key]) for key, value in before.items())
+    assert complete_checkpoints(tmp_path) == [older, newest]  # nothing set aside as damaged
+    assert checkpointer(tmp_path).resume(str(older), states, {})[0] == older  # its own format still loads
 
 
 def test_prune_keeps_the_newest_and_latest_picks_the_newest(tmp_path):

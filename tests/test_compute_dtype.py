@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributed.fsdp import fully_shard
 
-from conftest import QUIET, TRAIN_CONFIG, run_tool, toy_overrides
+from support import QUIET, TRAIN_CONFIG, run_tool, toy_overrides
 from mpo_dist.compute_dtype import choose_dtype, resolve_dtype
 from mpo_dist.config import load_config
 from mpo_dist.data.shards import Manifest
@@ -35,6 +35,7 @@ def fake_cpu(monkeypatch, cpu: tuple[str, dict], onednn_bf16: bool) -> None:
 # ------------------------------------------------------------------------------------------ resolving
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cpu, onednn_bf16", [(AVX2, False), (AVX512, True), (SAPPHIRE_RAPIDS, False)],
                          ids=["avx2", "avx512-without-bf16", "bf16-instructions-without-onednn-kernels"])
 def test_auto_is_float32_on_a_cpu_that_would_emulate_bfloat16(monkeypatch, cpu, onednn_bf16):
@@ -44,6 +45,7 @@ def test_auto_is_float32_on_a_cpu_that_would_emulate_bfloat16(monkeypatch, cpu, 
     assert why.startswith(f"this CPU has no native bfloat16: {cpu[0]}") and "emulated, 10-50x slower" in why
 
 
+@pytest.mark.unit
 def test_auto_is_float32_on_avx2_with_the_line_it_prints(monkeypatch):
     fake_cpu(monkeypatch, AVX2, onednn_bf16=False)
     lines = []
@@ -52,6 +54,7 @@ def test_auto_is_float32_on_avx2_with_the_line_it_prints(monkeypatch):
                      "bfloat16 would be emulated, 10-50x slower)"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cpu, seen", [(SAPPHIRE_RAPIDS, "AVX512 with amx_bf16, avx512_bf16"),
                                        (GRAVITON3, "SVE256 with sve_bf16, bf16")], ids=["amx", "arm-bf16"])
 def test_auto_is_bfloat16_on_a_cpu_that_computes_it(monkeypatch, cpu, seen):
@@ -59,6 +62,7 @@ def test_auto_is_bfloat16_on_a_cpu_that_computes_it(monkeypatch, cpu, seen):
     assert resolve_dtype("auto", "cpu") == ("bfloat16", f"{seen} computes bfloat16 natively")
 
 
+@pytest.mark.unit
 def test_auto_is_bfloat16_on_a_gpu_that_computes_it_and_float32_on_one_that_would_emulate_it(monkeypatch):
     fake_cpu(monkeypatch, AVX2, onednn_bf16=False)  # the host CPU does not matter
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
@@ -67,6 +71,7 @@ def test_auto_is_bfloat16_on_a_gpu_that_computes_it_and_float32_on_one_that_woul
     assert resolve_dtype("auto", "cuda")[0] == "float32"
 
 
+@pytest.mark.unit
 def test_a_torch_without_the_probes_resolves_auto_to_float32_without_failing(monkeypatch):
     def missing():
         raise AttributeError("not in this build")
@@ -77,6 +82,7 @@ def test_a_torch_without_the_probes_resolves_auto_to_float32_without_failing(mon
     assert resolve_dtype("auto", "cpu")[0] == "float32"
 
 
+@pytest.mark.unit
 def test_set_names_are_kept_and_others_refused(monkeypatch):
     fake_cpu(monkeypatch, AVX2, onednn_bf16=False)
     assert resolve_dtype("float32", "cpu") == ("float32", "as set")
@@ -85,6 +91,7 @@ def test_set_names_are_kept_and_others_refused(monkeypatch):
         resolve_dtype("float16", "cpu")
 
 
+@pytest.mark.unit
 def test_bfloat16_set_where_it_is_emulated_is_warned_about(monkeypatch):
     fake_cpu(monkeypatch, AVX2, onednn_bf16=False)
     lines = []
@@ -100,6 +107,7 @@ def test_bfloat16_set_where_it_is_emulated_is_warned_about(monkeypatch):
 # ------------------------------------------------------------------------------------------ the trainer
 
 
+@pytest.mark.unit
 def test_the_trainer_logs_what_auto_became_and_computes_in_it(toy_inputs, one_process_group, monkeypatch, capsys, tmp_path):
     from mpo_dist.trainer import Trainer
 
@@ -115,6 +123,7 @@ def test_the_trainer_logs_what_auto_became_and_computes_in_it(toy_inputs, one_pr
             "emulated, 10-50x slower)") in capsys.readouterr().out.splitlines()
 
 
+@pytest.mark.unit
 def test_the_trainer_compares_the_references_dtype_with_what_auto_became(toy_inputs, one_process_group, monkeypatch,
                                                                           capsys, tmp_path):
     """A reference scored in float32 on one machine, trained with model.dtype=auto on one that computes
@@ -130,6 +139,7 @@ def test_the_trainer_compares_the_references_dtype_with_what_auto_became(toy_inp
         in capsys.readouterr().out.splitlines()
 
 
+@pytest.mark.unit
 def test_the_provenance_check_refuses_an_unresolved_dtype(toy_inputs):
     from mpo_dist.data.preflight import check_provenance
 
@@ -138,6 +148,7 @@ def test_the_provenance_check_refuses_an_unresolved_dtype(toy_inputs):
         check_provenance(pairs, toy_inputs["pairs"], reference, toy_inputs["reference"], model_dtype="auto", log=QUIET)
 
 
+@pytest.mark.unit
 def test_sharding_refuses_an_unresolved_dtype(one_process_group):
     from mpo_dist.config import ModelConfig, ParallelConfig
     from mpo_dist.model import build_model
@@ -152,6 +163,7 @@ def test_sharding_refuses_an_unresolved_dtype(one_process_group):
 # ------------------------------------------------------------------------------------------ the tools
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("cpu, onednn_bf16, expected", [(AVX2, False, torch.float32), (SAPPHIRE_RAPIDS, True, torch.bfloat16)],
                          ids=["avx2", "amx"])
 def test_the_reference_is_loaded_and_recorded_in_what_auto_became(stories_inputs, monkeypatch, capsys, cpu, onednn_bf16,
@@ -169,6 +181,7 @@ def test_the_reference_is_loaded_and_recorded_in_what_auto_became(stories_inputs
     assert len(said) == 1 and said[0].startswith(f"score_reference: --dtype=auto -> {name} (")  # once the model is accepted
 
 
+@pytest.mark.e2e
 def test_score_reference_defaults_to_auto_and_records_what_it_became(stories_inputs, tmp_path):
     dtype, why = resolve_dtype("auto", "cpu")  # this machine's answer, as the tool gets it
     result = run_tool("score_reference.py", "--model", stories_inputs["model"], "--pairs", stories_inputs["pairs"],

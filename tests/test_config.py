@@ -9,6 +9,8 @@ import pytest
 from mpo_dist.config import (Config, ConfigError, DataConfig, describe_config, grad_accum_for, load_config,
                              save_config)
 
+pytestmark = pytest.mark.unit
+
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 # The two keys validation requires; everything else may stay at its default.
 REQUIRED = ["data.pairs=some/pairs", "model.config={model_type: llama}", "data.reference=some/ref"]

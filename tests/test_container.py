@@ -5,13 +5,17 @@ itself is tested by launch/test_container.sh, which .ci/run runs after these tes
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, SUBPROCESS_ENV, toy_overrides
+import pytest
+
+from support import REPO, SUBPROCESS_ENV, toy_overrides
+from mpo_dist.metrics_file import read_metrics
+
+pytestmark = pytest.mark.e2e
 
 ENTRYPOINT = REPO / "launch" / "entrypoint.sh"
 ENV = {**SUBPROCESS_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -35,7 +39,7 @@ def test_entrypoint_trains_with_arguments_passed_through(toy_inputs, tmp_path):
                         *toy_overrides(toy_inputs, out, **{"training.steps": 2}))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 x cpu" in result.stdout
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [record["step"] for record in read_metrics(out)] == [1, 2]
     assert (out / "checkpoints" / "step-00000002" / "checkpoint.json").is_file()
 
 

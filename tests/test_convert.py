@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import toy_overrides, train
+from support import toy_overrides, train
 from mpo_dist.convert import convert_checkpoint
 from mpo_dist.errors import InputError
 
@@ -37,6 +37,7 @@ def logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
+@pytest.mark.e2e
 def test_trained_llama_converts_with_equal_logits(toy_inputs, tmp_path):
     run = tmp_path / "run"
     train(*toy_overrides(toy_inputs, run, **{"training.steps": 3}))
@@ -73,6 +74,7 @@ def step0_checkpoint(model_dir: Path, stories_inputs, out: Path) -> Path:
     return folder
 
 
+@pytest.mark.unit
 def test_stories260k_tied_embeddings_step_0_generates_the_original_text(stories_inputs, tmp_path, one_process_group):
     from mpo_dist.producers.sample import SamplingParams, generate
     from mpo_dist.tokenizer import load_tokenizer
@@ -94,6 +96,7 @@ def test_stories260k_tied_embeddings_step_0_generates_the_original_text(stories_
     assert texts[0] == texts[1] and texts[1].startswith("Once upon a time, there was a little girl named Lily")
 
 
+@pytest.mark.e2e
 def test_trained_stories260k_converts_with_equal_logits(stories_inputs, tmp_path):
     run = tmp_path / "run"
     train(f"job.output_dir={run}", f"model.path={stories_inputs['model']}", f"data.pairs={stories_inputs['pairs']}",
@@ -109,6 +112,7 @@ def test_trained_stories260k_converts_with_equal_logits(stories_inputs, tmp_path
     assert not torch.equal(logits(exported, tokens), logits(original, tokens))
 
 
+@pytest.mark.e2e
 def test_errors_name_the_problem_and_leave_nothing(toy_inputs, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(*toy_overrides(toy_inputs, run, **{"training.steps": 1}))
@@ -187,11 +191,12 @@ def truncate(path: Path, size: int) -> None:
     path.write_bytes(path.read_bytes()[:size])
 
 
+@pytest.mark.e2e
 def test_cli_reports_errors(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO, SUBPROCESS_ENV
+    from support import REPO, SUBPROCESS_ENV
 
     result = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "--checkpoint", str(tmp_path),
                              "--out", str(tmp_path / "out")], env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True,
@@ -225,9 +230,10 @@ def real_metadata(tmp_path: Path) -> bytes:
     return (tmp_path / "dcp" / ".metadata").read_bytes()
 
 
+@pytest.mark.e2e
 def test_a_folder_without_metadata_is_a_one_line_error(tmp_path):
     """What a copy without hidden files (cp DIR/*) leaves: checkpoint.json but no .metadata."""
-    from conftest import run_tool
+    from support import run_tool
 
     folder = checkpoint_folder(tmp_path / "step-00000001", metadata=None)
     result = run_tool("convert_checkpoint.py", "--checkpoint", folder, "--out", tmp_path / "out")
@@ -247,6 +253,7 @@ NOT_DCP_METADATA = {  # what .metadata holds -> what the error says
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", NOT_DCP_METADATA)
 def test_a_metadata_that_is_not_dcp_metadata_is_a_one_line_error(tmp_path, case):
     import io

@@ -7,7 +7,6 @@ assertions; only tolerances depend on the device and dtype. Tiny random-init mod
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,12 +16,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import (NO_EVAL, REPO, SUBPROCESS_ENV, TRAIN_CONFIG, flat_checkpoint, run_tool, toy_overrides,
+from support import (NO_EVAL, REPO, SUBPROCESS_ENV, TRAIN_CONFIG, flat_checkpoint, run_tool, toy_overrides,
                       torchrun_command)
 from mpo_dist.checkpoint import MODEL_PREFIX
 from mpo_dist.data.collate import pad_sequences
-from mpo_dist.data.layout import lay_out, pair_documents, single_documents
+from mpo_dist.batch import pair_documents, single_documents
+from mpo_dist.data.layout import lay_out
+from mpo_dist.flops import CostModel
 from mpo_dist.logprobs import batch_logprobs, padded_rows_input, token_logprobs
+from mpo_dist.metrics_file import read_metrics
 from mpo_dist.producers.sample import SamplingParams, generate
 
 NEEDS_GPU = "needs a CUDA GPU (tools/gpu_check.sh runs these on one)"
@@ -75,6 +77,7 @@ ATOL = {torch.float32: {"chunking": 1e-5, "same_dtype": 1e-5, "float32": 1e-5, "
         torch.bfloat16: {"chunking": 0.03, "same_dtype": 0.05, "float32": 0.12, "sum": 0.25}}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_chunked_head_equals_the_unchunked_head_and_a_direct_log_softmax(device, dtype):
@@ -100,6 +103,7 @@ def test_chunked_head_equals_the_unchunked_head_and_a_direct_log_softmax(device,
     assert torch.cat(direct_float32).std() > 5 * atol["float32"]  # tokens' values differ far more than the tolerance
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("device", DEVICES)
 def test_recomputed_head_chunks_give_the_direct_gradients(device, monkeypatch):
     """With every head chunk recomputed in the backward (checkpointed), parameter gradients equal the direct path's."""
@@ -126,6 +130,7 @@ def test_recomputed_head_chunks_give_the_direct_gradients(device, monkeypatch):
 PACKING_ATOL = {torch.float32: 1e-4, torch.bfloat16: 0.15}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_packed_rows_give_the_log_probs_of_padded_rows(device, dtype):
@@ -135,10 +140,11 @@ def test_packed_rows_give_the_log_probs_of_padded_rows(device, dtype):
     dref_prompts, dref_responses = random_tokens(rng, 3, 2, 10), random_tokens(rng, 3, 1, 12)
     documents = pair_documents(prompts, chosen, rejected) + single_documents(dref_prompts, dref_responses, first_index=10)
     # bucket_shapes as the trainer has it by default: rows of padding only are added to the packed batch too.
-    packed = lay_out(documents, packing="always", pad_token_id=0, bucket_shapes=True)
-    padded = lay_out(documents, packing="never", pad_token_id=0, bucket_shapes=True)
-    assert packed.packed and not padded.packed and packed.num_positions < padded.num_positions
     model = tiny_llama(device, dtype)
+    cost = CostModel.of(model).layout_cost
+    packed = lay_out(documents, packing="always", pad_token_id=0, cost=cost, bucket_shapes=True)
+    padded = lay_out(documents, packing="never", pad_token_id=0, cost=cost, bucket_shapes=True)
+    assert packed.packed and not padded.packed and packed.num_positions < padded.num_positions
     with torch.no_grad():
         packed_out, padded_out = batch_logprobs(model, packed.to(device)), batch_logprobs(model, padded.to(device))
     assert packed_out.logps.device.type == device
@@ -159,6 +165,7 @@ def argmax_loop(model, prompt: np.ndarray, max_new_tokens: int, eos: list[int], 
     return ids[len(prompt):]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("device", DEVICES)
 def test_greedy_sampling_with_the_kv_cache_equals_recomputing_without_it(device):
     """generate at temperature 0, batched (left padding, rows leaving, refills joining) = an uncached argmax loop."""
@@ -195,10 +202,6 @@ def train_on(device: str, toy: dict, out: Path, **extra) -> subprocess.Completed
     return result
 
 
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 # What the GPU path exercises: bf16 compute with float32 master weights, recomputed activations, packed rows.
 GPU_LIKE = {"model.dtype": "bfloat16", "parallel.activation_checkpointing": "true", "data.packing": "always",
             "training.steps": 4, "checkpoint.interval": 2, "checkpoint.keep": 2}
@@ -219,18 +222,19 @@ def eager_runs(toy_inputs, tmp_path_factory):
     return run
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_packed_recomputed_training_resumes_like_uninterrupted_and_converts(device, toy_inputs, eager_runs, tmp_path):
     """bf16 + recomputation + packing: resumed at step 2 = uninterrupted; the final checkpoint converts to its weights."""
     full = eager_runs(device)
-    assert [r["step"] for r in records(full)] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(full)] == [1, 2, 3, 4]
     # "Stopped at step 2": a run folder holding only the step-2 checkpoint, resumed with checkpoint.resume=auto.
     cut = tmp_path / "cut"
     (cut / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-00000002", cut / "checkpoints" / "step-00000002")
     resumed = train_on(device, toy_inputs, cut, **GPU_LIKE)
-    assert "resumed from" in resumed.stdout and [r["step"] for r in records(cut)] == [3, 4]
-    full_loss, cut_loss = [r["loss/total"] for r in records(full)[2:]], [r["loss/total"] for r in records(cut)]
+    assert "resumed from" in resumed.stdout and [r["step"] for r in read_metrics(cut)] == [3, 4]
+    full_loss, cut_loss = [r["loss/total"] for r in read_metrics(full)[2:]], [r["loss/total"] for r in read_metrics(cut)]
     full_state = flat_checkpoint(full / "checkpoints" / "step-00000004", tmp_path)
     cut_state = flat_checkpoint(cut / "checkpoints" / "step-00000004", tmp_path)
     prefix = MODEL_PREFIX
@@ -264,6 +268,7 @@ def test_bf16_packed_recomputed_training_resumes_like_uninterrupted_and_converts
 COMPILED_TOLERANCE = {"loss/total": {"rel": 2e-3}, "optim/grad_norm": {"rel": 2e-3}, "reward/margin": {"abs": 5e-3}}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_layers_train_like_eager(device, toy_inputs, eager_runs, tmp_path):
     """parallel.compile=true (inductor: C++ on CPU, Triton on CUDA) logs the eager run's losses, gradient norms, margins."""
@@ -271,4 +276,4 @@ def test_compiled_layers_train_like_eager(device, toy_inputs, eager_runs, tmp_pa
     train_on(device, toy_inputs, compiled, **GPU_LIKE, **{"parallel.compile": "true"})
     eager = eager_runs(device)
     for name, tolerance in COMPILED_TOLERANCE.items():
-        assert [r[name] for r in records(compiled)] == pytest.approx([r[name] for r in records(eager)], **tolerance), name
+        assert [r[name] for r in read_metrics(compiled)] == pytest.approx([r[name] for r in read_metrics(eager)], **tolerance), name

@@ -15,6 +15,8 @@ import torch.distributed.checkpoint as dcp
 
 from mpo_dist.dcp_reader import SafeFileSystemReader
 
+pytestmark = pytest.mark.unit
+
 
 class OldEnumPickler(pickle.Pickler):
     """Pickles enum members the way Python 3.11.0-3.11.4 do: getattr(EnumClass, name)."""

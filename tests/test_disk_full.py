@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import toy_overrides, train
+from support import toy_overrides, train
 from test_checkpointer import checkpointer, model_and_optimizer, snapshot
 from mpo_dist.checkpoint import DiskFullError, ModelOptimizerState, checkpoint_problem, complete_checkpoints
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
 
 @contextmanager

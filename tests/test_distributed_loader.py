@@ -6,8 +6,10 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, SUBPROCESS_ENV, torchrun_command
+from support import REPO, SUBPROCESS_ENV, torchrun_command
 from shard_factory import make_pairs, make_reference
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("batching", ["fixed", "tokens"])

@@ -3,18 +3,19 @@ path (input errors: one line, exit 2; anything else: traceback), and the option 
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from conftest import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, toy_overrides
+from support import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, toy_overrides
+from mpo_dist.metrics_file import read_metrics
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
+@pytest.mark.e2e
 def test_one_plain_process_trains_without_torchrun(toy_inputs, tmp_path):
     env = {key: value for key, value in SUBPROCESS_ENV.items() if key not in TORCHRUN_VARIABLES}
     result = subprocess.run([sys.executable, "-m", "mpo_dist.train", "--config", str(TRAIN_CONFIG),
@@ -22,7 +23,7 @@ def test_one_plain_process_trains_without_torchrun(toy_inputs, tmp_path):
                             env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 1 x cpu" in result.stdout
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in read_metrics(tmp_path / "run")]
     assert steps == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "checkpoint.json").is_file()
 
@@ -34,6 +35,7 @@ def run_in_process(toy_inputs, out, *overrides):
                                                                                   "data.num_workers": 0}), *overrides])
 
 
+@pytest.mark.unit
 def test_input_error_is_one_line_and_exit_2(toy_inputs, tmp_path, capfd, monkeypatch):
     for variable in TORCHRUN_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
@@ -43,6 +45,7 @@ def test_input_error_is_one_line_and_exit_2(toy_inputs, tmp_path, capfd, monkeyp
     assert len(err) == 1 and err[0].startswith("mpo_dist: error: training.global_batch_size=30 is not a multiple"), err
 
 
+@pytest.mark.unit
 def test_unexpected_error_keeps_its_traceback_and_leaves_the_process_group(toy_inputs, tmp_path, monkeypatch):
     import torch.distributed as dist
 
@@ -60,6 +63,7 @@ def test_unexpected_error_keeps_its_traceback_and_leaves_the_process_group(toy_i
     assert not dist.is_initialized()
 
 
+@pytest.mark.unit
 def test_options_and_resolved_config_are_printed(capsys):
     from mpo_dist.train import main
 
@@ -72,6 +76,7 @@ def test_options_and_resolved_config_are_printed(capsys):
     assert resolved["data"]["batch_size"] == yaml.safe_load(TRAIN_CONFIG.read_text())["data"]["batch_size"]
 
 
+@pytest.mark.e2e
 def test_help_points_to_the_option_listing():
     result = subprocess.run([sys.executable, "-m", "mpo_dist.train", "--help"], env=SUBPROCESS_ENV, cwd=REPO,
                             capture_output=True, text=True, timeout=120)
@@ -94,6 +99,7 @@ sys.exit(cli.run_main("late-peer", body))
 """
 
 
+@pytest.mark.e2e
 def test_input_error_with_a_late_peer_still_exits_2(tmp_path):
     # Rank 0 gives up waiting for its peer with the barrier still pending in gloo: it must still end
     # with exit code 2 (not a SIGABRT from interpreter shutdown, which made the launcher exit 1).
@@ -106,6 +112,7 @@ def test_input_error_with_a_late_peer_still_exits_2(tmp_path):
     assert "Signal 6" not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.unit
 def test_more_processes_than_gpus_is_an_input_error_naming_the_fix():
     from mpo_dist.distributed import check_local_gpu
     from mpo_dist.errors import InputError
@@ -122,6 +129,7 @@ def test_more_processes_than_gpus_is_an_input_error_naming_the_fix():
         check_local_gpu(3, 4, 2, None)
 
 
+@pytest.mark.unit
 def test_a_rank_without_a_gpu_stops_in_one_line_with_exit_code_2(monkeypatch, capfd):
     # The check runs in init_distributed, before run_main's try around the body: still one line and code 2.
     import torch
@@ -144,3 +152,24 @@ def test_a_rank_without_a_gpu_stops_in_one_line_with_exit_code_2(monkeypatch, ca
     assert capfd.readouterr().err.splitlines() == [
         "gpu-check: error: LOCAL_RANK 1 has no GPU: this node sees 1 CUDA device (CUDA_VISIBLE_DEVICES=0), but torchrun "
         "started 2 processes on it; use --nproc-per-node 1 (NCCL cannot put two ranks on one GPU)"]
+
+
+@pytest.mark.unit
+def test_the_trainer_uses_the_entry_points_process_group_and_never_makes_one(monkeypatch):
+    """The process group is set up in one place (`cli.run_main` through `init_distributed`): the Trainer's
+    `rank_info_of_group` refuses to run without one instead of creating a second, and reads the group's
+    rank and size (node-local facts from torchrun's environment)."""
+    import torch.distributed as dist
+
+    from mpo_dist.cli import run_main
+    from mpo_dist.distributed import RankInfo, rank_info_of_group
+
+    for variable in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(RuntimeError, match="no process group: run under cli.run_main"):
+        rank_info_of_group()
+    seen = []
+    assert run_main("test", lambda info: seen.append((info, rank_info_of_group(), dist.get_world_size())),
+                    single_process_group=True) == 0
+    assert seen == [(RankInfo(0, 1, 0, 1), RankInfo(0, 1, 0, 1), 1)]
+    assert not dist.is_initialized()  # run_main left the group it made

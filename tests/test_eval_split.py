@@ -17,18 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import QUIET, REPO, SUBPROCESS_ENV, require_shared, run_tool, torchrun_command
-from mpo_dist.producers.prepare import (REPORT_NAME, SPLIT_RULE, STATS_DIR, PrepareOptions, prepare_pairs, split_side,
-                                   split_value)
+from support import REPO, SUBPROCESS_ENV, require_shared, run_tool, torchrun_command
+from mpo_dist.producers.prepare import REPORT_NAME, SPLIT_RULE, STATS_DIR, split_side, split_value
 from mpo_dist.data.shards import MANIFEST_NAME, Manifest, ShardCursor, shard_name
 from mpo_dist.errors import InputError
+from prepare_support import prepare, tree
 
 FRACTION = 0.2
-PER_SHARD = 300
-
-
-def prepare(input_path, tokenizer_dir, out, **options) -> dict:
-    return prepare_pairs(input_path, tokenizer_dir, out, PrepareOptions(**options), log=QUIET)
+PER_SHARD = 300  # as prepare_support.PER_SHARD: pairs_run is the unsplit run
 
 
 def read_samples(out: Path) -> dict[str, tuple[dict, dict]]:
@@ -43,36 +39,23 @@ def read_samples(out: Path) -> dict[str, tuple[dict, dict]]:
     return samples
 
 
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def same_sample(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
     return a[0] == b[0] and a[1].keys() == b[1].keys() and all(np.array_equal(a[1][k], b[1][k]) for k in a[1])
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir() -> Path:
-    return require_shared("gpt2-tokenizer")
-
-
-@pytest.fixture(scope="module")
-def pairs_jsonl() -> Path:
-    return require_shared("hh-rlhf-harmless-test", "pairs.jsonl")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, pairs_jsonl, gpt2_dir) -> dict[str, tuple[Path, dict]]:
-    """pairs.jsonl prepared unsplit, split with PER_SHARD, and split with another shard size."""
+def runs(tmp_path_factory, pairs_run, pairs_jsonl, gpt2_dir) -> dict[str, tuple[Path, dict]]:
+    """pairs.jsonl prepared unsplit (prepare_support's pairs_run, also with PER_SHARD), split with
+    PER_SHARD, and split with another shard size."""
     root = tmp_path_factory.mktemp("split")
-    made = {}
-    for name, options in {"unsplit": {"samples_per_shard": PER_SHARD},
-                          "split": {"samples_per_shard": PER_SHARD, "eval_fraction": FRACTION},
+    made = {"unsplit": pairs_run}
+    for name, options in {"split": {"samples_per_shard": PER_SHARD, "eval_fraction": FRACTION},
                           "split_128": {"samples_per_shard": 128, "eval_fraction": FRACTION}}.items():
         made[name] = root / name, prepare(pairs_jsonl, gpt2_dir, root / name, **options)
     return made
 
 
+@pytest.mark.unit
 def test_sides_are_disjoint_and_their_union_is_the_unsplit_kept_set(runs):
     unsplit = read_samples(runs["unsplit"][0])
     out, summary = runs["split"]
@@ -99,6 +82,7 @@ def test_sides_are_disjoint_and_their_union_is_the_unsplit_kept_set(runs):
     assert sum(r["records"] for r in reports) == 2307
 
 
+@pytest.mark.unit
 def test_fraction_is_roughly_respected(runs):
     out, summary = runs["split"]
     share = summary["eval"]["kept"] / summary["kept"]
@@ -107,6 +91,7 @@ def test_fraction_is_roughly_respected(runs):
     assert abs(np.mean([split_value(p) < FRACTION for p in set(prompts)]) - FRACTION) < 0.04
 
 
+@pytest.mark.unit
 def test_manifests_record_the_split(runs):
     out, _ = runs["split"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["eval", "train"]
@@ -120,6 +105,7 @@ def test_manifests_record_the_split(runs):
     assert "split" not in unsplit.info and "eval_fraction" not in unsplit.info["options"]
 
 
+@pytest.mark.unit
 def test_split_does_not_depend_on_samples_per_shard(runs):
     for side in ("train", "eval"):
         a, b = read_samples(runs["split"][0] / side), read_samples(runs["split_128"][0] / side)
@@ -128,6 +114,7 @@ def test_split_does_not_depend_on_samples_per_shard(runs):
     assert len(Manifest.read(runs["split_128"][0] / "train").shards) > len(Manifest.read(runs["split"][0] / "train").shards)
 
 
+@pytest.mark.e2e
 def test_two_processes_write_the_same_files(tmp_path, runs, pairs_jsonl, gpt2_dir):
     out = tmp_path / "out"
     env = {k: v for k, v in SUBPROCESS_ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -143,6 +130,7 @@ def test_two_processes_write_the_same_files(tmp_path, runs, pairs_jsonl, gpt2_di
         assert multi[name] == single[name], name
 
 
+@pytest.mark.unit
 def test_rerun_completes_a_missing_side_shard_identically(tmp_path, runs, pairs_jsonl, gpt2_dir):
     out = tmp_path / "out"
     shutil.copytree(runs["split"][0], out)
@@ -156,6 +144,7 @@ def test_rerun_completes_a_missing_side_shard_identically(tmp_path, runs, pairs_
         prepare(pairs_jsonl, gpt2_dir, out, samples_per_shard=PER_SHARD, eval_fraction=0.3)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
 def test_a_bad_fraction_is_refused(tmp_path, pairs_jsonl, gpt2_dir, fraction):
     with pytest.raises(InputError, match="--eval-fraction"):
@@ -166,6 +155,7 @@ def test_a_bad_fraction_is_refused(tmp_path, pairs_jsonl, gpt2_dir, fraction):
     assert result.returncode == 2 and "--eval-fraction" in result.stderr
 
 
+@pytest.mark.e2e
 def test_score_reference_accepts_the_eval_side(tmp_path):
     model = require_shared("stories260K")
     records = require_shared("hh-rlhf-harmless-test", "pairs.jsonl").read_text().splitlines()[:60]

@@ -12,10 +12,11 @@ from statistics import fmean
 import pytest
 import yaml
 
-from conftest import REPO, SUBPROCESS_ENV, run_tool, toy_overrides, torchrun_command, train
+from support import REPO, SUBPROCESS_ENV, run_tool, toy_overrides, torchrun_command, train
 from mpo_dist.config import LossConfig
 from mpo_dist.data.samples import PairSource
 from mpo_dist.evaluate_model import evaluation_loss_config, run_loss_config
+from mpo_dist.metrics_file import read_metrics
 
 ON_POLICY = ["--on-policy-samples", 2, "--max-new-tokens", 6, "--max-prompts", 12, "--batch-size", 5]
 
@@ -29,6 +30,7 @@ def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.e2e
 def test_on_policy_kl_of_the_reference_against_itself_is_zero(toy_inputs, tmp_path):
     out = tmp_path / "self.json"
     checked(run_tool("evaluate.py", "--model", toy_inputs["model"], "--reference-model", toy_inputs["model"],
@@ -44,12 +46,13 @@ def test_on_policy_kl_of_the_reference_against_itself_is_zero(toy_inputs, tmp_pa
     assert 0 < metrics["on_policy/response_tokens"] <= 6
 
 
+@pytest.mark.e2e
 def test_checkpoint_gives_the_trainers_last_eval(toy_inputs, tmp_path):
     run = tmp_path / "run"
     held_out = {"eval.pairs": toy_inputs["pairs"], "eval.reference": toy_inputs["reference"], "eval.dref": toy_inputs["dref"],
                 "eval.require_held_out": "false"}  # the toy set serves as both: on purpose
     train(*toy_overrides(toy_inputs, run, **{"training.steps": 2, "model.dtype": "float32", **held_out}), nproc=2)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)
     last = [r for r in records if any(k.startswith("eval/") for k in r)][-1]
     (checkpoint,) = sorted((run / "checkpoints").glob("step-*"))[-1:]
     out = tmp_path / "report.json"
@@ -68,6 +71,7 @@ def test_checkpoint_gives_the_trainers_last_eval(toy_inputs, tmp_path):
     assert sum(kl) / len(kl) == pytest.approx(got["metrics"]["eval/kl_ref_policy"], abs=1e-9)
 
 
+@pytest.mark.e2e
 def test_one_and_two_processes_give_the_same_report(toy_inputs, tmp_path):
     args = ["--model", toy_inputs["model"], "--reference-model", toy_inputs["model"], "--pairs", toy_inputs["pairs"],
             "--reference", toy_inputs["reference"], "--dref", toy_inputs["dref"], "--per-sample", "--loss", "dpo",
@@ -92,6 +96,7 @@ def test_one_and_two_processes_give_the_same_report(toy_inputs, tmp_path):
                 assert values == pytest.approx(two["per_sample"][what][field], rel=1e-5, abs=1e-5), (what, field)
 
 
+@pytest.mark.e2e
 def test_a_reward_that_cannot_be_imported_is_an_input_error(toy_inputs, tmp_path):
     result = run_tool("evaluate.py", "--model", toy_inputs["model"], "--reference-model", toy_inputs["model"],
                       "--pairs", toy_inputs["pairs"], *ON_POLICY, "--reward", "no_such_module_xyz:score",
@@ -102,6 +107,7 @@ def test_a_reward_that_cannot_be_imported_is_an_input_error(toy_inputs, tmp_path
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.unit
 def test_the_report_loss_keeps_the_run_options_that_the_chosen_loss_takes(tmp_path):
     run = LossConfig(name="mpo", beta=0.2, tau=0.1, length_normalized_pair=True, length_normalized_tau=True,
                      pair_logit_scale=0.5, chosen_nll=0.3)
@@ -118,6 +124,7 @@ def test_the_report_loss_keeps_the_run_options_that_the_chosen_loss_takes(tmp_pa
     assert evaluation_loss_config(LossConfig(), None, 0.3) == LossConfig(beta=0.3)  # a Hugging Face folder: the defaults
 
 
+@pytest.mark.e2e
 def test_loss_options_reach_training_the_trainers_eval_and_the_tool(toy_inputs, tmp_path):
     """A run with every loss option on (each raises without the token counts, so the run itself shows that
     train_step and the eval pass hand them over); the tool reads the options beside the checkpoint and
@@ -128,7 +135,7 @@ def test_loss_options_reach_training_the_trainers_eval_and_the_tool(toy_inputs, 
     held_out = {"eval.pairs": toy_inputs["pairs"], "eval.reference": toy_inputs["reference"],
                 "eval.require_held_out": "false"}
     train(*toy_overrides(toy_inputs, run, **{"training.steps": 2, "model.dtype": "float32", **held_out, **options}))
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)
     assert all("loss/chosen_nll" in r and "loss/dref_nll" in r and "loss/dref_kl" in r for r in records if "loss/total" in r)
     last = [r for r in records if any(k.startswith("eval/") for k in r)][-1]
     (checkpoint,) = sorted((run / "checkpoints").glob("step-*"))[-1:]

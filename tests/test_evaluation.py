@@ -12,17 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import NO_EVAL, TRAIN_CONFIG, flat_checkpoint, toy_overrides, train
+from support import NO_EVAL, TRAIN_CONFIG, flat_checkpoint, toy_overrides, train
 from mpo_dist.config import ConfigError, load_config
 from mpo_dist.data.shards import Manifest
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+from mpo_dist.metrics_file import read_metrics
 
 
 def eval_records(run: Path) -> list[dict]:
-    return [r for r in records(run) if any(k.startswith("eval/") for k in r)]
+    return [r for r in read_metrics(run) if any(k.startswith("eval/") for k in r)]
 
 
 def eval_overrides(toy: dict, **extra) -> dict:
@@ -32,6 +29,7 @@ def eval_overrides(toy: dict, **extra) -> dict:
             "eval.require_held_out": "false", **extra}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("max_batches", [0, 5])
 def test_eval_streams_read_every_sample_once(toy_inputs, world_size, max_batches):
@@ -44,17 +42,19 @@ def test_eval_streams_read_every_sample_once(toy_inputs, world_size, max_batches
     for kind, folder in (("pairs", toy_inputs["pairs"]), ("dref", toy_inputs["dref"])):
         keys, batch_counts = [], set()
         for rank in range(world_size):
-            evaluator = Evaluator(config.eval, config.data, model=None, loss_fn=None, device=torch.device("cpu"),
-                                  dp_rank=rank, dp_world_size=world_size, pad_token_id=0)
-            batches = list(evaluator._batches(getattr(evaluator, kind)))
+            evaluator = Evaluator(config.eval, config.data, model=None, objective=None, device=torch.device("cpu"),
+                                  dp_rank=rank, dp_world_size=world_size, pad_token_id=0,
+                                  layout_cost=lambda rows, width, dense_attention: rows * width)  # no forward here
+            batches = [getattr(batch, kind) for batch in evaluator._batches(getattr(evaluator, kind), kind)]
             batch_counts.add(len(batches))
-            keys += [key for batch in batches for key, pad in zip(batch["keys"], batch["is_pad"].tolist()) if not pad]
+            keys += [key for batch in batches for key, real in zip(batch.keys, batch.real.tolist()) if real]
         assert len(batch_counts) == 1
         total = Manifest.read(folder).num_samples
         expected = min(total, max_batches * 7 * world_size) if max_batches else total
         assert len(keys) == len(set(keys)) == expected == evaluator.expected[kind]
 
 
+@pytest.mark.e2e
 def test_eval_equal_on_one_and_two_processes(toy_inputs, tmp_path):
     """The end-of-training eval of the same 2-step run (float32, so that 1 and 2 processes train to
     the same parameters up to summation order) on 1 and 2 processes; eval.batch_size=7 leaves a padded tail."""
@@ -80,6 +80,7 @@ def test_eval_equal_on_one_and_two_processes(toy_inputs, tmp_path):
         assert runs[1][name] == pytest.approx(runs[2][name], rel=1e-4, abs=1e-5), name
 
 
+@pytest.mark.e2e
 def test_eval_does_not_change_training_and_resumes_exactly(toy_inputs, tmp_path):
     """Eval every step (and with a checkpoint and resume in between) ends with parameters and optimizer
     state bitwise equal to the same run without eval."""
@@ -97,7 +98,7 @@ def test_eval_does_not_change_training_and_resumes_exactly(toy_inputs, tmp_path)
         assert eval_records(tmp_path / "cut")[-1][name] == eval_records(tmp_path / "on")[-1][name]
     final = {run: flat_checkpoint(tmp_path / run / "checkpoints" / "step-00000004", tmp_path) for run in ("off", "on", "cut")}
     keys = [key for key, value in final["off"].items()
-            if isinstance(value, torch.Tensor) and key.startswith(("model_optimizer.", "pair_loader.", "dref_loader."))]
+            if isinstance(value, torch.Tensor) and key.startswith(("model_optimizer.", "data."))]
     assert any(key.startswith("model_optimizer.model.") for key in keys) and any(".exp_avg_sq" in key for key in keys)
     for run in ("on", "cut"):
         for key in keys:
@@ -106,6 +107,7 @@ def test_eval_does_not_change_training_and_resumes_exactly(toy_inputs, tmp_path)
         assert torch.equal(final["off"][f"rng/dp_rank_{rank}.cpu"], final["on"][f"rng/dp_rank_{rank}.cpu"])
 
 
+@pytest.mark.e2e
 def test_kl_monitor_equals_a_direct_transformers_computation(toy_inputs, tmp_path):
     """The last eval runs on the parameters of the final checkpoint (eval after the last step, before the
     save); exported in float32 and scored sample by sample, unpadded, with plain transformers, the same
@@ -139,6 +141,7 @@ def test_kl_monitor_equals_a_direct_transformers_computation(toy_inputs, tmp_pat
     assert "eval/pairs" not in last  # no eval.pairs: the KL monitor alone (it needs no pairs, any loss)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides, message", [
     (["eval.pairs=held_out"], "eval.pairs needs eval.reference"),
     (["eval.reference=held_out_ref"], "eval.reference is set but eval.pairs is not"),
@@ -151,6 +154,7 @@ def test_bad_eval_config_is_an_error(overrides, message):
         load_config(str(TRAIN_CONFIG), [*NO_EVAL, *overrides])  # the config's own eval section off first
 
 
+@pytest.mark.e2e
 def test_eval_inputs_of_another_kind_fail_before_training(toy_inputs, tmp_path):
     result = train(*toy_overrides(toy_inputs, tmp_path / "run", **{"training.steps": 1, "eval.dref": toy_inputs["pairs"]}),
                    nproc=1, check=False)
@@ -159,6 +163,7 @@ def test_eval_inputs_of_another_kind_fail_before_training(toy_inputs, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_keep_best_keeps_the_checkpoint_with_the_best_eval_metric(toy_inputs, tmp_path):
     """checkpoint.keep_best: besides the newest checkpoint (keep=1), the one whose eval/loss/total was
     lowest among the evaluated saves stays; best.json names it."""
@@ -173,6 +178,7 @@ def test_keep_best_keeps_the_checkpoint_with_the_best_eval_metric(toy_inputs, tm
     assert json.loads((out / "checkpoints" / "best.json").read_text())["step"] == best
 
 
+@pytest.mark.unit
 def test_keep_best_needs_an_eval_set_and_an_eval_metric():
     with pytest.raises(ConfigError, match="checkpoint.keep_best=eval/loss/total needs an eval set"):
         load_config(str(TRAIN_CONFIG), [*NO_EVAL, "checkpoint.keep_best=eval/loss/total"])
@@ -180,6 +186,7 @@ def test_keep_best_needs_an_eval_set_and_an_eval_metric():
         load_config(str(TRAIN_CONFIG), ["checkpoint.keep_best=loss/total", "eval.dref=d"])
 
 
+@pytest.mark.e2e
 def test_eval_inputs_that_are_not_held_out_or_from_another_model_are_refused(toy_inputs, tmp_path):
     """Before training: eval pairs that are the training pairs, a D_ref sampled from the training
     prompts, and an eval reference scored by another model than the training reference."""

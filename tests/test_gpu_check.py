@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SUBPROCESS_ENV
+from support import REPO, SUBPROCESS_ENV
 
 sys.path.insert(0, str(REPO / "tools"))
 import gpu_check  # noqa: E402
@@ -29,6 +29,7 @@ def cuda_marked_tests() -> int:
     return sum("::" in line for line in result.stdout.splitlines())
 
 
+@pytest.mark.e2e
 def test_the_cpu_fallback_runs_every_stage_and_its_figures_add_up(tmp_path):
     # The budget well above the ~2 minutes this takes, so that a loaded machine skips nothing; compile is left
     # to tests/test_cuda.py's CPU twin.
@@ -69,6 +70,7 @@ def test_the_cpu_fallback_runs_every_stage_and_its_figures_add_up(tmp_path):
     assert "Training, MPO with D_ref rows, fp32, FSDP2. Timed fp32 matmul: 1x2: " in markdown
 
 
+@pytest.mark.e2e
 def test_stages_past_the_budget_are_skipped_and_say_why(tmp_path):
     result = run_check(tmp_path / "out", "--cpu", "--budget-s", "0", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -77,6 +79,7 @@ def test_stages_past_the_budget_are_skipped_and_say_why(tmp_path):
     assert stages["train_eager"]["why"] == "no workload (the workload stage did not finish)"
 
 
+@pytest.mark.unit
 def test_a_failed_stage_fails_the_check_and_the_other_stages_still_run(tmp_path):
     check = gpu_check.GpuCheck(tmp_path, tmp_path / "work", 60.0, "cpu", skip=set())
 
@@ -91,6 +94,7 @@ def test_a_failed_stage_fails_the_check_and_the_other_stages_still_run(tmp_path)
     assert "| cuda_tests | failed |" in (tmp_path / "gpu_check.md").read_text()
 
 
+@pytest.mark.e2e
 def test_unknown_stages_and_missing_dependencies_are_input_errors(tmp_path):
     result = run_check(tmp_path / "out", "--skip", "traning", timeout=120)
     assert result.returncode == 2

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUIET, SUBPROCESS_ENV, TRAIN_CONFIG, torchrun_command
+from support import SUBPROCESS_ENV, TRAIN_CONFIG, torchrun_command
 from mpo_dist.config import load_config
 from mpo_dist.data.input_paths import check_input_paths
 from mpo_dist.errors import MissingInputError
+from mpo_dist.metrics_file import METRICS_FILE
 
 QUICKSTART_EVAL = "outputs/quickstart/pairs/eval"  # configs/tiny_cpu.yaml's eval.pairs
 
@@ -64,11 +65,13 @@ def refused(config, uses_dref: bool = True) -> str:
     return message
 
 
+@pytest.mark.unit
 def test_inputs_that_exist_pass(inputs):
     check_input_paths(config_of(inputs), uses_dref=True)
     check_input_paths(config_of(inputs, **{"checkpoint.resume": "auto"}), uses_dref=True)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("option, fix", [
     ("model.path", "point model.path at a Hugging Face model folder"),
     ("data.pairs", "point data.pairs at the --out folder of tools/prepare_pairs.py"),
@@ -85,6 +88,7 @@ def test_a_missing_path_is_one_line_naming_the_option_and_the_fix(inputs, tmp_pa
     assert message.startswith(f"{option}={missing} does not exist; ") and fix in message, message
 
 
+@pytest.mark.unit
 def test_a_folder_without_what_it_must_hold_is_named(inputs):
     (inputs["eval_pairs"] / "manifest.json").unlink()
     message = refused(config_of(inputs))
@@ -93,22 +97,26 @@ def test_a_folder_without_what_it_must_hold_is_named(inputs):
     assert refused(config_of(inputs)).startswith(f"model.path={inputs['model']} has no config.json"), message
 
 
+@pytest.mark.unit
 def test_every_missing_path_is_in_the_one_line(inputs, tmp_path):
     message = refused(config_of(inputs, **{"data.reference": tmp_path / "no-ref", "eval.dref": tmp_path / "no-dref"}))
     assert message.startswith(f"data.reference={tmp_path / 'no-ref'} does not exist; point data.reference"), message
     assert message.endswith(f"(also: eval.dref={tmp_path / 'no-dref'} does not exist)"), message
 
 
+@pytest.mark.unit
 def test_an_unused_dref_is_not_checked(inputs, tmp_path):
     check_input_paths(config_of(inputs, **{"data.dref": tmp_path / "nowhere"}), uses_dref=False)
 
 
+@pytest.mark.unit
 def test_a_relative_path_says_where_it_was_looked_for(inputs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     message = refused(config_of(inputs, **{"eval.pairs": QUICKSTART_EVAL}))
     assert message.startswith(f"eval.pairs={QUICKSTART_EVAL} does not exist (relative to {tmp_path}); "), message
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("keep_best", ["", "eval/loss/total"])
 def test_the_overrides_that_turn_eval_off_load_and_pass(inputs, tmp_path, keep_best):
     """The message's 'train without held-out evaluation' overrides are the complete fix: the config
@@ -137,6 +145,7 @@ def toy_model(tmp_path_factory) -> Path:
     return write_toy_task(tmp_path_factory.mktemp("toy-model"), num_records=4, seed=0)[1]
 
 
+@pytest.mark.e2e
 def test_own_data_with_the_tiny_config_names_its_eval_folders(stories_inputs, tmp_path):
     """configs/tiny_cpu.yaml with another model and data (data.* and model.path overridden, run where
     the quickstart's outputs are not): its held-out eval folders are missing, and every rank says so in
@@ -149,9 +158,10 @@ def test_own_data_with_the_tiny_config_names_its_eval_folders(stories_inputs, tm
                                "eval.reference, eval.dref at held-out shards"), line
         assert ("or train without held-out evaluation: eval.pairs= eval.reference= eval.dref= eval.interval=0 "
                 "(also: eval.reference=outputs/quickstart/reference/eval does not exist") in line, line
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / METRICS_FILE).exists()
 
 
+@pytest.mark.e2e
 def test_pairs_of_another_tokenizer_are_one_line_about_the_tokenizer(stories_inputs, toy_model, tmp_path):
     """stories260K's pairs (a 512-token vocabulary) with the quickstart's toy model: nearly every pair
     holds ids outside the toy vocabulary, and the tokenizer check, which reads manifests only, says

@@ -15,15 +15,18 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SCRIPTS = sorted((REPO / "launch").glob("*.sh")) + [REPO / "launch" / "slurm.sbatch"]
 
 
+@pytest.mark.unit
 def test_configs_found():
     assert {"tiny_cpu.yaml", "llama-1b.yaml", "llama-8b.yaml"} <= {p.name for p in CONFIGS}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads(path):
     load_config(str(path))
 
 
+@pytest.mark.unit
 def test_k8s_manifest():
     docs = [d for d in yaml.safe_load_all((REPO / "launch" / "k8s-pytorchjob.yaml").read_text()) if d]
     (job,) = docs
@@ -40,12 +43,14 @@ def test_k8s_manifest():
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
 def test_script_syntax(path):
     assert path.exists(), path
     subprocess.run(["bash", "-n", str(path)], check=True)
 
 
+@pytest.mark.e2e
 def test_multi_node_requires_rdzv_endpoint(tmp_path):
     # A fake python on PATH records any call: the script must refuse before reaching the launcher.
     marker = tmp_path / "launcher_called"
@@ -61,6 +66,7 @@ def test_multi_node_requires_rdzv_endpoint(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_multi_node_command(tmp_path):
     # With the variables set, the script execs the launcher (torchrun) with the c10d rendezvous flags and overrides.
     fake = tmp_path / "bin" / "python"

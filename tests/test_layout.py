@@ -6,9 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
-from mpo_dist.data.layout import pack_documents, pad_documents, pair_documents, single_documents
+from mpo_dist.batch import pair_documents, single_documents
+from mpo_dist.data.layout import pack_documents, pad_documents
 from mpo_dist.errors import InputError
 from mpo_dist.logprobs import batch_logprobs, token_logprobs
+
+pytestmark = pytest.mark.unit
 
 VOCAB = 97
 # fp32 throughout: per-token log-probs to 2e-5 (sums of tens of tokens to 1e-4).
@@ -180,7 +183,7 @@ def test_sequence_indices_must_cover_every_output_once():
 def test_scoring_with_packing_gives_the_padded_reference_log_probs(stories_inputs, tmp_path):
     """tools/score_reference.py --packing always: the same reference log-probs and token counts as
     --packing never, on stories260K and HH-RLHF pairs (fp32, to 1e-4 on sums of up to ~100 tokens)."""
-    from conftest import QUIET
+    from support import QUIET
 
     from mpo_dist.data.shards import Manifest, ShardCursor
     from mpo_dist.producers.score import score_pairs
@@ -208,7 +211,7 @@ def test_given_a_row_cost_packing_picks_the_cheapest_row_length():
     """8 pairs of 320 tokens and 8 D_ref samples of 192: rows of the longest document (320) leave
     each D_ref sample a row of its own (16 rows, 20% padding); rows of 512 hold one pair and one
     sample each, no padding. The cost (linear + attention FLOPs of the workload's model) picks 512."""
-    from mpo_dist.metrics import row_flops
+    from mpo_dist.flops import CostModel
 
     rng = np.random.default_rng(6)
     ids = lambda n: rng.integers(1, VOCAB, size=n)  # noqa: E731
@@ -216,7 +219,8 @@ def test_given_a_row_cost_packing_picks_the_cheapest_row_length():
     docs += single_documents([ids(64) for _ in range(8)], [ids(128) for _ in range(8)], first_index=16)
     plain = pack_documents(docs, 0)
     assert plain.input_ids.shape == (16, 320) and plain.num_positions - plain.num_real_positions == 8 * 128
-    cost = lambda rows, width: row_flops(3_200_000, 4, 256, rows, width)  # noqa: E731
+    model = CostModel(body_params=3_200_000, head_params=0, layers=4, hidden=256)
+    cost = lambda rows, width: model.layout_cost(rows, width, dense_attention=True)  # noqa: E731
     chosen = pack_documents(docs, 0, row_cost=cost)
     assert chosen.input_ids.shape == (8, 512) and chosen.num_positions == chosen.num_real_positions
     assert cost(8, 512) < cost(16, 320)
@@ -231,19 +235,19 @@ def test_auto_layout_packs_when_the_cost_model_says_it_is_cheaper():
     without a mask, so auto pads (as tools/bench_train.py measured: 11.9k vs 11.0k tokens/s packed
     vs padded for DPO, 11.1k vs 12.8k for MPO)."""
     from mpo_dist.data.layout import lay_out
-    from mpo_dist.metrics import layout_cost
+    from mpo_dist.flops import CostModel
 
     rng = np.random.default_rng(7)
     ids = lambda n: rng.integers(1, VOCAB, size=n)  # noqa: E731
     pairs = pair_documents([ids(64) for _ in range(4)], [ids(128) for _ in range(4)], [ids(128) for _ in range(4)])
     dref = single_documents([ids(64) for _ in range(4)], [ids(128) for _ in range(4)], first_index=8)
-    cost = layout_cost(3_200_000, 4, 256)
+    cost = CostModel(body_params=3_200_000, head_params=0, layers=4, hidden=256).layout_cost
     assert lay_out(pairs, packing="auto", pad_token_id=0, cost=cost).packed
     assert not lay_out(pairs + dref, packing="auto", pad_token_id=0, cost=cost).packed
     assert lay_out(pairs + dref, packing="always", pad_token_id=0, cost=cost).packed
     assert not lay_out(pairs, packing="never", pad_token_id=0, cost=cost).packed
     with pytest.raises(InputError, match="data.packing must be one of auto, always, never, got 'yes'"):
-        lay_out(pairs, packing="yes", pad_token_id=0)
+        lay_out(pairs, packing="yes", pad_token_id=0, cost=cost)
 
 
 def test_bucketed_shapes_take_few_sizes_and_add_at_most_a_quarter():

@@ -59,6 +59,7 @@ def assert_matches_naive(model, batch, prompts, responses, chunk_tokens):
     assert out.num_tokens.tolist() == [len(r) for r in responses]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2])
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("chunk_tokens", [7, 4096])
@@ -69,6 +70,7 @@ def test_matches_naive_log_softmax(make_model, side, chunk_tokens):
     assert_matches_naive(model, batch, prompts, responses, chunk_tokens)
 
 
+@pytest.mark.unit
 def test_padding_token_and_prompt_masking():
     model = tiny_llama()
     prompts, responses = random_rows(97, seed=1)
@@ -83,6 +85,7 @@ def test_padding_token_and_prompt_masking():
     assert torch.all(c.logps < a.logps - 1e-3)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("keep_logits_bytes", [0, 2**30])
 def test_gradients_match_naive(monkeypatch, keep_logits_bytes):
     """With every chunk's head recomputed in the backward (budget 0) and with the logits kept."""
@@ -100,6 +103,7 @@ def test_gradients_match_naive(monkeypatch, keep_logits_bytes):
         torch.testing.assert_close(chunked[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.unit
 def test_stories260k_real_model(shared_data):
     path = shared_data("stories260K")
     model = AutoModelForCausalLM.from_pretrained(str(path)).float().eval()
@@ -115,7 +119,7 @@ def bench_peak_increase(variant: str, batch: int) -> int:
     import subprocess
     import sys
 
-    from conftest import REPO, SUBPROCESS_ENV
+    from support import REPO, SUBPROCESS_ENV
 
     command = [sys.executable, str(REPO / "tools" / "bench_logprobs_memory.py"), "--variant", variant, "--vocab", "50257",
                "--batch", str(batch), "--length", "512", "--chunk-tokens", "256", "--device", "cpu"]
@@ -124,6 +128,7 @@ def bench_peak_increase(variant: str, batch: int) -> int:
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_increase_bytes"]
 
 
+@pytest.mark.e2e
 def test_chunked_peak_memory_is_bounded_and_below_naive():
     """Measured peak memory (forward + backward, fresh processes): the chunked path's peak does
     not grow with the batch, the naive full log-softmax's does."""
@@ -134,6 +139,7 @@ def test_chunked_peak_memory_is_bounded_and_below_naive():
     assert chunked_small < naive_small / 4 and chunked_large < 1.3 * chunked_small  # a few chunks' worth
 
 
+@pytest.mark.unit
 def test_architectures_that_rescale_logits_match_their_own_forward():
     """Granite divides the logits by logits_scaling, Gemma 2 soft-caps them: as their forward does."""
     from transformers import Gemma2Config, GraniteConfig

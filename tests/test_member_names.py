@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUIET, run_tool
+from support import QUIET, run_tool
 from mpo_dist.data.preflight import preflight_check
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardError
 from shard_factory import make_pairs, make_reference
@@ -31,6 +31,7 @@ def rename_member(path: Path, index: int, name: str) -> None:
             tar.addfile(member, io.BytesIO(data))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", PATH_NAMES)
 def test_preflight_refuses_a_member_named_by_a_path(tmp_path, name):
     make_pairs(tmp_path / "pairs", [4, 4])
@@ -41,6 +42,7 @@ def test_preflight_refuses_a_member_named_by_a_path(tmp_path, name):
     assert f"pairs/shard-000001.tar: unexpected member '{name}' at index 2" in str(error.value)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", PATH_NAMES)
 def test_reading_a_member_named_by_a_path_is_a_shard_error(tmp_path, name):
     make_pairs(tmp_path / "pairs", [4])
@@ -62,6 +64,7 @@ def toy_pairs(tmp_path_factory) -> dict[str, Path]:
     return {"model": model, "pairs": root / "pairs"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("tool, extra", [("score_reference.py", []),
                                          ("sample_reference.py", ["--num-samples", 1, "--max-new-tokens", 4])])
 def test_tools_refuse_a_member_with_an_absolute_name_in_one_line(toy_pairs, tmp_path, tool, extra):

@@ -13,6 +13,8 @@ from mpo_dist.config import ModelConfig, ParallelConfig
 from mpo_dist.model import build_model, materialize_model
 from mpo_dist.parallelize import apply_fsdp, build_mesh
 
+pytestmark = pytest.mark.unit
+
 
 def sharded_policy(path: Path) -> torch.nn.Module:
     config = ModelConfig(path=str(path), dtype="float32")

@@ -10,6 +10,8 @@ import torch
 from mpo_dist.config import OptimConfig
 from mpo_dist.optim import build_lr_scheduler, lr_multiplier
 
+pytestmark = pytest.mark.unit
+
 WARMUP, TOTAL = 10, 110  # 100 decay steps after the warmup
 
 

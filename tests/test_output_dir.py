@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, toy_overrides, torchrun_command, train
+from support import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, toy_overrides, torchrun_command, train
+from mpo_dist.metrics_file import read_metrics
 from mpo_dist.run_lock import LOCK_NAME
 
 FLOAT32 = {"model.dtype": "float32", "metrics.tensorboard": "false"}
@@ -44,6 +45,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("mpo_dist: error")]
 
 
+@pytest.mark.e2e
 def test_another_models_checkpoints_are_named_as_such_and_never_overwritten_unless_asked(toy_inputs, tmp_path):
     run = tmp_path / "run"
     train(*toy_overrides(toy_inputs, run, **FLOAT32, **{"training.steps": 2}), nproc=1)
@@ -75,10 +77,11 @@ def test_another_models_checkpoints_are_named_as_such_and_never_overwritten_unle
     assert "deleted the earlier run's checkpoints, metrics.jsonl" in replaced.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001"]
     assert json.loads((run / "checkpoints" / "step-00000001" / "hf" / "config.json").read_text())["hidden_size"] == 96
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [record["step"] for record in read_metrics(run)] == [1]
     assert f"path: {wide}" in (run / "config.yaml").read_text()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("resume", ["auto", "outputs/run/checkpoints/step-00000010"])
 def test_overwrite_needs_resume_none(resume):
     """It deletes job.output_dir's checkpoints: never the one a run resumes from."""
@@ -90,6 +93,7 @@ def test_overwrite_needs_resume_none(resume):
     assert load_config(str(TRAIN_CONFIG), ["job.overwrite_output_dir=true", "checkpoint.resume=none"]).job.overwrite_output_dir
 
 
+@pytest.mark.e2e
 def test_overwrite_removes_a_linked_checkpoints_folder_without_following_it(toy_inputs, tmp_path):
     run, elsewhere = tmp_path / "run", tmp_path / "scratch"
     train(*toy_overrides(toy_inputs, elsewhere, **FLOAT32, **{"training.steps": 1}), nproc=1)
@@ -102,6 +106,7 @@ def test_overwrite_removes_a_linked_checkpoints_folder_without_following_it(toy_
     assert not (run / "checkpoints").is_symlink() and (run / "checkpoints" / "step-00000001").is_dir()
 
 
+@pytest.mark.e2e
 def test_a_run_refused_on_every_rank_leaves_no_lock_and_no_folder_it_made(toy_inputs, tmp_path):
     # 2 ranks x 16 pairs do not divide 40: an input error found after the run lock was taken.
     new = tmp_path / "new" / "run"
@@ -126,6 +131,7 @@ def start_and_wait_for_step(command: list[str], log: Path) -> subprocess.Popen:
     return job
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("nproc", [0, 2], ids=["one-plain-process", "torchrun-2-ranks"])
 def test_sigterm_ends_the_run_through_its_cleanup(toy_inputs, tmp_path, nproc):
     run = tmp_path / "run"

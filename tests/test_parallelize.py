@@ -9,6 +9,8 @@ from mpo_dist.config import ModelConfig, ParallelConfig
 from mpo_dist.model import build_model, decoder_layers
 from mpo_dist.parallelize import KEEP_GATHERED_MEMORY_FRACTION, apply_fsdp, build_mesh, keeps_gathered_parameters
 
+pytestmark = pytest.mark.unit
+
 GIB = 1024**3
 SMALL = int(KEEP_GATHERED_MEMORY_FRACTION * 80 * GIB) - 1  # just under the fraction of an 80 GiB device
 LARGE = SMALL + 2

@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from conftest import QUIET, Counter, run_tool, toy_overrides, train
+from support import QUIET, Counter, run_tool, toy_overrides, train
 from mpo_dist.dcp_reader import SafeFileSystemReader
 
 # The allowlist as reviewed: each entry is what DCP's own metadata pickles (see dcp_reader.py), plus
@@ -189,6 +189,7 @@ def wait_for(path: Path) -> bool:
 
 # -------------------------------------------------------------------------------------------- the exploit
 
+@pytest.mark.unit
 def test_the_dotted_name_exploit_runs_nothing(tmp_path):
     marker = tmp_path / "MARKER"
     (tmp_path / ".metadata").write_bytes(exploit(marker))
@@ -197,6 +198,7 @@ def test_the_dotted_name_exploit_runs_nothing(tmp_path):
     assert events == [] and not wait_for(marker)
 
 
+@pytest.mark.unit
 def test_io_fileio_through_the_extension_module_opens_nothing(tmp_path):
     target = tmp_path / "precious.txt"
     target.write_text("kept")
@@ -208,6 +210,7 @@ def test_io_fileio_through_the_extension_module_opens_nothing(tmp_path):
 
 # ----------------------------------------------------------------------------------- the allowlist itself
 
+@pytest.mark.unit
 def test_the_allowlist_is_the_reviewed_one():
     from mpo_dist.dcp_reader import METADATA_GLOBALS
 
@@ -234,6 +237,7 @@ def never_imported() -> list[str]:
     return [module for module in [*dcp_modules, "pathlib._local", "this"] if module not in sys.modules]
 
 
+@pytest.mark.unit
 def test_no_global_outside_the_allowlist_is_found_by_any_opcode():
     unimported = never_imported()
     assert any(module.startswith("torch.distributed.checkpoint.") for module in unimported)
@@ -276,6 +280,7 @@ def uses(global_ref: bytes, marker: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("form", [by_global, by_stack_global])
 def test_allowed_globals_call_and_change_nothing_else(tmp_path, form):
     """Each allowed global under each opcode that uses one: nothing imported, opened or run, no class
@@ -318,6 +323,7 @@ NEVER_IN_DCP_METADATA = {  # what a pickle does -> (the pickle, what the refusal
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", NEVER_IN_DCP_METADATA)
 def test_what_dcp_metadata_never_does_is_refused(monkeypatch, case):
     data, message = NEVER_IN_DCP_METADATA[case]
@@ -375,6 +381,7 @@ def assert_loads_as_pickle_reads_it(folder: Path) -> None:
     assert metadata.storage_meta.checkpoint_id == expected.storage_meta.checkpoint_id
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("save", [saved_by_dcp, saved_by_checkpointer])
 def test_real_metadata_loads_as_pickle_reads_it(tmp_path, save):
     assert_loads_as_pickle_reads_it(save(tmp_path / "checkpoint"))
@@ -399,6 +406,7 @@ def hostile_copy(checkpoint: Path, target: Path, marker: Path, step: int | None 
     return target
 
 
+@pytest.mark.e2e
 def test_two_fsdp2_ranks_metadata_loads_as_pickle_reads_it(trained_run):
     assert_loads_as_pickle_reads_it(trained_run / "checkpoints" / "step-00000001")
 
@@ -410,6 +418,7 @@ def one_line_refusal(result, tool: str) -> str:
     return line
 
 
+@pytest.mark.e2e
 def test_convert_checkpoint_refuses_the_exploit(trained_run, tmp_path):
     marker = tmp_path / "MARKER"
     hostile = hostile_copy(trained_run / "checkpoints" / "step-00000001", tmp_path / "hostile", marker)
@@ -418,6 +427,7 @@ def test_convert_checkpoint_refuses_the_exploit(trained_run, tmp_path):
     assert str(hostile) in one_line_refusal(result, "convert_checkpoint") and not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e
 def test_evaluate_refuses_the_exploit(trained_run, toy_inputs, tmp_path):
     marker = tmp_path / "MARKER"
     hostile = hostile_copy(trained_run / "checkpoints" / "step-00000001", tmp_path / "hostile", marker)
@@ -427,6 +437,7 @@ def test_evaluate_refuses_the_exploit(trained_run, toy_inputs, tmp_path):
     assert "--model" in one_line_refusal(result, "evaluate") and not (tmp_path / "report.json").exists()
 
 
+@pytest.mark.e2e
 def test_resume_auto_passes_over_the_exploit_without_running_it(trained_run, toy_inputs, tmp_path):
     """The hostile step-00000005 is a damaged checkpoint to resume=auto: warned about, set aside, never run."""
     run, marker = tmp_path / "run", tmp_path / "MARKER"

@@ -1,99 +1,25 @@
-"""tools/prepare_pairs.py and mpo_dist.producers.prepare: preference records -> pairs shards (the pairs
-data contract); also every tool's --help.
-
-Runs on the real assets in ../shared/data (HH-RLHF harmless test split, GPT-2 and stories260K
-tokenizers) and on small synthetic files; every expected value is computed here independently.
-The tools are run as commands, the way users run them.
-"""
+"""mpo_dist.producers.prepare in this process: preference records -> pairs shards (the pairs data
+contract). Counts, report and token ids on the real HH-RLHF files (SHARED_DATA), truncation, Parquet,
+reruns and foreign folders, argument errors; every expected value is computed here independently.
+Malformed records: test_prepare_records.py; the command line and torchrun: test_prepare_cli.py."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, SUBPROCESS_ENV
-from mpo_dist.producers.prepare import REPORT_NAME, STATS_DIR, PrepareOptions, prepare_pairs
-from mpo_dist.data.shards import MANIFEST_NAME, Manifest, ShardCursor, shard_name
+from mpo_dist.data.shards import MANIFEST_NAME, Manifest, shard_name
+from mpo_dist.producers.prepare import STATS_DIR
 from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
+from prepare_support import (ASSISTANT, GPT2_EOS_TEXT, PER_SHARD, decode, dropped, encode, prepare, read_lines,
+                             read_report, read_samples, tree, write_jsonl)
 
-ASSISTANT = "\n\nAssistant:"
-GPT2_EOS_TEXT = "<|endoftext|>"
-PER_SHARD = 300  # pairs.jsonl (2307 records) -> 8 shards
-TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def prepare(input_path, tokenizer_dir, out, **options) -> dict:
-    return prepare_pairs(input_path, tokenizer_dir, out, PrepareOptions(**options), log=lambda message: None)
-
-
-def run_prepare_pairs(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "prepare_pairs.py"), *map(str, args)],
-                          env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
-def read_samples(out: Path) -> list[tuple[str, str, dict, dict]]:
-    """(shard name, key, meta, arrays) of every sample the manifest lists, in order; the cursor also
-    checks that each tar holds exactly the manifest's count."""
-    manifest = Manifest.read(out, "pairs")
-    samples = []
-    for shard in manifest.shards:
-        cursor = ShardCursor(out / shard.name, "pairs", shard.num_samples)
-        samples += [(shard.name, key, meta, arrays) for key, meta, arrays in cursor]
-        cursor.close()
-    return samples
-
-
-def read_report(out: Path) -> dict:
-    return json.loads((out / REPORT_NAME).read_text())
-
-
-def dropped(out: Path) -> list[tuple[str, str]]:
-    return [(entry["where"], entry["reason"]) for entry in read_report(out)["dropped_records"]]
-
-
-def read_lines(path: Path) -> list[tuple[int, dict]]:
-    """(1-based line number, record) of every non-blank line of a JSONL file, plain or gzip."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return [(number, json.loads(line)) for number, line in enumerate(handle, 1) if line.strip()]
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    """Dicts are dumped as JSON; strings are written verbatim as lines."""
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Shard tars and temp files anywhere under `folder`."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix == ".tar" or ".tmp-" in p.name)
-
-
-def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-def decode(tokenizer, ids) -> str:
-    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+pytestmark = pytest.mark.unit
 
 
 def truncated(prefix: list[int], body: list[int], chosen: list[int], rejected: list[int], eos: int,
@@ -107,72 +33,12 @@ def truncated(prefix: list[int], body: list[int], chosen: list[int], rejected: l
     return prompt, (chosen + [eos])[:room], (rejected + [eos])[:room]
 
 
-# ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(shared_data) -> Path:
-    return shared_data("gpt2-tokenizer")
-
-
-@pytest.fixture(scope="module")
-def stories_dir(shared_data) -> Path:
-    return shared_data("stories260K")
-
-
-@pytest.fixture(scope="module")
-def gpt2(gpt2_dir):
-    return load_tokenizer(gpt2_dir)
-
-
-@pytest.fixture(scope="module")
-def pairs_jsonl(shared_data) -> Path:
-    return shared_data("hh-rlhf-harmless-test", "pairs.jsonl")
-
-
-@pytest.fixture(scope="module")
-def hh_gz(shared_data) -> Path:
-    return shared_data("hh-rlhf-harmless-test", "test.jsonl.gz")
-
-
-@pytest.fixture(scope="module")
-def pairs_records(pairs_jsonl) -> list[tuple[int, dict]]:
-    records = read_lines(pairs_jsonl)
-    assert len(records) == 2307
-    return records
-
-
-@pytest.fixture(scope="module")
-def pairs_run(tmp_path_factory, pairs_jsonl, gpt2_dir) -> tuple[Path, dict]:
-    """pairs.jsonl prepared once, in this process, with the CLI's defaults and PER_SHARD."""
-    out = tmp_path_factory.mktemp("pairs") / "out"
-    return out, prepare(pairs_jsonl, gpt2_dir, out, samples_per_shard=PER_SHARD)
+# ---------------------------------------------------------------------------- real data: counts, report, contents
 
 
 @pytest.fixture(scope="module")
 def pairs_samples(pairs_run):
     return read_samples(pairs_run[0])
-
-
-@pytest.fixture(scope="module")
-def subset_jsonl(tmp_path_factory, pairs_records) -> Path:
-    """The first 200 records of pairs.jsonl (line 87 among them has an empty response)."""
-    return write_jsonl(tmp_path_factory.mktemp("subset") / "subset.jsonl", [r for _, r in pairs_records[:200]])
-
-
-@pytest.fixture(scope="module")
-def template_tokenizer_dir(tmp_path_factory, gpt2_dir) -> Path:
-    """The GPT-2 tokenizer saved to another folder with a simple chat template."""
-    from transformers import AutoTokenizer
-
-    directory = tmp_path_factory.mktemp("gpt2-chat")
-    tokenizer = AutoTokenizer.from_pretrained(str(gpt2_dir), local_files_only=True)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(str(directory))
-    return directory
-
-
-# ---------------------------------------------------------------------------- 1. real data: counts, report, contents
 
 
 def test_pairs_jsonl_counts_report_and_token_ids(pairs_run, pairs_samples, pairs_records, gpt2):
@@ -264,7 +130,7 @@ def test_hh_dialogues_gz_malformed_lines_and_same_pairs_as_pairs_jsonl(tmp_path,
             assert np.array_equal(arrays[name], pairs_arrays[name])
 
 
-# ---------------------------------------------------------------------------- 2. truncation
+# ---------------------------------------------------------------------------- truncation
 
 
 def test_truncation_keeps_prompt_end_and_response_start(tmp_path, subset_jsonl, gpt2_dir, gpt2):
@@ -335,135 +201,7 @@ def test_truncation_drop_reports_too_long(tmp_path, subset_jsonl, gpt2_dir, gpt2
         assert tuple(arrays[n].tolist() for n in ("prompt_ids", "chosen_ids", "rejected_ids")) == fits[meta["where"]]
 
 
-# ---------------------------------------------------------------------------- 3, 4. malformed records, labels
-
-
-BAD_LINES = [
-    {"prompt": "Q1", "chosen": " yes", "rejected": " no"},                     # 1 kept (record 0)
-    "",                                                                        # 2 blank: not a record
-    "{not json",                                                               # 3
-    {"prompt": "Q", "chosen": " a"},                                           # 4
-    {"prompt": "Q", "chosen": 5, "rejected": " b"},                            # 5
-    {"prompt": "Q", "chosen": " a", "rejected": " b", "label": 1.5},           # 6
-    {"prompt": "Q", "chosen": "  \n", "rejected": " b"},                       # 7
-    {"prompt": "Q", "chosen": " same", "rejected": " same"},                   # 8
-    "   ",                                                                     # 9 blank
-    {"prompt": "", "chosen": " a", "rejected": " b"},                          # 10
-    "[1, 2]",                                                                  # 11
-    {"prompt": [{"role": "user", "content": "hi"}], "chosen": " a", "rejected": " b"},  # 12
-    {"prompt": "Q", "chosen": " a", "rejected": " b", "label": -0.1},          # 13
-    {"prompt": 3, "chosen": " a", "rejected": " b"},                           # 14
-    {"prompt": "Q", "chosen": " a", "rejected": " b", "label": True},          # 15
-    {"prompt": "Q16", "chosen": " up", "rejected": " down", "label": 0.25},    # 16 kept (record 13)
-]
-# line -> (reason, words the reason must contain)
-BAD_EXPECTED = {
-    3: ("malformed", ["not valid JSON"]),
-    4: ("malformed", ["missing", "'rejected'"]),
-    5: ("malformed", ["'chosen'", "string", "int"]),
-    6: ("malformed", ["'label'", "1.5"]),
-    7: ("empty_response", []),
-    8: ("identical_responses", []),
-    10: ("empty_prompt", []),
-    11: ("malformed", ["JSON object", "list"]),
-    12: ("malformed", ["--chat-template"]),
-    13: ("malformed", ["'label'", "-0.1"]),
-    14: ("malformed", ["'prompt'"]),
-    15: ("malformed", ["'label'", "True"]),
-}
-
-
-@pytest.fixture
-def bad_jsonl(tmp_path) -> Path:
-    path = write_jsonl(tmp_path / "bad.jsonl", BAD_LINES)
-    path.write_text(path.read_text()[:-1])  # the last line has no newline
-    return path
-
-
-def test_malformed_records_reported_with_line_and_reason(tmp_path, bad_jsonl, gpt2_dir):
-    out = tmp_path / "out"
-    summary = prepare(bad_jsonl, gpt2_dir, out, samples_per_shard=4)
-    report = read_report(out)
-    assert report["records"] == 14  # blank lines are not records
-    drops = dropped(out)
-    assert [int(where.split()[1]) for where, _ in drops] == sorted(BAD_EXPECTED)
-    for where, reason in drops:
-        expected_reason, words = BAD_EXPECTED[int(where.split()[1])]
-        assert reason.split(":")[0] == expected_reason, (where, reason)
-        for word in words:
-            assert word in reason, (where, reason)
-    assert summary["dropped"] == {"malformed": 9, "empty_response": 1, "identical_responses": 1, "empty_prompt": 1}
-    # Records 0-3 | 4-7 | 8-11 | 12-13: the two middle shards keep nothing and are not listed or written.
-    manifest = Manifest.read(out, "pairs")
-    assert [(s.name, s.num_samples) for s in manifest.shards] == [(shard_name(0), 1), (shard_name(3), 1)]
-    assert sorted(p.name for p in out.glob("*.tar")) == [shard_name(0), shard_name(3)]
-    samples = read_samples(out)
-    assert [(key, meta["where"], meta["prompt"], meta["label"]) for _, key, meta, _ in samples] == [
-        ("000000000", "line 1", "Q1", None), ("000000013", "line 16", "Q16", 0.25)]
-
-
-def test_strict_raises_on_first_bad_record_and_leaves_no_shard(tmp_path, bad_jsonl, gpt2_dir):
-    out = tmp_path / "out"
-    with pytest.raises(ValueError) as error:
-        prepare(bad_jsonl, gpt2_dir, out, samples_per_shard=100, strict=True)
-    message = str(error.value)
-    assert f"{bad_jsonl}: line 3:" in message and "not valid JSON" in message
-    assert leftovers(out) == []
-    assert not (out / MANIFEST_NAME).exists() and not (out / REPORT_NAME).exists()
-
-
-def test_blank_response_found_by_strict_after_blank_lines(tmp_path, gpt2_dir):
-    path = write_jsonl(tmp_path / "x.jsonl", ["", {"prompt": "Q", "chosen": " a", "rejected": " b"}, "",
-                                               {"prompt": "Q", "chosen": " a", "rejected": ""}])
-    with pytest.raises(ValueError, match=r"x\.jsonl: line 4: empty_response"):
-        prepare(path, gpt2_dir, tmp_path / "out", strict=True)
-    assert leftovers(tmp_path / "out") == []
-
-
-def test_soft_labels_are_stored(tmp_path, gpt2_dir):
-    labels = [0.7, "absent", 0, 1, None, 0.5]
-    records = []
-    for i, label in enumerate(labels):
-        record = {"prompt": f"Question {i}?", "chosen": f" answer {i}", "rejected": f" other {i}"}
-        if label != "absent":
-            record["label"] = label
-        records.append(record)
-    out = tmp_path / "out"
-    prepare(write_jsonl(tmp_path / "labels.jsonl", records), gpt2_dir, out, samples_per_shard=4)
-    stored = [meta["label"] for _, _, meta, _ in read_samples(out)]
-    assert stored == [0.7, None, 0.0, 1.0, None, 0.5]
-    assert all(label is None or isinstance(label, float) for label in stored)
-
-
-def test_empty_prompt_dropped_with_bos_tokenizer(tmp_path, stories_dir):
-    """An empty prompt is empty whether or not the tokenizer adds BOS (it must not become a BOS-only prompt)."""
-    path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "", "chosen": " a", "rejected": " b"},
-                                              {"prompt": "Once", "chosen": " upon", "rejected": " a time"}])
-    out = tmp_path / "out"
-    prepare(path, stories_dir, out)
-    assert dropped(out) == [("line 1", "empty_prompt")]
-    assert [meta["where"] for _, _, meta, _ in read_samples(out)] == ["line 2"]
-
-
-def test_blank_prompt_is_empty(tmp_path, gpt2_dir):
-    path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": " \n ", "chosen": " a", "rejected": " b"},
-                                              {"prompt": "Q", "chosen": " a", "rejected": " b"}])
-    prepare(path, gpt2_dir, tmp_path / "out")
-    assert dropped(tmp_path / "out") == [("line 1", "empty_prompt")]
-
-
-def test_non_strict_rerun_completes_what_strict_stopped(tmp_path, gpt2_dir):
-    good = [{"prompt": f"Q{i}", "chosen": f" a{i}", "rejected": f" b{i}"} for i in range(6)]
-    path = write_jsonl(tmp_path / "x.jsonl", good[:4] + [{"prompt": "Q", "chosen": " a", "rejected": ""}] + good[4:])
-    out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"line 5: empty_response"):
-        prepare(path, gpt2_dir, out, samples_per_shard=2, strict=True)
-    assert (out / shard_name(0)).exists()  # shards before the bad record were finished
-    summary = prepare(path, gpt2_dir, out, samples_per_shard=2)
-    assert summary["kept"] == 6 and dropped(out) == [("line 5", "empty_response")]
-
-
-# ---------------------------------------------------------------------------- 5. Parquet
+# ---------------------------------------------------------------------------- Parquet
 
 
 def test_parquet_gives_the_same_samples_as_jsonl(tmp_path, pairs_records, gpt2_dir):
@@ -498,28 +236,7 @@ def test_parquet_gives_the_same_samples_as_jsonl(tmp_path, pairs_records, gpt2_d
     assert from_parquet[3][2]["label"] == 0.25
 
 
-# ---------------------------------------------------------------------------- 6. several processes
-
-
-def test_torchrun_two_processes_writes_the_same_files(tmp_path, pairs_run, pairs_jsonl, gpt2_dir):
-    out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-               str(REPO / "tools" / "prepare_pairs.py"), "--input", str(pairs_jsonl), "--tokenizer", str(gpt2_dir),
-               "--out", str(out), "--samples-per-shard", str(PER_SHARD)]
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "2307 records -> 2303 pairs in 8 shards" in result.stderr
-    single, multi = tree(pairs_run[0]), tree(out)
-    assert sorted(multi) == sorted(single)
-    assert sum(name.endswith(".tar") and "/" not in name for name in multi) == 8
-    for name in single:  # every shard tar, the stats, manifest.json and the report: byte-identical
-        assert multi[name] == single[name], name
-
-
-# ---------------------------------------------------------------------------- 7. resume, foreign folders
+# ---------------------------------------------------------------------------- reruns, foreign folders
 
 
 def test_rerun_rewrites_a_missing_shard_identically_and_skips_the_rest(tmp_path, pairs_run, pairs_jsonl, gpt2_dir):
@@ -557,7 +274,7 @@ def test_foreign_output_folder_is_refused_and_an_empty_one_is_used(tmp_path, bad
     assert prepare(bad_jsonl, gpt2_dir, empty)["kept"] == 2
 
 
-# ---------------------------------------------------------------------------- 8. argument errors
+# ---------------------------------------------------------------------------- argument errors
 
 
 def test_argument_errors_name_the_option_or_file(tmp_path, bad_jsonl, gpt2_dir):
@@ -578,39 +295,6 @@ def test_argument_errors_name_the_option_or_file(tmp_path, bad_jsonl, gpt2_dir):
     with pytest.raises(ValueError, match="--samples-per-shard"):
         prepare(bad_jsonl, gpt2_dir, out, samples_per_shard=0)
     assert not out.exists()  # nothing is created before the arguments are checked
-
-
-@pytest.mark.parametrize("case", ["input", "tokenizer", "lengths"])
-def test_cli_exits_2_with_a_one_line_message(case, tmp_path, bad_jsonl, gpt2_dir):
-    args = {"input": str(bad_jsonl), "tokenizer": str(gpt2_dir), "out": str(tmp_path / "out")}
-    extra, expected = [], []
-    if case == "input":
-        args["input"], expected = str(tmp_path / "nope.jsonl"), ["--input", "nope.jsonl"]
-    elif case == "tokenizer":
-        args["tokenizer"], expected = str(tmp_path / "no-tokenizer"), ["no-tokenizer"]
-    else:
-        extra, expected = ["--max-length", "32", "--max-prompt-length", "32"], ["--max-prompt-length", "--max-length"]
-    result = run_prepare_pairs(*[item for key, value in args.items() for item in (f"--{key}", value)], *extra)
-    assert result.returncode == 2, result.stderr[-3000:]
-    [line] = result.stderr.strip().splitlines()  # one line, no traceback
-    assert line.startswith("prepare_pairs: error:")
-    for word in expected:
-        assert word in line
-    assert not (tmp_path / "out").exists()
-
-
-def test_default_prompt_limit_follows_a_smaller_max_length(tmp_path, subset_jsonl, gpt2_dir):
-    assert PrepareOptions().max_prompt_length == 512
-    assert PrepareOptions(max_length=512).max_prompt_length == 256
-    assert PrepareOptions(max_length=4096).max_prompt_length == 512
-    assert PrepareOptions(max_length=512, max_prompt_length=400).max_prompt_length == 400
-    out = tmp_path / "out"
-    result = run_prepare_pairs("--input", subset_jsonl, "--tokenizer", gpt2_dir, "--out", out, "--max-length", 64)
-    assert result.returncode == 0, result.stderr[-3000:]
-    manifest = Manifest.read(out, "pairs")
-    assert manifest.info["options"]["max_prompt_length"] == 32 and manifest.info["options"]["max_length"] == 64
-    samples = read_samples(out)
-    assert len(samples) == 199 and max(len(arrays["prompt_ids"]) for _, _, _, arrays in samples) == 32
 
 
 def test_no_sequence_length_warning_for_texts_that_are_truncated(tmp_path, gpt2_dir):
@@ -636,139 +320,3 @@ def test_no_sequence_length_warning_for_texts_that_are_truncated(tmp_path, gpt2_
     finally:
         logger.removeHandler(handler)
     assert not any("Token indices sequence length" in r.getMessage() for r in records)
-
-
-TOOLS = sorted(path.name for path in (REPO / "tools").glob("*.py"))
-
-
-def test_every_tool_help_shows_its_defaults():
-    assert "prepare_pairs.py" in TOOLS and len(TOOLS) >= 8
-    jobs = {tool: subprocess.Popen([sys.executable, str(REPO / "tools" / tool), "--help"], env=SUBPROCESS_ENV, cwd=REPO,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for tool in TOOLS}
-    helps = {}
-    for tool, job in jobs.items():
-        helps[tool], err = job.communicate(timeout=300)
-        assert job.returncode == 0, (tool, err[-3000:])
-        assert "(default: " in helps[tool], tool
-    flat = {tool: " ".join(text.split()) for tool, text in helps.items()}  # argparse wraps lines
-    assert "--max-length MAX_LENGTH max prompt + response tokens (default: 1024)" in flat["prepare_pairs.py"]
-    assert "(default: 512, or half of a smaller --max-length)" in flat["prepare_pairs.py"]
-    assert "(default: None)" not in flat["prepare_pairs.py"]
-    for tool in ("prepare_pairs.py", "score_reference.py", "sample_reference.py"):  # the tools that compute
-        assert "--threads THREADS CPU threads per process" in flat[tool] and "(default: 0)" in flat[tool], tool
-
-
-# ---------------------------------------------------------------------------- 9. chat template
-
-
-HH_DIALOGUE = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke."
-
-
-def test_chat_template_renders_hh_and_message_prompts(tmp_path, template_tokenizer_dir, gpt2):
-    tokenizer = load_tokenizer(template_tokenizer_dir)
-    assert tokenizer.chat_template == TEMPLATE
-    hh = write_jsonl(tmp_path / "hh.jsonl", [
-        {"chosen": HH_DIALOGUE + ASSISTANT + " Why did the chicken cross the road?", "rejected": HH_DIALOGUE + ASSISTANT + " No."},
-    ])
-    out = tmp_path / "hh-out"
-    prepare(hh, template_tokenizer_dir, out, chat_template=True)
-    [(_, _, meta, arrays)] = read_samples(out)
-    assert meta["prompt"] == HH_DIALOGUE + ASSISTANT
-    prompt = decode(tokenizer, arrays["prompt_ids"])
-    assert prompt == "<|user|>Hi there\n<|assistant|>Hello! How can I help?\n<|user|>Tell me a joke.\n<|assistant|>"
-    assert prompt.count("<|user|>") == 2 and prompt.endswith("<|assistant|>")
-    assert decode(tokenizer, arrays["chosen_ids"]) == " Why did the chicken cross the road?" + GPT2_EOS_TEXT
-    assert decode(tokenizer, arrays["rejected_ids"]) == " No." + GPT2_EOS_TEXT
-    manifest = Manifest.read(out, "pairs")
-    assert manifest.tokenizer_hash == tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(gpt2)
-
-    messages = write_jsonl(tmp_path / "messages.jsonl", [
-        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "chosen": " Hello", "rejected": " Go"},
-        {"prompt": "Plain question?", "chosen": " yes", "rejected": " no"},
-    ])
-    out = tmp_path / "messages-out"
-    prepare(messages, template_tokenizer_dir, out, chat_template=True)
-    prompts = [decode(tokenizer, arrays["prompt_ids"]) for _, _, _, arrays in read_samples(out)]
-    assert prompts == ["<|system|>Be brief.\n<|user|>Hi\n<|assistant|>", "<|user|>Plain question?\n<|assistant|>"]
-
-
-def test_chat_template_flag_without_a_template_is_an_error(tmp_path, gpt2_dir, gpt2):
-    assert gpt2.chat_template is None
-    hh = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": HH_DIALOGUE + ASSISTANT + " A", "rejected": HH_DIALOGUE + ASSISTANT + " B"}])
-    with pytest.raises(ValueError, match="--chat-template"):
-        prepare(hh, gpt2_dir, tmp_path / "out", chat_template=True)
-    assert leftovers(tmp_path / "out") == []
-    assert prepare(hh, gpt2_dir, tmp_path / "out")["kept"] == 1  # the failed run did not claim --out
-
-
-# ---------------------------------------------------------------------------- 10. tokenizer fingerprint
-
-
-def test_tokenizer_fingerprint(tmp_path, gpt2_dir, stories_dir, gpt2, template_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    assert tokenizer_fingerprint(gpt2) == tokenizer_fingerprint(load_tokenizer(gpt2_dir))
-    copy = tmp_path / "copy"
-    AutoTokenizer.from_pretrained(str(gpt2_dir), local_files_only=True).save_pretrained(str(copy))
-    assert tokenizer_fingerprint(load_tokenizer(copy)) == tokenizer_fingerprint(gpt2)
-    stories = load_tokenizer(stories_dir)
-    assert tokenizer_fingerprint(stories) == tokenizer_fingerprint(load_tokenizer(stories_dir))
-    assert tokenizer_fingerprint(stories) != tokenizer_fingerprint(gpt2)
-    assert tokenizer_fingerprint(load_tokenizer(template_tokenizer_dir)) != tokenizer_fingerprint(gpt2)
-    assert tokenizer_fingerprint(gpt2).startswith("sha256:")
-
-
-# ---------------------------------------------------------------------------- tool errors (issue 11, point 7)
-
-GOOD = [{"prompt": f"Q{i}", "chosen": f" a{i}", "rejected": f" b{i}"} for i in range(4)]
-
-
-def test_a_shard_of_only_malformed_records_is_reported_not_a_crash(tmp_path, gpt2_dir):
-    path = write_jsonl(tmp_path / "x.jsonl", GOOD[:2] + ["{not json", {"prompt": "Q"}] + GOOD[2:])
-    out = tmp_path / "out"
-    summary = prepare(path, gpt2_dir, out, samples_per_shard=2)  # shard 1 holds lines 3 and 4 only
-    assert summary["kept"] == 4 and summary["dropped"] == {"malformed": 2}
-    assert [where for where, _ in dropped(out)] == ["line 3", "line 4"]
-    assert [s.name for s in Manifest.read(out).shards] == [shard_name(0), shard_name(2)]
-
-
-def test_strict_stops_at_a_malformed_shards_first_record_and_a_fixed_rerun_starts_fresh(tmp_path, gpt2_dir):
-    path = write_jsonl(tmp_path / "x.jsonl", ["{not json", {"prompt": "Q"}] + GOOD)
-    out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"x\.jsonl: line 1: malformed: not valid JSON"):
-        prepare(path, gpt2_dir, out, samples_per_shard=2, strict=True, format="jsonl")
-    assert not out.exists() or sorted(p.name for p in out.rglob("*")) == []  # no claim, no .prepare/ left behind
-    write_jsonl(path, GOOD)  # the input fixed (another size): the rerun is not refused
-    assert prepare(path, gpt2_dir, out, samples_per_shard=2, strict=True)["kept"] == 4
-
-
-def test_a_claim_without_output_does_not_block_a_rerun_with_other_settings(tmp_path, gpt2_dir):
-    from mpo_dist.producers.job import JOB_FILE
-
-    out = tmp_path / "out"
-    (out / STATS_DIR).mkdir(parents=True)
-    (out / JOB_FILE).write_text(json.dumps({"options": "older run that wrote nothing"}))
-    assert prepare(write_jsonl(tmp_path / "x.jsonl", GOOD), gpt2_dir, out)["kept"] == 4
-
-
-@pytest.mark.parametrize("compress", [False, True])
-def test_an_invalid_utf8_byte_is_one_malformed_record_with_its_line(tmp_path, gpt2_dir, compress):
-    lines = [json.dumps(record).encode() for record in GOOD]
-    lines[2] = lines[2].replace(b"Q2", b"Q\xff2")
-    data = b"\n".join(lines) + b"\n"
-    path = tmp_path / ("x.jsonl.gz" if compress else "x.jsonl")
-    path.write_bytes(gzip.compress(data) if compress else data)
-    out = tmp_path / "out"
-    summary = prepare(path, gpt2_dir, out, format="jsonl" if compress else "auto")
-    assert summary["kept"] == 3
-    assert dropped(out) == [("line 3", "malformed: not valid UTF-8 (byte 0xff at column 14)")]
-    with pytest.raises(ValueError, match=r"x\.jsonl(\.gz)?: line 3: malformed: not valid UTF-8"):
-        prepare(path, gpt2_dir, tmp_path / "strict", strict=True, format="jsonl")
-
-
-def test_an_invalid_utf8_byte_in_the_first_record_still_tells_the_format(tmp_path, gpt2_dir):
-    path = tmp_path / "x.jsonl"
-    path.write_bytes(json.dumps(GOOD[0]).encode().replace(b"Q0", b"Q\xfe") + b"\n" + json.dumps(GOOD[1]).encode() + b"\n")
-    out = tmp_path / "out"
-    assert prepare(path, gpt2_dir, out)["kept"] == 1
-    assert dropped(out)[0][0] == "line 1" and "not valid UTF-8" in dropped(out)[0][1]

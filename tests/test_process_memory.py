@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import SUBPROCESS_ENV
+from support import SUBPROCESS_ENV
 from mpo_dist.process_memory import (ProcessPeak, ProcessTreeMonitor, assign_roles, describe_peaks, read_peak_bytes,
                                      read_rank)
 
@@ -49,6 +49,7 @@ def wait_ready(process: subprocess.Popen, count: int = 3) -> None:
         assert process.stdout.readline().endswith("ready\n")
 
 
+@pytest.mark.dist
 def test_roles_and_the_allocating_rank_peak(tmp_path):
     root = start_tree(tmp_path, SUBPROCESS_ENV)
     try:
@@ -67,6 +68,7 @@ def test_roles_and_the_allocating_rank_peak(tmp_path):
     assert [peak.role for peak in monitor.peaks()] == ["launcher", "rank 0", "rank 0 worker"]  # table order
 
 
+@pytest.mark.dist
 def test_a_root_with_rank_is_that_rank(tmp_path):
     root = start_tree(tmp_path, {**SUBPROCESS_ENV, "RANK": "3"})
     try:
@@ -81,6 +83,7 @@ def test_a_root_with_rank_is_that_rank(tmp_path):
     assert sorted(peak.role for peak in monitor.peaks()) == ["rank 3", "rank 3 worker", "rank 3 worker"]
 
 
+@pytest.mark.unit
 def test_assign_roles_topmost_rank_wins():
     parents = {1: 0, 2: 1, 3: 1, 4: 2, 5: 4, 6: 1, 7: 6}
     ranks = {2: 0, 3: 1, 4: 0, 7: 5}  # 4: a DataLoader worker inheriting RANK=0; 6: no RANK
@@ -88,6 +91,7 @@ def test_assign_roles_topmost_rank_wins():
         1: "launcher", 2: "rank 0", 3: "rank 1", 4: "rank 0 worker", 5: "rank 0 worker", 6: "other", 7: "rank 5"}
 
 
+@pytest.mark.unit
 def test_vanished_process_reads_as_none():
     never = 2**22 + 1  # above the largest pid_max Linux allows: never a live pid
     assert read_peak_bytes(never) is None and read_rank(never) is None
@@ -97,6 +101,7 @@ def test_vanished_process_reads_as_none():
     assert monitor.peaks() == []
 
 
+@pytest.mark.unit
 def test_describe_peaks_table_and_total():
     text = describe_peaks([ProcessPeak(10, "launcher", 100 * MIB), ProcessPeak(11, "rank 0", 300 * MIB)])
     lines = text.splitlines()

@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import QUIET, REPO, SUBPROCESS_ENV as ENV, free_port, worker_pids
+from support import QUIET, REPO, SUBPROCESS_ENV as ENV, free_port, worker_pids
 from mpo_dist.producers.prepare import PrepareOptions, prepare_pairs
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardError, ShardInfo
 from mpo_dist.producers.job import manifest_fingerprint
@@ -47,6 +48,7 @@ def stories(stories_inputs):
 # ------------------------------------------------------------------------------------------- scoring
 
 
+@pytest.mark.e2e
 def test_scoring_does_not_depend_on_the_number_of_processes(stories, tmp_path):
     common = ["--model", stories["model"], "--pairs", stories["pairs"], "--batch-size", 4, "--dtype", "float32"]
     run_tool("score_reference.py", *common, "--out", tmp_path / "one")
@@ -64,15 +66,18 @@ def test_scoring_does_not_depend_on_the_number_of_processes(stories, tmp_path):
     assert manifest.info["model"]["tokenizer_hash"] == manifest.tokenizer_hash
 
 
+@pytest.mark.unit
 def test_scored_logps_equal_the_trainers_at_step_0(stories, tmp_path, one_process_group):
     """The trainer's path (meta init, FSDP2, DCP weight loading, FSDP forward method) reproduces the
     scored reference log-probs of the same model, pair by pair."""
     from mpo_dist.config import ModelConfig, ParallelConfig
-    from mpo_dist.data.collate import batch_documents, collate_pairs
+    from mpo_dist.batch import MicroBatch
+    from mpo_dist.data.collate import collate_pairs
     from mpo_dist.data.layout import lay_out
     from mpo_dist.data.samples import PairSource
-    from mpo_dist.logprobs import batch_logprobs
+    from mpo_dist.flops import CostModel
     from mpo_dist.model import build_model, materialize_model
+    from mpo_dist.objective import policy_logprobs
     from mpo_dist.parallelize import apply_fsdp, build_mesh
     from mpo_dist.producers.score import score_pairs
     from transformers import AutoModelForCausalLM
@@ -85,15 +90,17 @@ def test_scored_logps_equal_the_trainers_at_step_0(stories, tmp_path, one_proces
     materialize_model(policy, config, torch.device("cpu"), seed=0)
     source = PairSource(stories["pairs"], tmp_path / "ref")
     samples = [source.read(i) for i in range(len(source.shards))]
-    documents = batch_documents(collate_pairs(samples, np.zeros(len(samples), bool)))
-    size = len(samples)
+    pairs = collate_pairs(samples, np.zeros(len(samples), bool))
     stored = torch.tensor([[s["ref_chosen_logp"] for s in samples], [s["ref_rejected_logp"] for s in samples]])
     for packing in ("never", "always"):  # the trainer's two layouts
+        layout = partial(lay_out, packing=packing, pad_token_id=0, cost=CostModel.of(policy).layout_cost)
+        batch = MicroBatch.build(pairs, None, layout)
         with torch.no_grad():
-            logps = batch_logprobs(policy, lay_out(documents, packing=packing, pad_token_id=0)).logps
-        torch.testing.assert_close(torch.stack([logps[:size], logps[size:]]), stored, rtol=2e-6, atol=1e-4)
+            logps = policy_logprobs(policy, batch).logps
+        torch.testing.assert_close(torch.stack([batch.chosen(logps), batch.rejected(logps)]), stored, rtol=2e-6, atol=1e-4)
 
 
+@pytest.mark.e2e
 def test_a_tokenizer_that_did_not_make_the_pairs_is_refused(stories, tmp_path, shared_data):
     from transformers import AutoTokenizer
 
@@ -135,6 +142,7 @@ def several_stops_model(stories, tmp_path_factory):
     return folder
 
 
+@pytest.mark.e2e
 def test_sampling_is_identical_on_1_process_2_processes_and_2_nodes(stories, several_stops_model, tmp_path):
     common = ["--model", several_stops_model, "--pairs", stories["pairs"], *SAMPLING, "--dtype", "float32"]
     run_tool("sample_reference.py", *common, "--out", tmp_path / "one")
@@ -164,6 +172,7 @@ def test_sampling_is_identical_on_1_process_2_processes_and_2_nodes(stories, sev
     assert len({length for _, _, length in ends}) > 5
 
 
+@pytest.mark.unit
 def test_stored_logp_ref_equals_a_rescoring_and_samples_read_like_stories(stories, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -196,6 +205,7 @@ def test_stored_logp_ref_equals_a_rescoring_and_samples_read_like_stories(storie
     assert len(set(texts)) > 1 and all(text.split() for text in texts)  # distinct stories, made of words
 
 
+@pytest.mark.e2e
 def test_sigkill_of_one_rank_then_rerun_gives_the_uninterrupted_output(stories, tmp_path):
     common = ["--model", stories["model"], "--pairs", stories["pairs"], "--num-samples", 3, "--max-new-tokens", 48,
               "--seed", 5, "--batch-size", 4]
@@ -220,6 +230,7 @@ def test_sigkill_of_one_rank_then_rerun_gives_the_uninterrupted_output(stories, 
     assert not list(out.glob(".*.tmp-*"))
 
 
+@pytest.mark.e2e
 def test_bad_sampling_parameters_are_refused(stories, tmp_path):
     result = run_tool("sample_reference.py", "--model", stories["model"], "--pairs", stories["pairs"], "--out", tmp_path,
                       "--num-samples", 1, "--max-new-tokens", 8, "--top-p", 0, check=False)
@@ -232,6 +243,7 @@ def test_bad_sampling_parameters_are_refused(stories, tmp_path):
     assert not (tmp_path / "ref").exists()
 
 
+@pytest.mark.unit
 def test_any_of_several_eos_ids_ends_a_response(stories):
     """Chat models stop at any of several tokens (e.g. end of turn): each one ends a sample."""
     from transformers import AutoModelForCausalLM
@@ -248,6 +260,7 @@ def test_any_of_several_eos_ids_ends_a_response(stories):
     assert reason == "eos" and cut.tolist() == text[: first + 1].tolist()
 
 
+@pytest.mark.e2e
 def test_a_rerun_with_other_settings_is_refused(stories, tmp_path):
     common = ["--model", stories["model"], "--pairs", stories["pairs"], "--out", tmp_path / "dref",
               "--num-samples", 1, "--max-new-tokens", 4]
@@ -266,6 +279,7 @@ def test_a_rerun_with_other_settings_is_refused(stories, tmp_path):
 # ------------------------------------------------------------------------------------------- hostile input
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("tool", ["score", "sample"])
 def test_a_pairs_manifest_naming_a_shard_outside_its_folder_writes_nothing_outside_out(tmp_path, tool):
     """A pairs manifest naming `../../victim.tar` is refused before any output is written."""
@@ -284,6 +298,7 @@ def test_a_pairs_manifest_naming_a_shard_outside_its_folder_writes_nothing_outsi
     assert not (tmp_path / "victim.tar").exists() and not out.exists()
 
 
+@pytest.mark.unit
 def test_the_shard_job_refuses_a_path_as_an_output_name(tmp_path):
     from mpo_dist.producers.job import run_shard_job
 
@@ -296,6 +311,7 @@ def test_the_shard_job_refuses_a_path_as_an_output_name(tmp_path):
 # ------------------------------------------------------------------------------------------- importing D_ref
 
 
+@pytest.mark.e2e
 def test_imported_responses_give_the_shards_sample_reference_wrote(stories, tmp_path):
     """D_ref made by another engine: its responses (here sample_reference's own, as token ids) imported
     with import_dref give byte-identical shards, logp_ref re-scored by the same code."""
@@ -318,6 +334,7 @@ def test_imported_responses_give_the_shards_sample_reference_wrote(stories, tmp_
     assert Manifest.read(tmp_path / "imported", "dref").shards == manifest.shards  # names, counts, lengths
 
 
+@pytest.mark.unit
 def test_imported_text_is_tokenized_and_bad_lines_are_named(stories, tmp_path):
     from mpo_dist.errors import InputError
     from mpo_dist.producers.import_dref import read_external_responses

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import mpo_dist.trainer as trainer_module
-from conftest import Counter, QUIET, TRAIN_CONFIG, toy_overrides, train
+import mpo_dist.objective as objective_module
+from support import Counter, QUIET, TRAIN_CONFIG, toy_overrides, train
 from mpo_dist.checkpoint import Checkpointer, DamagedCheckpointError, ModelOptimizerState, complete_checkpoints
 from mpo_dist.config import load_config
 from mpo_dist.errors import InputError
+from mpo_dist.metrics_file import read_metrics
 from mpo_dist.optim import lr_multiplier
 from mpo_dist.run_lock import LOCK_NAME, OutputDirLockedError, RunLock
 from mpo_dist.finite_guard import NonFiniteError
@@ -60,7 +61,7 @@ def state_of(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def inject_nan(monkeypatch, trainer: Trainer, steps: set[int], snapshots: dict[int, dict] | None = None) -> None:
     """Make the policy log-probs NaN in `steps` (1-based); record state_of(trainer) as each step starts."""
-    real = trainer_module.batch_logprobs
+    real = objective_module.batch_logprobs  # the objective's forward: the trainer's step
 
     def poisoned(model, *args, **kwargs):
         step = trainer.step + 1
@@ -69,11 +70,7 @@ def inject_nan(monkeypatch, trainer: Trainer, steps: set[int], snapshots: dict[i
         out = real(model, *args, **kwargs)
         return dataclasses.replace(out, logps=out.logps + float("nan")) if step in steps else out
 
-    monkeypatch.setattr(trainer_module, "batch_logprobs", poisoned)
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    monkeypatch.setattr(objective_module, "batch_logprobs", poisoned)
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -84,6 +81,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 # ---------------------------------------------------------------------------------------- the step
 
+@pytest.mark.unit
 def test_a_non_finite_step_is_skipped_counted_and_resumed(make_trainer, monkeypatch, tmp_path):
     run = tmp_path / "run"
     trainer = make_trainer(run, **{"training.steps": 3, "optim.warmup_steps": 0})
@@ -93,7 +91,7 @@ def test_a_non_finite_step_is_skipped_counted_and_resumed(make_trainer, monkeypa
     assert_same(snapshots[2], snapshots[3])  # step 2 changed neither parameters nor optimizer state
     assert not all(torch.equal(snapshots[1][k], snapshots[2][k]) for k in snapshots[1] if k.startswith("param."))
     assert {int(v) for k, v in snapshots[3].items() if k.endswith(".step")} == {1}  # AdamW stepped once
-    logged = records(run)
+    logged = read_metrics(run)
     assert [r["optim/skipped_steps"] for r in logged] == [0, 1, 1]
     assert "loss/total" not in logged[1] and all(torch.isfinite(torch.tensor(r["loss/total"])) for r in (logged[0], logged[2]))
     # The schedule kept stepping: step 3's learning rate is the one it has without a skip.
@@ -105,6 +103,7 @@ def test_a_non_finite_step_is_skipped_counted_and_resumed(make_trainer, monkeypa
     assert resumed.step == 3 and resumed.guard.skipped_steps == 1 and resumed.guard.in_a_row == 0
 
 
+@pytest.mark.unit
 def test_non_finite_steps_in_a_row_stop_the_run_and_the_last_finite_checkpoint_survives(make_trainer, monkeypatch, tmp_path):
     run = tmp_path / "run"
     trainer = make_trainer(run, **{"training.steps": 8, "checkpoint.interval": 1, "checkpoint.keep": 1,
@@ -120,7 +119,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_the_last_finite_checkpoint_s
     assert "step-00000004" in message  # the newest checkpoint, named
     # Skipped steps do not corrupt: steps 3 and 4 were saved (state as after step 2), step 5 was not.
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step-00000004"]
-    assert records(run)[-1]["step"] == 5 and records(run)[-1]["optim/skipped_steps"] == 3
+    assert read_metrics(run)[-1]["step"] == 5 and read_metrics(run)[-1]["optim/skipped_steps"] == 3
     trainer.close()
     monkeypatch.undo()
     resumed = make_trainer(run, **{"training.steps": 8})
@@ -129,6 +128,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_the_last_finite_checkpoint_s
     assert_same(state, snapshots[3])  # the checkpoint holds the state after step 2, the last update
 
 
+@pytest.mark.unit
 def test_non_finite_parameters_are_never_saved(make_trainer, tmp_path):
     """An update that overflows with a finite gradient (not a skipped step) must not be saved: with
     checkpoint.keep=1 its pruning would delete the last finite checkpoint."""
@@ -181,6 +181,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path, damage):
     model, optimizer = saved_steps(tmp_path)
@@ -202,6 +203,7 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(tmp_path, damage):
         loader.resume(set_aside, {"model_optimizer": ModelOptimizerState(model, optimizer), "counter": Counter()}, {})
 
 
+@pytest.mark.unit
 def test_resume_auto_with_every_checkpoint_damaged_is_an_input_error(tmp_path):
     model, optimizer = saved_steps(tmp_path)
     for folder in complete_checkpoints(tmp_path):
@@ -213,6 +215,7 @@ def test_resume_auto_with_every_checkpoint_damaged_is_an_input_error(tmp_path):
     assert Checkpointer(tmp_path / "none", 2, 0, 0, 1, log=QUIET).resume("auto", {}, {}) == (None, {})
 
 
+@pytest.mark.unit
 def test_a_save_that_does_not_complete_prunes_nothing(tmp_path):
     model, optimizer = saved_steps(tmp_path, steps=(1,), keep=1)
     saver = Checkpointer(tmp_path, 1, rank=0, dp_rank=0, dp_world_size=1, log=QUIET)
@@ -227,6 +230,7 @@ def test_a_save_that_does_not_complete_prunes_nothing(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000002"]
 
 
+@pytest.mark.e2e
 def test_two_ranks_agree_to_fall_back_past_a_damaged_checkpoint(toy_inputs, tmp_path):
     run = tmp_path / "run"
     train(*toy_overrides(toy_inputs, run, **{"training.steps": 2, "checkpoint.interval": 1}))
@@ -234,11 +238,12 @@ def test_two_ranks_agree_to_fall_back_past_a_damaged_checkpoint(toy_inputs, tmp_
     result = train(*toy_overrides(toy_inputs, run, **{"training.steps": 3, "checkpoint.interval": 1}))
     assert f"checkpoint {run / 'checkpoints' / 'step-00000002'} is damaged" in result.stdout
     assert f"resumed from {run / 'checkpoints' / 'step-00000001'}" in result.stdout
-    assert [r["step"] for r in records(run)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step-00000002", "step-00000003"]
     assert (run / "checkpoints" / "step-00000002" / "checkpoint.json").is_file()  # re-saved over the damaged one
 
 
+@pytest.mark.unit
 def test_after_a_fallback_pruning_keeps_the_new_checkpoints_not_the_damaged_later_one(tmp_path):
     model, optimizer = saved_steps(tmp_path, steps=(1, 2, 3), keep=3)
     truncate(tmp_path / "step-00000003")  # the run falls back to step 2 and goes on
@@ -250,6 +255,7 @@ def test_after_a_fallback_pruning_keeps_the_new_checkpoints_not_the_damaged_late
     assert saver.resume("auto", {"model_optimizer": ModelOptimizerState(model, optimizer)}, {})[0].name == "step-00000003"
 
 
+@pytest.mark.unit
 def test_a_damaged_later_checkpoint_is_set_aside_so_pruning_keeps_the_intact_one(tmp_path):
     """Resumed past a damaged step 3, the run saves step 4 (not 3): with keep=2 the intact step 2 must
     stay, not be pruned in favour of the damaged one."""
@@ -277,6 +283,7 @@ def write_lock(folder: Path, pid: int, host: str, age_s: float = 0.0) -> None:
     os.utime(folder / LOCK_NAME, (beat, beat))
 
 
+@pytest.mark.unit
 def test_a_second_lock_on_one_folder_is_refused_until_released(tmp_path):
     first = RunLock(tmp_path, log=QUIET)
     first.acquire()
@@ -294,6 +301,7 @@ def test_a_second_lock_on_one_folder_is_refused_until_released(tmp_path):
     second.release()
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("case", ["dead process on this host", "no heartbeat from another host"])
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, case):
     if case == "dead process on this host":
@@ -313,6 +321,7 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, case):
         lock.release()
 
 
+@pytest.mark.unit
 def test_a_live_lock_of_another_host_is_respected_and_the_heartbeat_keeps_ours_fresh(tmp_path):
     write_lock(tmp_path / "theirs", 12345, "elsewhere", age_s=30)
     with pytest.raises(OutputDirLockedError, match=r"held by pid 12345 on host elsewhere .*last heartbeat 30 s ago"):
@@ -327,6 +336,7 @@ def test_a_live_lock_of_another_host_is_respected_and_the_heartbeat_keeps_ours_f
         lock.release()
 
 
+@pytest.mark.e2e
 def test_trainer_refuses_a_locked_output_dir_on_every_rank(toy_inputs, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
@@ -343,6 +353,7 @@ def test_trainer_refuses_a_locked_output_dir_on_every_rank(toy_inputs, tmp_path)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME]  # nothing written by the refused run
 
 
+@pytest.mark.unit
 def test_a_lock_left_by_an_earlier_attempt_of_the_same_torchrun_job_is_taken_over(tmp_path, monkeypatch):
     """After --max-restarts the new rank 0 may be on another host than the one that held the lock."""
     write_lock(tmp_path, 12345, "elsewhere")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUIET, toy_overrides, train
+from support import QUIET, toy_overrides, train
 from mpo_dist.checkpoint import Checkpointer
 from mpo_dist.config import DataConfig
 from mpo_dist.data.loader import build_pair_loader
+from mpo_dist.metrics_file import read_metrics
 from shard_factory import make_pairs, make_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -76,6 +77,7 @@ def real_per_epoch(all_steps, epoch: int) -> collections.Counter:
 LAYOUTS = [((2, 3, 1), (1, 3, 2)), ((2, 3, 1), (1, 6, 1)), ((1, 3, 2), (2, 3, 1)), ((1, 6, 1), (2, 3, 1))]
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("before,after", LAYOUTS, ids=lambda layout: "x".join(map(str, layout)))
 @pytest.mark.parametrize("workers", [0, 2])
 def test_fixed_batches_resume_exactly_at_another_world_size(shards, before, after, workers):
@@ -101,6 +103,7 @@ def test_fixed_batches_resume_exactly_at_another_world_size(shards, before, afte
             assert real_per_epoch(done + rest, epoch) == collections.Counter(keys), f"cut {cut}, epoch {epoch}"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n,m", [(2, 1), (1, 2)])
 def test_token_budget_at_another_world_size_skips_the_rest_of_the_epoch_and_says_how_much(shards, n, m):
     root, keys = shards
@@ -122,6 +125,7 @@ def test_token_budget_at_another_world_size_skips_the_rest_of_the_epoch_and_says
     assert real_per_epoch(rest, 1) == collections.Counter(keys)  # the next epoch whole
 
 
+@pytest.mark.dist
 def test_same_world_size_token_budget_resumes_exactly(shards):
     root, keys = shards
     tokens = {"batching": "tokens", "max_tokens": 200}
@@ -135,6 +139,7 @@ def test_same_world_size_token_budget_resumes_exactly(shards):
     assert done + steps(resumed, 1) == full
 
 
+@pytest.mark.unit
 def test_position_through_a_checkpoint_written_by_two_ranks(shards, tmp_path):
     """The position is int64 tensors in DCP's shared state: written once (by rank 0 here) for 2 ranks,
     read by 1 rank, which goes on with the next sample."""
@@ -154,21 +159,18 @@ def test_position_through_a_checkpoint_written_by_two_ranks(shards, tmp_path):
 # ------------------------------------------------------------------------------------ end to end
 
 
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def loader_position(folder: Path) -> dict[str, int]:
     import torch.distributed.checkpoint as dcp
 
     from mpo_dist.checkpoint import SafeLoadPlanner
 
     keys = ["epoch", "samples", "global_batches", "global_batch"]
-    state = {"pair_loader": {key: __import__("torch").tensor(0) for key in keys}}
+    state = {"data": {"pairs": {key: __import__("torch").tensor(0) for key in keys}}}
     dcp.load(state, checkpoint_id=str(folder), planner=SafeLoadPlanner(), no_dist=True)
-    return {key: int(value) for key, value in state["pair_loader"].items()}
+    return {key: int(value) for key, value in state["data"]["pairs"].items()}
 
 
+@pytest.mark.e2e
 def test_trainer_resumes_2_to_1_to_2_ranks_with_every_pair_once(toy_inputs, tmp_path):
     """A 2-rank run checkpointed mid-epoch goes on with 1 rank, whose checkpoint goes on with 2 again:
     at the end of the epoch exactly every pair has been trained on once (pairs_seen), and the data
@@ -179,7 +181,7 @@ def test_trainer_resumes_2_to_1_to_2_ranks_with_every_pair_once(toy_inputs, tmp_
     settings = {"training.global_batch_size": 64, "data.batch_size": 32, "training.steps": per_epoch,
                 "checkpoint.interval": 7, "checkpoint.keep": 5, "optim.warmup_steps": 2}
     train(*toy_overrides(toy_inputs, tmp_path / "full", **settings))
-    full = records(tmp_path / "full")
+    full = read_metrics(tmp_path / "full")
     assert full[-1]["progress/pairs_seen"] == total and full[-1]["progress/epoch"] == pytest.approx(1.0)
 
     def resume(source: Path, step: int, out: Path, nproc: int):
@@ -194,7 +196,7 @@ def test_trainer_resumes_2_to_1_to_2_ranks_with_every_pair_once(toy_inputs, tmp_
     two = resume(tmp_path / "one", 14, tmp_path / "two", 2)  # 1 -> 2
     assert "written by 1 data-parallel ranks, now 2" in two.stdout and "resumes exactly" in two.stdout
     for run, first in ((tmp_path / "one", 8), (tmp_path / "two", 15)):
-        got = records(run)
+        got = read_metrics(run)
         assert [r["step"] for r in got] == list(range(first, per_epoch + 1))
         assert got[-1]["progress/pairs_seen"] == total  # every pair once: none skipped, none repeated
         for mine, theirs in zip(got, full[first - 1 :]):  # the same pairs at every step

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_shared
+from support import require_shared
 from mpo_dist.producers.sample import SamplingParams, generate
 
 CPU = torch.device("cpu")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]  # tiny models
 
 
 class FixedLogits(torch.nn.Module):
@@ -160,7 +160,7 @@ def test_a_sample_is_the_same_alone_in_a_batch_and_with_refills(stories_model):
 def _bench_sampler_module():
     import sys
 
-    from conftest import REPO
+    from support import REPO
 
     sys.path.insert(0, str(REPO / "tools"))
     try:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, SUBPROCESS_ENV, require_shared
+from support import REPO, SUBPROCESS_ENV, require_shared
 
 from mpo_dist.study.frontier import (
     COLUMNS, DEFAULT, METHODS, TINY, Method, Run, StudySize, kl_curve, plan_runs, read_results_csv, read_results_json,
@@ -26,6 +26,7 @@ from mpo_dist.study.story_task import NAMES, TEMPLATES, story_prompts
 # ------------------------------------------------------------------------------- the true reward
 
 
+@pytest.mark.unit
 def test_reward_of_hand_written_texts():
     assert reward("Tom had a ball.", "He was happy.") == pytest.approx(SCALE * 1 / 3)
     assert reward("", "She was sad and scared.") == pytest.approx(SCALE * -2 / 5)
@@ -37,18 +38,21 @@ def test_reward_of_hand_written_texts():
     assert reward("", "unhappy") == -SCALE and reward("", "happy") == SCALE  # whole words only
 
 
+@pytest.mark.unit
 def test_reward_is_a_rate_not_a_count():
     once = reward("", "Lily smiled at the dog in the park.")
     assert once > 0
     assert reward("", "Lily smiled at the dog in the park. " * 5) == pytest.approx(once)  # longer is not better
 
 
+@pytest.mark.unit
 def test_lexicons_are_disjoint_lowercase_words():
     assert not POSITIVE & NEGATIVE
     assert all(word.isalpha() and word.islower() for word in POSITIVE | NEGATIVE)
     assert sentiment_rate("happy sad") == 0.0
 
 
+@pytest.mark.unit
 def test_reward_is_usable_by_the_evaluation_tool():
     from mpo_dist.evaluate_model import load_reward
 
@@ -58,6 +62,7 @@ def test_reward_is_usable_by_the_evaluation_tool():
 # ---------------------------------------------------------------------------- Bradley-Terry labels
 
 
+@pytest.mark.unit
 def test_preference_probability_is_the_logistic_of_the_reward_difference():
     assert preference_probability(1.0, 1.0) == 0.5
     assert preference_probability(2.0, 1.0) == pytest.approx(1 / (1 + math.exp(-1)))
@@ -65,6 +70,7 @@ def test_preference_probability_is_the_logistic_of_the_reward_difference():
     assert preference_probability(1000.0, 0.0) == 1.0 and preference_probability(0.0, 1000.0) == 0.0  # no overflow
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("difference", [0.0, 0.5, 1.0, -2.0])
 def test_sampled_labels_follow_bradley_terry(difference):
     draws = 20000
@@ -74,6 +80,7 @@ def test_sampled_labels_follow_bradley_terry(difference):
     assert abs(wins / draws - p) <= 4 * stderr + 1e-12, (wins / draws, p)
 
 
+@pytest.mark.unit
 def test_sampled_labels_are_deterministic_per_seed_and_key():
     rewards = [(0.2, 0.9), (1.5, -0.5), (0.0, 0.0)] * 50
     labels = lambda seed: [sample_preference(a, b, seed=seed, key=f"k{i}") for i, (a, b) in enumerate(rewards)]
@@ -109,6 +116,7 @@ def _sample_sets(root, tokenizer, responses: dict[str, list[str]]):
     return pairs, samples
 
 
+@pytest.mark.unit
 def test_label_pairs_takes_samples_two_at_a_time_and_labels_them(tmp_path):
     from mpo_dist.study.story_task import label_pairs
     from mpo_dist.tokenizer import load_tokenizer
@@ -138,6 +146,7 @@ def test_label_pairs_takes_samples_two_at_a_time_and_labels_them(tmp_path):
 # ------------------------------------------------------------------------------------ prompts, plan
 
 
+@pytest.mark.unit
 def test_story_prompts_are_distinct_and_cover_the_templates():
     prompts = story_prompts(len(TEMPLATES) * len(NAMES))
     assert len(set(prompts)) == len(prompts) == 400
@@ -147,6 +156,7 @@ def test_story_prompts_are_distinct_and_cover_the_templates():
         story_prompts(401)
 
 
+@pytest.mark.unit
 def test_plan_covers_every_method_and_tau_follows_beta():
     runs = plan_runs(DEFAULT)
     assert {run.method.name for run in runs} == {m.name for m in METHODS}
@@ -162,11 +172,13 @@ def test_plan_covers_every_method_and_tau_follows_beta():
     assert StudySize(betas_per_method=3).betas(Method("y", "Y", "dpo", (1, 2, 3, 4, 5))) == (1, 3, 5)
 
 
+@pytest.mark.unit
 def test_kl_curve_starts_at_zero_and_reads_the_monitor():
     records = [{"step": 10, "loss": 1.0}, {"step": 20, "eval/kl_ref_policy": 1.5, "eval/kl_ref_policy_stderr": 0.1}]
     assert kl_curve(records) == [(0, 0.0, 0.0), (20, 1.5, 0.1)]
 
 
+@pytest.mark.unit
 def test_study_config_loads_with_every_knob_the_study_sets():
     from mpo_dist.config import load_config
 
@@ -195,6 +207,7 @@ def tiny_study(tmp_path_factory):
     return out, result, seconds
 
 
+@pytest.mark.e2e
 def test_tiny_study_has_a_finite_row_for_every_run_and_the_reference(tiny_study):
     out, result, _ = tiny_study
     rows = read_results_json(out / "results.json")
@@ -214,6 +227,7 @@ def test_tiny_study_has_a_finite_row_for_every_run_and_the_reference(tiny_study)
     assert "reference" in result.stdout and "done" in result.stdout
 
 
+@pytest.mark.e2e
 def test_tiny_study_csv_and_json_agree(tiny_study):
     out, _, _ = tiny_study
     from_csv, from_json = read_results_csv(out / "results.csv"), read_results_json(out / "results.json")
@@ -226,6 +240,7 @@ def test_tiny_study_csv_and_json_agree(tiny_study):
                 (a["run"], column, x, y)
 
 
+@pytest.mark.e2e
 def test_tiny_study_writes_plots_data_report_and_kl_curves(tiny_study):
     out, _, _ = tiny_study
     for name in ("frontier.png", "kl_steps.png"):
@@ -238,6 +253,7 @@ def test_tiny_study_writes_plots_data_report_and_kl_curves(tiny_study):
         assert steps[0] == 0 and steps[-1] == TINY.steps
 
 
+@pytest.mark.e2e
 def test_tiny_study_restart_skips_finished_work_and_gives_the_same_table(tiny_study):
     out, first, seconds = tiny_study
     before = (out / "results.csv").read_text()
@@ -253,6 +269,7 @@ def test_tiny_study_restart_skips_finished_work_and_gives_the_same_table(tiny_st
     assert rerun_seconds < seconds / 2, (rerun_seconds, seconds)
 
 
+@pytest.mark.e2e
 def test_a_study_of_another_size_in_the_same_folder_is_refused(tiny_study):
     out, _, _ = tiny_study
     result = _study(out, timeout=120)  # the default size

@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ import torch
 
 from mpo_dist.config import ConfigError, ModelConfig, load_config
 from mpo_dist.errors import InputError, MissingInputError
+
+pytestmark = pytest.mark.unit
 
 SYSTEM = '!!python/object/apply:os.system ["touch {marker}"]'
 
@@ -38,7 +41,7 @@ def test_a_shard_record_holds_no_python_object(dtype):
     good = encode_record({"key": "a"}, {"ids": np.arange(2, dtype=np.int32)})
     header = json.dumps({"meta": {"key": "a"}, "arrays": [["ids", dtype, 1]]}).encode()
     body = len(header).to_bytes(4, "little") + header + bytes(8)
-    hostile = b"MPO1" + body  # format 1: no checksum to forge
+    hostile = b"MPO2" + zlib.crc32(body).to_bytes(4, "little") + body  # a checksum is no defence: its writer computes it
     assert decode_record(good)[0] == {"key": "a"}
     with pytest.raises(ValueError, match="(?i)object"):
         decode_record(hostile)

@@ -3,7 +3,6 @@ two 'nodes', a non-Llama architecture, a real pretrained model, and input errors
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, flat_checkpoint, free_port, toy_overrides, train
+from support import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, flat_checkpoint, free_port, toy_overrides, train
+from mpo_dist.metrics_file import METRICS_FILE, read_metrics
+
+pytestmark = pytest.mark.e2e
 
 
 def logged(run: Path, name: str) -> list[float]:
     """One metric of every logged step, from the run's metrics.jsonl (e.g. 'reward/accuracy')."""
-    return [record[name] for record in records(run)]
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [record[name] for record in read_metrics(run)]
 
 
 def test_two_process_mpo_learns_the_task(toy_inputs, tmp_path):
@@ -48,7 +46,7 @@ def test_resume_equals_uninterrupted_and_reshards(toy_inputs, tmp_path):
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003", tmp_path / "cut" / "checkpoints" / "step-00000003")
     # The full run loads in the ranks (data.num_workers=0, the default); the resumed one with a worker per stream.
     resumed = train(*toy_overrides(toy_inputs, tmp_path / "cut", **steps, **{"data.num_workers": 1}))
-    assert "resumed from" in resumed.stdout and [r["step"] for r in records(tmp_path / "cut")] == [4, 5, 6]
+    assert "resumed from" in resumed.stdout and [r["step"] for r in read_metrics(tmp_path / "cut")] == [4, 5, 6]
     full = flat_checkpoint(tmp_path / "full" / "checkpoints" / "step-00000006", tmp_path)
     cut = flat_checkpoint(tmp_path / "cut" / "checkpoints" / "step-00000006", tmp_path)
     # Every saved tensor, the ranks' RNG states included (restored after the data iterators draw from it).
@@ -58,8 +56,8 @@ def test_resume_equals_uninterrupted_and_reshards(toy_inputs, tmp_path):
     assert any(".exp_avg_sq" in key for key in tensors) and {"rng/dp_rank_0.cpu", "rng/dp_rank_1.cpu"} <= set(tensors)
     for key in tensors:  # model parameters, optimizer state, loader positions and RNG, bitwise
         assert torch.equal(full[key], cut[key]), key
-    positions = [key for key in full if key.startswith(("pair_loader.", "dref_loader."))]
-    assert "pair_loader.samples" in positions and "dref_loader.samples" in positions
+    positions = [key for key in full if key.startswith("data.")]  # one key: both streams' positions
+    assert "data.pairs.samples" in positions and "data.dref.samples" in positions
     for key in positions:  # the same data was seen: identical (global) loader positions
         assert torch.equal(full[key], cut[key]), key
     for rank in (0, 1):  # the RNG is per rank, as tensors (nothing pickled)
@@ -75,8 +73,8 @@ def test_resume_equals_uninterrupted_and_reshards(toy_inputs, tmp_path):
     assert "written by 2 data-parallel ranks, now 1" in single.stdout
     assert "96 samples (3 global batches of 32) of epoch 0 done; resumes exactly" in single.stdout
     assert "data restarts" not in single.stdout
-    assert [r["step"] for r in records(tmp_path / "one")] == [4, 5, 6]
-    assert records(tmp_path / "one")[-1]["progress/pairs_seen"] == records(tmp_path / "full")[-1]["progress/pairs_seen"]
+    assert [r["step"] for r in read_metrics(tmp_path / "one")] == [4, 5, 6]
+    assert read_metrics(tmp_path / "one")[-1]["progress/pairs_seen"] == read_metrics(tmp_path / "full")[-1]["progress/pairs_seen"]
     one = flat_checkpoint(tmp_path / "one" / "checkpoints" / "step-00000006", tmp_path)
     for key in positions:
         if not key.endswith(("dp_world_size", ".batches")):  # per-rank batches differ: 1 rank takes 2 per step
@@ -93,7 +91,7 @@ def test_crash_during_save_keeps_last_good_checkpoint(toy_inputs, tmp_path):
     result = train(*toy_overrides(toy_inputs, run, **{"training.steps": 3, "checkpoint.interval": 1}))
     assert "resumed from" in result.stdout and "step-00000002" in result.stdout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
-    assert [r["step"] for r in records(run)] == [1, 2, 3]  # each step logged once across the restart
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]  # each step logged once across the restart
 
 
 def test_two_nodes_with_c10d_rendezvous(toy_inputs, tmp_path):
@@ -107,7 +105,7 @@ def test_two_nodes_with_c10d_rendezvous(toy_inputs, tmp_path):
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     log = "".join(out for out, _ in outputs)
-    assert "on 2 x cpu" in log and records(tmp_path / "run")[-1]["step"] == 4
+    assert "on 2 x cpu" in log and read_metrics(tmp_path / "run")[-1]["step"] == 4
 
 
 def test_gpt2_architecture_trains(toy_inputs, tmp_path):
@@ -157,7 +155,7 @@ def test_bad_inputs_fail_before_training_on_every_rank(toy_inputs, tmp_path, cas
     assert sorted(line.split(":")[1] for line in errors) == [" error (rank 0)", " error (rank 1)"], result.stderr[-3000:]
     assert all(message in line for line in errors)  # one line per rank, naming the option
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / METRICS_FILE).exists()
 
 
 def test_tokenizer_mismatch_is_refused(toy_inputs, tmp_path, shared_data):
@@ -199,7 +197,7 @@ def test_dpo_and_ipo_train_on_the_same_shards(toy_inputs, tmp_path, loss):
 def test_reference_scored_on_other_pairs_is_refused_before_step_1(toy_inputs, tmp_path):
     """Pairs re-prepared with other length limits (same tokenizer, keys and counts) against the
     reference scored on the old ones: refused by its recorded pairs fingerprint, not trained on."""
-    from conftest import QUIET
+    from support import QUIET
     from mpo_dist.producers.prepare import PrepareOptions, prepare_pairs
 
     prepare_pairs(toy_inputs["root"] / "toy" / "pairs.jsonl", toy_inputs["model"], tmp_path / "pairs",
@@ -210,7 +208,7 @@ def test_reference_scored_on_other_pairs_is_refused_before_step_1(toy_inputs, tm
     errors = [line for line in result.stderr.splitlines() if line.startswith("mpo_dist: error")]
     assert len(errors) == 2 and all(f"data.reference {toy_inputs['reference']} was made from other pairs" in line
                                     for line in errors), result.stderr[-3000:]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / METRICS_FILE).exists()
 
 
 def test_a_nan_in_a_reference_shard_is_refused_before_step_1(toy_inputs, tmp_path):
@@ -236,7 +234,7 @@ def test_a_nan_in_a_reference_shard_is_refused_before_step_1(toy_inputs, tmp_pat
     assert result.returncode == 2, result.stderr[-3000:]
     expected = f"shard-000001.tar: sample '{poisoned['key']}': field 'rejected_logp' is nan (not finite)"
     assert expected in result.stderr and "failed on another rank" in result.stderr, result.stderr[-3000:]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / METRICS_FILE).exists()
 
 
 def test_packed_training_ends_with_the_parameters_of_padded_training(toy_inputs, tmp_path):
@@ -252,6 +250,6 @@ def test_packed_training_ends_with_the_parameters_of_padded_training(toy_inputs,
     for key, padded in finals["never"].items():
         torch.testing.assert_close(finals["always"][key], padded, rtol=1e-4, atol=2e-5, msg=key)
     assert logged(tmp_path / "always", "loss/total") == pytest.approx(logged(tmp_path / "never", "loss/total"), abs=1e-5)
-    packed, padded = records(tmp_path / "always")[-1], records(tmp_path / "never")[-1]
+    packed, padded = read_metrics(tmp_path / "always")[-1], read_metrics(tmp_path / "never")[-1]
     assert packed["throughput/positions_per_pair"] < padded["throughput/positions_per_pair"]  # prompts computed once
     assert packed["throughput/tokens_per_s"] > 0 and packed["throughput/padding"] < padded["throughput/padding"]
