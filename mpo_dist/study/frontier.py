@@ -186,11 +186,12 @@ def run_row(run: Run, size: StudySize, report: dict, records: list[dict], train_
 
 def _on_policy(metrics: dict) -> dict:
     return {
-        "reward": float(metrics["on_policy/reward"]), "reward_stderr": float(metrics["on_policy/reward_stderr"]),
-        "kl_policy_ref": float(metrics["on_policy/kl_policy_ref"]),
-        "kl_policy_ref_stderr": float(metrics["on_policy/kl_policy_ref_stderr"]),
-        "response_tokens": float(metrics["on_policy/response_tokens"]),
-        "on_policy_samples": int(metrics["on_policy/samples"]),
+        "reward": float(metrics[names.ON_POLICY_REWARD]),
+        "reward_stderr": float(metrics[names.stderr_name(names.ON_POLICY_REWARD)]),
+        "kl_policy_ref": float(metrics[names.KL_POLICY_REF]),
+        "kl_policy_ref_stderr": float(metrics[names.stderr_name(names.KL_POLICY_REF)]),
+        "response_tokens": float(metrics[names.ON_POLICY_RESPONSE_TOKENS]),
+        "on_policy_samples": int(metrics[names.ON_POLICY_SAMPLES]),
     }
 
 
