@@ -31,6 +31,7 @@ from mpo_dist.convert import convert_checkpoint
 from mpo_dist.data.shards import Manifest
 from mpo_dist.distributed import RankInfo, barrier
 from mpo_dist.errors import InputError, MissingInputError
+from mpo_dist.inference_model import Lockstep, load_inference_model
 from mpo_dist.evaluate_offline import offline_metrics
 from mpo_dist.evaluate_on_policy import on_policy_metrics
 from mpo_dist.losses import LOSSES, loss_options
@@ -54,6 +55,7 @@ class EvaluationRequest:
     reference_model: str = ""
     reward: str = ""  # module:function
     max_prompts: int = 0  # on-policy prompts: the first N of --pairs (0: all)
+    model_shards: int = 0  # processes sharing one copy of each model (inference_model; 0: those of a node)
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -144,19 +146,19 @@ def validate(request: EvaluationRequest) -> None:
         raise InputError("--on-policy-samples needs --reference-model (a Hugging Face folder: the reference policy)")
 
 
-def _load_model(flag: str, folder: str | Path, manifests: list[tuple[str, Manifest]], dtype: str, device: torch.device):
-    """A Hugging Face causal LM, refused before its weights are read when its tokenizer or vocabulary
-    is not the one of the data it will read."""
-    from transformers import AutoModelForCausalLM
-
+def _load_model(flag: str, folder: str | Path, manifests: list[tuple[str, Manifest]], dtype: str, device: torch.device,
+                info: RankInfo, model_shards: int, lockstep: Lockstep | None = None):
+    """A Hugging Face causal LM, sharded over `model_shards` processes (`inference_model`), refused
+    before its weights are read when its tokenizer or vocabulary is not the one of the data it will read."""
     folder = Path(folder)
     config = read_model_config(folder, flag, "a Hugging Face model folder or a training checkpoint folder")
     tokenizer = tokenizer_beside_model(folder)
     for data, manifest in manifests:
         check_tokenizer_matches(manifest, config.vocab_size, tokenizer, data=data, model=f"{flag} {folder}",
                                 fix="evaluate on data prepared with this model's tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=getattr(torch, dtype), trust_remote_code=False)
-    return model.to(device).eval(), tokenizer
+    model = load_inference_model(folder, config, dtype, device, info, model_shards=model_shards, option=flag,
+                                 lockstep=lockstep)
+    return model, tokenizer
 
 
 def _conversion_dir(checkpoint: Path, info: RankInfo) -> Path:
@@ -207,7 +209,8 @@ def evaluate_model(request: EvaluationRequest, info: RankInfo, device: torch.dev
                                names={"checkpoint": "--model", "out": "--model", "dtype": "--dtype"})
         barrier()
     try:
-        model, tokenizer = _load_model("--model", converted or model_dir, manifests, dtype, device)
+        model, tokenizer = _load_model("--model", converted or model_dir, manifests, dtype, device, info,
+                                       request.model_shards)
     finally:
         if converted is not None:
             barrier()  # every process of this node has read the weights
@@ -221,7 +224,8 @@ def evaluate_model(request: EvaluationRequest, info: RankInfo, device: torch.dev
                                           batch_size=request.batch_size, loss=request.loss, per_sample=request.per_sample,
                                           device=device, info=info, pad_token_id=pad_token_id, vocab_size=vocab_size)
     if request.on_policy is not None:
-        reference, _ = _load_model("--reference-model", request.reference_model, manifests[:1], dtype, device)
+        reference, _ = _load_model("--reference-model", request.reference_model, manifests[:1], dtype, device, info,
+                                   request.model_shards, lockstep=model.lockstep)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         if eos is None:
             eos = model.config.eos_token_id
@@ -230,7 +234,7 @@ def evaluate_model(request: EvaluationRequest, info: RankInfo, device: torch.dev
                                          tokenizer=tokenizer, reward=reward, device=device, info=info,
                                          pad_token_id=pad_token_id, eos_token_ids=eos))
     report = {
-        "model": {"path": str(model_dir.resolve()), "checkpoint_step": step, "dtype": dtype},
+        "model": {"path": str(model_dir.resolve()), "checkpoint_step": step, "dtype": dtype, "shards": model.shards},
         "data": {"pairs": request.pairs or None, "reference": request.reference or None, "dref": request.dref or None},
         "loss": asdict(request.loss),
         "on_policy": None if request.on_policy is None else {

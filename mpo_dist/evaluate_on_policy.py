@@ -64,6 +64,7 @@ def on_policy_metrics(params: SamplingParams, pairs_dir: str, model, reference, 
                 sums[4] += value * value
         sums[5] += sum(len(response) for response in responses)
         sums[6] += sum(reason == "eos" for _, reason in results)
+    getattr(model, "finish", lambda: None)()  # sharded models: serve the group's forwards until every rank is done
     count, total, squares, rewards, reward_squares, tokens, eos = all_reduce_sum(sums.to(device)).tolist()
     if round(count) != len(jobs):  # an error in the sharding, never in the data
         raise RuntimeError(f"on-policy pass sampled {count:.0f} responses, expected {len(jobs)}")

@@ -51,11 +51,16 @@ def load_model_config(model: ModelConfig):
 def build_model(model: ModelConfig) -> nn.Module:
     """The causal LM's module tree on the meta device (no parameter memory), in float32, with the
     log-prob method (`logprobs.add_logprob_method`) the trainer calls instead of forward."""
+    return build_model_from_config(load_model_config(model), torch.float32)
+
+
+def build_model_from_config(config, dtype: torch.dtype) -> nn.Module:
+    """`build_model` for a transformers config, with parameters in `dtype` (the inference tools keep
+    them in the compute dtype: no float32 master copy)."""
     from transformers import AutoModelForCausalLM
 
-    config = load_model_config(model)
     with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     lm.config.use_cache = False
     disable_dropout(lm)
     add_logprob_method(lm)
@@ -73,18 +78,44 @@ def disable_dropout(lm: nn.Module) -> None:
 
 
 @torch.no_grad()
-def materialize_model(lm: nn.Module, model: ModelConfig, device: torch.device, seed: int) -> None:
+def materialize_model(lm: nn.Module, model: ModelConfig, device: torch.device, seed: int,
+                      cpu_offload: bool = False) -> None:
     """Allocate this rank's (sharded) parameters on `device` and fill them: random init, then
-    the weights of `model.path` when given. Buffers (rotary frequencies) are recomputed."""
+    the weights of `model.path` when given. Buffers (rotary frequencies) are recomputed.
+
+    With `cpu_offload` (parallel.cpu_offload: FSDP2's CPUOffloadPolicy, which refuses shards that are
+    not on the CPU) the parameters end in host memory and the buffers on `device`, where the forward
+    runs. `model.path`'s slices are read straight into host memory; a random init is drawn on `device`
+    and then moved, because DTensor's random ops give each shard its own part of the stream of an
+    accelerator's generator only: drawn on the host, every rank would fill its shard with the same
+    numbers, and the model would differ from the one the run without offload starts from."""
+    host = torch.device("cpu")
+    if not cpu_offload or device.type == host.type:
+        materialize_weights(lm, model.path or None, device, seed)
+        return
+    if model.path:
+        materialize_weights(lm, model.path, host, seed)
+    else:
+        materialize_weights(lm, None, device, seed)
+        lm.to(host)  # FSDP2 takes the moved shards (and pins them) before its first forward
+    for module in lm.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.to(device))
+
+
+@torch.no_grad()
+def materialize_weights(lm: nn.Module, path: str | Path | None, device: torch.device, seed: int = 0,
+                        option: str = "model.path") -> None:
+    """`materialize_model` for a weights folder (`option` names it in errors) or None (random init)."""
     lm.to_empty(device=device)
     torch.manual_seed(seed)
     lm.initialize_weights()  # also recomputes non-persistent buffers that to_empty left empty
     lm.tie_weights()
-    if model.path:
-        load_pretrained_weights(lm, model.path)
+    if path:
+        load_pretrained_weights(lm, path, option)
 
 
-def load_pretrained_weights(lm: nn.Module, path: str | Path) -> None:
+def load_pretrained_weights(lm: nn.Module, path: str | Path, option: str = "model.path") -> None:
     """Read each rank's slices of the safetensors weights into the (possibly sharded) model."""
     import torch.distributed.checkpoint as dcp
     from safetensors import safe_open
@@ -93,7 +124,7 @@ def load_pretrained_weights(lm: nn.Module, path: str | Path) -> None:
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise MissingInputError(f"model.path {path}: no *.safetensors weights (convert .bin weights to safetensors first)")
+        raise MissingInputError(f"{option} {path}: no *.safetensors weights (convert .bin weights to safetensors first)")
     stored: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
@@ -111,7 +142,7 @@ def load_pretrained_weights(lm: nn.Module, path: str | Path) -> None:
         else:
             state[key] = tensor
     if missing:
-        raise InputError(f"model.path {path}: the safetensors files lack {len(missing)} of the model's tensors "
+        raise InputError(f"{option} {path}: the safetensors files lack {len(missing)} of the model's tensors "
                          f"(e.g. {missing[:3]}); do they belong to the config.json beside them?")
     dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not has_process_group())
 

@@ -117,7 +117,8 @@ class Trainer(Stateful):
         self.mesh = build_mesh(config.parallel, self.info.world_size, self.device.type)
         self.model = build_model(config.model)
         apply_fsdp(self.model, self.mesh, config.parallel, self.dtype)
-        materialize_model(self.model, config.model, self.device, seed=config.job.seed)
+        materialize_model(self.model, config.model, self.device, seed=config.job.seed,
+                          cpu_offload=config.parallel.cpu_offload)
         self.model.train()
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_lr_scheduler(self.optimizer, config.optim, config.training.steps)
@@ -250,6 +251,7 @@ class Trainer(Stateful):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.to(self.device)  # with parallel.cpu_offload the gradients, so the norm, are on the host
         if self.guard.step_is_finite(self.step + 1, sums["loss"], grad_norm):
             self.optimizer.step()  # else: parameters and optimizer state (moments, step count) stay as they were
         self._step_schedule()

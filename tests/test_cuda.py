@@ -277,3 +277,55 @@ def test_compiled_layers_train_like_eager(device, toy_inputs, eager_runs, tmp_pa
     eager = eager_runs(device)
     for name, tolerance in COMPILED_TOLERANCE.items():
         assert [r[name] for r in read_metrics(compiled)] == pytest.approx([r[name] for r in read_metrics(eager)], **tolerance), name
+
+
+# CUDA only: with the CPU as the compute device the offload policy moves nothing (tests/test_train.py checks that
+# offload run there: resumed bitwise, and bitwise equal to the run without offload).
+@pytest.mark.e2e
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_GPU)
+def test_cpu_offload_resumes_and_holds_less_on_the_device(toy_inputs, eager_runs, tmp_path):
+    """parallel.cpu_offload=true: float32 parameters, gradients and AdamW state live in pinned host memory and the
+    optimizer steps on the CPU. Resumed at step 2 it ends where the uninterrupted offload run ends (to the resume
+    test's CUDA tolerance: atomic adds); against the run without offload its losses agree to rounding (AdamW on the
+    CPU rounds otherwise than on the GPU) and its device peak is lower by at least the float32 parameters and the
+    two Adam moments, 12 bytes a parameter, which it no longer holds there."""
+    offload = {**GPU_LIKE, "parallel.cpu_offload": "true"}
+    full = tmp_path / "full"
+    train_on("cuda", toy_inputs, full, **offload)
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-00000002", cut / "checkpoints" / "step-00000002")
+    resumed = train_on("cuda", toy_inputs, cut, **offload)
+    assert "resumed from" in resumed.stdout and [r["step"] for r in read_metrics(cut)] == [3, 4]
+    full_state = flat_checkpoint(full / "checkpoints" / "step-00000004", tmp_path)
+    cut_state = flat_checkpoint(cut / "checkpoints" / "step-00000004", tmp_path)
+    weights = [key for key in full_state if key.startswith(MODEL_PREFIX)]
+    assert len(weights) > 5
+    for key in weights:
+        torch.testing.assert_close(cut_state[key], full_state[key], rtol=1e-3, atol=1e-5, msg=key)
+    full_loss = [r["loss/total"] for r in read_metrics(full)]
+    assert [r["loss/total"] for r in read_metrics(cut)] == pytest.approx(full_loss[2:], rel=1e-3)
+    eager = read_metrics(eager_runs("cuda"))
+    assert full_loss == pytest.approx([r["loss/total"] for r in eager], rel=1e-3)
+    parameters = AutoModelForCausalLM.from_pretrained(str(toy_inputs["model"])).num_parameters()
+    peak_offload, peak_eager = read_metrics(full)[-1]["memory/peak_gib"], eager[-1]["memory/peak_gib"]
+    assert peak_offload <= peak_eager - 12 * parameters / 2**30, (peak_offload, peak_eager, parameters)
+
+
+@pytest.mark.e2e
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_GPU)
+def test_cpu_offload_starts_from_the_random_init_of_the_run_without_it(toy_inputs, tmp_path):
+    """A random-init model (model.config) under parallel.cpu_offload is drawn on the GPU and then moved to the host
+    (drawn there, DTensor's random ops would not split the stream over shards): its first step logs the loss,
+    margin and gradient norm of the run without offload, to rounding."""
+    llama = ("{model_type: llama, vocab_size: 16, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
+             "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}")
+    first = {}
+    for name, extra in {"plain": {}, "offload": {"parallel.cpu_offload": "true"}}.items():
+        train_on("cuda", toy_inputs, tmp_path / name, **{"model.path": "", "model.config": llama, "training.steps": 1,
+                                                         **extra})
+        first[name] = read_metrics(tmp_path / name)[0]
+    for metric in ("loss/total", "reward/margin", "optim/grad_norm"):
+        assert first["offload"][metric] == pytest.approx(first["plain"][metric], rel=1e-3, abs=1e-6), metric

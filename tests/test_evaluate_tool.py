@@ -84,6 +84,7 @@ def test_one_and_two_processes_give_the_same_report(toy_inputs, tmp_path):
         reports[nproc] = report(out)
     one, two = reports[1], reports[2]
     assert two["world_size"] == 2 and one["loss"]["name"] == "dpo"
+    assert (one["model"]["shards"], two["model"]["shards"]) == (1, 2)  # each of 2 ranks held half of both models
     names = sorted(n for n in one["metrics"] if not n.endswith("seconds"))
     assert names == sorted(n for n in two["metrics"] if not n.endswith("seconds"))
     assert "eval/kl_ref_policy" in names and "on_policy/kl_policy_ref" in names

@@ -45,3 +45,26 @@ def test_decoder_layers_get_the_choice_and_the_root_stays_fsdps(one_process_grou
     for layer in decoder_layers(policy):
         assert (fully_shard.state(layer)._fsdp_param_group.post_forward_mesh_info is not None) is reshard
     assert fully_shard.state(policy)._auto_reshard_after_forward  # the root: FSDP decides (kept gathered)
+
+
+def test_cpu_offload_reaches_every_group_and_the_reshard_rule(one_process_group):
+    """parallel.cpu_offload: every FSDP group (decoder layers and root) gets CPUOffloadPolicy, pinned only
+    on CUDA; one shard no longer keeps the gathered layers (the device does not hold the model's state);
+    on an accelerator the mesh groups get gloo for host tensors beside the device's backend."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    from mpo_dist.parallelize import mesh_backend, offload_policy
+
+    policy = build_model(ModelConfig(config={"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+                                             "intermediate_size": 64, "num_hidden_layers": 2,
+                                             "num_attention_heads": 4, "num_key_value_heads": 2}))
+    parallel = ParallelConfig(cpu_offload=True)
+    apply_fsdp(policy, build_mesh(parallel, 1, "cpu"), parallel, "float32")
+    groups = [fully_shard.state(module)._fsdp_param_group for module in [*decoder_layers(policy), policy]]
+    assert all(group.offload_policy == CPUOffloadPolicy(pin_memory=False) for group in groups)
+    assert offload_policy(parallel, "cuda") == CPUOffloadPolicy(pin_memory=True)
+    assert type(offload_policy(ParallelConfig(), "cuda")) is not CPUOffloadPolicy
+    assert keeps_gathered_parameters("auto", LARGE, 80 * GIB, 1, offloaded=True) is False  # one shard: no keep
+    assert keeps_gathered_parameters("auto", SMALL, 80 * GIB, 1, offloaded=True) is True  # a small model still kept
+    assert mesh_backend(parallel, "cuda") == "cuda:nccl,cpu:gloo"
+    assert mesh_backend(parallel, "cpu") is None and mesh_backend(ParallelConfig(), "cuda") is None

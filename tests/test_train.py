@@ -81,6 +81,43 @@ def test_resume_equals_uninterrupted_and_reshards(toy_inputs, tmp_path):
             assert torch.equal(full[key], one[key]), key
 
 
+def test_cpu_offload_resumes_bitwise_and_trains_like_no_offload(toy_inputs, tmp_path):
+    """parallel.cpu_offload=true (FSDP2's CPUOffloadPolicy): resumed at step 2 it ends bitwise where the
+    uninterrupted offload run ends, and both equal the run without offload bitwise, since here the
+    compute device is the CPU too: the policy's copies are no-ops and the same kernels run (on a GPU
+    the optimizer then steps on the CPU instead, which rounds differently)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    steps = {"training.steps": 4, "checkpoint.interval": 2, "checkpoint.keep": 2, "optim.warmup_steps": 1}
+    offload = {**steps, "parallel.cpu_offload": "true"}
+    train(*toy_overrides(toy_inputs, tmp_path / "full", **offload))
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000002", tmp_path / "cut" / "checkpoints" / "step-00000002")
+    resumed = train(*toy_overrides(toy_inputs, tmp_path / "cut", **offload))
+    assert "resumed from" in resumed.stdout and [r["step"] for r in read_metrics(tmp_path / "cut")] == [3, 4]
+    assert "cpu_offload: true" in (tmp_path / "cut" / "config.yaml").read_text()
+    train(*toy_overrides(toy_inputs, tmp_path / "plain", **steps))
+    runs = {name: flat_checkpoint(tmp_path / name / "checkpoints" / "step-00000004", tmp_path)
+            for name in ("full", "cut", "plain")}
+    tensors = [key for key, value in runs["full"].items() if isinstance(value, torch.Tensor)]
+    assert any(key.startswith("model_optimizer.model.") for key in tensors)
+    assert any(".exp_avg_sq" in key for key in tensors) and {"rng/dp_rank_0.cpu", "rng/dp_rank_1.cpu"} <= set(tensors)
+    for name in ("cut", "plain"):
+        assert sorted(runs[name]) == sorted(runs["full"]), name
+        for key in tensors:  # parameters, optimizer state, data positions and RNG
+            assert torch.equal(runs[name][key], runs["full"][key]), (name, key)
+    assert runs["full"]["train_state.step"] == runs["cut"]["train_state.step"] == 4
+    assert logged(tmp_path / "cut", "loss/total") == logged(tmp_path / "full", "loss/total")[2:]
+    assert logged(tmp_path / "plain", "loss/total") == logged(tmp_path / "full", "loss/total")
+    assert logged(tmp_path / "plain", "optim/grad_norm") == logged(tmp_path / "full", "optim/grad_norm")
+    start = AutoModelForCausalLM.from_pretrained(str(toy_inputs["model"])).state_dict()
+    trained = {key.removeprefix("model_optimizer.model."): value for key, value in runs["full"].items()
+               if key.startswith("model_optimizer.model.")}
+    assert any(not torch.equal(start[name], value) for name, value in trained.items() if name in start)  # it trained
+
+
 def test_crash_during_save_keeps_last_good_checkpoint(toy_inputs, tmp_path):
     run = tmp_path / "run"
     train(*toy_overrides(toy_inputs, run, **{"training.steps": 2, "checkpoint.interval": 1}))

@@ -21,6 +21,7 @@ from mpo_dist.cli import add_threads_flag, run_main, tool_parser
 from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
 from mpo_dist.config import LossConfig
 from mpo_dist.distributed import device_for
+from mpo_dist.inference_model import MODEL_SHARDS_HELP
 from mpo_dist.evaluate_model import (EvaluationRequest, evaluate_model, evaluation_loss_config, is_checkpoint,
                                      run_loss_config)
 from mpo_dist.losses import LOSSES
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reference-model", default=None, help="the reference model (Hugging Face folder) for on-policy KL")
     parser.add_argument("--reward", default=None, help="module:function scoring (prompt_text, response_text) -> float; "
                                                      "text decoded with the tokenizer beside --model")
+    parser.add_argument("--model-shards", type=int, default=0, help=MODEL_SHARDS_HELP)
     add_threads_flag(parser)
     args = parser.parse_args(argv)
 
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
                                     reference=args.reference or "", dref=args.dref or "", batch_size=args.batch_size, loss=loss_config,
                                     per_sample=args.per_sample, on_policy=on_policy,
                                     reference_model=args.reference_model or "", reward=args.reward or "",
-                                    max_prompts=args.max_prompts)
+                                    max_prompts=args.max_prompts, model_shards=args.model_shards)
         evaluate_model(request, info, device_for(info), args.out)
 
     return run_main("evaluate", body, threads=args.threads)

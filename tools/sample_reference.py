@@ -12,6 +12,7 @@ import sys
 
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
 from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
+from mpo_dist.inference_model import MODEL_SHARDS_HELP
 from mpo_dist.producers.score import open_reference
 from mpo_dist.producers.sample import SamplingParams, sample_dref
 from mpo_dist.producers.job import check_batch_size
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="with the prompt key and k, seeds each sample")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences generated together")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    parser.add_argument("--model-shards", type=int, default=0, help=MODEL_SHARDS_HELP)
     add_threads_flag(parser)
     args = parser.parse_args(argv)
     params = SamplingParams(args.num_samples, args.max_new_tokens, args.temperature, args.top_p, args.seed)
@@ -38,7 +40,8 @@ def main(argv=None) -> int:
     def body(info):
         params.validate()  # before the model is loaded
         check_batch_size(args.batch_size)
-        reference = open_reference(args.model, args.pairs, args.dtype, info, tool="sample_reference")
+        reference = open_reference(args.model, args.pairs, args.dtype, info, tool="sample_reference",
+                                   model_shards=args.model_shards)
         sample_dref(reference.model, args.pairs, args.out, params, eos_token_ids=reference.eos_token_ids,
                     pad_token_id=reference.pad_token_id, rank=info.rank, world_size=info.world_size,
                     batch_size=args.batch_size, device=reference.device, model_info=reference.model_info)

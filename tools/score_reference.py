@@ -1,9 +1,10 @@
 """Score pairs shards with the reference model: reference log-prob shards for the trainer.
 
-    python tools/score_reference.py --model DIR --pairs DIR --out DIR [--batch-size N] [--packing auto|always|never] [--dtype auto|float32|bfloat16]
+    python tools/score_reference.py --model DIR --pairs DIR --out DIR [--batch-size N] [--packing auto|always|never] [--dtype auto|float32|bfloat16] [--model-shards N]
 
 The same under `torchrun --nnodes N --nproc-per-node K ...`: each process scores its share of the
-shards; the output does not depend on the number of processes. A rerun skips finished shards.
+shards, with the model sharded over the processes of its node (--model-shards), so no process holds
+the whole model; the output does not depend on the number of processes. A rerun skips finished shards.
 """
 
 import sys
@@ -11,6 +12,7 @@ import sys
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
 from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
 from mpo_dist.data.layout import PACKING_CHOICES
+from mpo_dist.inference_model import MODEL_SHARDS_HELP
 from mpo_dist.producers.score import open_reference, score_pairs
 from mpo_dist.producers.job import check_batch_size
 
@@ -26,12 +28,14 @@ def main(argv=None) -> int:
                              "rows; auto: per batch, whichever needs fewer FLOPs (the trainer's data.packing; the "
                              "numbers are the same to float rounding)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    parser.add_argument("--model-shards", type=int, default=0, help=MODEL_SHARDS_HELP)
     add_threads_flag(parser)
     args = parser.parse_args(argv)
 
     def body(info):
         check_batch_size(args.batch_size)  # before the model is loaded
-        reference = open_reference(args.model, args.pairs, args.dtype, info, tool="score_reference")
+        reference = open_reference(args.model, args.pairs, args.dtype, info, tool="score_reference",
+                                   model_shards=args.model_shards)
         score_pairs(reference.model, args.pairs, args.out, rank=info.rank, world_size=info.world_size,
                     batch_size=args.batch_size, packing=args.packing, device=reference.device, model_info=reference.model_info)
 

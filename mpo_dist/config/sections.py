@@ -79,7 +79,13 @@ class ParallelConfig:
         "auto", "free each decoder layer's gathered parameters after its forward and gather them again in backward "
                 "(always), or keep them until backward: one all-gather per layer less, one unsharded model in "
                 "model.dtype more per rank (never); auto: never when that model is under 5% of the device's memory "
-                "or parallel.dp_shard is 1, else always")
+                "or parallel.dp_shard is 1 (without parallel.cpu_offload), else always")
+    cpu_offload: bool = opt(
+        False, "keep each rank's shard of the float32 parameters, their gradients and the optimizer state in host "
+               "memory (FSDP2's CPUOffloadPolicy, pinned on CUDA): the device holds only gathered layers and "
+               "activations; shards are copied to the device before each all-gather, gradients back after each "
+               "reduce-scatter, and AdamW steps on the CPU. One switch, since the optimizer state lives where the "
+               "parameters it updates do")
 
     def validate(self) -> None:
         _check(self.dp_replicate >= 1, "parallel.dp_replicate", "must be >= 1", self.dp_replicate)

@@ -153,11 +153,14 @@ def run_shard_job(
     log: Callable[[str], None],
     params: dict[str, Any],
     unit: str = "tokens",
+    after_shards: Callable[[], None] = lambda: None,
 ) -> dict:
     """Run `make_shard(index, shard) -> amount of work` for this rank's unfinished shards.
 
-    `params` describe what the shards are made from (see `start_job`). Returns this rank's totals:
-    shards made, shards skipped, work done, seconds and rate.
+    `params` describe what the shards are made from (see `start_job`). `after_shards` runs once this
+    rank's shards are made, before the ranks wait for each other (a sharded model's idle forwards:
+    `inference_model.InferenceModel.finish`). Returns this rank's totals: shards made, shards
+    skipped, work done, seconds and rate.
     """
     for shard in shards:  # output names come from an input manifest: never a path out of --out
         check_shard_name(shard.name, f"--out {out_dir}")
@@ -174,6 +177,7 @@ def run_shard_job(
         if progress.due():
             progress.report(work, done / len(todo), f"rank 0 of {world_size}, {done}/{len(todo)} shards, ")
     seconds = time.monotonic() - progress.start
+    after_shards()
     barrier()
     missing = [shard.name for shard in shards if not (out_dir / shard.name).exists()]
     if missing:

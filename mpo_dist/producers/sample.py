@@ -241,7 +241,6 @@ def _join(rows: _Rows, joining: _Rows) -> _Rows:
     return joined
 
 
-@torch.inference_mode()  # not just no_grad: a few % less overhead per operation
 def generate(model, prompts: list[np.ndarray], seeds: list[int], params: SamplingParams,
              eos_token_ids: int | list[int] | None, pad_token_id: int, device: torch.device,
              batch_size: int | None = None, refill_slots: int | None = None) -> list[tuple[np.ndarray, str]]:
@@ -258,6 +257,13 @@ def generate(model, prompts: list[np.ndarray], seeds: list[int], params: Samplin
     batch_size = max(len(prompts), 1) if batch_size is None else batch_size
     check_batch_size(batch_size)
     refill_slots = max(1, batch_size // 8) if refill_slots is None else refill_slots
+    # Inference mode (a few % less overhead per operation than no_grad) makes FSDP's gathered parameters
+    # inference tensors, which a later no-grad forward (re-scoring) could not gather into again.
+    with torch.no_grad() if getattr(model, "sharded", False) else torch.inference_mode():
+        return _generate(model, prompts, seeds, params, eos_token_ids, pad_token_id, device, batch_size, refill_slots)
+
+
+def _generate(model, prompts, seeds, params, eos_token_ids, pad_token_id, device, batch_size, refill_slots):
     ready_mask = getattr(model.config, "_attn_implementation", None) == "sdpa"
     eos = torch.tensor(as_id_list(eos_token_ids), dtype=torch.long, device=device)
     results: list[tuple[np.ndarray, str]] = [None] * len(prompts)  # type: ignore[list-item]
@@ -384,7 +390,7 @@ def sample_dref(
     job = {"pairs": manifest_fingerprint(pairs_dir), "sampling": asdict(params), "batch_size": batch_size,
            "eos_token_ids": eos_token_ids, "sampler": SAMPLER_VERSION, **(model_info or {})}
     totals = run_shard_job("sample_reference", pairs.shards, out_dir, make, rank=rank, world_size=world_size,
-                           log=log, params=job, unit="tokens sampled")
+                           log=log, params=job, unit="tokens sampled", after_shards=getattr(model, "finish", lambda: None))
     if rank != 0:
         return None
     manifest = write_dref_manifest(model, pairs_dir, out_dir, params.num_samples, {

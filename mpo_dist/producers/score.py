@@ -31,6 +31,7 @@ from mpo_dist.data.samples import write_reference_shard
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
 from mpo_dist.distributed import RankInfo, device_for
 from mpo_dist.flops import CostModel
+from mpo_dist.inference_model import InferenceModel, load_inference_model
 from mpo_dist.objective import policy_logprobs
 from mpo_dist.model import read_model_config
 from mpo_dist.producers.job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
@@ -48,37 +49,39 @@ def weights_fingerprint(model_dir: str | Path) -> str:
     return "sha256:" + digest.hexdigest()[:32]
 
 
-def load_reference_model(model_dir: str | Path, pairs: Manifest, pairs_dir: Path, dtype: str, device: torch.device):
-    """The reference model, refused (before its weights are read) when its tokenizer is not the one
-    that made the pairs or its vocabulary is smaller than theirs."""
-    from transformers import AutoModelForCausalLM
-
+def load_reference_model(model_dir: str | Path, pairs: Manifest, pairs_dir: Path, dtype: str, device: torch.device,
+                         info: RankInfo, model_shards: int) -> InferenceModel:
+    """The reference model, sharded over `model_shards` processes (`inference_model`), refused (before
+    its weights are read) when its tokenizer is not the one that made the pairs or its vocabulary is
+    smaller than theirs."""
     model_dir = Path(model_dir)
     config = read_model_config(model_dir, "--model")
     check_tokenizer_matches(pairs, config.vocab_size, tokenizer_beside_model(model_dir), data=f"--pairs {pairs_dir}",
                             model=f"--model {model_dir}", fix="use the reference model that matches the policy's tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, dtype=getattr(torch, dtype), trust_remote_code=False)
-    return model.to(device).eval()
+    return load_inference_model(model_dir, config, dtype, device, info, model_shards=model_shards, option="--model")
 
 
 class Reference(NamedTuple):
-    model: torch.nn.Module
+    model: InferenceModel
     device: torch.device
     eos_token_ids: int | list[int] | None  # every id that ends a sampled response
     pad_token_id: int  # the pad id the pairs were prepared with
     model_info: dict  # {"model": {path, dtype, weights_hash, tokenizer_hash}} for manifests and job files
 
 
-def open_reference(model_dir: str | Path, pairs_dir: str | Path, dtype: str, info: RankInfo, *, tool: str) -> Reference:
+def open_reference(model_dir: str | Path, pairs_dir: str | Path, dtype: str, info: RankInfo, *, tool: str,
+                   model_shards: int = 0) -> Reference:
     """The reference model on this rank's device in `dtype` (auto resolved here, `tool`'s rank 0 saying to
-    what: the manifests record the resolved name), checked against the pairs (see `load_reference_model`).
+    what: the manifests record the resolved name), sharded over `model_shards` processes, checked against
+    the pairs (see `load_reference_model`).
 
     Only rank 0 hashes the weights (reading every byte again): it alone claims the output folder."""
     pairs = Manifest.read(pairs_dir, "pairs")
     device = device_for(info)
     said: list[str] = []  # what auto became, said once the model is accepted (a refusal is its one line)
     dtype = choose_dtype(dtype, device, "--dtype", tool, log=said.append)
-    model = load_reference_model(model_dir, pairs, Path(pairs_dir), dtype, device)
+    model = load_reference_model(model_dir, pairs, Path(pairs_dir), dtype, device, info, model_shards)
+    said.append(f"{tool}: --model {model_dir}: {model.describe()}")
     for line in said if info.is_main else ():
         stderr_log(line)
     # The generation config lists every stop token (e.g. end of turn as well as end of text).
@@ -143,7 +146,7 @@ def score_pairs(
     totals = run_shard_job(
         "score_reference", pairs.shards, out_dir,
         lambda index, shard: score_shard(model, pairs_dir, shard, out_dir / shard.name, batch_size, device, packing, cost),
-        rank=rank, world_size=world_size, log=log, params=params)
+        rank=rank, world_size=world_size, log=log, params=params, after_shards=getattr(model, "finish", lambda: None))
     if rank != 0:
         return None
     manifest = Manifest("ref_logps", pairs.tokenizer_hash, [ShardInfo(s.name, s.num_samples) for s in pairs.shards],
