@@ -21,6 +21,7 @@ from mpo_dist.data.collate import pad_sequences
 from mpo_dist.data.shards import Manifest, ShardCursor
 from mpo_dist.distributed import RankInfo, all_reduce_sum
 from mpo_dist.evaluation import mean_and_stderr
+from mpo_dist.inference_model import finish_forwards
 from mpo_dist.logprobs import sequence_logprobs
 from mpo_dist.metric_names import (KL_POLICY_REF, ON_POLICY_EOS_FRACTION, ON_POLICY_PROMPTS, ON_POLICY_RESPONSE_TOKENS,
                                    ON_POLICY_REWARD, ON_POLICY_SAMPLES, ON_POLICY_SECONDS, stderr_name)
@@ -64,7 +65,7 @@ def on_policy_metrics(params: SamplingParams, pairs_dir: str, model, reference, 
                 sums[4] += value * value
         sums[5] += sum(len(response) for response in responses)
         sums[6] += sum(reason == "eos" for _, reason in results)
-    getattr(model, "finish", lambda: None)()  # sharded models: serve the group's forwards until every rank is done
+    finish_forwards(model)  # sharded models: serve the group's forwards until every rank is done
     count, total, squares, rewards, reward_squares, tokens, eos = all_reduce_sum(sums.to(device)).tolist()
     if round(count) != len(jobs):  # an error in the sharding, never in the data
         raise RuntimeError(f"on-policy pass sampled {count:.0f} responses, expected {len(jobs)}")

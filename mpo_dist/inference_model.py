@@ -113,6 +113,12 @@ def _logprobs_in_lockstep(self: InferenceModel, *args, **kwargs):
 setattr(InferenceModel, LOGPROB_METHOD, _logprobs_in_lockstep)
 
 
+def finish_forwards(model) -> None:
+    """`InferenceModel.finish` for whatever model the caller was given (a plain module needs nothing)."""
+    if isinstance(model, InferenceModel):
+        model.finish()
+
+
 def load_inference_model(folder: str | Path, config, dtype: str, device: torch.device, info: RankInfo, *,
                          model_shards: int, option: str, lockstep: Lockstep | None = None) -> InferenceModel:
     """The model of `folder` (its transformers `config` already read and checked), in `dtype`, on

@@ -323,7 +323,9 @@ def test_imported_responses_give_the_shards_sample_reference_wrote(stories, tmp_
     # Lines in any order of keys (here every pair's first response, then every second): k follows a key's lines.
     lines = [json.dumps({"key": key, "response_ids": ids}) for (key, k), ids in sorted(samples, key=lambda s: s[0][1])]
     (tmp_path / "responses.jsonl").write_text("\n".join(lines) + "\n")
-    run_tool("import_dref.py", *common, "--responses", tmp_path / "responses.jsonl", "--out", tmp_path / "imported")
+    # Imported on 2 processes, each holding half of the model: the same bytes as one process's sampling.
+    run_tool("import_dref.py", *common, "--responses", tmp_path / "responses.jsonl", "--out", tmp_path / "imported",
+             nproc=2)
     sampled, imported = tree(tmp_path / "sampled"), tree(tmp_path / "imported")
     assert {name for name in imported if name.startswith("shard-")} == {name for name in sampled if name.startswith("shard-")}
     assert all(imported[name] == sampled[name] for name in sampled if name.startswith("shard-"))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mpo_dist.cli import add_threads_flag, run_main, tool_parser
 from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
+from mpo_dist.inference_model import MODEL_SHARDS_HELP
 from mpo_dist.producers.score import open_reference
 from mpo_dist.producers.import_dref import import_dref, read_external_responses
 from mpo_dist.producers.job import check_batch_size
@@ -32,12 +33,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output folder for D_ref shards")
     parser.add_argument("--batch-size", type=int, default=16, help="samples re-scored per forward")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    parser.add_argument("--model-shards", type=int, default=0, help=MODEL_SHARDS_HELP)
     add_threads_flag(parser)
     args = parser.parse_args(argv)
 
     def body(info):
         check_batch_size(args.batch_size)  # before the model is loaded
-        reference = open_reference(args.model, args.pairs, args.dtype, info, tool="import_dref")
+        reference = open_reference(args.model, args.pairs, args.dtype, info, tool="import_dref",
+                                   model_shards=args.model_shards)
         responses = read_external_responses(args.responses, args.pairs, load_tokenizer(args.model),
                                             reference.eos_token_ids, reference.model.config.vocab_size)
         import_dref(reference.model, args.pairs, args.out, responses, pad_token_id=reference.pad_token_id,

@@ -14,6 +14,7 @@ import torch
 
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
 from mpo_dist.errors import InputError
+from mpo_dist.inference_model import finish_forwards
 from mpo_dist.producers.sample import as_id_list, write_dref_manifest, write_dref_shard
 from mpo_dist.producers.job import check_batch_size, describe_totals, manifest_fingerprint, run_shard_job, stderr_log
 
@@ -137,7 +138,7 @@ def import_dref(
     imported = {"responses": source, "responses_sha256": responses.sha256}
     job = {"pairs": manifest_fingerprint(pairs_dir), "imported": imported, "batch_size": batch_size, **(model_info or {})}
     totals = run_shard_job("import_dref", pairs.shards, out_dir, make, rank=rank, world_size=world_size, log=log,
-                           params=job, unit="tokens scored")
+                           params=job, unit="tokens scored", after_shards=lambda: finish_forwards(model))
     if rank != 0:
         return None
     manifest = write_dref_manifest(model, pairs_dir, out_dir, responses.per_pair, {

@@ -50,6 +50,7 @@ import torch
 
 from mpo_dist.data.collate import pad_sequences
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo, ShardWriter
+from mpo_dist.inference_model import finish_forwards
 from mpo_dist.logprobs import position_ids_for, sequence_logprobs
 from mpo_dist.errors import InputError
 from mpo_dist.producers.job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
@@ -390,7 +391,7 @@ def sample_dref(
     job = {"pairs": manifest_fingerprint(pairs_dir), "sampling": asdict(params), "batch_size": batch_size,
            "eos_token_ids": eos_token_ids, "sampler": SAMPLER_VERSION, **(model_info or {})}
     totals = run_shard_job("sample_reference", pairs.shards, out_dir, make, rank=rank, world_size=world_size,
-                           log=log, params=job, unit="tokens sampled", after_shards=getattr(model, "finish", lambda: None))
+                           log=log, params=job, unit="tokens sampled", after_shards=lambda: finish_forwards(model))
     if rank != 0:
         return None
     manifest = write_dref_manifest(model, pairs_dir, out_dir, params.num_samples, {

@@ -31,7 +31,7 @@ from mpo_dist.data.samples import write_reference_shard
 from mpo_dist.data.shards import Manifest, ShardCursor, ShardInfo
 from mpo_dist.distributed import RankInfo, device_for
 from mpo_dist.flops import CostModel
-from mpo_dist.inference_model import InferenceModel, load_inference_model
+from mpo_dist.inference_model import InferenceModel, finish_forwards, load_inference_model
 from mpo_dist.objective import policy_logprobs
 from mpo_dist.model import read_model_config
 from mpo_dist.producers.job import check_batch_size, describe_totals, made_from, manifest_fingerprint, run_shard_job, stderr_log
@@ -146,7 +146,7 @@ def score_pairs(
     totals = run_shard_job(
         "score_reference", pairs.shards, out_dir,
         lambda index, shard: score_shard(model, pairs_dir, shard, out_dir / shard.name, batch_size, device, packing, cost),
-        rank=rank, world_size=world_size, log=log, params=params, after_shards=getattr(model, "finish", lambda: None))
+        rank=rank, world_size=world_size, log=log, params=params, after_shards=lambda: finish_forwards(model))
     if rank != 0:
         return None
     manifest = Manifest("ref_logps", pairs.tokenizer_hash, [ShardInfo(s.name, s.num_samples) for s in pairs.shards],
