@@ -41,8 +41,11 @@ def _inputs(rows: int, width: int, seed: int):
 
 # Each rank's work: (model, rows, width, seed) forwards of the log-prob method, uneven on purpose:
 # rank 0 runs the policy twice then the reference; rank 1 the reference, then the policy, then stops.
+# With 4 ranks in 2 shard groups of 2 (HSDP-like: groups replicate), ranks 2 and 3 form the second group.
 WORK = {0: [("policy", 2, 9, 1), ("policy", 3, 7, 2), ("reference", 2, 5, 3)],
-        1: [("reference", 1, 11, 4), ("policy", 2, 6, 5)]}
+        1: [("reference", 1, 11, 4), ("policy", 2, 6, 5)],
+        2: [("reference", 2, 8, 6)],
+        3: [("policy", 1, 5, 7), ("policy", 2, 4, 8), ("reference", 3, 6, 9), ("policy", 1, 9, 10)]}
 
 
 def _logps(models: dict, work: list) -> list[list[float]]:
@@ -52,7 +55,7 @@ def _logps(models: dict, work: list) -> list[list[float]]:
         return [batch_logprobs(models[name], _inputs(rows, width, seed)).logps.tolist() for name, rows, width, seed in work]
 
 
-def _rank(rank: int, port: int, folders: dict, out: str) -> None:
+def _rank(rank: int, world_size: int, model_shards: int, port: int, folders: dict, out: str) -> None:
     import torch.distributed as dist
 
     from mpo_dist.distributed import RankInfo
@@ -60,13 +63,13 @@ def _rank(rank: int, port: int, folders: dict, out: str) -> None:
     from mpo_dist.model import read_model_config
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    info = RankInfo(rank=rank, world_size=2, local_rank=rank, local_world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    info = RankInfo(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size)
     device = torch.device("cpu")
     policy = load_inference_model(folders["policy"], read_model_config(folders["policy"], "--model"), "float32", device,
-                                  info, model_shards=0, option="--model")
+                                  info, model_shards=model_shards, option="--model")
     reference = load_inference_model(folders["reference"], read_model_config(folders["reference"], "--reference-model"),
-                                     "float32", device, info, model_shards=0, option="--reference-model",
+                                     "float32", device, info, model_shards=model_shards, option="--reference-model",
                                      lockstep=policy.lockstep)
     held = sum(p.to_local().numel() for p in policy.module.parameters())
     values = _logps({"policy": policy, "reference": reference}, WORK[rank])
@@ -77,18 +80,20 @@ def _rank(rank: int, port: int, folders: dict, out: str) -> None:
 
 
 @pytest.mark.dist
-def test_two_ranks_with_uneven_work_on_two_sharded_models_get_the_whole_models_numbers(tmp_path):
+@pytest.mark.parametrize("world_size, model_shards", [(2, 0), (4, 2)])
+def test_ranks_with_uneven_work_on_two_sharded_models_get_the_whole_models_numbers(tmp_path, world_size, model_shards):
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
     folders = {"policy": tmp_path / "policy", "reference": tmp_path / "reference"}
     _save_model(folders["policy"], seed=0)
     _save_model(folders["reference"], seed=1)
-    mp.spawn(_rank, args=(free_port(), {k: str(v) for k, v in folders.items()}, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(world_size, model_shards, free_port(), {k: str(v) for k, v in folders.items()}, str(tmp_path)),
+             nprocs=world_size, join=True)
     whole = {name: AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
              for name, folder in folders.items()}
     total = sum(p.numel() for p in whole["policy"].parameters())
-    for rank in (0, 1):
+    for rank in range(world_size):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["values"] == _logps(whole, WORK[rank])  # float32: bitwise, whichever rank ran what, when
         assert got["held"] == total // 2  # every tensor's first dimension is even here
