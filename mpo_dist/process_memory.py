@@ -11,6 +11,11 @@ from the environment torchrun gives each rank: a process whose /proc/PID/environ
 "rank N" unless an ancestor already is a rank, in which case it (a DataLoader worker inherits the
 rank's environment) and every other descendant of a rank is "rank N worker". Linux only.
 
+VmHWM counts file pages a process has mapped (e.g. safetensors files read through mmap), which are
+page cache, not memory of its own: each process's highest RssAnon (private memory) is kept beside it.
+The kernel keeps no peak of RssAnon, so that one is the highest value polled: a spike shorter than
+`interval_s` can be missed.
+
 The total adds up each process's peak RSS: an upper bound of the run's footprint (the peaks need not
 coincide, and pages shared between processes, e.g. copy-on-write after fork, count once per process).
 """
@@ -29,18 +34,28 @@ class ProcessPeak:
     pid: int
     role: str  # "launcher", "rank N", "rank N worker" or "other"
     peak_bytes: int  # VmHWM from /proc/PID/status, the kernel's peak resident set
+    anon_peak_bytes: int = 0  # the highest RssAnon polled: private memory, without mapped file pages
+
+
+def read_status_bytes(pid: int, fields: tuple[str, ...]) -> dict[str, int] | None:
+    """The memory `fields` (e.g. VmHWM, RssAnon) of /proc/PID/status in bytes; None when the process
+    is gone or has no memory left (a zombie: its status has no such lines)."""
+    values = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                name = line.split(":", 1)[0]
+                if name in fields:
+                    values[name] = int(line.split()[1]) * 1024  # the kernel reports kB
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return values if len(values) == len(fields) else None
 
 
 def read_peak_bytes(pid: int) -> int | None:
     """VmHWM of `pid` in bytes; None when the process is gone or has no memory left (a zombie)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # the kernel reports kB
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return None
+    values = read_status_bytes(pid, ("VmHWM",))
+    return None if values is None else values["VmHWM"]
 
 
 def read_rank(pid: int) -> int | None:
@@ -143,15 +158,17 @@ class ProcessTreeMonitor:
         parents = {pid: parent for pid, (parent, _) in tree.items()}
         roles = assign_roles(self.root_pid, parents, {pid: read_rank(pid) for pid in tree})
         for pid, (_, start) in tree.items():
-            peak = read_peak_bytes(pid)
-            if peak is None:  # exited since the tree was read: its last reading stands
+            values = read_status_bytes(pid, ("VmHWM", "RssAnon"))
+            if values is None:  # exited since the tree was read: its last reading stands
                 continue
-            known = self._peaks.setdefault((pid, start), ProcessPeak(pid, roles[pid], peak))
+            peak, anon = values["VmHWM"], values["RssAnon"]
+            known = self._peaks.setdefault((pid, start), ProcessPeak(pid, roles[pid], peak, anon))
             known.role, known.peak_bytes = roles[pid], max(known.peak_bytes, peak)
+            known.anon_peak_bytes = max(known.anon_peak_bytes, anon)
 
     def peaks(self) -> list[ProcessPeak]:
         """Every process seen in the tree with the highest VmHWM read: launcher, then each rank and its workers."""
-        return sorted((ProcessPeak(p.pid, p.role, p.peak_bytes) for p in self._peaks.values()),
+        return sorted((ProcessPeak(p.pid, p.role, p.peak_bytes, p.anon_peak_bytes) for p in self._peaks.values()),
                       key=lambda p: (_role_order(p.role), p.pid))
 
 

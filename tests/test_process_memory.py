@@ -107,3 +107,50 @@ def test_describe_peaks_table_and_total():
     lines = text.splitlines()
     assert lines[1].split() == ["launcher", "10", "100"] and lines[2].split() == ["rank", "0", "11", "300"]
     assert lines[-1].startswith("total (2 processes)") and lines[-1].endswith("400")
+
+
+# A process that maps a file and reads every page of it: resident (VmHWM) but not its own memory.
+MAPPER = """
+import mmap, sys
+with open(sys.argv[1], "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as pages:
+    total = sum(pages[offset] for offset in range(0, len(pages), mmap.PAGESIZE))
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.dist
+def test_mapped_file_pages_count_in_the_peak_but_not_in_the_anonymous_peak(tmp_path):
+    data = tmp_path / "weights.bin"
+    data.write_bytes(os.urandom(ALLOCATED))
+    script = tmp_path / "mapper.py"
+    script.write_text(MAPPER)
+    mapper = subprocess.Popen([sys.executable, str(script), str(data)], env=SUBPROCESS_ENV, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        with ProcessTreeMonitor(mapper.pid, interval_s=0.02) as monitor:
+            assert mapper.stdout.readline() == "ready\n"
+            time.sleep(0.1)
+            mapper.stdin.close()
+            assert mapper.wait(timeout=30) == 0
+    finally:
+        mapper.kill()
+    [peak] = monitor.peaks()
+    assert peak.peak_bytes >= ALLOCATED  # the kernel's peak counts the mapped pages
+    assert 0 < peak.anon_peak_bytes < ALLOCATED // 4  # the interpreter's own memory only
+
+
+@pytest.mark.dist
+def test_the_allocating_rank_anonymous_peak(tmp_path):
+    root = start_tree(tmp_path, SUBPROCESS_ENV)
+    try:
+        with ProcessTreeMonitor(root.pid, interval_s=0.02) as monitor:
+            wait_ready(root)
+            time.sleep(0.1)
+            root.stdin.close()
+            assert root.wait(timeout=30) == 0
+    finally:
+        root.kill()
+    peaks = {peak.role: peak for peak in monitor.peaks()}
+    assert peaks["rank 0"].anon_peak_bytes >= ALLOCATED  # written bytes: private memory
+    assert peaks["launcher"].anon_peak_bytes < ALLOCATED
