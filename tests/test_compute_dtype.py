@@ -178,7 +178,8 @@ def test_the_reference_is_loaded_and_recorded_in_what_auto_became(stories_inputs
     assert reference.model_info["model"]["dtype"] == name  # what manifests and job files record
     assert {parameter.dtype for parameter in reference.model.parameters()} == {expected}
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("score_reference:")]
-    assert len(said) == 1 and said[0].startswith(f"score_reference: --dtype=auto -> {name} (")  # once the model is accepted
+    assert len(said) == 2 and said[0].startswith(f"score_reference: --dtype=auto -> {name} (")  # once the model is accepted
+    assert said[1].endswith("parameters, a whole copy per process")  # how the weights are held
 
 
 @pytest.mark.e2e

@@ -151,6 +151,18 @@ def test_sharded_inference_holds_a_share_of_the_model_and_sampling_a_kv_cache(sh
     assert evaluate.term("parameters") == pytest.approx(2 * eight.term("parameters"))  # policy and reference
     sample = inference_memory(shape_70b, H100S, "bfloat16", "sample", 8, batch, max_new_tokens=512)
     assert sample.term("KV cache") == 8 * (1024 + 512) * 80 * 2 * 8 * 128 * 2
+    assert set(eight.moments) == {"forward"}  # a GPU's memory never holds the mapped weight files
+
+
+def test_on_a_cpu_reading_the_weights_maps_the_ranks_slices_beside_its_shard(shape_8b):
+    """Small batch: the peak is reading the weights, the shard twice (copy and mapped pages) plus the runtime."""
+    batch = Batch(rows=2, width=64, head_positions=64)
+    for shards in (1, 2):
+        plan = inference_memory(shape_8b, Cluster(nodes=1, gpus_per_node=2, memory_bytes=64 * GIB, device="cpu"),
+                                "bfloat16", "score", shards, batch)
+        shard = 2 * shape_8b.params / shards
+        assert plan.moments["reading the weights"] == pytest.approx(2 * shard + plan.term("runtime"))
+        assert plan.peak_bytes == max(plan.moments.values()) == plan.moments["reading the weights"]
 
 
 def _plan_tool():
