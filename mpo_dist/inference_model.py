@@ -102,7 +102,9 @@ class InferenceModel:
     def idle_forward(self) -> None:
         self.module(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device), use_cache=False)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str):  # only for names the proxy itself lacks
+        if name == "module":  # not set yet (e.g. a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.module, name)
 
 

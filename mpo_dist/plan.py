@@ -333,7 +333,9 @@ def inference_memory(shape: ModelShape, cluster: Cluster, dtype: str, stage: str
         # safetensors are read through a memory map: the pages of this rank's slices stay mapped (counted in
         # its resident memory, though the kernel may reclaim them) until the file is read; on a GPU node they
         # are host memory, not the device's.
-        mapped = Term("weights file pages", terms[0].bytes, "this rank's slices, mapped while the weights are read")
+        # Models are read one after the other: the pages of one model's file are mapped at a time.
+        mapped = Term("weights file pages", terms[0].bytes / models, "this rank's slices of one model's files, mapped "
+                                                                     "while they are read")
         terms.append(mapped)
         moments["reading the weights"] = terms[0].bytes + mapped.bytes + runtime_term(cluster.device).bytes
     return MemoryPlan(stage, terms, max(moments.values()), moments)

@@ -163,6 +163,9 @@ def test_on_a_cpu_reading_the_weights_maps_the_ranks_slices_beside_its_shard(sha
         shard = 2 * shape_8b.params / shards
         assert plan.moments["reading the weights"] == pytest.approx(2 * shard + plan.term("runtime"))
         assert plan.peak_bytes == max(plan.moments.values()) == plan.moments["reading the weights"]
+        evaluate = inference_memory(shape_8b, Cluster(nodes=1, gpus_per_node=2, memory_bytes=64 * GIB, device="cpu"),
+                                    "bfloat16", "evaluate", shards, batch)  # two models, read one after the other
+        assert evaluate.moments["reading the weights"] == pytest.approx(3 * shard + plan.term("runtime"))
 
 
 def _plan_tool():
