@@ -30,6 +30,14 @@ DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+# glibc's malloc raises its mmap threshold to the size of each large block freed (up to 32 MiB); then
+# blocks of that size come from its heap and, freed, stay in the process: a CPU rank's resident memory
+# grows by memory no tensor holds (a sharded forward gathers and frees every layer's parameters). The
+# memory benchmarks run with "fixed" (the threshold pinned: freed blocks go back to the system, the peak
+# is what the tensors need) or "default" (glibc's own; the sharded CPU tools pin theirs themselves).
+ALLOCATORS = {"fixed": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {}}
+
+
 def bench_device_type() -> str:
     """Where the trainer runs: "cuda" when a GPU is visible (it then uses one per process), else "cpu"."""
     import torch

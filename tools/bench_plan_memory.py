@@ -27,18 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpo_dist.benchmark import NO_EVAL, REPO, first_error_line, subprocess_env, write_workload_pairs
+from mpo_dist.benchmark import ALLOCATORS, NO_EVAL, REPO, first_error_line, subprocess_env, write_workload_pairs
 from mpo_dist.cli import run_main, tool_parser
 from mpo_dist.errors import InputError
 
 VOCAB, PROMPT, RESPONSE = 32000, 16, 48
 # name -> (hidden, layers); MLP 8/3 x hidden rounded to 16, 64-wide heads, untied embeddings.
 SIZES = {"20m": (256, 4), "80m": (512, 16), "250m": (1024, 14)}
-# glibc's malloc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after
-# which blocks of that size come from the heap and stay there when freed: a CPU rank's peak then grows
-# step after step by memory no tensor holds. "fixed" pins the threshold, so freed blocks go back to the
-# system and the peak is what the tensors need (what the planner models); "default" is glibc's own.
-ALLOCATORS = {"fixed": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {}}
 RUNTIME_SCRIPT = """
 import os, torch.distributed as dist
 import mpo_dist.trainer, transformers.models.llama.modeling_llama

@@ -10,7 +10,8 @@ tool under `python -m mpo_dist.launcher --standalone --nproc-per-node R` with --
 --model-shards R (1: the whole model in one process; 2: each process holds half, the model
 FSDP-sharded as inference_model.py builds it) and reads every rank's memory with
 mpo_dist.process_memory: VmHWM (the kernel's peak resident set) and the highest RssAnon polled,
-with glibc's mmap threshold pinned by default (`ALLOCATORS`).
+with glibc's own allocator by default, as users run the tools (`--allocator fixed` pins its mmap
+threshold for every process: benchmark.ALLOCATORS).
 
 VmHWM counts the pages of the safetensors file a rank maps while it reads its slices of the weights
 (safetensors' get_slice reads through mmap; DCP's reader keeps a file open for all its tensors):
@@ -41,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpo_dist.benchmark import REPO, first_error_line, subprocess_env, write_workload_pairs
+from mpo_dist.benchmark import ALLOCATORS, REPO, first_error_line, subprocess_env, write_workload_pairs
 from mpo_dist.cli import run_main, tool_parser
 from mpo_dist.errors import InputError
 
@@ -51,12 +52,6 @@ TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num
                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
 DTYPE = "bfloat16"
 BATCH_SIZE = 4  # pairs (score), sequences (sample, evaluate) per forward
-# glibc's malloc raises its mmap threshold to the size of each large block freed (up to 32 MiB); then
-# blocks of that size come from its heap and, freed, stay in the process. A sharded forward gathers and
-# frees every layer's parameters (blocks of 1-23 MiB here): with the default, a rank's resident memory
-# grows by most of a layer per layer, up to more than a whole replica holds. "fixed" pins the threshold
-# (freed blocks go back to the system: the peak is what the tensors need); "default" is glibc's own.
-ALLOCATORS = {"fixed": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {}}
 RUNTIME_SCRIPT = """
 import torch.distributed as dist
 import mpo_dist.producers.score, mpo_dist.producers.sample, mpo_dist.evaluate_model, mpo_dist.evaluate_on_policy
