@@ -99,6 +99,30 @@ def write_workload_pairs(directory: Path, num_pairs: int, prompt: int, response:
     Manifest("pairs", "synthetic:random-token-ids", shards, info=info).write(directory)
 
 
+def run_in_child(target, *args, what: str) -> None:
+    """`target(*args)` in a spawned process (it frees all its memory, and a GPU's context, on exit);
+    raises when it fails, naming `what`."""
+    child = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"{what} failed (its traceback is above)")
+
+
+def measure_ranks(command: list, ranks: int, env: dict[str, str], timeout: float):
+    """Run `command` (a launch of `ranks` processes) and read every process's peak memory while it runs
+    (process_memory.ProcessTreeMonitor). Returns (each rank's ProcessPeak, None for a rank never seen;
+    seconds; exit code; its output, stdout and stderr together)."""
+    from mpo_dist.process_memory import ProcessTreeMonitor
+
+    start = time.monotonic()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with ProcessTreeMonitor(process.pid, interval_s=0.05) as monitor:
+        output, _ = process.communicate(timeout=timeout)
+    by_role = {p.role: p for p in monitor.peaks()}
+    return [by_role.get(f"rank {rank}") for rank in range(ranks)], time.monotonic() - start, process.returncode, output
+
+
 def run_tool(script: str, *args, threads: int) -> None:
     command = [sys.executable, str(REPO / "tools" / script), *map(str, args), "--threads", str(threads)]
     result = subprocess.run(command, env=subprocess_env(threads), capture_output=True, text=True)
@@ -143,12 +167,8 @@ def make_workload(folder: Path, *, dref: bool, model: dict = TINY_MODEL, num_pai
     if not (pairs / "manifest.json").is_file():
         start = time.monotonic()
         # In a child process: on a GPU this one would keep the CUDA context and the allocator's cache.
-        child = multiprocessing.get_context("spawn").Process(target=_save_random_model,
-                                                            args=(model, dtype, seed, str(model_dir)))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"making the workload's model in {model_dir} failed (its traceback is above)")
+        run_in_child(_save_random_model, model, dtype, seed, str(model_dir),
+                     what=f"making the workload's model in {model_dir}")
         write_workload_pairs(pairs, num_pairs, prompt, response, model["vocab_size"], seed)
         log(f"bench_train: workload model and {num_pairs} pairs in {folder} ({time.monotonic() - start:.0f}s)")
     if not (reference / "manifest.json").is_file():

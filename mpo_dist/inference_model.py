@@ -151,8 +151,7 @@ def load_inference_model(folder: str | Path, config, dtype: str, device: torch.d
     from transformers import GenerationConfig
 
     folder = Path(folder)
-    mesh = inference_mesh(info.world_size, model_shards, info.local_world_size, device.type) \
-        if dist.is_initialized() and info.world_size > 1 else None
+    mesh = inference_mesh(info.world_size, model_shards, info.local_world_size, device.type)  # checks model_shards
     module = build_model_from_config(config, DTYPES[dtype])
     if (folder / "generation_config.json").is_file():  # every stop token (e.g. end of turn as well as end of text)
         module.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)

@@ -29,9 +29,10 @@ from pathlib import Path
 from mpo_dist.errors import InputError
 from mpo_dist.flops import CostModel
 from mpo_dist.logprobs import DEFAULT_CHUNK_TOKENS, KEEP_LOGITS_BYTES
+from mpo_dist.model import DTYPES
 
 GIB, MIB = 2**30, 2**20
-ITEMSIZE = {"float32": 4, "bfloat16": 2}
+ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 # A GPU rank's memory beyond its tensors: the CUDA context and kernels (~0.5-1 GiB), cuBLAS and NCCL
 # workspaces and the caching allocator's fragmentation. A stated allowance, not a measurement.
 CUDA_RUNTIME_BYTES = 3 * GIB
@@ -319,7 +320,7 @@ def inference_memory(shape: ModelShape, cluster: Cluster, dtype: str, stage: str
     models = 2 if stage == "evaluate" else 1
     terms = [Term("parameters", models * itemsize * shape.params / shards, f"{models} model(s) in {dtype}, sharded"),
              Term("all-gather buffers", 0.0 if shards == 1 else
-                  gather_bytes(shape, itemsize, 2, False, INFERENCE_LAYERS_IN_FLIGHT), "root + one layer"),
+                  gather_bytes(shape, itemsize, shards, False, INFERENCE_LAYERS_IN_FLIGHT), "root + one layer"),
              Term("forward", forward_working_bytes(shape, batch.tokens, itemsize) + batch.tokens * itemsize * shape.hidden,
                   "one no-grad forward"),
              Term("log-prob head", head_bytes(shape, batch.head_positions, itemsize, training=False)),

@@ -110,6 +110,8 @@ def test_model_shards_must_divide_the_processes():
         inference_mesh(4, 3, 4, "cpu")
     with pytest.raises(InputError, match="--model-shards -1"):
         inference_mesh(4, -1, 4, "cpu")
+    with pytest.raises(InputError, match=r"--model-shards 2: .* \(1\)"):  # one process: checked too (load_inference_model)
+        inference_mesh(1, 2, 1, "cpu")
 
 
 def _score(model: Path, pairs: Path, out: Path, nproc: int, *flags) -> str:

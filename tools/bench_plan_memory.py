@@ -20,14 +20,14 @@ not change memory). A stage is one function in `STAGES`: (size, ranks, work fold
 from __future__ import annotations
 
 import json
-import subprocess
+import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpo_dist.benchmark import ALLOCATORS, NO_EVAL, REPO, first_error_line, subprocess_env, write_workload_pairs
+from mpo_dist.benchmark import (ALLOCATORS, NO_EVAL, REPO, first_error_line, measure_ranks, run_in_child, subprocess_env,
+                                write_workload_pairs)
 from mpo_dist.cli import run_main, tool_parser
 from mpo_dist.errors import InputError
 
@@ -78,17 +78,9 @@ def make_data(folder: Path, num_pairs: int = 64) -> tuple[Path, Path]:
 
 def run_measured(command: list[str], ranks: int, args) -> tuple[list[int], float, str]:
     """Each rank's peak resident bytes (by rank), seconds, and the first error line ('' when it succeeded)."""
-    from mpo_dist.process_memory import ProcessTreeMonitor
-
-    start = time.monotonic()
     env = {**subprocess_env(threads=max(1, 2 // ranks)), **ALLOCATORS[args.allocator]}
-    process = subprocess.Popen(command, cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with ProcessTreeMonitor(process.pid, interval_s=0.05) as monitor:
-        output, _ = process.communicate(timeout=args.run_timeout)
-    peaks = {p.role: p.peak_bytes for p in monitor.peaks() if p.role.startswith("rank ") and not p.role.endswith("worker")}
-    measured = [peaks.get(f"rank {rank}", 0) for rank in range(ranks)]
-    return measured, time.monotonic() - start, "" if process.returncode == 0 else first_error_line(output)
+    peaks, seconds, code, output = measure_ranks(command, ranks, env, args.run_timeout)
+    return [0 if p is None else p.peak_bytes for p in peaks], seconds, "" if code == 0 else first_error_line(output)
 
 
 def cpu_cluster(ranks: int):
@@ -135,16 +127,12 @@ def stage_train(size: str, ranks: int, work: Path, args) -> Row:
 
 def random_model(size: str, work: Path) -> Path:
     """A random-init float32 Llama of `size` saved as safetensors (reused when present)."""
-    import multiprocessing
-
     from mpo_dist.benchmark import _save_random_model
 
     folder = work / f"model-{size}"
     if not (folder / "config.json").is_file():
         config = {k: v for k, v in model_config(size).items() if k != "model_type"}
-        child = multiprocessing.get_context("spawn").Process(target=_save_random_model, args=(config, "float32", 0, str(folder)))
-        child.start()
-        child.join()
+        run_in_child(_save_random_model, config, "float32", 0, str(folder), what=f"saving the {size} model in {folder}")
     return folder
 
 
@@ -160,7 +148,7 @@ def stage_score(size: str, ranks: int, work: Path, args) -> Row:
     command = launch_command(ranks, [REPO / "tools" / "score_reference.py", "--model", model, "--pairs", pairs,
                                      "--out", out, "--batch-size", args.batch_size * 4, "--packing", "never",
                                      "--dtype", "float32"])
-    subprocess.run(["rm", "-rf", str(out)], check=True)
+    shutil.rmtree(out, ignore_errors=True)  # a fresh job: score_reference skips shards already there
     shape, _ = build_shape(ModelConfig(config=model_config(size)))
     rows = 2 * args.batch_size * 4
     plan = inference_memory(shape, cpu_cluster(ranks), "float32", "score", ranks,

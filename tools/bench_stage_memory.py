@@ -34,15 +34,14 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpo_dist.benchmark import ALLOCATORS, REPO, first_error_line, subprocess_env, write_workload_pairs
+from mpo_dist.benchmark import (ALLOCATORS, REPO, first_error_line, measure_ranks, run_in_child, subprocess_env,
+                                write_workload_pairs)
 from mpo_dist.cli import run_main, tool_parser
 from mpo_dist.errors import InputError
 
@@ -82,11 +81,7 @@ def prepare(work: Path, args, log) -> tuple[Path, Path]:
     model, pairs = work / "model", work / f"pairs-{args.pairs}x{args.prompt}+{args.response}"
     if not (model / "model.safetensors").is_file():
         start = time.monotonic()
-        child = multiprocessing.get_context("spawn").Process(target=save_model, args=(str(model),))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"saving the random model in {model} failed (its traceback is above)")
+        run_in_child(save_model, str(model), what=f"saving the random model in {model}")
         log(f"bench_stage_memory: random TinyLlama-shaped model saved in {model} ({time.monotonic() - start:.0f}s)")
     if not (pairs / "manifest.json").is_file():
         write_workload_pairs(pairs, args.pairs, args.prompt, args.response, TINYLLAMA["vocab_size"], seed=0,
@@ -96,20 +91,14 @@ def prepare(work: Path, args, log) -> tuple[Path, Path]:
 
 def run_measured(target: list, ranks: int, args) -> Run:
     from mpo_dist.launcher import launch_command
-    from mpo_dist.process_memory import ProcessTreeMonitor
 
-    start = time.monotonic()
     env = {**subprocess_env(max(1, 2 // ranks)), **ALLOCATORS[args.allocator]}
-    process = subprocess.Popen(launch_command(ranks, target), cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with ProcessTreeMonitor(process.pid, interval_s=0.05) as monitor:
-        output, _ = process.communicate(timeout=args.run_timeout)
-    if process.returncode != 0:
+    peaks, seconds, code, output = measure_ranks(launch_command(ranks, target), ranks, env, args.run_timeout)
+    if code != 0:
         raise RuntimeError(f"{' '.join(map(str, target[:1]))} at {ranks} processes failed: {first_error_line(output)}")
-    by_role = {p.role: p for p in monitor.peaks()}
-    ranks_seen = [by_role[f"rank {rank}"] for rank in range(ranks)]
-    return Run("", ranks, [p.peak_bytes for p in ranks_seen], [p.anon_peak_bytes for p in ranks_seen],
-               time.monotonic() - start)
+    if None in peaks:
+        raise RuntimeError(f"{' '.join(map(str, target[:1]))} at {ranks} processes: rank {peaks.index(None)} was never seen")
+    return Run("", ranks, [p.peak_bytes for p in peaks], [p.anon_peak_bytes for p in peaks], seconds)
 
 
 def stage_command(stage: str, model: Path, pairs: Path, out: Path, ranks: int, args) -> list:
