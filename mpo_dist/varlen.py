@@ -181,7 +181,7 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      scale: float | None = None) -> torch.Tensor:
     """`varlen_attention_reference`'s contract with torch's flash varlen kernel on CUDA (fp16/bf16),
     the reference elsewhere. `descriptors` must be on the query's device."""
-    if not query.is_cuda:
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):  # the kernel's dtypes
         return varlen_attention_reference(query, key, value, descriptors, scale)
     from torch.nn.attention.varlen import varlen_attn
 
