@@ -70,12 +70,13 @@ class Evaluator:
     def __init__(self, config: EvalConfig, data: DataConfig, *, model: torch.nn.Module, objective: Objective,
                  device: torch.device, dp_rank: int, dp_world_size: int, pad_token_id: int,
                  tokenizer_hash: str | None = None, vocab_size: int | None = None,
-                 layout_cost: Callable[[int, int, bool], float],
+                 layout_cost: Callable[[int, int, bool], float], varlen: bool = False,
                  record: Callable[[MicroBatch, torch.Tensor], None] | None = None):
         """`record(batch, logps)`, when given, sees every batch's per-sequence policy log-probs (on the host)."""
         self.config, self.model, self.objective, self.device, self.record = config, model, objective, device, record
-        # The training forward's layout: data's options, and the model's cost (flops.CostModel.layout_cost).
-        self.layout = layout_for(data, pad_token_id, cost=layout_cost)
+        # The training forward's layout: data's options, the model's cost (flops.CostModel.layout_cost) and
+        # its packed rows' attention (attention.uses_varlen).
+        self.layout = layout_for(data, pad_token_id, cost=layout_cost, varlen=varlen)
         ranks = dict(dp_rank=dp_rank, dp_world_size=dp_world_size)
         self.pairs = self.dref = None
         self.expected = {"pairs": 0, "dref": 0}  # real samples of one pass, over all ranks

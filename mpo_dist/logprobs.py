@@ -17,7 +17,9 @@ everything goes through it; `parallelize.apply_fsdp` registers that method with 
 What the forward computes comes as a `data.layout.ModelInput`: rows padded (right or left; position
 ids count real tokens only, so both sides give the same numbers, also for absolute-position models
 like GPT-2) or packed (several documents per row, a pair's prompt shared by its two responses,
-under a 4-D mask). The head runs only on the positions that predict a response token.
+under a 4-D mask, or, with model.attention=varlen, under no mask: the attention pieces the batch
+carries, `ModelInput.varlen`, go to every attention layer; attention.py). The head runs only on the
+positions that predict a response token.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from mpo_dist.attention import DESCRIPTORS_KWARG, VARLEN_IMPLEMENTATION, use_varlen_attention
 from mpo_dist.errors import InputError
 
 DEFAULT_CHUNK_TOKENS = 1024
@@ -98,13 +101,19 @@ def packed_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, i
     return allowed
 
 
-def _attention_mask(model, batch) -> torch.Tensor:
+def _attention_inputs(model, batch) -> dict:
+    """The decoder's attention arguments: padded rows' 2-D mask; packed rows' 4-D mask (dense), or no
+    mask and their pieces (batch.varlen, model.attention=varlen: attention.py)."""
     if not batch.packed:
-        return batch.attention_mask
+        return dict(attention_mask=batch.attention_mask)
+    if batch.varlen is not None:
+        use_varlen_attention(model)
+        return {"attention_mask": None, DESCRIPTORS_KWARG: batch.varlen}
     implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if implementation not in ("sdpa", "eager"):
+    if implementation not in ("sdpa", "eager", VARLEN_IMPLEMENTATION):  # the latter: SDPA on a given mask
         raise InputError(f"data.packing needs the model's attention to be 'sdpa' or 'eager', not {implementation!r}")
-    return packed_attention_mask(batch.segment_ids, batch.branch_ids, implementation, model.dtype)
+    mask_kind = "eager" if implementation == "eager" else "sdpa"
+    return dict(attention_mask=packed_attention_mask(batch.segment_ids, batch.branch_ids, mask_kind, model.dtype))
 
 
 def token_logprobs(model, batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
@@ -115,8 +124,8 @@ def token_logprobs(model, batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> to
     predict a response token, in checkpointed chunks."""
     decoder, head = _decoder_and_head(model)
     transform = _final_logits_transform(model)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=_attention_mask(model, batch),
-                     position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                     **_attention_inputs(model, batch)).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.predict_from)
     # Recompute each chunk's logits in the backward only when keeping them all would cost memory.
     recompute = hidden.shape[0] * head.weight.shape[0] * 4 > KEEP_LOGITS_BYTES

@@ -28,6 +28,7 @@ from mpo_dist.compute_dtype import choose_dtype
 from mpo_dist.config import Config, grad_accum_for, save_config
 from mpo_dist.convert import export_hf, write_hf_files
 from mpo_dist.batch import MicroBatch
+from mpo_dist.attention import use_varlen_attention, uses_varlen
 from mpo_dist.data.layout import layout_for
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
 from mpo_dist.data.input_paths import check_input_paths
@@ -116,6 +117,10 @@ class Trainer(Stateful):
 
         self.mesh = build_mesh(config.parallel, self.info.world_size, self.device.type)
         self.model = build_model(config.model)
+        # Packed rows' attention (model.attention, attention.py): varlen pieces built with each batch, or a dense mask.
+        self.varlen = uses_varlen(config.model.attention, self.device, self.model.config)
+        if self.varlen:
+            use_varlen_attention(self.model)
         apply_fsdp(self.model, self.mesh, config.parallel, self.dtype)
         materialize_model(self.model, config.model, self.device, seed=config.job.seed,
                           cpu_offload=config.parallel.cpu_offload)
@@ -127,14 +132,16 @@ class Trainer(Stateful):
         self.cost_model = CostModel.of(self.model)
         layout_cost = self.cost_model.layout_cost
         # Micro-batches are laid out where they are made: the stream hands the trainer ready ones.
-        self.data = TrainingStream(pair_loader, dref_loader, layout_for(config.data, self.pad_token_id, cost=layout_cost))
+        self.data = TrainingStream(pair_loader, dref_loader, layout_for(config.data, self.pad_token_id, cost=layout_cost,
+                                                                                 varlen=self.varlen))
         # Held-out evaluation (evaluation.py): its own streams, never the training loaders; the same layout.
         self.evaluator = None
         if config.eval.enabled:
             self.evaluator = Evaluator(config.eval, config.data, model=self.model, objective=self.objective,
                                        device=self.device, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size,
                                        pad_token_id=self.pad_token_id, tokenizer_hash=pairs.tokenizer_hash,
-                                       vocab_size=model_config.vocab_size, layout_cost=layout_cost)
+                                       vocab_size=model_config.vocab_size, layout_cost=layout_cost,
+                                       varlen=self.varlen)
 
         self.checkpointer = Checkpointer(self.checkpoints_dir, config.checkpoint.keep, self.info.rank, self.dp_rank,
                                          self.dp_world_size, log=log_main, model_config=model_config.to_dict())

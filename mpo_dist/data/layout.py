@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mpo_dist.errors import InputError
+from mpo_dist.varlen import VarlenDescriptors
 
 PAD_SEGMENT = -1  # the segment id of padding positions (each attends only to padding before it)
 
@@ -64,6 +65,7 @@ class ModelInput:
     num_sequences: int
     num_tokens: int  # tokens of the sequences as data: prompt + response per output sequence
     num_real_positions: int  # non-padding positions the model computes (prompts shared once when packed)
+    varlen: VarlenDescriptors | None = None  # packed rows for model.attention=varlen: their attention pieces
 
     @property
     def packed(self) -> bool:
@@ -85,6 +87,8 @@ class ModelInput:
         for name, value in moved.items():
             if isinstance(value, torch.Tensor):
                 moved[name] = value.to(device, non_blocking=True)
+            elif isinstance(value, VarlenDescriptors):  # its own tensors, non-blocking too
+                moved[name] = value.to(device)
         return ModelInput(**moved)
 
 
@@ -276,11 +280,12 @@ PACKING_CHOICES = ("auto", "always", "never")
 
 def lay_out(documents: Sequence[Document], *, packing: str, pad_token_id: int,
             cost: Callable[[int, int, bool], float], padding_side: str = "right", pad_to_multiple_of: int = 1,
-            pack_tokens: int = 0, bucket_shapes: bool = False) -> ModelInput:
+            pack_tokens: int = 0, bucket_shapes: bool = False, varlen: bool = False) -> ModelInput:
     """The model input for `documents`: packed ("always"), padded ("never"), or ("auto") whichever
     `cost(rows, width, dense_attention)` says is cheaper for these documents (flops.CostModel.layout_cost;
     it also picks the packed row length). `dense_attention`: ModelInput.dense_attention. Both layouts
-    give the same numbers."""
+    give the same numbers. With `varlen` (model.attention), packed rows carry their attention pieces
+    (ModelInput.varlen), computed here on the host so the step needs no host sync for them."""
     if packing not in PACKING_CHOICES:
         raise InputError(f"data.packing must be one of {', '.join(PACKING_CHOICES)}, got {packing!r}")
     packed = padded = None
@@ -289,20 +294,22 @@ def lay_out(documents: Sequence[Document], *, packing: str, pad_token_id: int,
                                 row_cost=lambda rows, width: cost(rows, width, True), bucket_shapes=bucket_shapes)
     if packing != "always":
         padded = pad_documents(documents, pad_token_id, padding_side, pad_to_multiple_of, bucket_shapes)
-    if packed is None or padded is None:
-        return packed or padded
+    if packed is not None and padded is not None:
+        def estimate(inputs: ModelInput) -> float:
+            rows, width = inputs.input_ids.shape
+            return cost(rows, width, inputs.dense_attention)
 
-    def estimate(inputs: ModelInput) -> float:
-        rows, width = inputs.input_ids.shape
-        return cost(rows, width, inputs.dense_attention)
+        packed, padded = (packed, None) if estimate(packed) < estimate(padded) else (None, padded)
+    if packed is not None and varlen:
+        packed.varlen = VarlenDescriptors.of(packed)
+    return packed or padded
 
-    return packed if estimate(packed) < estimate(padded) else padded
 
-
-def layout_for(data, pad_token_id: int, cost: Callable[[int, int, bool], float]
+def layout_for(data, pad_token_id: int, cost: Callable[[int, int, bool], float], varlen: bool = False
                ) -> Callable[[Sequence[Document]], ModelInput]:
     """`lay_out` with the options of a DataConfig (data.packing, data.pack_tokens, data.padding_side,
-    data.pad_to_multiple_of, data.bucket_shapes) and the model's `cost` (flops.CostModel.layout_cost)."""
+    data.pad_to_multiple_of, data.bucket_shapes), the model's `cost` (flops.CostModel.layout_cost) and
+    whether packed rows run the varlen attention (attention.uses_varlen)."""
     return partial(lay_out, packing=data.packing, pad_token_id=pad_token_id, padding_side=data.padding_side,
                    pad_to_multiple_of=data.pad_to_multiple_of, pack_tokens=data.pack_tokens, cost=cost,
-                   bucket_shapes=data.bucket_shapes)
+                   bucket_shapes=data.bucket_shapes, varlen=varlen)
