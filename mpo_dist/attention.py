@@ -1,18 +1,21 @@
-"""Which attention packed rows run under (model.attention), and the varlen path as a transformers attention.
+"""Which attention packed rows run under (model.attention), and the packed paths as a transformers attention.
 
 - dense: SDPA under the 4-D packed mask (logprobs.packed_attention_mask): O(width^2) mask memory per
   row and no flash kernels, but any architecture; the CPU default and the reference.
 - varlen: the pieces of varlen.py (torch's flash `varlen_attn` on CUDA, its plain-PyTorch twin
   elsewhere): no mask at all. The data pipeline builds the pieces (`VarlenDescriptors`) on the host
-  when it lays a batch out (data.layout.lay_out(varlen=True)), they move with the batch, and the
-  log-prob path hands them to every attention layer as the `varlen_descriptors` keyword, which
-  transformers' decoders pass through (activation checkpointing and FSDP included) to the attention
-  function registered here.
+  when it lays a batch out (data.layout.lay_out(varlen=True)) and they move with the batch.
+- flex: FlexAttention under a block mask (flex.py), built from the batch's segment and branch ids
+  once per micro-batch on the device; compiled on CUDA, forward only elsewhere.
 
-The model runs under the implementation `VARLEN_IMPLEMENTATION`, set once (`use_varlen_attention`):
-with descriptors it runs the pieces; without (padded rows, or a packed batch laid out without them)
-it is transformers' SDPA with the mask it is given, so padded rows keep their path. Its mask function
-builds SDPA's mask, except that it builds none when the decoder gets no mask (the varlen forward).
+The model runs the packed paths under ONE implementation, `PACKED_IMPLEMENTATION`, set once
+(`use_packed_attention`, which also records the path on the model: `packed_attention_of`). The
+log-prob path hands each micro-batch's pieces or block mask to every attention layer as the
+`PACKED_KWARG` keyword, which transformers' decoders pass through (activation checkpointing and FSDP
+included) to the attention function registered here; it runs whichever it is given. Without it
+(padded rows, or packed rows laid out without pieces on a model left on the dense path) it is
+transformers' SDPA with the mask it is given. Its mask function builds SDPA's mask, except that it
+builds none when the decoder gets no mask (the packed paths' forward).
 """
 
 from __future__ import annotations
@@ -20,29 +23,39 @@ from __future__ import annotations
 import torch
 
 from mpo_dist.errors import InputError
-from mpo_dist.varlen import varlen_attention
+from mpo_dist.flex import FlexMask, flex_attention_packed
+from mpo_dist.varlen import VarlenDescriptors, varlen_attention
 
-ATTENTION_CHOICES = ("auto", "dense", "varlen")
-VARLEN_IMPLEMENTATION = "mpo_varlen"
-DESCRIPTORS_KWARG = "varlen_descriptors"
+ATTENTION_CHOICES = ("auto", "dense", "varlen", "flex")
+PACKED_PATHS = ("varlen", "flex")
+ATTENTION_PATHS = ("dense", *PACKED_PATHS)
+PACKED_IMPLEMENTATION = "mpo_packed"
+PACKED_KWARG = "packed_attention"  # a batch's VarlenDescriptors or FlexMask
+_PATH_ATTRIBUTE = "mpo_packed_attention"  # on the model: the packed path use_packed_attention chose
 
 
-def uses_varlen(choice: str, device: torch.device, model_config) -> bool:
-    """Whether packed rows run the varlen path: model.attention=varlen (refused, InputError, when the
-    model needs what it cannot do), or auto on CUDA when the model allows it; dense otherwise."""
+def resolve_attention(choice: str, device: torch.device, model_config, training: bool = True) -> str:
+    """The path packed rows run ("dense", "varlen" or "flex") for model.attention=`choice`: auto is
+    varlen on CUDA when the model allows it, dense otherwise. An explicit varlen or flex is refused
+    (InputError) for a model it cannot compute, and flex for training on CPU (no backward there)."""
     if choice not in ATTENTION_CHOICES:
         raise InputError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {choice!r}")
+    unsupported = packed_unsupported(model_config)
+    if choice == "auto":
+        return "varlen" if device.type == "cuda" and not unsupported else "dense"
     if choice == "dense":
-        return False
-    unsupported = varlen_unsupported(model_config)
-    if choice == "varlen" and unsupported:
-        raise InputError(f"model.attention=varlen cannot serve this model: {unsupported}; set model.attention=dense")
-    return choice == "varlen" or (device.type == "cuda" and not unsupported)
+        return choice
+    if unsupported:
+        raise InputError(f"model.attention={choice} cannot serve this model: {unsupported}; set model.attention=dense")
+    if choice == "flex" and training and device.type == "cpu":
+        raise InputError("model.attention=flex cannot train on CPU: torch has no FlexAttention backward there "
+                         "(forward only); set model.attention=varlen (its CPU twin trains) or model.attention=dense")
+    return choice
 
 
-def varlen_unsupported(model_config) -> str | None:
-    """What in a transformers config the varlen path cannot compute (None: nothing): sliding windows
-    and soft-capped attention scores change the attention the pieces compute."""
+def packed_unsupported(model_config) -> str | None:
+    """What in a transformers config the packed paths (varlen, flex) cannot compute (None: nothing):
+    sliding windows and soft-capped attention scores change the attention they compute."""
     window = getattr(model_config, "sliding_window", None)
     layer_types = getattr(model_config, "layer_types", None) or ()
     if window or "sliding_attention" in layer_types:
@@ -53,28 +66,35 @@ def varlen_unsupported(model_config) -> str | None:
     return None
 
 
-def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention contract (q [rows, heads, width, dim], k/v [rows, kv_heads, width, dim]
-    -> [rows, width, heads, dim]): the pieces of kwargs['varlen_descriptors'], else SDPA."""
+    -> [rows, width, heads, dim]): the pieces or the block mask of kwargs[PACKED_KWARG], else SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    descriptors = kwargs.pop(DESCRIPTORS_KWARG, None)
-    if descriptors is None:
+    packed = kwargs.pop(PACKED_KWARG, None)
+    if attention_mask is not None and attention_mask.numel() == 0:  # no_mask(): causal, nothing masked
+        attention_mask = None
+    if packed is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if not isinstance(packed, (VarlenDescriptors, FlexMask)):
+        raise TypeError(f"{PACKED_KWARG} must be VarlenDescriptors or a FlexMask, got {type(packed).__name__}")
+    path = "varlen" if isinstance(packed, VarlenDescriptors) else "flex"
     if dropout > 0:
-        raise InputError(f"model.attention=varlen does not apply attention dropout (here {dropout}); set "
+        raise InputError(f"model.attention={path} does not apply attention dropout (here {dropout}); set "
                          "model.attention=dense or train without attention dropout")
-    for name in ("sliding_window", "softcap"):  # refused up front (uses_varlen); a layer may still ask at run time
+    for name in ("sliding_window", "softcap"):  # refused up front (resolve_attention); a layer may still ask at run time
         if kwargs.get(name) is not None:
-            raise InputError(f"model.attention=varlen cannot serve {name}={kwargs[name]} in "
+            raise InputError(f"model.attention={path} cannot serve {name}={kwargs[name]} in "
                              f"{type(module).__name__}; set model.attention=dense")
-    return varlen_attention(query, key, value, descriptors, scale=scaling), None
+    if path == "varlen":
+        return varlen_attention(query, key, value, packed, scale=scaling), None
+    return flex_attention_packed(query, key, value, packed, scale=scaling), None
 
 
 def _sdpa_mask_unless_none(*args, attention_mask=None, **kwargs):
-    """SDPA's mask function; no mask at all for a decoder given none (the varlen forward's)."""
+    """SDPA's mask function; no mask at all for a decoder given none (the packed paths' forward)."""
     if attention_mask is None:
         return None
     from transformers.masking_utils import sdpa_mask
@@ -82,22 +102,44 @@ def _sdpa_mask_unless_none(*args, attention_mask=None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-def register_varlen_attention() -> None:
-    """Register the attention and mask functions under VARLEN_IMPLEMENTATION (idempotent)."""
+def no_mask(rows: int, device: torch.device) -> torch.Tensor:
+    """The mask of a forward that needs none (the packed paths; padded rows without padding): a 4-D
+    tensor of no elements. transformers hands a 4-D mask to the attention as it is, so it prepares
+    none: given None with position ids, it would look for packed sequences in them, and given a 2-D
+    mask it would check it for padding, each a host sync. packed_attention_forward reads it as None
+    (SDPA's causal kernels); any other implementation fails on its shape, never silently."""
+    return torch.empty(rows, 1, 0, 0, dtype=torch.bool, device=device)
+
+
+def register_packed_attention() -> None:
+    """Register the attention and mask functions under PACKED_IMPLEMENTATION (idempotent)."""
     from transformers import AttentionInterface, AttentionMaskInterface
 
-    AttentionInterface.register(VARLEN_IMPLEMENTATION, varlen_attention_forward)
-    AttentionMaskInterface.register(VARLEN_IMPLEMENTATION, _sdpa_mask_unless_none)
+    AttentionInterface.register(PACKED_IMPLEMENTATION, packed_attention_forward)
+    AttentionMaskInterface.register(PACKED_IMPLEMENTATION, _sdpa_mask_unless_none)
 
 
-def use_varlen_attention(model: torch.nn.Module) -> None:
-    """Run `model` (a transformers causal LM, FSDP-wrapped or not) under VARLEN_IMPLEMENTATION from
-    now on; a no-op when it already does. Refused (InputError) for models it cannot serve."""
+def use_packed_attention(model: torch.nn.Module, path: str) -> None:
+    """Run `model` (a transformers causal LM, FSDP-wrapped or not) under PACKED_IMPLEMENTATION from
+    now on, its packed rows by `path` ("dense", "varlen" or "flex"; packed_attention_of). On the dense
+    path an SDPA model switches too, so that the log-prob path hands it prepared masks (no host sync:
+    no_mask); a model on another implementation (eager) keeps it. Refused (InputError) for models the
+    varlen and flex paths cannot serve."""
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"path must be one of {ATTENTION_PATHS}, got {path!r}")
     config = model.config
-    if getattr(config, "_attn_implementation", None) == VARLEN_IMPLEMENTATION:
+    current = getattr(config, "_attn_implementation", None)
+    if path == "dense" and current not in (None, "sdpa", PACKED_IMPLEMENTATION):
         return
-    unsupported = varlen_unsupported(config)
-    if unsupported:
-        raise InputError(f"model.attention=varlen cannot serve this model: {unsupported}; set model.attention=dense")
-    register_varlen_attention()
-    model.set_attn_implementation(VARLEN_IMPLEMENTATION)
+    if current != PACKED_IMPLEMENTATION:
+        unsupported = packed_unsupported(config) if path != "dense" else None
+        if unsupported:
+            raise InputError(f"model.attention={path} cannot serve this model: {unsupported}; set model.attention=dense")
+        register_packed_attention()
+        model.set_attn_implementation(PACKED_IMPLEMENTATION)
+    setattr(model, _PATH_ATTRIBUTE, path)
+
+
+def packed_attention_of(model: torch.nn.Module) -> str:
+    """The path `model`'s packed rows run: what use_packed_attention set, else "dense"."""
+    return getattr(model, _PATH_ATTRIBUTE, "dense")

@@ -13,13 +13,14 @@ so every consumer receives typed tensors and counts, never a collated dict.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from mpo_dist.data.layout import Document, ModelInput
+from mpo_dist.transfer import to_device
 
 Layout = Callable[[Sequence[Document]], ModelInput]  # data/layout.py's `layout_for(...)`
 
@@ -91,16 +92,6 @@ class StreamPosition:
     dref_epoch: int | None = None
 
 
-def _to(value, device: torch.device):
-    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-
-
-def _moved(tensors, device: torch.device):
-    if tensors is None:
-        return None
-    return replace(tensors, **{f.name: _to(getattr(tensors, f.name), device) for f in fields(tensors)})
-
-
 @dataclass
 class MicroBatch:
     inputs: ModelInput
@@ -135,8 +126,9 @@ class MicroBatch:
         return cls(inputs, pair_tensors, dref_tensors, counts, position)
 
     def to(self, device: torch.device) -> "MicroBatch":
-        return replace(self, inputs=self.inputs.to(device), pairs=_moved(self.pairs, device),
-                       dref=_moved(self.dref, device))
+        """On `device`: every tensor (inputs, varlen pieces, pairs, D_ref) in ONE non-blocking copy
+        (transfer.py); counts, keys and positions stay on the host."""
+        return to_device(self, device)
 
     @property
     def num_pairs(self) -> int:

@@ -45,12 +45,16 @@ def bench_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def subprocess_env(threads: int) -> dict[str, str]:
-    """The environment of a run a benchmark starts: this checkout importable, warnings off, `threads`
-    OpenMP threads per process, and none of the torchrun variables of an enclosing launch."""
+def subprocess_env(threads: int, code: Path = REPO) -> dict[str, str]:
+    """The environment of a run a benchmark starts: the checkout `code` (default this one) importable,
+    warnings off, `threads` OpenMP threads per process, and none of the torchrun variables of an
+    enclosing launch. Another checkout's package is imported even from this one's folder (relative
+    paths in configs keep their meaning): PYTHONSAFEPATH stops `python -m` putting the folder first."""
     env = {key: value for key, value in os.environ.items() if key not in _TORCHRUN_VARIABLES}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    env.update(PYTHONPATH=os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])]),
                PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads))
+    if Path(code).resolve() != REPO.resolve():
+        env["PYTHONSAFEPATH"] = "1"
     return env
 
 

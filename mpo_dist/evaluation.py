@@ -75,7 +75,7 @@ class Evaluator:
         """`record(batch, logps)`, when given, sees every batch's per-sequence policy log-probs (on the host)."""
         self.config, self.model, self.objective, self.device, self.record = config, model, objective, device, record
         # The training forward's layout: data's options, the model's cost (flops.CostModel.layout_cost) and
-        # its packed rows' attention (attention.uses_varlen).
+        # whether packed rows carry varlen pieces (attention.resolve_attention gave "varlen").
         self.layout = layout_for(data, pad_token_id, cost=layout_cost, varlen=varlen)
         ranks = dict(dp_rank=dp_rank, dp_world_size=dp_world_size)
         self.pairs = self.dref = None

@@ -7,7 +7,10 @@ A causal LM's training FLOPs (forward + backward) are counted as the hardware co
 - attention scores and values: 12 x layers x hidden x width per position when the attention runs
   under a mask over the full width (packed rows, padded rows with padding), 6 x ... when it does
   not (padded rows without padding: SDPA's causal kernels skip the upper triangle), PaLM appendix
-  B's term halved for the causal case;
+  B's term halved for the causal case; with model.attention=varlen, packed rows compute only their
+  pieces' (query, key) pairs (varlen.VarlenDescriptors.attended_pairs), 12 x layers x hidden each,
+  whatever the row width (FlexAttention's rows are counted as the dense mask's: an upper bound, as
+  it skips only 128 x 128 blocks that are wholly masked);
 - the output head (vocab x hidden): 6 x head parameters per predicted position only, since
   logprobs.py runs it on response tokens alone.
 
@@ -57,16 +60,20 @@ class CostModel:
         return cls(count_parameters(model, exclude_embeddings=True) - head, head, config.num_hidden_layers,
                    config.hidden_size)
 
-    def layout_cost(self, rows: int, width: int, dense_attention: bool) -> float:
-        """Body and attention FLOPs of `rows` x `width` positions (no head): data/layout.py's cost."""
+    def layout_cost(self, rows: int, width: int, dense_attention: bool, attended_pairs: int | None = None) -> float:
+        """Body and attention FLOPs of `rows` x `width` positions (no head): data/layout.py's cost.
+        `attended_pairs` (the varlen path's pieces) replaces the attention over the width."""
+        if attended_pairs is not None:
+            return float(rows * width * 6 * self.body_params + 12 * self.layers * self.hidden * attended_pairs)
         attention = (12 if dense_attention else 6) * self.layers * self.hidden * width
         return float(rows * width * (6 * self.body_params + attention))
 
     def training_flops(self, inputs: "ModelInput") -> float:
-        """FLOPs of one forward and backward over `inputs`: body and attention over every row x width
-        position, the head at each predicted position (len(inputs.targets))."""
+        """FLOPs of one forward and backward over `inputs`: body over every row x width position,
+        attention as `layout_cost` counts it, the head at each predicted position (len(inputs.targets))."""
         rows, width = inputs.input_ids.shape
-        return self.layout_cost(rows, width, inputs.dense_attention) + 6.0 * self.head_params * len(inputs.targets)
+        pairs = inputs.varlen.attended_pairs if inputs.varlen is not None else None
+        return self.layout_cost(rows, width, inputs.dense_attention, pairs) + 6.0 * self.head_params * len(inputs.targets)
 
 
 def known_peak_tflops(device_name: str) -> float | None:

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mpo_dist.attention import DESCRIPTORS_KWARG, VARLEN_IMPLEMENTATION, use_varlen_attention
+from mpo_dist.attention import PACKED_IMPLEMENTATION, PACKED_KWARG, no_mask, packed_attention_of, use_packed_attention
 from mpo_dist.errors import InputError
+from mpo_dist.flex import build_flex_mask
 
 DEFAULT_CHUNK_TOKENS = 1024
 # Float32 logits of a whole forward up to this size are kept for the backward (no recomputation of
@@ -101,16 +102,39 @@ def packed_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, i
     return allowed
 
 
+def padded_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The 4-D boolean mask of padded rows ([rows, width] real positions, either padding side): query i
+    sees real keys j <= i. A padding query sees itself too, so no row of the mask is empty (SDPA would
+    give NaN there, which the next layer would carry into real positions through zero weights)."""
+    width = attention_mask.shape[1]
+    column = torch.arange(width, device=attention_mask.device)
+    causal = column[:, None] >= column[None, :]
+    allowed = (causal & attention_mask[:, None, :].bool()) | (column[:, None] == column[None, :])
+    return allowed[:, None]
+
+
 def _attention_inputs(model, batch) -> dict:
-    """The decoder's attention arguments: padded rows' 2-D mask; packed rows' 4-D mask (dense), or no
-    mask and their pieces (batch.varlen, model.attention=varlen: attention.py)."""
-    if not batch.packed:
-        return dict(attention_mask=batch.attention_mask)
-    if batch.varlen is not None:
-        use_varlen_attention(model)
-        return {"attention_mask": None, DESCRIPTORS_KWARG: batch.varlen}
+    """The decoder's attention arguments (attention.py). On a model under the packed implementation
+    (the trainer's, on every path) the masks come prepared, so transformers prepares none and the
+    forward reads nothing back to the host: padded rows a 4-D mask (none when they hold no padding),
+    packed rows the dense 4-D mask, or no mask and their pieces (batch.varlen: model.attention=varlen)
+    or their block mask (built here, once per micro-batch: model.attention=flex). On another model,
+    padded rows keep their 2-D mask, which transformers prepares."""
     implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if implementation not in ("sdpa", "eager", VARLEN_IMPLEMENTATION):  # the latter: SDPA on a given mask
+    device, rows = batch.input_ids.device, batch.input_ids.shape[0]
+    if not batch.packed:
+        if implementation != PACKED_IMPLEMENTATION:
+            return dict(attention_mask=batch.attention_mask)
+        if batch.num_real_positions == batch.num_positions:
+            return dict(attention_mask=no_mask(rows, device))  # causal kernels, nothing to mask
+        return dict(attention_mask=padded_attention_mask(batch.attention_mask))
+    if batch.varlen is not None:
+        if implementation != PACKED_IMPLEMENTATION:
+            use_packed_attention(model, "varlen")
+        return {"attention_mask": no_mask(rows, device), PACKED_KWARG: batch.varlen}
+    if implementation == PACKED_IMPLEMENTATION and packed_attention_of(model) == "flex":
+        return {"attention_mask": no_mask(rows, device), PACKED_KWARG: build_flex_mask(batch.segment_ids, batch.branch_ids)}
+    if implementation not in ("sdpa", "eager", PACKED_IMPLEMENTATION):  # the latter: SDPA on a given mask
         raise InputError(f"data.packing needs the model's attention to be 'sdpa' or 'eager', not {implementation!r}")
     mask_kind = "eager" if implementation == "eager" else "sdpa"
     return dict(attention_mask=packed_attention_mask(batch.segment_ids, batch.branch_ids, mask_kind, model.dtype))
@@ -154,7 +178,7 @@ def batch_logprobs(model, batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Se
     token_logps = getattr(model, LOGPROB_METHOD)(batch, chunk_tokens)
     count = batch.num_sequences  # one slot more: head positions added to round their number up land there
     logps = token_logps.new_zeros(count + 1).index_add(0, batch.sequence_index, token_logps)[:count]
-    return SequenceLogprobs(logps=logps, num_tokens=torch.bincount(batch.sequence_index, minlength=count + 1)[:count])
+    return SequenceLogprobs(logps=logps, num_tokens=batch.tokens_per_sequence)  # counted by the layout, on the host
 
 
 def sequence_logprobs(
@@ -181,6 +205,6 @@ def padded_rows_input(input_ids: torch.Tensor, attention_mask: torch.Tensor, res
     return ModelInput(
         input_ids=input_ids, position_ids=position_ids_for(attention_mask), attention_mask=attention_mask,
         segment_ids=None, branch_ids=None, predict_from=flat - 1, targets=input_ids.reshape(-1)[flat],
-        sequence_index=flat // width, num_sequences=rows, num_tokens=int(attention_mask.sum()),
-        num_real_positions=int(attention_mask.sum()),
+        sequence_index=flat // width, tokens_per_sequence=predicted.long().sum(-1), num_sequences=rows,
+        num_tokens=int(attention_mask.sum()), num_real_positions=int(attention_mask.sum()),
     )

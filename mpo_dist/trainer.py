@@ -28,7 +28,7 @@ from mpo_dist.compute_dtype import choose_dtype
 from mpo_dist.config import Config, grad_accum_for, save_config
 from mpo_dist.convert import export_hf, write_hf_files
 from mpo_dist.batch import MicroBatch
-from mpo_dist.attention import use_varlen_attention, uses_varlen
+from mpo_dist.attention import resolve_attention, use_packed_attention
 from mpo_dist.data.layout import layout_for
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
 from mpo_dist.data.input_paths import check_input_paths
@@ -49,6 +49,15 @@ from mpo_dist.stream import TrainingStream
 from mpo_dist.tokenizer import check_tokenizer_matches, tokenizer_beside_model
 
 HF_EXPORT_DIR = "hf"  # checkpoint.export_hf's folder in job.output_dir
+
+
+def _real_samples(batches: list[MicroBatch], device: torch.device) -> torch.Tensor:
+    """[2] float32 on `device`: the real pairs and real D_ref samples of `batches` (moved there),
+    summed from their flags on the device, so no host number enters the step as a blocking copy."""
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    per_batch = [torch.stack([zero if part is None else part.real.sum() for part in (batch.pairs, batch.dref)])
+                 for batch in batches]
+    return torch.stack(per_batch).sum(0).float()
 
 
 class Trainer(Stateful):
@@ -117,10 +126,11 @@ class Trainer(Stateful):
 
         self.mesh = build_mesh(config.parallel, self.info.world_size, self.device.type)
         self.model = build_model(config.model)
-        # Packed rows' attention (model.attention, attention.py): varlen pieces built with each batch, or a dense mask.
-        self.varlen = uses_varlen(config.model.attention, self.device, self.model.config)
-        if self.varlen:
-            use_varlen_attention(self.model)
+        # Packed rows' attention (model.attention, attention.py): "dense" (a 4-D mask), "varlen" (pieces
+        # built with each batch by the layout) or "flex" (a block mask built per micro-batch on the device).
+        self.attention = resolve_attention(config.model.attention, self.device, self.model.config, training=True)
+        self.varlen = self.attention == "varlen"
+        use_packed_attention(self.model, self.attention)  # the dense path too: masks come prepared, no host sync
         apply_fsdp(self.model, self.mesh, config.parallel, self.dtype)
         materialize_model(self.model, config.model, self.device, seed=config.job.seed,
                           cpu_offload=config.parallel.cpu_offload)
@@ -244,13 +254,18 @@ class Trainer(Stateful):
 
     def train_step(self, batches: list[MicroBatch]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One optimizer step. Returns this rank's shares of the step's loss metrics (device tensors;
-        summed over ranks they give the global values) and the metrics equal on every rank."""
-        local = [sum(batch.counts.pairs for batch in batches), sum(batch.counts.dref for batch in batches)]
-        totals = all_reduce_sum(torch.tensor(local, dtype=torch.float32, device=self.device))
+        summed over ranks they give the global values) and the metrics equal on every rank.
+
+        Host syncs (counted in tests/test_host_syncs.py): every micro-batch goes over in one
+        non-blocking copy, all issued before the first forward, and what the host must know (sizes,
+        token counts, varlen pieces) came with the batch, so this code reads nothing back between the
+        first forward and the last backward; the step's one sync is the finite check after it."""
+        batches = [batch.to(self.device) for batch in batches]
+        totals = all_reduce_sum(_real_samples(batches, self.device))
         pair_total, dref_total = totals.clamp(min=1.0).unbind()  # real samples in the global batch
         sums: dict[str, torch.Tensor] = {}
         for batch in batches:
-            out = self.objective(self.model, batch.to(self.device), pair_total=pair_total, dref_total=dref_total).loss
+            out = self.objective(self.model, batch, pair_total=pair_total, dref_total=dref_total).loss
             out.loss.backward()  # gradients are summed over ranks: the weights make it the global mean
             for name, value in out.metrics.items():
                 sums[name] = sums.get(name, 0) + value.detach()
@@ -258,7 +273,8 @@ class Trainer(Stateful):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        grad_norm = grad_norm.to(self.device)  # with parallel.cpu_offload the gradients, so the norm, are on the host
+        # With parallel.cpu_offload the gradients, so the norm, are on the host: no need to wait for that copy.
+        grad_norm = grad_norm.to(self.device, non_blocking=True)
         if self.guard.step_is_finite(self.step + 1, sums["loss"], grad_norm):
             self.optimizer.step()  # else: parameters and optimizer state (moments, step count) stay as they were
         self._step_schedule()

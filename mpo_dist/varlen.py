@@ -27,10 +27,12 @@ to the device (`VarlenDescriptors.to`), so the step needs no host sync for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from mpo_dist.transfer import to_device
 
 ALIGNMENTS = ("bottom_right", "top_left")  # flash/varlen_attn's causal convention; SDPA's is_causal is top-left
 
@@ -45,19 +47,19 @@ class VarlenDescriptors:
     cu_seq_k: torch.Tensor  # [pieces + 1] int32: piece p's keys are key_index[cu_seq_k[p]:cu_seq_k[p + 1]]
     max_q: int  # the most queries of a piece
     max_k: int  # the most keys of a piece
+    attended_pairs: int  # (query, key) pairs the pieces compute: flops.CostModel's attention term
     rows: int
     width: int
+    host_cu_seq_q: tuple[int, ...] = ()  # cu_seq_q and cu_seq_k as host ints: the CPU twin cuts pieces by
+    host_cu_seq_k: tuple[int, ...] = ()  # them without reading a device tensor back (no host sync)
 
     @property
     def num_pieces(self) -> int:
         return self.cu_seq_q.numel() - 1
 
     def to(self, device: torch.device) -> "VarlenDescriptors":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device, non_blocking=True)
-        return VarlenDescriptors(**moved)
+        """On `device`, in one non-blocking copy (transfer.py); the sizes stay host ints."""
+        return to_device(self, device)
 
     @classmethod
     def of(cls, inputs) -> "VarlenDescriptors":
@@ -111,8 +113,17 @@ class VarlenDescriptors:
             query_index=torch.from_numpy(positions.astype(np.int64)),
             key_index=torch.from_numpy(key_index.astype(np.int64)),
             cu_seq_q=cumulative(q_lengths), cu_seq_k=cumulative(k_lengths),
-            max_q=int(q_lengths.max(initial=0)), max_k=int(k_lengths.max(initial=0)), rows=rows, width=width,
+            host_cu_seq_q=tuple(cumulative(q_lengths).tolist()), host_cu_seq_k=tuple(cumulative(k_lengths).tolist()),
+            max_q=int(q_lengths.max(initial=0)), max_k=int(k_lengths.max(initial=0)),
+            attended_pairs=count_attended_pairs(q_lengths, k_lengths), rows=rows, width=width,
         )
+
+
+def count_attended_pairs(q_lengths: np.ndarray, k_lengths: np.ndarray) -> int:
+    """(query, key) pairs of causal pieces aligned bottom-right: query i of a piece sees k - q + i + 1
+    keys, so a piece holds q * k - q * (q - 1) / 2 (q (q + 1) / 2 when q = k)."""
+    q, k = q_lengths.astype(np.int64), k_lengths.astype(np.int64)
+    return int((q * k - q * (q - 1) // 2).sum())
 
 
 def to_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, descriptors: VarlenDescriptors):
@@ -145,15 +156,17 @@ def causal_piece_mask(q_length: int, k_length: int, alignment: str = "bottom_rig
     return j <= i + shift
 
 
-def varlen_attn_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
-                          cu_seq_k: torch.Tensor, scale: float | None = None, enable_gqa: bool = False,
+def varlen_attn_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor | tuple,
+                          cu_seq_k: torch.Tensor | tuple, scale: float | None = None, enable_gqa: bool = False,
                           alignment: str = "bottom_right") -> torch.Tensor:
     """The contract of varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
     window_size=(-1, 0), scale=scale, enable_gqa=enable_gqa) in plain PyTorch: [total_q, heads,
     head_dim] out, one causal SDPA per piece. `alignment="top_left"` exists so tests can show they
     tell the two conventions apart; the kernel's is bottom-right."""
     outputs = []
-    bounds_q, bounds_k = cu_seq_q.tolist(), cu_seq_k.tolist()  # host values: this is the CPU twin
+    # Host values: this is the CPU twin. Given as host ints (VarlenDescriptors.host_cu_seq_q/k), they
+    # need no read-back from the device.
+    bounds_q, bounds_k = (list(b) if isinstance(b, (tuple, list)) else b.tolist() for b in (cu_seq_q, cu_seq_k))
     for p in range(len(bounds_q) - 1):
         q = query[bounds_q[p] : bounds_q[p + 1]].transpose(0, 1)[None]  # [1, heads, q, dim]
         k = key[bounds_k[p] : bounds_k[p + 1]].transpose(0, 1)[None]
@@ -172,7 +185,8 @@ def varlen_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
     k/v [rows, kv_heads, width, dim] (kv_heads dividing heads: GQA) -> [rows, width, heads, dim],
     value's dtype, zero at padding; equal to SDPA under logprobs.packed_attention_mask at real positions."""
     q, k, v = to_varlen(query, key, value, descriptors)
-    out = varlen_attn_reference(q, k, v, descriptors.cu_seq_q, descriptors.cu_seq_k, scale,
+    out = varlen_attn_reference(q, k, v, descriptors.host_cu_seq_q or descriptors.cu_seq_q,
+                                descriptors.host_cu_seq_k or descriptors.cu_seq_k, scale,
                                 enable_gqa=key.shape[1] != query.shape[1], alignment=alignment)
     return from_varlen(out, descriptors)
 

@@ -200,3 +200,69 @@ def worker_pids(parent: int) -> list[int]:
         if int(fields[1]) == parent and fields[0] != "Z":
             children.append(int(stat.parent.name))
     return sorted(children)
+
+
+# Tiny causal LMs and packed micro-batches for the attention paths (model.attention).
+TINY_VOCAB = 97
+
+
+def tiny_causal_lm(kind: str):
+    """A 2-layer float32 "llama", "qwen2" (GQA: 4 query heads over 2 key/value heads) or "gpt2" with
+    seed 0, SDPA attention, no dropout and the log-prob method, as model.build_model prepares it."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    from mpo_dist.logprobs import add_logprob_method
+    from mpo_dist.model import disable_dropout
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    elif kind == "qwen2":
+        config = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    else:
+        config = GPT2Config(vocab_size=TINY_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+    disable_dropout(model)  # the paths' numbers must be comparable in training
+    add_logprob_method(model)
+    return model
+
+
+def collated_samples(seed: int = 0, pairs: int = 5, dref: int = 3):
+    """Collated pairs and D_ref samples (data/collate.py's keys) of various lengths, one empty prompt."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    ids = lambda low, high: rng.integers(1, TINY_VOCAB, size=int(rng.integers(low, high)))  # noqa: E731
+    prompts = [ids(1, 12) for _ in range(pairs)]
+    prompts[1] = np.zeros(0, np.int64)
+    chosen, rejected = [ids(1, 14) for _ in range(pairs)], [ids(1, 14) for _ in range(pairs)]
+    pair_batch = dict(prompt_ids=prompts, chosen_ids=chosen, rejected_ids=rejected,
+                      label=torch.ones(pairs), is_pad=torch.zeros(pairs, dtype=torch.bool), keys=[str(i) for i in range(pairs)],
+                      chosen_lengths=torch.tensor([len(c) for c in chosen], dtype=torch.float32),
+                      rejected_lengths=torch.tensor([len(r) for r in rejected], dtype=torch.float32))
+    responses = [ids(1, 14) for _ in range(dref)]
+    dref_batch = dict(prompt_ids=[ids(1, 10) for _ in range(dref)], response_ids=responses, ref_logps=torch.zeros(dref),
+                      response_lengths=torch.tensor([len(r) for r in responses], dtype=torch.float32),
+                      is_pad=torch.zeros(dref, dtype=torch.bool), keys=[f"d{i}" for i in range(dref)])
+    return pair_batch, dref_batch
+
+
+def packed_micro_batch(varlen: bool, packing: str = "always", bucket_shapes: bool = False):
+    """A batch.MicroBatch of `collated_samples()`: packed (rows of at most 48 positions) or padded
+    ("never"), with varlen pieces or not, shapes bucketed or not."""
+    from types import SimpleNamespace
+
+    from mpo_dist.batch import MicroBatch
+    from mpo_dist.data.layout import layout_for
+
+    data = SimpleNamespace(packing=packing, pack_tokens=48, padding_side="right", pad_to_multiple_of=1,
+                           bucket_shapes=bucket_shapes)
+    def cost(rows: int, width: int, dense: bool, attended_pairs: int | None = None) -> float:
+        return rows * width * (64 + width)  # a stand-in for flops.CostModel.layout_cost
+
+    layout = layout_for(data, pad_token_id=0, cost=cost, varlen=varlen)
+    return MicroBatch.build(*collated_samples(), layout)

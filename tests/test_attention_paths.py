@@ -9,17 +9,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers import LlamaConfig, Qwen2Config
 
-from support import TRAIN_CONFIG, toy_overrides
-from mpo_dist.attention import VARLEN_IMPLEMENTATION, use_varlen_attention, uses_varlen, varlen_attention_forward
+from support import TINY_VOCAB, TRAIN_CONFIG, packed_micro_batch, tiny_causal_lm, toy_overrides
+from mpo_dist.attention import PACKED_IMPLEMENTATION, packed_attention_forward, resolve_attention, use_packed_attention
 from mpo_dist.batch import MicroBatch
 from mpo_dist.config import load_config
-from mpo_dist.data.layout import layout_for
 from mpo_dist.errors import InputError
-from mpo_dist.logprobs import add_logprob_method, batch_logprobs
+from mpo_dist.logprobs import batch_logprobs
 from mpo_dist.metric_names import LOSS
-from mpo_dist.model import disable_dropout
 from mpo_dist.objective import policy_logprobs
 from mpo_dist.varlen import VarlenDescriptors
 
@@ -29,55 +27,6 @@ pytestmark = pytest.mark.unit
 # per-sequence log-prob sums (magnitude ~100) and parameter gradients (magnitude up to ~8) agree to
 # within a few float32 ulps of those magnitudes, well inside 1e-5.
 TOLERANCE = dict(rtol=0, atol=1e-5)
-VOCAB = 97
-
-
-def tiny(kind: str):
-    torch.manual_seed(0)
-    if kind == "llama":
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
-    elif kind == "qwen2":  # GQA: 4 query heads over 2 key/value heads
-        config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    else:
-        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
-    disable_dropout(model)  # as model.build_model does: the two paths' numbers must be comparable in training
-    add_logprob_method(model)
-    return model
-
-
-def collated(seed: int = 0, pairs: int = 5, dref: int = 3):
-    """Collated pairs and D_ref samples (data/collate.py's keys) of various lengths, one empty prompt."""
-    rng = np.random.default_rng(seed)
-    ids = lambda low, high: rng.integers(1, VOCAB, size=int(rng.integers(low, high)))  # noqa: E731
-    prompts = [ids(1, 12) for _ in range(pairs)]
-    prompts[1] = np.zeros(0, np.int64)
-    chosen, rejected = [ids(1, 14) for _ in range(pairs)], [ids(1, 14) for _ in range(pairs)]
-    pair_batch = dict(prompt_ids=prompts, chosen_ids=chosen, rejected_ids=rejected,
-                      label=torch.ones(pairs), is_pad=torch.zeros(pairs, dtype=torch.bool), keys=[str(i) for i in range(pairs)],
-                      chosen_lengths=torch.tensor([len(c) for c in chosen], dtype=torch.float32),
-                      rejected_lengths=torch.tensor([len(r) for r in rejected], dtype=torch.float32))
-    responses = [ids(1, 14) for _ in range(dref)]
-    dref_batch = dict(prompt_ids=[ids(1, 10) for _ in range(dref)], response_ids=responses, ref_logps=torch.zeros(dref),
-                      response_lengths=torch.tensor([len(r) for r in responses], dtype=torch.float32),
-                      is_pad=torch.zeros(dref, dtype=torch.bool), keys=[f"d{i}" for i in range(dref)])
-    return pair_batch, dref_batch
-
-
-class Data:
-    def __init__(self, packing: str, pack_tokens: int = 48):
-        self.packing, self.pack_tokens, self.padding_side = packing, pack_tokens, "right"
-        self.pad_to_multiple_of, self.bucket_shapes = 1, False
-
-
-def micro_batch(varlen: bool, packing: str = "always") -> MicroBatch:
-    layout = layout_for(Data(packing), pad_token_id=0, cost=lambda rows, width, dense: rows * width * (64 + width),
-                        varlen=varlen)
-    return MicroBatch.build(*collated(), layout)
-
-
 def logps_and_grads(model, batch: MicroBatch):
     model.zero_grad()
     logps = policy_logprobs(model, batch).logps
@@ -88,15 +37,15 @@ def logps_and_grads(model, batch: MicroBatch):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
 def test_varlen_equals_dense_log_probs_and_gradients(kind):
-    dense_batch, varlen_batch = micro_batch(varlen=False), micro_batch(varlen=True)
+    dense_batch, varlen_batch = packed_micro_batch(varlen=False), packed_micro_batch(varlen=True)
     assert dense_batch.inputs.varlen is None and isinstance(varlen_batch.inputs.varlen, VarlenDescriptors)
     inputs = varlen_batch.inputs  # pairs packed several to a row, with D_ref samples
     assert inputs.packed and (inputs.segment_ids.amax(-1) >= 1).any() and (inputs.branch_ids == 2).any()
-    model = tiny(kind)
+    model = tiny_causal_lm(kind)
     want, want_grads = logps_and_grads(model, dense_batch)
     assert model.config._attn_implementation == "sdpa"
     got, got_grads = logps_and_grads(model, varlen_batch)
-    assert model.config._attn_implementation == VARLEN_IMPLEMENTATION  # switched on first use
+    assert model.config._attn_implementation == PACKED_IMPLEMENTATION  # switched on first use
     assert got.shape == (2 * 5 + 3,)
     torch.testing.assert_close(got, want, **TOLERANCE)
     assert want_grads.keys() == got_grads.keys() and len(got_grads) == len(list(model.parameters()))
@@ -104,7 +53,7 @@ def test_varlen_equals_dense_log_probs_and_gradients(kind):
         torch.testing.assert_close(got_grads[name], want_grads[name], **TOLERANCE, msg=name)
     # Under the varlen implementation, padded rows (SDPA with their mask) and a packed batch without
     # pieces (SDPA with the dense mask) still give the same numbers.
-    padded = micro_batch(varlen=True, packing="never")
+    padded = packed_micro_batch(varlen=True, packing="never")
     assert padded.inputs.varlen is None
     torch.testing.assert_close(logps_and_grads(model, padded)[0], want, **TOLERANCE)
     torch.testing.assert_close(logps_and_grads(model, dense_batch)[0], want, **TOLERANCE)
@@ -117,8 +66,8 @@ def test_the_attention_sees_the_pieces(monkeypatch):
     calls = []
     real = attention.varlen_attention
     monkeypatch.setattr(attention, "varlen_attention", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-    model = tiny("llama")
-    batch_logprobs(model, micro_batch(varlen=True).inputs)
+    model = tiny_causal_lm("llama")
+    batch_logprobs(model, packed_micro_batch(varlen=True).inputs)
     assert len(calls) == model.config.num_hidden_layers
 
 
@@ -127,16 +76,16 @@ def test_varlen_equals_dense_under_fsdp_with_activation_checkpointing(kind, one_
     from mpo_dist.config import ParallelConfig
     from mpo_dist.parallelize import apply_fsdp, build_mesh
 
-    dense_batch, varlen_batch = micro_batch(varlen=False), micro_batch(varlen=True)
+    dense_batch, varlen_batch = packed_micro_batch(varlen=False), packed_micro_batch(varlen=True)
     results = []
     for batch in (dense_batch, varlen_batch):
-        model = tiny(kind)  # a fresh model each: FSDP shards it in place
+        model = tiny_causal_lm(kind)  # a fresh model each: FSDP shards it in place
         parallel = ParallelConfig(dp_shard=1, activation_checkpointing=True)
         apply_fsdp(model, build_mesh(parallel, 1, "cpu"), parallel, "float32")
         model.train()
         assert model.model.layers[0].gradient_checkpointing if kind == "llama" else model.transformer.h[0].gradient_checkpointing
         results.append(logps_and_grads(model, batch))
-        assert (model.config._attn_implementation == VARLEN_IMPLEMENTATION) == (batch is varlen_batch)
+        assert (model.config._attn_implementation == PACKED_IMPLEMENTATION) == (batch is varlen_batch)
     (want, want_grads), (got, got_grads) = results
     torch.testing.assert_close(got, want, **TOLERANCE)
     assert want_grads.keys() == got_grads.keys() and want_grads
@@ -146,35 +95,36 @@ def test_varlen_equals_dense_under_fsdp_with_activation_checkpointing(kind, one_
 
 def test_choice_by_device_and_refusals():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    llama = tiny("llama").config
-    assert [uses_varlen(choice, cpu, llama) for choice in ("auto", "dense", "varlen")] == [False, False, True]
-    assert [uses_varlen(choice, cuda, llama) for choice in ("auto", "dense", "varlen")] == [True, False, True]
-    windowed = Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+    llama = tiny_causal_lm("llama").config
+    choices = ("auto", "dense", "varlen", "flex")
+    assert [resolve_attention(choice, cpu, llama, training=False) for choice in choices] == ["dense", "dense", "varlen", "flex"]
+    assert [resolve_attention(choice, cuda, llama) for choice in choices] == ["varlen", "dense", "varlen", "flex"]
+    windowed = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
                            use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    assert uses_varlen("auto", cuda, windowed) is False  # auto falls back to the dense path
+    assert resolve_attention("auto", cuda, windowed) == "dense"  # auto falls back to the dense path
     with pytest.raises(InputError, match=r"^model.attention=varlen cannot serve this model: sliding-window attention "
                                          r"\(sliding_window=16\); set model.attention=dense$"):
-        uses_varlen("varlen", cpu, windowed)
-    capped = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
+        resolve_attention("varlen", cpu, windowed)
+    capped = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
     capped.attn_logit_softcapping = 50.0
     with pytest.raises(InputError, match=r"soft-capped attention scores \(attn_logit_softcapping=50.0\)"):
-        uses_varlen("varlen", cpu, capped)
-    with pytest.raises(InputError, match="model.attention must be one of auto, dense, varlen, got 'flash'"):
-        uses_varlen("flash", cpu, llama)
+        resolve_attention("varlen", cpu, capped)
+    with pytest.raises(InputError, match="model.attention must be one of auto, dense, varlen, flex, got 'flash'"):
+        resolve_attention("flash", cpu, llama)
 
 
 def test_attention_dropout_in_training_is_refused():
-    model = tiny("llama")
-    use_varlen_attention(model)
+    model = tiny_causal_lm("llama")
+    use_packed_attention(model, "varlen")
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = 0.1
     model.train()
     with pytest.raises(InputError, match=r"^model.attention=varlen does not apply attention dropout \(here 0.1\)"):
-        batch_logprobs(model, micro_batch(varlen=True).inputs)
+        batch_logprobs(model, packed_micro_batch(varlen=True).inputs)
     query = torch.zeros(1, 2, 3, 4)
     with pytest.raises(InputError, match="model.attention=varlen cannot serve sliding_window=8"):
-        varlen_attention_forward(model.model.layers[0].self_attn, query, query, query, None, sliding_window=8,
-                                 varlen_descriptors=micro_batch(varlen=True).inputs.varlen)
+        packed_attention_forward(model.model.layers[0].self_attn, query, query, query, None, sliding_window=8,
+                                 packed_attention=packed_micro_batch(varlen=True).inputs.varlen)
 
 
 def test_the_trainer_losses_are_the_same_under_either_path(toy_inputs, one_process_group, tmp_path):

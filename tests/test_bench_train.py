@@ -83,6 +83,26 @@ def test_configurations_cross_every_axis_with_their_overrides():
             bench_train.configurations(*bad)
 
 
+
+@pytest.mark.unit
+def test_a_baseline_twin_follows_each_configuration_and_ratios_pair_the_same_rounds(capfd):
+    configs = bench_train.configurations(["padded", "packed"], ["float32"], ["1x2"], ["dpo"], baseline=True)
+    assert [c.name for c in configs] == ["padded fp32 1x2 dpo", "padded fp32 1x2 dpo baseline",
+                                         "packed fp32 1x2 dpo", "packed fp32 1x2 dpo baseline"]
+
+    def run(round_index, tokens_per_s):
+        return {"round": round_index, "summary": {"tokens_per_s": tokens_per_s}}
+
+    padded, padded_base, packed, packed_base = configs
+    runs = {padded: [run(1, 110.0), run(2, 90.0), run(3, 100.0)],
+            padded_base: [run(1, 100.0), run(2, 100.0), {"round": 3, "error": "killed"}],  # round 3 has no pair
+            packed: [run(1, 200.0)], packed_base: [run(1, 250.0)]}
+    ratios = bench_train.baseline_ratios(configs, runs)
+    assert [(r["name"], r["ratios"]) for r in ratios] == [("padded fp32 1x2 dpo", [1.1, 0.9]), ("packed fp32 1x2 dpo", [0.8])]
+    assert ratios[0]["median"] == pytest.approx(1.0)
+    assert bench_train.main(["--baseline", str(REPO / "docs"), "--rounds", "1"]) == 2  # an input error, named:
+    assert f"--baseline {REPO / 'docs'} is not a checkout of mpo_dist" in capfd.readouterr().err
+
 @pytest.mark.unit
 def test_a_run_is_the_trainer_under_the_launcher_with_the_benchs_overrides(tmp_path):
     config = bench_train.BenchConfig("packed", "float32", 2, 3, "dpo")

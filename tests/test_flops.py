@@ -78,6 +78,30 @@ def test_training_flops_count_every_position_and_the_head_where_a_token_is_predi
     assert cost.training_flops(padded) == 5 * 9 * (6 * 1000 + 12 * 2 * 8 * 9) + 6 * 500 * 18
 
 
+
+def test_varlen_rows_count_the_pairs_of_their_pieces_whatever_the_row_width():
+    cost = CostModel(body_params=1000, head_params=500, layers=2, hidden=8)
+    rng = np.random.default_rng(1)
+    # Two pairs (prompt 5, responses 4 and 3) and a D_ref sample (prompt 3, response 2), packed in rows of 32.
+    documents = (pair_documents(random_ids(rng, 5, 5), random_ids(rng, 4, 4), random_ids(rng, 3, 3))
+                 + single_documents(random_ids(rng, 3), random_ids(rng, 2), first_index=4))
+    packed = lay_out(documents, packing="always", pad_token_id=0, cost=cost.layout_cost, pack_tokens=32, varlen=True)
+    # By hand: [prompt + chosen] is causal (9 x 10 / 2 pairs); the rejected's 3 queries see the prompt's
+    # 5 keys and themselves causally (3 x 8 - 3 x 2 / 2); the D_ref sample is one causal piece of 5.
+    pairs = 2 * (9 * 10 // 2 + (3 * 8 - 3)) + 5 * 6 // 2
+    assert packed.varlen.attended_pairs == pairs
+    rows, width = packed.input_ids.shape
+    assert cost.training_flops(packed) == rows * width * 6 * 1000 + 12 * 2 * 8 * pairs + 6 * 500 * len(packed.targets)
+    # The dense mask's count of the same rows is width-bound; varlen's is not.
+    dense = lay_out(documents, packing="always", pad_token_id=0, cost=cost.layout_cost, pack_tokens=32)
+    assert cost.training_flops(dense) == rows * width * (6 * 1000 + 12 * 2 * 8 * width) + 6 * 500 * len(packed.targets)
+    # Choosing the row length: under the dense mask, attention grows with the width, so rows of the
+    # longest document (3 x 12) win; under varlen only the positions count, so 2 rows of 17 (12 + 5, 12) do.
+    chosen = {varlen: lay_out(documents, packing="always", pad_token_id=0, cost=cost.layout_cost, varlen=varlen)
+              for varlen in (False, True)}
+    assert chosen[False].input_ids.shape == (3, 12) and chosen[True].input_ids.shape == (2, 17)
+    assert chosen[True].varlen.attended_pairs == pairs
+
 def test_peak_tflops_configured_known_device_or_none(monkeypatch):
     assert peak_tflops(123.0, torch.device("cpu")) == 123.0  # a configured value always wins
     assert peak_tflops(123.0, torch.device("cuda", 0)) == 123.0

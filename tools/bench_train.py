@@ -105,11 +105,13 @@ class BenchConfig:
     loss: str  # config | dpo | ipo | mpo
     recompute: bool = False  # parallel.activation_checkpointing
     compiled: bool = False  # parallel.compile
+    baseline: bool = False  # the trainer of the --baseline checkout, not this one
 
     @property
     def name(self) -> str:
         loss = "" if self.loss == "config" else f" {self.loss}"
-        extras = "".join(f" {word}" for word, on in (("recompute", self.recompute), ("compile", self.compiled)) if on)
+        extras = "".join(f" {word}" for word, on in (("recompute", self.recompute), ("compile", self.compiled),
+                                                      ("baseline", self.baseline)) if on)
         return f"{self.layout} {DTYPE_SHORT.get(self.dtype, self.dtype)} {self.processes}x{self.threads}{loss}{extras}"
 
     @property
@@ -148,8 +150,10 @@ def on_off(flag: str, text: str) -> list[bool]:
 
 
 def configurations(layouts: list[str], dtypes: list[str], procs: list[str], losses: list[str],
-                   recompute: list[bool] = (False,), compiled: list[bool] = (False,)) -> list[BenchConfig]:
-    """Every combination of the axes, in a fixed order (the order of each round)."""
+                   recompute: list[bool] = (False,), compiled: list[bool] = (False,), baseline: bool = False
+                   ) -> list[BenchConfig]:
+    """Every combination of the axes, in a fixed order (the order of each round); with `baseline`,
+    each configuration followed by its twin run from the --baseline checkout."""
     for layout in layouts:
         if layout not in LAYOUT_PACKING:
             raise InputError(f"--layouts: {layout!r} is not one of {', '.join(LAYOUT_PACKING)}")
@@ -159,8 +163,9 @@ def configurations(layouts: list[str], dtypes: list[str], procs: list[str], loss
     for loss in losses:
         if loss not in LOSSES:
             raise InputError(f"--losses: {loss!r} is not one of {', '.join(LOSSES)}")
-    return [BenchConfig(layout, dtype, *parse_procs(p), loss, ac, compile_)
-            for loss, layout, dtype, p, compile_, ac in itertools.product(losses, layouts, dtypes, procs, compiled, recompute)]
+    return [BenchConfig(layout, dtype, *parse_procs(p), loss, ac, compile_, twin)
+            for loss, layout, dtype, p, compile_, ac in itertools.product(losses, layouts, dtypes, procs, compiled, recompute)
+            for twin in ((False, True) if baseline else (False,))]
 
 
 # ---------------------------------------------------------------------------------- metrics windows
@@ -449,6 +454,30 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def baseline_ratios(configs: list[BenchConfig], runs: dict[BenchConfig, list[dict]]) -> list[dict]:
+    """Per configuration run beside its --baseline twin: this checkout's tokens/s over the baseline's,
+    round by round (the two ran one after the other, so machine drift falls on both alike)."""
+    out = []
+    for config in configs:
+        if config.baseline:
+            continue
+        twin = runs.get(BenchConfig(**{**asdict(config), "baseline": True}))
+        if twin is None:
+            continue
+        twins = {run["round"]: run for run in twin if "summary" in run}
+        ratios = [run["summary"]["tokens_per_s"] / twins[run["round"]]["summary"]["tokens_per_s"]
+                  for run in runs[config] if "summary" in run and run["round"] in twins]
+        if ratios:
+            out.append({"name": config.name, "ratios": ratios, "median": statistics.median(ratios)})
+    return out
+
+
+def format_ratios(ratios: list[dict], baseline: str) -> str:
+    lines = [f"tokens/s of this checkout / --baseline {baseline}, per round (median; >1: this one is faster):"]
+    lines += [f"  {r['name']}: {r['median']:.3f} (" + ", ".join(f"{x:.3f}" for x in r["ratios"]) + ")" for r in ratios]
+    return "\n".join(lines)
+
+
 def format_header(header: dict, args, peaks: dict[str, dict[str, float]], timed_steps: str) -> str:
     load = ", ".join(f"{value:.2f}" for value in header["load_average"])
     gpu = f" | GPU {header['device']}" if header.get("device", "cpu") != "cpu" else ""
@@ -500,6 +529,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="folder for the runs (and the workload); default: a temporary folder, removed")
     parser.add_argument("--run-timeout", type=float, default=3600, help="seconds before a run is stopped")
     parser.add_argument("--json", default=None, help="write every raw number to this JSON file")
+    parser.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                        help="another checkout of this project (e.g. `git worktree add /tmp/base COMMIT`): each configuration "
+                             "also runs with its trainer, right after this one's in every round, and the table ends "
+                             "with this checkout's tokens/s over the baseline's")
     args = parser.parse_args(argv)
     return run_main("bench_train", lambda info: bench(args))
 
@@ -517,8 +550,13 @@ def bench(args) -> None:
         raise InputError(f"--config {args.config} does not exist")
     args.config = str(Path(args.config).resolve())
     losses = (args.losses or ("dpo,mpo" if args.make_workload else "config")).split(",")
+    if args.baseline:
+        if not (Path(args.baseline) / "mpo_dist" / "train.py").is_file():
+            raise InputError(f"--baseline {args.baseline} is not a checkout of mpo_dist (no mpo_dist/train.py there)")
+        args.baseline = str(Path(args.baseline).resolve())
     configs = configurations(args.layouts.split(","), args.dtypes.split(","), args.procs.split(","), losses,
-                             on_off("--recompute", args.recompute), on_off("--compile", args.compile))
+                             on_off("--recompute", args.recompute), on_off("--compile", args.compile),
+                             baseline=bool(args.baseline))
     header = machine_header()
     header["device_type"] = bench_device_type()
     header["matmul_size"] = args.matmul_size or (8192 if header["device_type"] == "cuda" else 2048)
@@ -573,8 +611,9 @@ def _bench(args, configs: list[BenchConfig], header: dict, work: Path, wants_dre
             out_dir = work / "runs" / f"r{round_index + 1}-{config.slug}"
             shutil.rmtree(out_dir, ignore_errors=True)
             command = training_command(config, args.config, overrides, out_dir, args.steps, args.log_interval)
+            code = Path(args.baseline) if config.baseline else REPO
             run = {"round": round_index + 1, "command": command,
-                   **run_training(command, subprocess_env(config.threads), out_dir, args.run_timeout)}
+                   **run_training(command, subprocess_env(config.threads, code), out_dir, args.run_timeout)}
             if "records" in run:
                 try:
                     run["summary"] = summarize(timed(windows_of(run["records"]), args.warmup_steps))
@@ -595,7 +634,10 @@ def _bench(args, configs: list[BenchConfig], header: dict, work: Path, wants_dre
     timed_steps = "-".join(map(str, ok[0]["timed_steps"])) if ok else "none"
     print(format_header(header, args, peaks, timed_steps))
     print(format_table(per_config), flush=True)
-    return {"header": header, "settings": {key: value for key, value in vars(args).items()}, "base_overrides": base,
+    ratios = baseline_ratios(configs, runs)
+    if args.baseline:
+        print(format_ratios(ratios, args.baseline), flush=True)
+    return {"baseline_ratios": ratios, "header": header, "settings": {key: value for key, value in vars(args).items()}, "base_overrides": base,
             "matmul_peaks": peaks, "matmul_measurements": peak_runs,
             "configurations": [{**result, "config": asdict(config), "runs": runs[config]}
                                for config, result in zip(configs, per_config)]}

@@ -57,12 +57,14 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
         "auto", "compute dtype of parameters in forward/backward (master weights, gradients reductions and optimizer stay "
                 "float32); auto: bfloat16 on a GPU or a CPU that computes it natively, float32 on a CPU that would emulate it")
-    attention: Literal["auto", "dense", "varlen"] = opt(
+    attention: Literal["auto", "dense", "varlen", "flex"] = opt(
         "auto", "attention of packed rows (data.packing): dense: SDPA under a [rows, 1, width, width] mask, any "
                 "architecture; varlen: no mask, attention by pieces (a prompt with its first response, each further "
                 "response over its prompt's keys), torch's flash varlen_attn on CUDA and its plain-PyTorch twin "
-                "elsewhere; refused for sliding-window or soft-capped attention and attention dropout; auto: varlen "
-                "on CUDA when the model allows it, dense elsewhere. Padded rows run SDPA in every mode")
+                "elsewhere; flex: FlexAttention under a block mask built once per micro-batch, compiled on CUDA "
+                "(shapes bucketed to whole 128-position blocks), forward only on CPU, so training there is refused; "
+                "varlen and flex are refused for sliding-window or soft-capped attention and attention dropout; "
+                "auto: varlen on CUDA when the model allows it, dense elsewhere. Padded rows run SDPA in every mode")
 
     def validate(self) -> None:
         # Both set is ambiguous: one of them would be silently ignored.

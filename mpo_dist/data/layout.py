@@ -26,7 +26,7 @@ layers, which recompile per shape.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
 
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mpo_dist.errors import InputError
+from mpo_dist.transfer import to_device
 from mpo_dist.varlen import VarlenDescriptors
 
 PAD_SEGMENT = -1  # the segment id of padding positions (each attends only to padding before it)
@@ -62,6 +63,8 @@ class ModelInput:
     targets: torch.Tensor  # [targets] int64: the response token predicted there
     sequence_index: torch.Tensor  # [targets] int64: the output sequence the token belongs to (num_sequences: none,
     #                                a head position added to round the count up, whose value is discarded)
+    tokens_per_sequence: torch.Tensor  # [num_sequences] int64: response tokens the head predicts per output sequence
+    #                                    (counted on the host, so the step needs no bincount on the device)
     num_sequences: int
     num_tokens: int  # tokens of the sequences as data: prompt + response per output sequence
     num_real_positions: int  # non-padding positions the model computes (prompts shared once when packed)
@@ -83,13 +86,8 @@ class ModelInput:
         return self.packed or self.num_real_positions < self.num_positions
 
     def to(self, device: torch.device) -> "ModelInput":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device, non_blocking=True)
-            elif isinstance(value, VarlenDescriptors):  # its own tensors, non-blocking too
-                moved[name] = value.to(device)
-        return ModelInput(**moved)
+        """On `device`, its tensors (the varlen pieces' included) in one non-blocking copy (transfer.py)."""
+        return to_device(self, device)
 
 
 def _targets(starts: list[tuple[int, int, int, int, int]], width: int):
@@ -128,13 +126,16 @@ def _finish(input_ids, position_ids, attention_mask, segment_ids, branch_ids, st
         predict_from = np.concatenate([predict_from, np.zeros(extra, np.int64)])
         target_at = np.concatenate([target_at, np.zeros(extra, np.int64)])
         sequence = np.concatenate([sequence, np.full(extra, num_sequences, np.int64)])
+    tokens_per_sequence = np.bincount(sequence, minlength=num_sequences + 1)[:num_sequences].astype(np.int64)
     return ModelInput(
         input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids),
         attention_mask=torch.from_numpy(attention_mask),
         segment_ids=None if segment_ids is None else torch.from_numpy(segment_ids),
         branch_ids=None if branch_ids is None else torch.from_numpy(branch_ids),
         predict_from=torch.from_numpy(predict_from), targets=torch.from_numpy(input_ids.reshape(-1)[target_at]),
-        sequence_index=torch.from_numpy(sequence), num_sequences=num_sequences, num_tokens=num_tokens,
+        sequence_index=torch.from_numpy(sequence),
+        tokens_per_sequence=torch.from_numpy(tokens_per_sequence),
+        num_sequences=num_sequences, num_tokens=num_tokens,
         num_real_positions=int(attention_mask.sum()),
     )
 
@@ -282,26 +283,32 @@ def lay_out(documents: Sequence[Document], *, packing: str, pad_token_id: int,
             cost: Callable[[int, int, bool], float], padding_side: str = "right", pad_to_multiple_of: int = 1,
             pack_tokens: int = 0, bucket_shapes: bool = False, varlen: bool = False) -> ModelInput:
     """The model input for `documents`: packed ("always"), padded ("never"), or ("auto") whichever
-    `cost(rows, width, dense_attention)` says is cheaper for these documents (flops.CostModel.layout_cost;
-    it also picks the packed row length). `dense_attention`: ModelInput.dense_attention. Both layouts
+    `cost(rows, width, dense_attention, attended_pairs=None)` says is cheaper for these documents
+    (flops.CostModel.layout_cost; it also picks the packed row length; `attended_pairs` is given for
+    varlen rows only). `dense_attention`: ModelInput.dense_attention. Both layouts
     give the same numbers. With `varlen` (model.attention), packed rows carry their attention pieces
     (ModelInput.varlen), computed here on the host so the step needs no host sync for them."""
     if packing not in PACKING_CHOICES:
         raise InputError(f"data.packing must be one of {', '.join(PACKING_CHOICES)}, got {packing!r}")
     packed = padded = None
     if packing != "never":
-        packed = pack_documents(documents, pad_token_id, pack_tokens, pad_to_multiple_of,
-                                row_cost=lambda rows, width: cost(rows, width, True), bucket_shapes=bucket_shapes)
+        # Under varlen the attention of packed rows does not grow with their width: only the body counts.
+        row_cost = ((lambda rows, width: cost(rows, width, True, attended_pairs=0)) if varlen
+                    else (lambda rows, width: cost(rows, width, True)))
+        packed = pack_documents(documents, pad_token_id, pack_tokens, pad_to_multiple_of, row_cost=row_cost,
+                                bucket_shapes=bucket_shapes)
+        if varlen:
+            packed.varlen = VarlenDescriptors.of(packed)
     if packing != "always":
         padded = pad_documents(documents, pad_token_id, padding_side, pad_to_multiple_of, bucket_shapes)
     if packed is not None and padded is not None:
         def estimate(inputs: ModelInput) -> float:
             rows, width = inputs.input_ids.shape
+            if inputs.varlen is not None:
+                return cost(rows, width, True, attended_pairs=inputs.varlen.attended_pairs)
             return cost(rows, width, inputs.dense_attention)
 
         packed, padded = (packed, None) if estimate(packed) < estimate(padded) else (None, padded)
-    if packed is not None and varlen:
-        packed.varlen = VarlenDescriptors.of(packed)
     return packed or padded
 
 
