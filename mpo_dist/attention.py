@@ -89,8 +89,16 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             raise InputError(f"model.attention={path} cannot serve {name}={kwargs[name]} in "
                              f"{type(module).__name__}; set model.attention=dense")
     if path == "varlen":
-        return varlen_attention(query, key, value, packed, scale=scaling), None
+        return _varlen_outside_compile(query, key, value, packed, scaling), None
     return flex_attention_packed(query, key, value, packed, scale=scaling), None
+
+
+@torch.compiler.disable
+def _varlen_outside_compile(query, key, value, descriptors: VarlenDescriptors, scale: float | None) -> torch.Tensor:
+    """varlen_attention, run eagerly inside compiled layers (parallel.compile): the pieces' sizes are
+    host ints that change with every micro-batch, and a compiled graph would specialise on each and
+    recompile; the flash kernel is one fused call either way."""
+    return varlen_attention(query, key, value, descriptors, scale=scale)
 
 
 def _sdpa_mask_unless_none(*args, attention_mask=None, **kwargs):

@@ -18,8 +18,9 @@ What the forward computes comes as a `data.layout.ModelInput`: rows padded (righ
 ids count real tokens only, so both sides give the same numbers, also for absolute-position models
 like GPT-2) or packed (several documents per row, a pair's prompt shared by its two responses,
 under a 4-D mask, or, with model.attention=varlen, under no mask: the attention pieces the batch
-carries, `ModelInput.varlen`, go to every attention layer; attention.py). The head runs only on the
-positions that predict a response token.
+carries, `ModelInput.varlen`, go to every attention layer; with model.attention=flex, a block mask
+built once per micro-batch; attention.py). The head runs only on the positions that predict a
+response token.
 """
 
 from __future__ import annotations

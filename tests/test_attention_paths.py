@@ -146,3 +146,41 @@ def test_the_trainer_losses_are_the_same_under_either_path(toy_inputs, one_proce
         losses[attention] = [r[LOSS] for r in records if LOSS in r]
     assert len(losses["dense"]) == 3
     np.testing.assert_allclose(losses["varlen"], losses["dense"], rtol=0, atol=1e-5)
+
+
+def test_compiled_layers_run_the_varlen_pieces_eagerly_without_recompiling():
+    """parallel.compile compiles each decoder layer; the pieces' sizes are host ints that change with
+    every micro-batch, so a graph that traced them would recompile each time (then give up compiling).
+    Two batches of one shape but different pieces: no new graph for the second, values as eager."""
+    from mpo_dist.batch import pair_documents
+    from mpo_dist.data.layout import lay_out
+    from mpo_dist.logprobs import token_logprobs
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm("llama")
+    use_packed_attention(model, "varlen")
+    rng = np.random.default_rng(0)
+
+    def one_pair_row(prompt: int, chosen: int, rejected: int):
+        documents = pair_documents([rng.integers(1, TINY_VOCAB, prompt)], [rng.integers(1, TINY_VOCAB, chosen)],
+                                   [rng.integers(1, TINY_VOCAB, rejected)])
+        return lay_out(documents, packing="always", pad_token_id=0, cost=lambda *_, **__: 0.0, pack_tokens=16, varlen=True)
+
+    batches = [one_pair_row(6, 5, 5), one_pair_row(4, 7, 5)]  # a row of 16 each, keys 11 + 11 vs 11 + 9
+    assert batches[0].input_ids.shape == batches[1].input_ids.shape
+    assert batches[0].varlen.host_cu_seq_k != batches[1].varlen.host_cu_seq_k
+    eager = [token_logprobs(model, batch) for batch in batches]
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    for layer in model.model.layers:
+        layer.compile(backend=counting_backend)
+    first = token_logprobs(model, batches[0])
+    graphs_after_first = len(graphs)
+    second = token_logprobs(model, batches[1])
+    assert graphs_after_first > 0 and len(graphs) == graphs_after_first
+    torch.testing.assert_close(first, eager[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(second, eager[1], rtol=0, atol=1e-6)

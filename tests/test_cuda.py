@@ -20,6 +20,7 @@ from support import (NO_EVAL, REPO, SUBPROCESS_ENV, TRAIN_CONFIG, flat_checkpoin
                       torchrun_command)
 from mpo_dist.checkpoint import MODEL_PREFIX
 from mpo_dist.data.collate import pad_sequences
+from mpo_dist.attention import use_packed_attention
 from mpo_dist.batch import pair_documents, single_documents
 from mpo_dist.data.layout import lay_out
 from mpo_dist.flops import CostModel
@@ -152,6 +153,41 @@ def test_packed_rows_give_the_log_probs_of_padded_rows(device, dtype):
     torch.testing.assert_close(packed_out.logps, padded_out.logps, rtol=0, atol=PACKING_ATOL[dtype])
     assert packed_out.logps.std() > 10 * PACKING_ATOL[dtype]  # the sequences' values differ far more than the tolerance
 
+
+# The paths' gradients against the dense path's, relative L2 over all parameters: float32 rounding in
+# float32; in bf16 a reasoned bound (the kernels reduce in other orders, each output rounded to 8 bits).
+GRADIENT_RTOL = {torch.float32: 1e-4, torch.bfloat16: 0.05}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("path", ["varlen", "flex"])
+def test_packed_attention_paths_give_the_dense_masks_log_probs_and_gradients(device, dtype, path):
+    """model.attention=varlen (on CUDA in bf16: torch's flash varlen_attn; elsewhere its twin) and flex
+    (compiled on CUDA; forward only on CPU) against the dense 4-D mask, same packed pairs and D_ref rows."""
+    rng = np.random.default_rng(3)
+    prompts, chosen, rejected = random_tokens(rng, 5, 2, 10), random_tokens(rng, 5, 1, 9), random_tokens(rng, 5, 1, 9)
+    documents = (pair_documents(prompts, chosen, rejected)
+                 + single_documents(random_tokens(rng, 3, 2, 10), random_tokens(rng, 3, 1, 12), first_index=10))
+    backward = not (path == "flex" and device == "cpu")  # torch 2.13: no FlexAttention backward on CPU
+    results = {}
+    for name in ("dense", path):
+        model = tiny_llama(device, dtype)
+        use_packed_attention(model, name)
+        batch = lay_out(documents, packing="always", pad_token_id=0, cost=CostModel.of(model).layout_cost,
+                        bucket_shapes=True, varlen=name == "varlen").to(device)
+        with torch.set_grad_enabled(backward):
+            logps = batch_logprobs(model, batch).logps
+            if backward:
+                logps.sum().backward()
+        gradient = torch.cat([p.grad.float().reshape(-1) for p in model.parameters()]) if backward else None
+        results[name] = (logps.detach(), gradient)
+    (dense, dense_gradient), (got, gradient) = results["dense"], results[path]
+    torch.testing.assert_close(got, dense, rtol=0, atol=PACKING_ATOL[dtype])
+    assert dense.std() > 10 * PACKING_ATOL[dtype]
+    if backward:
+        assert (gradient - dense_gradient).norm() <= GRADIENT_RTOL[dtype] * dense_gradient.norm()
 
 def argmax_loop(model, prompt: np.ndarray, max_new_tokens: int, eos: list[int], device) -> list[int]:
     """Greedy decoding the plainest way: one prompt, the whole prefix through the model at every step, no cache."""

@@ -1,7 +1,9 @@
 """tools/gpu_check.sh, the GPU check, as far as a CPU takes it: its CPU fallback runs every stage
-(the CUDA tests are skipped and counted) and reports figures that add up; the time budget and
---skip leave stages out and say why; a failing stage fails the check without losing the others;
-a Python without the dependencies is told how to bring them."""
+(the CUDA tests are skipped and counted; the attention paths run their plain-PyTorch twins and
+equal the dense path) and reports figures that add up; the time budget and --skip leave stages out
+and say why; a failing stage fails the check without losing the others; a Python without the
+dependencies is told how to bring them. tools/bench_attention.py's equality figures catch a path
+that attends wrongly."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import pytest
 from support import REPO, SUBPROCESS_ENV
 
 sys.path.insert(0, str(REPO / "tools"))
+import bench_attention  # noqa: E402
 import gpu_check  # noqa: E402
+
+FLOAT32_LOGPS_ATOL = 1e-4  # the paths differ in summation order only (about 2e-6 measured)
 
 
 def run_check(*args, env=None, timeout=900) -> subprocess.CompletedProcess:
@@ -64,7 +69,37 @@ def test_the_cpu_fallback_runs_every_stage_and_its_figures_add_up(tmp_path):
     # Saved, resumed, converted: the converted tensors are the checkpoint's, and training changed them.
     assert stages["checkpoint"]["tensors_equal"] == 3 and stages["checkpoint"]["tensors_changed_by_training"] >= 1
     assert stages["two_processes"]["summary"] == "two processes trained 2 steps"
+    # The attention paths on CPU: every path and layout reported; packed rows on each path, padded rows on the
+    # dense one, with the dense path's log-probs and gradients (FlexAttention forward only: no CPU backward).
+    attention = report["attention_paths"]
+    paths = {(row["path"], row["layout"]): row for row in attention["rows"]}
+    assert set(paths) == {(path, layout) for path in bench_attention.PATHS for layout in bench_attention.LAYOUTS}
+    assert {key: row["status"] for key, row in paths.items()} == {
+        ("dense", "padded"): "ok", ("dense", "packed"): "ok", ("varlen", "packed"): "ok", ("flex", "packed"): "ok",
+        ("varlen", "padded"): "skipped", ("flex", "padded"): "skipped"}
+    assert "serves packed rows only" in paths["varlen", "padded"]["why"]
+    assert [paths[key]["mode"] for key in (("dense", "padded"), ("dense", "packed"), ("varlen", "packed"), ("flex", "packed"))] == [
+        "forward+backward", "forward+backward", "forward+backward", "forward"]
+    assert "backward on CPU" in paths["flex", "packed"]["forward_only_why"]
+    assert attention["header"]["dtype"] == "float32" and attention["header"]["tolerance"]["logps"] <= FLOAT32_LOGPS_ATOL
+    for key, reference in ((("dense", "packed"), "dense padded"), (("varlen", "packed"), "dense packed"),
+                           (("flex", "packed"), "dense packed")):
+        row = paths[key]
+        assert row["reference"] == reference and row["within_tolerance"] is True
+        assert row["logps_max_abs_diff"] < FLOAT32_LOGPS_ATOL < row["logps_std"] / 100  # tokens differ far more
+    for key in (("dense", "packed"), ("varlen", "packed")):
+        assert paths[key]["grad_relative_diff"] < FLOAT32_LOGPS_ATOL
+    assert paths["flex", "packed"]["grad_relative_diff"] is None
+    for row in (row for row in paths.values() if row["status"] == "ok"):
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds_median"]) and row["tokens_per_s"] > 0
+        assert row["peak_above_start_bytes"] is None or row["peak_above_start_bytes"] >= 0
+    # The same tokens on every path and layout; packed rows compute the shared prompts once.
+    assert len({row["tokens"] for row in paths.values() if row["status"] == "ok"}) == 1
+    assert paths["dense", "packed"]["real_positions"] < paths["dense", "padded"]["real_positions"]
+    assert stages["attention_paths"]["summary"].startswith("tokens/s against dense padded: dense packed ")
     markdown = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert f"| varlen | packed | ok | forward+backward | {paths['varlen', 'packed']['tokens_per_s']:,.0f} |" in markdown
+    assert "| flex | packed | ok | forward |" in markdown and "| (forward only) |" in markdown
     assert "| train_compiled | skipped |  | --skip |" in markdown
     assert f"| padded fp32 1x2 mpo | {rows[0]['tokens_per_s']:,.0f} |" in markdown
     assert "Training, MPO with D_ref rows, fp32, FSDP2. Timed fp32 matmul: 1x2: " in markdown
@@ -106,3 +141,22 @@ def test_unknown_stages_and_missing_dependencies_are_input_errors(tmp_path):
     assert result.returncode == 2
     assert f"gpu_check.sh: error: {base_python} lacks webdataset" in result.stderr
     assert "set WHEELS to a folder of their wheels (bash tools/gpu_check.sh --download-wheels DIR" in result.stderr
+
+
+@pytest.mark.unit
+def test_the_attention_bench_catches_a_path_that_attends_wrongly(monkeypatch):
+    """The varlen pieces with SDPA's top-left causal alignment (a rejected response's first token then
+    sees the prompt's first token only): the bench's equality figures say so; dense rows stay equal."""
+    from mpo_dist import attention
+    from mpo_dist.varlen import varlen_attention_reference
+
+    monkeypatch.setattr(attention, "varlen_attention", lambda q, k, v, descriptors, scale=None: varlen_attention_reference(
+        q, k, v, descriptors, scale, alignment="top_left"))
+    args = bench_attention.build_parser().parse_args(["--device", "cpu", "--paths", "dense,varlen", "--pairs", "2",
+                                                      "--warmup", "0", "--repeats", "1"])
+    rows = {(row["path"], row["layout"]): row for row in bench_attention.bench(args, log=lambda message: None)["rows"]}
+    assert rows["dense", "packed"]["within_tolerance"] is True
+    assert rows["dense", "packed"]["logps_max_abs_diff"] < FLOAT32_LOGPS_ATOL
+    broken = rows["varlen", "packed"]
+    assert broken["status"] == "ok" and broken["within_tolerance"] is False
+    assert broken["logps_max_abs_diff"] > 100 * FLOAT32_LOGPS_ATOL and broken["grad_relative_diff"] > 100 * FLOAT32_LOGPS_ATOL

@@ -15,6 +15,12 @@ after each one, so a run that is cut short still leaves what it measured:
                   (1.24B parameters) in bf16 and 256 pairs of random tokens (256 prompt + 256 + 256);
                   reference log-probs and one D_ref sample per prompt made on the GPU by
                   tools/score_reference.py and tools/sample_reference.py
+  attention_paths tools/bench_attention.py: the attention paths of packed rows (model.attention: dense
+                  mask, varlen pieces, FlexAttention) and padded rows, through the trainer's log-prob
+                  path on a random-init model of the workload's shape (built in the process, bf16;
+                  32 pairs of up to 256 + 256 + 256 tokens, each with a D_ref sample): per path and
+                  layout, per-token log-prob and gradient differences from the dense path (held to a
+                  tolerance), tokens/s of forward + backward, peak GPU memory
   train_eager     tools/bench_train.py on it: MPO (with D_ref rows), bf16, FSDP2, padded and packed
                   rows x activation checkpointing off and on: tokens/s, MFU against the card's
                   datasheet peak and against a bf16 matmul timed in the same run, peak GPU memory
@@ -31,7 +37,8 @@ after each one, so a run that is cut short still leaves what it measured:
 
 Without a GPU (or with --cpu) the same stages run on the CPU with gloo, on the `tiny`
 workload with fewer steps and in float32 (a CPU without native bf16 would emulate it, 10-50x slower):
-the CUDA tests are skipped (and reported so), two processes train.
+the CUDA tests are skipped (and reported so), two processes train, and the attention paths run their
+plain-PyTorch twins (FlexAttention forward only: torch has no backward for it on CPU).
 That fallback checks the script itself; its figures say nothing about a GPU.
 
 The time budget (--budget-s, default 480 s; how long each stage takes on a GPU is not measured
@@ -61,8 +68,8 @@ from mpo_dist.cli import run_main, tool_parser
 from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, InputError
 from mpo_dist.launcher import train_command
 # In order of value: compile, the slowest to start, comes last, so a tight budget skips it first.
-STAGES = ("environment", "cuda_tests", "workload", "train_eager", "sampler", "checkpoint", "two_processes",
-          "train_compiled")
+STAGES = ("environment", "cuda_tests", "workload", "attention_paths", "train_eager", "sampler", "checkpoint",
+          "two_processes", "train_compiled")
 NEEDS_WORKLOAD = {"train_eager", "train_compiled", "sampler", "checkpoint", "two_processes"}
 
 
@@ -181,6 +188,22 @@ class GpuCheck:
         self.workload = benchmark.make_workload(self.work / "workload", dref=True, log=progress, **workload)
         return {"workload": self.size["workload"], "summary": f"{self.size['workload']} workload in {time.monotonic() - started:.0f}s"}
 
+    def attention_paths(self) -> dict:
+        json_path = self.out / "bench_attention.json"
+        self.command("attention_paths", [sys.executable, str(REPO / "tools" / "bench_attention.py"), "--device",
+                                         self.device_type, "--json", str(json_path)])
+        result = json.loads(json_path.read_text())
+        self.report["attention_paths"] = result  # the table, also when the check below fails the stage
+        rows = {f"{row['path']} {row['layout']}": row for row in result["rows"]}
+        failed = [name for name, row in rows.items() if row["status"] == "failed"]
+        if failed:
+            raise StageError(f"{', '.join(failed)} failed: {rows[failed[0]]['why']} (see {json_path})")
+        unequal = [name for name, row in rows.items() if row.get("within_tolerance") is False]
+        if unequal:
+            raise StageError(f"{', '.join(unequal)} differ from the dense path beyond the tolerance "
+                             f"{result['header']['tolerance']} (see {json_path})")
+        return {"summary": attention_summary(result)}
+
     def bench(self, name: str, layouts: str, compile_: str, warmup_steps: int) -> dict:
         json_path = self.out / f"bench_{name}.json"
         sets = [item for override in self.workload for item in ("--set", override)]
@@ -257,6 +280,7 @@ class GpuCheck:
         self.run_stage("environment", self.environment)
         self.run_stage("cuda_tests", self.cuda_tests)
         self.run_stage("workload", self.make_workload)
+        self.run_stage("attention_paths", self.attention_paths)
         self.run_stage("train_eager", lambda: self.bench("train_eager", "padded,packed", "off", self.size["warmup_steps"]))
         self.run_stage("sampler", self.sampler)
         self.run_stage("checkpoint", self.checkpoint)
@@ -288,6 +312,27 @@ def training_row(config: dict) -> dict:
             "device_peak_bytes": config.get("device_peak_bytes"), "device_reserved_bytes": config.get("device_reserved_bytes"),
             "rank_peak_bytes": config["max_rank_peak_bytes"],
             "padding": config["padding"], "timed_steps": config["timed_steps"]}
+
+
+def attention_summary(result: dict) -> str:
+    """One line of a tools/bench_attention.py result: each configuration's tokens/s against dense padded
+    rows (what training gets without packing), the largest log-prob difference, and what was skipped."""
+    rows = [row for row in result["rows"] if row["status"] == "ok"]
+    baseline = dense_padded_tokens_per_s(result)
+    speeds = [f"{row['path']} {row['layout']} {row['tokens_per_s'] / baseline:.2f}x"
+              + (" (forward only)" if row["mode"] == "forward" else "")
+              for row in rows if baseline and (row["path"], row["layout"]) != ("dense", "padded")]
+    largest = max((row["logps_max_abs_diff"] for row in rows if "logps_max_abs_diff" in row), default=None)
+    skipped = [f"{row['path']} {row['layout']}" for row in result["rows"] if row["status"] == "skipped"]
+    parts = [f"tokens/s against dense padded: {', '.join(speeds)}" if speeds else "nothing to compare with dense padded"]
+    if largest is not None:
+        parts.append(f"largest log-prob difference {largest:.1e} (tolerance {result['header']['tolerance']['logps']:g})")
+    return "; ".join(parts + ([f"skipped (see the table): {', '.join(skipped)}"] if skipped else []))
+
+
+def dense_padded_tokens_per_s(result: dict) -> float | None:
+    return next((row["tokens_per_s"] for row in result["rows"]
+                 if (row["path"], row["layout"], row["status"]) == ("dense", "padded", "ok")), None)
 
 
 def compare_converted(checkpoint: Path, converted: Path, start_model: Path) -> dict:
@@ -340,6 +385,8 @@ def format_report(report: dict) -> str:
     for name, stage in report["stages"].items():
         text = stage.get("summary") or stage.get("why", "")
         lines.append(f"| {name} | {stage['status']} | {stage.get('seconds', '')} | {text} |")
+    if "attention_paths" in report:
+        lines += ["", *format_attention(report["attention_paths"])]
     rows = [(name, row) for name in ("train_eager", "train_compiled")
             for row in report["stages"].get(name, {}).get("rows", [])]
     if rows:
@@ -366,6 +413,37 @@ def format_report(report: dict) -> str:
         for name, median in sampler["medians"].items():
             lines.append(f"| {name} | {_si(median['tokens_per_second'])} | {median['ratio_to_generate']:.2f}x |")
     return "\n".join(lines)
+
+
+def format_attention(result: dict) -> list[str]:
+    """The attention paths' table (tools/bench_attention.py's result)."""
+    header = result["header"]
+    short = benchmark.DTYPE_SHORT.get(header["dtype"], header["dtype"])
+    memory = "peak GPU memory allocated, rise in the pass" if header["device_type"] == "cuda" else "peak RSS, rise in the pass"
+    lines = [f"Attention paths (tools/bench_attention.py): the {header['workload']} workload's model, {short}, "
+             f"{header['pairs']} pairs of up to {header['prompt']} + {header['response']} + {header['response']} tokens, "
+             f"each with a D_ref sample, {header['pairs_per_batch']} pairs per micro-batch, packed rows of up to "
+             f"{header['pack_tokens']} positions; median of {header['repeats']} passes after {header['warmup']} warmup passes. "
+             f"Differences from the dense path of the same layout (dense packed: from padded rows); tolerance "
+             f"{header['tolerance']['logps']:g} a token, {header['tolerance']['grad']:g} on the gradient.", "",
+             f"| path | layout | status | pass | tokens/s | vs dense padded | model TFLOP/s | MFU (card) | {memory} | "
+             "max abs log-prob diff | gradient rel. diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    baseline = dense_padded_tokens_per_s(result)
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            lines.append(f"| {row['path']} | {row['layout']} | {row['status']} | {row.get('why', '')} |" + " |" * 7)
+            continue
+        if "reference" not in row:
+            differences = "(the reference) | (the reference)"
+        else:
+            grad = "(forward only)" if row["grad_relative_diff"] is None else f"{row['grad_relative_diff']:.1e}"
+            differences = f"{row['logps_max_abs_diff']:.1e} | {grad}"
+        ratio = row["tokens_per_s"] / baseline if baseline else None
+        lines.append(f"| {row['path']} | {row['layout']} | ok | {row['mode']} | {_si(row['tokens_per_s'])} | "
+                     f"{_si(ratio, 'x', spec='.2f')} | {_si(row['model_tflops_per_s'], spec=',.3g')} | "
+                     f"{_si(row['mfu_card'], '%', 100, '.1f')} | {_si(row['peak_bytes'], ' MiB', 2**-20)}, "
+                     f"{_si(row['peak_above_start_bytes'], ' MiB', 2**-20)} | {differences} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------- main

@@ -316,7 +316,7 @@ def layout_for(data, pad_token_id: int, cost: Callable[[int, int, bool], float],
                ) -> Callable[[Sequence[Document]], ModelInput]:
     """`lay_out` with the options of a DataConfig (data.packing, data.pack_tokens, data.padding_side,
     data.pad_to_multiple_of, data.bucket_shapes), the model's `cost` (flops.CostModel.layout_cost) and
-    whether packed rows run the varlen attention (attention.uses_varlen)."""
+    whether packed rows run the varlen attention (attention.resolve_attention gave "varlen")."""
     return partial(lay_out, packing=data.packing, pad_token_id=pad_token_id, padding_side=data.padding_side,
                    pad_to_multiple_of=data.pad_to_multiple_of, pack_tokens=data.pack_tokens, cost=cost,
                    bucket_shapes=data.bucket_shapes, varlen=varlen)
