@@ -102,13 +102,15 @@ def test_choice_by_device_and_refusals():
     windowed = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
                            use_sliding_window=True, sliding_window=16, max_window_layers=0)
     assert resolve_attention("auto", cuda, windowed) == "dense"  # auto falls back to the dense path
-    with pytest.raises(InputError, match=r"^model.attention=varlen cannot serve this model: sliding-window attention "
-                                         r"\(sliding_window=16\); set model.attention=dense$"):
-        resolve_attention("varlen", cpu, windowed)
     capped = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
     capped.attn_logit_softcapping = 50.0
-    with pytest.raises(InputError, match=r"soft-capped attention scores \(attn_logit_softcapping=50.0\)"):
-        resolve_attention("varlen", cpu, capped)
+    for path in ("varlen", "flex"):
+        with pytest.raises(InputError, match=rf"^model.attention={path} cannot serve this model: sliding-window "
+                                             r"attention \(sliding_window=16\); set model.attention=dense$"):
+            resolve_attention(path, cuda, windowed)
+        with pytest.raises(InputError, match=rf"^model.attention={path} cannot serve this model: soft-capped attention "
+                                             r"scores \(attn_logit_softcapping=50.0\)"):
+            resolve_attention(path, cuda, capped, training=False)
     with pytest.raises(InputError, match="model.attention must be one of auto, dense, varlen, flex, got 'flash'"):
         resolve_attention("flash", cpu, llama)
 

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 from torch.nn.attention.flex_attention import create_mask
-from transformers import LlamaConfig, Qwen2Config
 
-from support import TINY_VOCAB, packed_micro_batch, tiny_causal_lm
+from support import packed_micro_batch, tiny_causal_lm
 from mpo_dist.attention import packed_attention_forward, resolve_attention, use_packed_attention
 from mpo_dist.batch import pair_documents, single_documents
 from mpo_dist.data.layout import PAD_SEGMENT, lay_out
@@ -219,15 +218,7 @@ def test_refusals():
         resolve_attention("flex", cpu, llama, training=True)
     assert resolve_attention("flex", cpu, llama, training=False) == "flex"
     assert resolve_attention("flex", cuda, llama, training=True) == "flex"
-    windowed = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
-                           use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    with pytest.raises(InputError, match=r"^model.attention=flex cannot serve this model: sliding-window attention "
-                                         r"\(sliding_window=16\); set model.attention=dense$"):
-        resolve_attention("flex", cuda, windowed)
-    capped = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
-    capped.attn_logit_softcapping = 30.0
-    with pytest.raises(InputError, match=r"^model.attention=flex cannot serve this model: soft-capped"):
-        resolve_attention("flex", cuda, capped, training=False)
+    # (sliding windows and soft-capping: tests/test_attention_paths.py, for both packed paths)
     # At run time too: a layer asking for a window, or attention dropout in training.
     model = tiny_causal_lm("llama")
     inputs = packed_micro_batch(varlen=False).inputs
