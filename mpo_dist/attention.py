@@ -24,7 +24,7 @@ import torch
 
 from mpo_dist.errors import InputError
 from mpo_dist.flex import FlexMask, flex_attention_packed
-from mpo_dist.varlen import VarlenDescriptors, varlen_attention
+from mpo_dist.varlen import VARLEN_KERNEL_DTYPES, VarlenDescriptors, varlen_attention
 
 ATTENTION_CHOICES = ("auto", "dense", "varlen", "flex")
 PACKED_PATHS = ("varlen", "flex")
@@ -34,15 +34,19 @@ PACKED_KWARG = "packed_attention"  # a batch's VarlenDescriptors or FlexMask
 _PATH_ATTRIBUTE = "mpo_packed_attention"  # on the model: the packed path use_packed_attention chose
 
 
-def resolve_attention(choice: str, device: torch.device, model_config, training: bool = True) -> str:
+def resolve_attention(choice: str, device: torch.device, model_config, training: bool = True,
+                      dtype: torch.dtype = torch.bfloat16) -> str:
     """The path packed rows run ("dense", "varlen" or "flex") for model.attention=`choice`: auto is
-    varlen on CUDA when the model allows it, dense otherwise. An explicit varlen or flex is refused
-    (InputError) for a model it cannot compute, and flex for training on CPU (no backward there)."""
+    varlen on CUDA in a dtype the flash kernel computes (bf16, fp16) when the model allows it, dense
+    otherwise (in float32 varlen would run its plain-PyTorch twin, a loop over the pieces). An
+    explicit varlen or flex is refused (InputError) for a model it cannot compute, and flex for
+    training on CPU (no backward there)."""
     if choice not in ATTENTION_CHOICES:
         raise InputError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {choice!r}")
     unsupported = packed_unsupported(model_config)
     if choice == "auto":
-        return "varlen" if device.type == "cuda" and not unsupported else "dense"
+        kernel = device.type == "cuda" and dtype in VARLEN_KERNEL_DTYPES
+        return "varlen" if kernel and not unsupported else "dense"
     if choice == "dense":
         return choice
     if unsupported:

@@ -128,7 +128,8 @@ class Trainer(Stateful):
         self.model = build_model(config.model)
         # Packed rows' attention (model.attention, attention.py): "dense" (a 4-D mask), "varlen" (pieces
         # built with each batch by the layout) or "flex" (a block mask built per micro-batch on the device).
-        self.attention = resolve_attention(config.model.attention, self.device, self.model.config, training=True)
+        self.attention = resolve_attention(config.model.attention, self.device, self.model.config, training=True,
+                                           dtype=self.dtype)
         self.varlen = self.attention == "varlen"
         use_packed_attention(self.model, self.attention)  # the dense path too: masks come prepared, no host sync
         apply_fsdp(self.model, self.mesh, config.parallel, self.dtype)

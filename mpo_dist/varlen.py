@@ -34,6 +34,7 @@ import torch
 
 from mpo_dist.transfer import to_device
 
+VARLEN_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what torch's flash varlen_attn computes
 ALIGNMENTS = ("bottom_right", "top_left")  # flash/varlen_attn's causal convention; SDPA's is_causal is top-left
 
 
@@ -195,7 +196,7 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      scale: float | None = None) -> torch.Tensor:
     """`varlen_attention_reference`'s contract with torch's flash varlen kernel on CUDA (fp16/bf16),
     the reference elsewhere. `descriptors` must be on the query's device."""
-    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):  # the kernel's dtypes
+    if not query.is_cuda or query.dtype not in VARLEN_KERNEL_DTYPES:
         return varlen_attention_reference(query, key, value, descriptors, scale)
     from torch.nn.attention.varlen import varlen_attn
 

@@ -99,6 +99,9 @@ def test_choice_by_device_and_refusals():
     choices = ("auto", "dense", "varlen", "flex")
     assert [resolve_attention(choice, cpu, llama, training=False) for choice in choices] == ["dense", "dense", "varlen", "flex"]
     assert [resolve_attention(choice, cuda, llama) for choice in choices] == ["varlen", "dense", "varlen", "flex"]
+    # float32 on CUDA: the flash kernel does not compute it, so auto keeps the dense mask (varlen's twin is a loop).
+    assert resolve_attention("auto", cuda, llama, dtype=torch.float32) == "dense"
+    assert resolve_attention("auto", cuda, llama, dtype=torch.float16) == "varlen"
     windowed = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
                            use_sliding_window=True, sliding_window=16, max_window_layers=0)
     assert resolve_attention("auto", cuda, windowed) == "dense"  # auto falls back to the dense path

@@ -64,7 +64,7 @@ class ModelConfig:
                 "elsewhere; flex: FlexAttention under a block mask built once per micro-batch, compiled on CUDA "
                 "(shapes bucketed to whole 128-position blocks), forward only on CPU, so training there is refused; "
                 "varlen and flex are refused for sliding-window or soft-capped attention and attention dropout; "
-                "auto: varlen on CUDA when the model allows it, dense elsewhere. Padded rows run SDPA in every mode")
+                "auto: varlen on CUDA in bf16 or fp16 when the model allows it, dense elsewhere. Padded rows run SDPA in every mode")
 
     def validate(self) -> None:
         # Both set is ambiguous: one of them would be silently ignored.
