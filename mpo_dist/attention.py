@@ -35,18 +35,22 @@ _PATH_ATTRIBUTE = "mpo_packed_attention"  # on the model: the packed path use_pa
 
 
 def resolve_attention(choice: str, device: torch.device, model_config, training: bool = True,
-                      dtype: torch.dtype = torch.bfloat16) -> str:
+                      dtype: torch.dtype = torch.bfloat16, switchable: bool = True) -> str:
     """The path packed rows run ("dense", "varlen" or "flex") for model.attention=`choice`: auto is
     varlen on CUDA in a dtype the flash kernel computes (bf16, fp16) when the model allows it, dense
     otherwise (in float32 varlen would run its plain-PyTorch twin, a loop over the pieces). An
-    explicit varlen or flex is refused (InputError) for a model it cannot compute, and flex for
-    training on CPU (no backward there)."""
+    explicit varlen or flex is refused (InputError) for a model it cannot compute or whose class
+    cannot switch attention function (`switchable`: attention_switchable), and flex for training on
+    CPU (no backward there)."""
     if choice not in ATTENTION_CHOICES:
         raise InputError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {choice!r}")
     unsupported = packed_unsupported(model_config)
     if choice == "auto":
-        kernel = device.type == "cuda" and dtype in VARLEN_KERNEL_DTYPES
+        kernel = device.type == "cuda" and dtype in VARLEN_KERNEL_DTYPES and switchable
         return "varlen" if kernel and not unsupported else "dense"
+    if choice != "dense" and not switchable:
+        raise InputError(f"model.attention={choice} cannot serve this model: its class does not take a registered "
+                         "attention function (transformers' attention interface); set model.attention=dense")
     if choice == "dense":
         return choice
     if unsupported:
@@ -57,13 +61,39 @@ def resolve_attention(choice: str, device: torch.device, model_config, training:
     return choice
 
 
-def packed_unsupported(model_config) -> str | None:
-    """What in a transformers config the packed paths (varlen, flex) cannot compute (None: nothing):
-    sliding windows and soft-capped attention scores change the attention they compute."""
+def mask_unsupported(model_config) -> str | None:
+    """What in a transformers config no mask this project builds computes (None: nothing): sliding
+    windows and chunked attention restrict keys per layer, which transformers' own mask functions
+    apply to padded rows' 2-D masks; packed rows (any path) and prepared 4-D masks cannot."""
     window = getattr(model_config, "sliding_window", None)
     layer_types = getattr(model_config, "layer_types", None) or ()
     if window or "sliding_attention" in layer_types:
         return f"sliding-window attention (sliding_window={window})"
+    chunk = getattr(model_config, "attention_chunk_size", None)
+    if chunk or "chunked_attention" in layer_types:
+        return f"chunked attention (attention_chunk_size={chunk})"
+    return None
+
+
+def packing_for(packing: str, model_config, option: str = "data.packing") -> str:
+    """`packing` (auto, always, never: data.packing or a tool's --packing) for this model: padded rows
+    ("never") under auto when packed rows' masks cannot serve it (mask_unsupported); refused
+    (InputError) when always."""
+    unsupported = mask_unsupported(model_config)
+    if unsupported is None or packing == "never":
+        return packing
+    if packing == "always":
+        raise InputError(f"{option}=always cannot serve this model: {unsupported}, which packed rows' attention "
+                         f"masks do not apply; set {option}=never (or auto, which lays such a model's rows out padded)")
+    return "never"
+
+
+def packed_unsupported(model_config) -> str | None:
+    """What in a transformers config the packed paths (varlen, flex) cannot compute (None: nothing):
+    what no prepared mask computes (mask_unsupported), and soft-capped attention scores."""
+    unsupported = mask_unsupported(model_config)
+    if unsupported:
+        return unsupported
     softcap = getattr(model_config, "attn_logit_softcapping", None)
     if softcap:
         return f"soft-capped attention scores (attn_logit_softcapping={softcap})"
@@ -105,15 +135,6 @@ def _varlen_outside_compile(query, key, value, descriptors: VarlenDescriptors, s
     return varlen_attention(query, key, value, descriptors, scale=scale)
 
 
-def _sdpa_mask_unless_none(*args, attention_mask=None, **kwargs):
-    """SDPA's mask function; no mask at all for a decoder given none (the packed paths' forward)."""
-    if attention_mask is None:
-        return None
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
-
-
 def no_mask(rows: int, device: torch.device) -> torch.Tensor:
     """The mask of a forward that needs none (the packed paths; padded rows without padding): a 4-D
     tensor of no elements. transformers hands a 4-D mask to the attention as it is, so it prepares
@@ -126,29 +147,46 @@ def no_mask(rows: int, device: torch.device) -> torch.Tensor:
 def register_packed_attention() -> None:
     """Register the attention and mask functions under PACKED_IMPLEMENTATION (idempotent)."""
     from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(PACKED_IMPLEMENTATION, packed_attention_forward)
-    AttentionMaskInterface.register(PACKED_IMPLEMENTATION, _sdpa_mask_unless_none)
+    # SDPA's own mask function, for callers that pass 2-D masks (the log-prob path passes 4-D ones,
+    # which transformers hands through without calling it).
+    AttentionMaskInterface.register(PACKED_IMPLEMENTATION, sdpa_mask)
+
+
+def attention_switchable(model: torch.nn.Module) -> bool:
+    """Whether `model`'s class takes a registered attention function (transformers' attention
+    interface); older architectures (GPT-Neo, Bloom, Falcon) keep their own attention code."""
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    return bool(can_set()) if can_set is not None else False
 
 
 def use_packed_attention(model: torch.nn.Module, path: str) -> None:
     """Run `model` (a transformers causal LM, FSDP-wrapped or not) under PACKED_IMPLEMENTATION from
     now on, its packed rows by `path` ("dense", "varlen" or "flex"; packed_attention_of). On the dense
     path an SDPA model switches too, so that the log-prob path hands it prepared masks (no host sync:
-    no_mask); a model on another implementation (eager) keeps it. Refused (InputError) for models the
-    varlen and flex paths cannot serve."""
+    no_mask), unless it needs masks only transformers builds (mask_unsupported: a sliding window) or
+    cannot switch; a model on another implementation (eager) keeps it. Refused (InputError) for
+    models the varlen and flex paths cannot serve."""
     if path not in ATTENTION_PATHS:
         raise ValueError(f"path must be one of {ATTENTION_PATHS}, got {path!r}")
     config = model.config
     current = getattr(config, "_attn_implementation", None)
-    if path == "dense" and current not in (None, "sdpa", PACKED_IMPLEMENTATION):
+    if path == "dense" and (current not in (None, "sdpa", PACKED_IMPLEMENTATION) or mask_unsupported(config)
+                            or not attention_switchable(model)):
         return
     if current != PACKED_IMPLEMENTATION:
         unsupported = packed_unsupported(config) if path != "dense" else None
+        if unsupported is None and not attention_switchable(model):
+            unsupported = "its class does not take a registered attention function (transformers' attention interface)"
         if unsupported:
             raise InputError(f"model.attention={path} cannot serve this model: {unsupported}; set model.attention=dense")
         register_packed_attention()
         model.set_attn_implementation(PACKED_IMPLEMENTATION)
+        if getattr(config, "_attn_implementation", None) != PACKED_IMPLEMENTATION:  # transformers only warns
+            raise InputError(f"model.attention={path}: {type(model).__name__} did not take the attention function "
+                             f"{PACKED_IMPLEMENTATION!r}; set model.attention=dense")
     setattr(model, _PATH_ATTRIBUTE, path)
 
 

@@ -24,10 +24,12 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import torch
 
+from mpo_dist.attention import packing_for
 from mpo_dist.config import DataConfig, EvalConfig
 from mpo_dist.batch import MicroBatch
 from mpo_dist.data.collate import collate_dref, collate_pairs
@@ -76,6 +78,7 @@ class Evaluator:
         self.config, self.model, self.objective, self.device, self.record = config, model, objective, device, record
         # The training forward's layout: data's options, the model's cost (flops.CostModel.layout_cost) and
         # whether packed rows carry varlen pieces (attention.resolve_attention gave "varlen").
+        data = replace(data, packing=packing_for(data.packing, getattr(model, "config", None)))  # windowed: padded
         self.layout = layout_for(data, pad_token_id, cost=layout_cost, varlen=varlen)
         ranks = dict(dp_rank=dp_rank, dp_world_size=dp_world_size)
         self.pairs = self.dref = None

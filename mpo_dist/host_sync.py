@@ -10,7 +10,9 @@ test can assert the number of syncs of a training step and name the line that ad
 It works on CPU too, where nothing ever waits: it counts what WOULD sync if the tensors lived on a
 GPU, so every tensor touched inside the region is treated as a device tensor. Host work therefore
 belongs before the region (the data pipeline lays a batch out in numpy before it moves), and a host
-read inside it is counted whatever the device. Two mechanisms, each sync counted once:
+read inside it is counted whatever the device. A blocking copy to the device is seen only where
+there is a device: on a CPU, moving a tensor to the CPU dispatches nothing. Two mechanisms, each
+sync counted once:
 
 - a `TorchDispatchMode` sees the aten ops: `_local_scalar_dense` (item, bool, int, float), the ops
   whose output shape depends on values, device-to-host and blocking host-to-device copies, and

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mpo_dist.attention import PACKED_IMPLEMENTATION, PACKED_KWARG, no_mask, packed_attention_of, use_packed_attention
+from mpo_dist.attention import (PACKED_IMPLEMENTATION, PACKED_KWARG, mask_unsupported, no_mask, packed_attention_of,
+                                use_packed_attention)
 from mpo_dist.errors import InputError
 from mpo_dist.flex import build_flex_mask
 
@@ -129,6 +130,10 @@ def _attention_inputs(model, batch) -> dict:
         if batch.num_real_positions == batch.num_positions:
             return dict(attention_mask=no_mask(rows, device))  # causal kernels, nothing to mask
         return dict(attention_mask=padded_attention_mask(batch.attention_mask))
+    unsupported = mask_unsupported(model.config)
+    if unsupported:  # the layouts give such a model padded rows (attention.packing_for); never run it packed
+        raise InputError(f"packed rows cannot serve this model: {unsupported}, which their masks do not apply; "
+                         "set data.packing=never")
     if batch.varlen is not None:
         if implementation != PACKED_IMPLEMENTATION:
             use_packed_attention(model, "varlen")

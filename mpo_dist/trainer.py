@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from mpo_dist.compute_dtype import choose_dtype
 from mpo_dist.config import Config, grad_accum_for, save_config
 from mpo_dist.convert import export_hf, write_hf_files
 from mpo_dist.batch import MicroBatch
-from mpo_dist.attention import resolve_attention, use_packed_attention
+from mpo_dist.attention import attention_switchable, packing_for, resolve_attention, use_packed_attention
 from mpo_dist.data.layout import layout_for
 from mpo_dist.data.loader import build_dref_loader, build_pair_loader
 from mpo_dist.data.input_paths import check_input_paths
@@ -129,7 +130,7 @@ class Trainer(Stateful):
         # Packed rows' attention (model.attention, attention.py): "dense" (a 4-D mask), "varlen" (pieces
         # built with each batch by the layout) or "flex" (a block mask built per micro-batch on the device).
         self.attention = resolve_attention(config.model.attention, self.device, self.model.config, training=True,
-                                           dtype=self.dtype)
+                                           dtype=self.dtype, switchable=attention_switchable(self.model))
         self.varlen = self.attention == "varlen"
         use_packed_attention(self.model, self.attention)  # the dense path too: masks come prepared, no host sync
         apply_fsdp(self.model, self.mesh, config.parallel, self.dtype)
@@ -143,7 +144,9 @@ class Trainer(Stateful):
         self.cost_model = CostModel.of(self.model)
         layout_cost = self.cost_model.layout_cost
         # Micro-batches are laid out where they are made: the stream hands the trainer ready ones.
-        self.data = TrainingStream(pair_loader, dref_loader, layout_for(config.data, self.pad_token_id, cost=layout_cost,
+        # A sliding-window model's rows are padded: no packed mask applies its window (attention.packing_for).
+        data_config = replace(config.data, packing=packing_for(config.data.packing, self.model.config))
+        self.data = TrainingStream(pair_loader, dref_loader, layout_for(data_config, self.pad_token_id, cost=layout_cost,
                                                                                  varlen=self.varlen))
         # Held-out evaluation (evaluation.py): its own streams, never the training loaders; the same layout.
         self.evaluator = None

@@ -189,3 +189,80 @@ def test_compiled_layers_run_the_varlen_pieces_eagerly_without_recompiling():
     assert graphs_after_first > 0 and len(graphs) == graphs_after_first
     torch.testing.assert_close(first, eager[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(second, eager[1], rtol=0, atol=1e-6)
+
+
+def pair_rows(seed: int, prompt: tuple[int, int], response: tuple[int, int], pairs: int = 4):
+    from mpo_dist.batch import pair_documents
+
+    rng = np.random.default_rng(seed)
+    ids = lambda low, high: [rng.integers(1, TINY_VOCAB, int(rng.integers(low, high + 1))) for _ in range(pairs)]  # noqa: E731
+    return pair_documents(ids(*prompt), ids(*response), ids(*response))
+
+
+def no_cost(*_, **__) -> float:
+    return 0.0
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_padded_rows_take_prepared_masks_with_transformers_numbers(padding_side):
+    """The trainer's model (switched to the packed implementation on every path) gets padded rows' 4-D
+    mask from the log-prob path, or none without padding, so transformers reads nothing back; the
+    numbers are those of transformers' own masks from the 2-D one, either padding side."""
+    from mpo_dist.data.layout import lay_out
+    from mpo_dist.logprobs import token_logprobs
+
+    plain, switched = tiny_causal_lm("llama"), tiny_causal_lm("llama")
+    use_packed_attention(switched, "dense")
+    assert switched.config._attn_implementation == PACKED_IMPLEMENTATION and plain.config._attn_implementation == "sdpa"
+    uneven = lay_out(pair_rows(0, (2, 9), (1, 8)), packing="never", pad_token_id=0, cost=no_cost, padding_side=padding_side)
+    even = lay_out(pair_rows(1, (5, 5), (4, 4)), packing="never", pad_token_id=0, cost=no_cost, padding_side=padding_side)
+    assert uneven.num_real_positions < uneven.num_positions and even.num_real_positions == even.num_positions
+    with torch.no_grad():
+        for batch in (uneven, even):
+            torch.testing.assert_close(token_logprobs(switched, batch), token_logprobs(plain, batch), rtol=0, atol=1e-6)
+
+
+def test_models_that_prepared_masks_cannot_serve_keep_transformers_masks_and_padded_rows():
+    from transformers import AutoModelForCausalLM, GPTNeoConfig
+
+    from mpo_dist.attention import attention_switchable, packing_for
+    from mpo_dist.data.layout import lay_out
+    from mpo_dist.logprobs import token_logprobs
+
+    def qwen2(window: bool):
+        torch.manual_seed(0)
+        config = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                             num_key_value_heads=2, num_hidden_layers=2, use_sliding_window=window,
+                             sliding_window=4 if window else None, max_window_layers=0)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+    windowed, unwindowed = qwen2(True), qwen2(False)
+    use_packed_attention(windowed, "dense")  # the trainer's call: a sliding window stays with transformers' masks
+    assert windowed.config._attn_implementation == "sdpa"
+    padded = lay_out(pair_rows(2, (4, 8), (3, 6)), packing="never", pad_token_id=0, cost=no_cost)
+    with torch.no_grad():
+        windowed_logps, full_logps = token_logprobs(windowed, padded), token_logprobs(unwindowed, padded)
+    assert (windowed_logps - full_logps).abs().max() > 1e-3  # the window is applied: rows are longer than 4
+    # Packed rows' masks have no window: auto lays such a model's rows out padded, always is refused.
+    assert packing_for("auto", windowed.config) == "never" and packing_for("always", unwindowed.config) == "always"
+    with pytest.raises(InputError, match=r"^data.packing=always cannot serve this model: sliding-window attention "
+                                         r"\(sliding_window=4\), which packed rows' attention masks do not apply; "
+                                         r"set data.packing=never"):
+        packing_for("always", windowed.config)
+    packed = lay_out(pair_rows(2, (4, 8), (3, 6)), packing="always", pad_token_id=0, cost=no_cost)
+    with pytest.raises(InputError, match="packed rows cannot serve this model: sliding-window attention"):
+        token_logprobs(windowed, packed)
+    # A class outside transformers' attention interface keeps its attention on the dense path; varlen is refused.
+    neo = AutoModelForCausalLM.from_config(GPTNeoConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                                                        attention_types=[[["global"], 2]], max_position_embeddings=64))
+    assert not attention_switchable(neo) and attention_switchable(windowed)
+    before = neo.config._attn_implementation
+    use_packed_attention(neo, "dense")
+    assert neo.config._attn_implementation == before
+    with pytest.raises(InputError, match=r"^model.attention=varlen cannot serve this model: its class does not take "
+                                         r"a registered attention function"):
+        use_packed_attention(neo, "varlen")
+    cuda = torch.device("cuda")
+    assert resolve_attention("auto", cuda, neo.config, switchable=False) == "dense"
+    with pytest.raises(InputError, match="model.attention=flex cannot serve this model: its class does not take"):
+        resolve_attention("flex", cuda, neo.config, switchable=False)

@@ -194,10 +194,14 @@ def test_flex_log_probs_equal_the_dense_path(kind, bucket_shapes, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_flex_forward_under_fsdp(kind, one_process_group):
+def test_flex_forward_under_fsdp(kind, one_process_group, monkeypatch):
+    from mpo_dist import attention
     from mpo_dist.config import ParallelConfig
     from mpo_dist.parallelize import apply_fsdp, build_mesh
 
+    calls = []
+    real = attention.flex_attention_packed
+    monkeypatch.setattr(attention, "flex_attention_packed", lambda *a, **k: calls.append(1) or real(*a, **k))
     inputs = packed_micro_batch(varlen=False).inputs
     results = []
     for path in ("dense", "flex"):
@@ -207,6 +211,7 @@ def test_flex_forward_under_fsdp(kind, one_process_group):
         parallel = ParallelConfig(dp_shard=1, activation_checkpointing=True)
         apply_fsdp(model, build_mesh(parallel, 1, "cpu"), parallel, "float32")
         results.append(flex_logprobs(model, inputs))
+    assert len(calls) == model.config.num_hidden_layers  # the wrapped model still runs flex, in every layer
     torch.testing.assert_close(results[1], results[0], **TOLERANCE)
 
 

@@ -1,7 +1,6 @@
 """A training step without host syncs (issue 24): host_sync.py counts what would make the host wait
 for a GPU, transfer.py moves a micro-batch in one copy, and a real trainer step on CPU makes exactly
-the syncs stated here, each at a named place: the finite-value guard's one read after the last
-backward, plus what transformers' mask preparation and the varlen CPU twin still read (listed below)."""
+exactly one sync: the finite-value guard's read after the last backward."""
 
 from __future__ import annotations
 
@@ -213,12 +212,9 @@ def test_padded_rows_input_counts_its_tokens_on_the_device_without_bincount():
 # reads them there, host work on a GPU too, so `optimizer.step` is left out of the count):
 # - ONE after the last backward: finite_guard.step_is_finite reads the global loss and gradient norm
 #   to decide the update (accepted: no NaN or inf reaches the weights);
-# - per forward, transformers' mask preparation (masking_utils) reads the mask on the host: padded
-#   rows' 2-D mask (`_ignore_causal_mask_sdpa`, twice: whether any position is padding), and the
-#   packed paths' position ids when no mask is given (`find_packed_sequence_indices`, once);
-# - per layer and forward, varlen's CPU twin (`varlen_attn_reference`) reads the piece boundaries
-#   (cu_seq_q, cu_seq_k); on CUDA in bf16/fp16 the flash kernel takes max_q/max_k as host ints and
-#   reads the boundaries on the device.
+# - none in the forwards: the log-prob path hands the model prepared 4-D masks (or the zero-size
+#   no_mask), so transformers' mask preparation, which would read a 2-D mask or the position ids on
+#   the host, returns early; varlen's CPU twin cuts its pieces by host ints carried with the batch.
 # Nothing else: no bincount, no .item(), no host number turned into a tensor, no size read.
 # (data.packing, model.attention): padded rows (with padding), packed rows under the dense mask, packed
 # rows by varlen pieces (the CPU twin), padded rows of a varlen run.

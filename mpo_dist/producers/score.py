@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from mpo_dist.attention import packing_for
 from mpo_dist.compute_dtype import choose_dtype
 from mpo_dist.batch import MicroBatch
 from mpo_dist.data.collate import collate_pairs
@@ -138,6 +139,7 @@ def score_pairs(
 
     Callable in one process without a process group (rank 0 of 1) as well as under torchrun."""
     check_batch_size(batch_size)
+    packing = packing_for(packing, getattr(model, "config", None), "--packing")  # padded rows for a sliding window
     pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
     pairs = Manifest.read(pairs_dir, "pairs")
     model.eval()
