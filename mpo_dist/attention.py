@@ -44,17 +44,14 @@ def resolve_attention(choice: str, device: torch.device, model_config, training:
     CPU (no backward there)."""
     if choice not in ATTENTION_CHOICES:
         raise InputError(f"model.attention must be one of {', '.join(ATTENTION_CHOICES)}, got {choice!r}")
-    unsupported = packed_unsupported(model_config)
+    refusal = packed_path_refusal(model_config, switchable)
     if choice == "auto":
-        kernel = device.type == "cuda" and dtype in VARLEN_KERNEL_DTYPES and switchable
-        return "varlen" if kernel and not unsupported else "dense"
-    if choice != "dense" and not switchable:
-        raise InputError(f"model.attention={choice} cannot serve this model: its class does not take a registered "
-                         "attention function (transformers' attention interface); set model.attention=dense")
+        kernel = device.type == "cuda" and dtype in VARLEN_KERNEL_DTYPES
+        return "varlen" if kernel and refusal is None else "dense"
     if choice == "dense":
         return choice
-    if unsupported:
-        raise InputError(f"model.attention={choice} cannot serve this model: {unsupported}; set model.attention=dense")
+    if refusal:
+        raise refusal_error(choice, refusal)
     if choice == "flex" and training and device.type == "cpu":
         raise InputError("model.attention=flex cannot train on CPU: torch has no FlexAttention backward there "
                          "(forward only); set model.attention=varlen (its CPU twin trains) or model.attention=dense")
@@ -98,6 +95,19 @@ def packed_unsupported(model_config) -> str | None:
     if softcap:
         return f"soft-capped attention scores (attn_logit_softcapping={softcap})"
     return None
+
+
+def packed_path_refusal(model_config, switchable: bool) -> str | None:
+    """Why the varlen and flex paths cannot serve a model (None: they can): what they cannot compute
+    (packed_unsupported), or a class outside transformers' attention interface (attention_switchable)."""
+    unsupported = packed_unsupported(model_config)
+    if unsupported is None and not switchable:
+        return "its class does not take a registered attention function (transformers' attention interface)"
+    return unsupported
+
+
+def refusal_error(path: str, refusal: str) -> InputError:
+    return InputError(f"model.attention={path} cannot serve this model: {refusal}; set model.attention=dense")
 
 
 def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -177,11 +187,9 @@ def use_packed_attention(model: torch.nn.Module, path: str) -> None:
                             or not attention_switchable(model)):
         return
     if current != PACKED_IMPLEMENTATION:
-        unsupported = packed_unsupported(config) if path != "dense" else None
-        if unsupported is None and not attention_switchable(model):
-            unsupported = "its class does not take a registered attention function (transformers' attention interface)"
-        if unsupported:
-            raise InputError(f"model.attention={path} cannot serve this model: {unsupported}; set model.attention=dense")
+        refusal = packed_path_refusal(config, attention_switchable(model)) if path != "dense" else None
+        if refusal:
+            raise refusal_error(path, refusal)
         register_packed_attention()
         model.set_attn_implementation(PACKED_IMPLEMENTATION)
         if getattr(config, "_attn_implementation", None) != PACKED_IMPLEMENTATION:  # transformers only warns

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from mpo_dist.data.layout import PAD_SEGMENT, shape_bucket
+from mpo_dist.data.layout import PAD_SEGMENT, round_up, shape_bucket
 
 FLEX_BLOCK = 128  # the block mask's tile (torch's default sparse block size)
 _compiled_flex_attention = None  # torch.compile(flex_attention), made on first use on CUDA
@@ -65,16 +65,12 @@ def packed_mask_mod(segment_ids: torch.Tensor, branch_ids: torch.Tensor):
     return mask_mod
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
 def flex_shape(rows: int, width: int, bucket: bool) -> tuple[int, int]:
     """The [rows, width] the kernel runs at: the layout's, or (bucket) a few sizes, so a compiled
     kernel serves many micro-batches; the width always whole blocks when bucketed."""
     if not bucket:
         return rows, width
-    return shape_bucket(rows), _round_up(shape_bucket(width), FLEX_BLOCK)
+    return shape_bucket(rows), round_up(shape_bucket(width), FLEX_BLOCK)
 
 
 def build_flex_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, bucket: bool | None = None) -> FlexMask:
@@ -84,7 +80,7 @@ def build_flex_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, bucket:
     bucket = segment_ids.is_cuda if bucket is None else bucket
     flex_rows, flex_width = flex_shape(rows, width, bucket)
     # The ids cover whole blocks: a kernel may evaluate the mask function over a whole tile past the width.
-    id_width = _round_up(flex_width, FLEX_BLOCK)
+    id_width = round_up(flex_width, FLEX_BLOCK)
     pad = (0, id_width - width, 0, flex_rows - rows)
     segment = F.pad(segment_ids, pad, value=PAD_SEGMENT)
     branch = F.pad(branch_ids, pad, value=0)

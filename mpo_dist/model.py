@@ -54,12 +54,13 @@ def build_model(model: ModelConfig) -> nn.Module:
     return build_model_from_config(load_model_config(model), torch.float32)
 
 
-def build_model_from_config(config, dtype: torch.dtype) -> nn.Module:
+def build_model_from_config(config, dtype: torch.dtype, device: torch.device | str = "meta") -> nn.Module:
     """`build_model` for a transformers config, with parameters in `dtype` (the inference tools keep
-    them in the compute dtype: no float32 master copy)."""
+    them in the compute dtype: no float32 master copy); on the meta device (materialized later), or
+    random-initialized on `device` from torch's generator."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device(device):
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     lm.config.use_cache = False
     disable_dropout(lm)

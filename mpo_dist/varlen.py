@@ -51,8 +51,8 @@ class VarlenDescriptors:
     attended_pairs: int  # (query, key) pairs the pieces compute: flops.CostModel's attention term
     rows: int
     width: int
-    host_cu_seq_q: tuple[int, ...] = ()  # cu_seq_q and cu_seq_k as host ints: the CPU twin cuts pieces by
-    host_cu_seq_k: tuple[int, ...] = ()  # them without reading a device tensor back (no host sync)
+    host_cu_seq_q: tuple[int, ...]  # cu_seq_q and cu_seq_k as host ints: the CPU twin cuts pieces by
+    host_cu_seq_k: tuple[int, ...]  # them without reading a device tensor back (no host sync)
 
     @property
     def num_pieces(self) -> int:
@@ -107,14 +107,12 @@ class VarlenDescriptors:
             key_parts.append(own)
         key_index = np.concatenate(key_parts) if key_parts else np.zeros(0, np.int64)
 
-        def cumulative(lengths: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-
+        cu_seq_q, cu_seq_k = (np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32) for lengths in (q_lengths, k_lengths))
         return cls(
             query_index=torch.from_numpy(positions.astype(np.int64)),
             key_index=torch.from_numpy(key_index.astype(np.int64)),
-            cu_seq_q=cumulative(q_lengths), cu_seq_k=cumulative(k_lengths),
-            host_cu_seq_q=tuple(cumulative(q_lengths).tolist()), host_cu_seq_k=tuple(cumulative(k_lengths).tolist()),
+            cu_seq_q=torch.from_numpy(cu_seq_q), cu_seq_k=torch.from_numpy(cu_seq_k),
+            host_cu_seq_q=tuple(cu_seq_q.tolist()), host_cu_seq_k=tuple(cu_seq_k.tolist()),
             max_q=int(q_lengths.max(initial=0)), max_k=int(k_lengths.max(initial=0)),
             attended_pairs=count_attended_pairs(q_lengths, k_lengths), rows=rows, width=width,
         )
@@ -186,8 +184,7 @@ def varlen_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
     k/v [rows, kv_heads, width, dim] (kv_heads dividing heads: GQA) -> [rows, width, heads, dim],
     value's dtype, zero at padding; equal to SDPA under logprobs.packed_attention_mask at real positions."""
     q, k, v = to_varlen(query, key, value, descriptors)
-    out = varlen_attn_reference(q, k, v, descriptors.host_cu_seq_q or descriptors.cu_seq_q,
-                                descriptors.host_cu_seq_k or descriptors.cu_seq_k, scale,
+    out = varlen_attn_reference(q, k, v, descriptors.host_cu_seq_q, descriptors.host_cu_seq_k, scale,
                                 enable_gqa=key.shape[1] != query.shape[1], alignment=alignment)
     return from_varlen(out, descriptors)
 

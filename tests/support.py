@@ -210,10 +210,9 @@ def tiny_causal_lm(kind: str):
     """A 2-layer float32 "llama", "qwen2" (GQA: 4 query heads over 2 key/value heads) or "gpt2" with
     seed 0, SDPA attention, no dropout and the log-prob method, as model.build_model prepares it."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
-    from mpo_dist.logprobs import add_logprob_method
-    from mpo_dist.model import disable_dropout
+    from mpo_dist.model import build_model_from_config
 
     torch.manual_seed(0)
     if kind == "llama":
@@ -224,10 +223,7 @@ def tiny_causal_lm(kind: str):
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     else:
         config = GPT2Config(vocab_size=TINY_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
-    disable_dropout(model)  # the paths' numbers must be comparable in training
-    add_logprob_method(model)
-    return model
+    return build_model_from_config(config, torch.float32, "cpu")  # no dropout: the paths' numbers compare in training
 
 
 def collated_samples(seed: int = 0, pairs: int = 5, dref: int = 3):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import platform
 import statistics
 import sys
@@ -61,8 +62,9 @@ from mpo_dist.cli import run_main, tool_parser
 from mpo_dist.data.layout import Document, ModelInput, lay_out
 from mpo_dist.errors import InputError
 from mpo_dist.flops import CostModel, known_peak_tflops
-from mpo_dist.logprobs import add_logprob_method, token_logprobs
-from mpo_dist.model import disable_dropout
+from mpo_dist.logprobs import token_logprobs
+from mpo_dist.model import build_model_from_config
+from mpo_dist.process_memory import read_status_bytes
 
 PATHS = ("dense", "varlen", "flex")
 LAYOUTS = ("padded", "packed")
@@ -133,15 +135,11 @@ def micro_batches(rng: np.random.Generator, size: dict, vocab: int) -> list[list
 def build_model(workload: dict, device: torch.device, dtype: torch.dtype, seed: int):
     """A random-init Llama of the workload's shape on `device`, as the trainer builds it (no dropout,
     the log-prob method)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     torch.manual_seed(seed)
-    with torch.device(device), contextlib.redirect_stderr(io.StringIO()):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**workload["model"]), dtype=dtype, attn_implementation="sdpa")
-    model.config.use_cache = False
-    disable_dropout(model)
-    add_logprob_method(model)
-    return model
+    with contextlib.redirect_stderr(io.StringIO()):
+        return build_model_from_config(LlamaConfig(**workload["model"]), dtype, device)
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -158,14 +156,14 @@ def peak_memory_start(device: torch.device) -> int | None:
         Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS mark := the current RSS
     except OSError:
         return None
-    return _status_bytes("VmRSS")
+    return read_status_bytes(os.getpid(), ("VmRSS",))["VmRSS"]
 
 
 def peak_memory_end(device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
-    return _status_bytes("VmHWM")
+    return read_status_bytes(os.getpid(), ("VmHWM",))["VmHWM"]
 
 
 def peak_figures(peaks: list[tuple[int, int | None]]) -> dict:
@@ -174,13 +172,6 @@ def peak_figures(peaks: list[tuple[int, int | None]]) -> dict:
     if not measured:
         return {"peak_bytes": None, "peak_above_start_bytes": None}
     return {"peak_bytes": max(peak for peak, _ in measured), "peak_above_start_bytes": max(max(p - s for p, s in measured), 0)}
-
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def forward_backward(model, inputs: ModelInput, backward: bool) -> torch.Tensor:

@@ -114,7 +114,7 @@ def shape_bucket(size: int) -> int:
     if size <= 16:
         return max(size, 1)
     step = 1 << (size.bit_length() - 3)  # 1/4 of the power of two below size
-    return _round_up(size, step)
+    return round_up(size, step)
 
 
 def _finish(input_ids, position_ids, attention_mask, segment_ids, branch_ids, starts, num_sequences, num_tokens,
@@ -140,7 +140,7 @@ def _finish(input_ids, position_ids, attention_mask, segment_ids, branch_ids, st
     )
 
 
-def _round_up(value: int, multiple: int) -> int:
+def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
@@ -161,7 +161,7 @@ def pad_rows(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray], pad
     if padding_side not in ("right", "left"):
         raise InputError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    width = max(_round_up(max(lengths, default=1), pad_to_multiple_of), min_width)
+    width = max(round_up(max(lengths, default=1), pad_to_multiple_of), min_width)
     input_ids = np.full((len(lengths), width), pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((len(lengths), width), dtype=bool)
     response_starts = []
@@ -185,7 +185,7 @@ def pad_documents(documents: Sequence[Document], pad_token_id: int, padding_side
             rows[index] = (document.prompt, response)
     prompts, responses = [p for p, _ in rows], [r for _, r in rows]
     longest = max((len(p) + len(r) for p, r in rows), default=1)
-    min_width = _round_up(shape_bucket(longest), pad_to_multiple_of) if bucket_shapes else 0
+    min_width = round_up(shape_bucket(longest), pad_to_multiple_of) if bucket_shapes else 0
     input_ids, attention_mask, response_starts = pad_rows(prompts, responses, pad_token_id, padding_side,
                                                           pad_to_multiple_of, min_width)
     starts = [(row, first, len(response), first - 1 if len(prompt) else -1, row)
@@ -241,13 +241,13 @@ def pack_documents(documents: Sequence[Document], pad_token_id: int, pack_tokens
 
     def cost(placement: tuple[list[list[int]], list[int]]) -> float:
         rows, used = placement
-        return row_cost(len(rows), _round_up(max(used, default=1), pad_to_multiple_of)) if row_cost else 0.0
+        return row_cost(len(rows), round_up(max(used, default=1), pad_to_multiple_of)) if row_cost else 0.0
 
     rows, used = min(placements, key=cost)  # the first of equal costs: the shortest row length
-    width = _round_up(max(used, default=1), pad_to_multiple_of)
+    width = round_up(max(used, default=1), pad_to_multiple_of)
     count = max(len(rows), 1)
     if bucket_shapes:  # rows of padding only (each padding position attends to itself and earlier padding)
-        width, count = _round_up(shape_bucket(width), pad_to_multiple_of), shape_bucket(count)
+        width, count = round_up(shape_bucket(width), pad_to_multiple_of), shape_bucket(count)
     input_ids = np.full((count, width), pad_token_id, dtype=np.int64)
     position_ids = np.zeros((count, width), dtype=np.int64)
     attention_mask = np.zeros((count, width), dtype=bool)
