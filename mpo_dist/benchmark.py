@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 # The trainer's held-out eval is off in every benchmark run (the config's eval folders may not exist).
@@ -101,6 +102,15 @@ def write_workload_pairs(directory: Path, num_pairs: int, prompt: int, response:
     info = {"created_by": "tools/bench_train.py --make-workload", "seed": seed,
             "tokenizer": {"vocab_size": vocab, "pad_token_id": 0}}
     Manifest("pairs", "synthetic:random-token-ids", shards, info=info).write(directory)
+
+
+def write_runtime_script(folder: Path, modules: Sequence[str]) -> Path:
+    """folder/runtime.py: what a rank holds before any model (its runtime baseline), as a script that
+    imports `modules` (what the measured stage imports), joins a gloo group and meets at a barrier."""
+    script = Path(folder) / "runtime.py"
+    script.write_text("import torch.distributed as dist\n" + "".join(f"import {module}\n" for module in modules)
+                      + 'dist.init_process_group("gloo"); dist.barrier()\n')
+    return script
 
 
 def run_in_child(target, *args, what: str) -> None:

@@ -49,38 +49,41 @@ def wait_ready(process: subprocess.Popen, count: int = 3) -> None:
         assert process.stdout.readline().endswith("ready\n")
 
 
-@pytest.mark.dist
-def test_roles_and_the_allocating_rank_peak(tmp_path):
-    root = start_tree(tmp_path, SUBPROCESS_ENV)
+def monitored_tree(tmp_path, root_env: dict):
+    """Run the process tree under a ProcessTreeMonitor: (its peaks in table order, the root's pid,
+    the root's exit code)."""
+    root = start_tree(tmp_path, root_env)
     try:
         with ProcessTreeMonitor(root.pid, interval_s=0.02) as monitor:
             wait_ready(root)
             time.sleep(0.1)  # a few polls with every process alive
             root.stdin.close()
-            assert root.wait(timeout=30) == 0
+            code = root.wait(timeout=30)
     finally:
         root.kill()
-    peaks = {peak.role: peak for peak in monitor.peaks()}
+    return monitor.peaks(), root.pid, code
+
+
+@pytest.mark.dist
+def test_roles_and_the_allocating_rank_peak(tmp_path):
+    in_order, root_pid, code = monitored_tree(tmp_path, SUBPROCESS_ENV)
+    assert code == 0
+    peaks = {peak.role: peak for peak in in_order}
     assert sorted(peaks) == ["launcher", "rank 0", "rank 0 worker"]
-    assert peaks["launcher"].pid == root.pid
+    assert peaks["launcher"].pid == root_pid
     assert peaks["rank 0"].peak_bytes >= ALLOCATED
     assert peaks["launcher"].peak_bytes < ALLOCATED and peaks["rank 0 worker"].peak_bytes < ALLOCATED
-    assert [peak.role for peak in monitor.peaks()] == ["launcher", "rank 0", "rank 0 worker"]  # table order
+    assert [peak.role for peak in in_order] == ["launcher", "rank 0", "rank 0 worker"]  # table order
+    # The anonymous (RssAnon) peak: the rank's written bytes are private memory; the launcher holds none of them.
+    assert peaks["rank 0"].anon_peak_bytes >= ALLOCATED
+    assert peaks["launcher"].anon_peak_bytes < ALLOCATED
 
 
 @pytest.mark.dist
 def test_a_root_with_rank_is_that_rank(tmp_path):
-    root = start_tree(tmp_path, {**SUBPROCESS_ENV, "RANK": "3"})
-    try:
-        with ProcessTreeMonitor(root.pid, interval_s=0.02) as monitor:
-            wait_ready(root)
-            time.sleep(0.1)
-            root.stdin.close()
-            root.wait(timeout=30)
-    finally:
-        root.kill()
+    in_order, _, _ = monitored_tree(tmp_path, {**SUBPROCESS_ENV, "RANK": "3"})
     # Everything below a rank is its worker, even a descendant whose own RANK differs.
-    assert sorted(peak.role for peak in monitor.peaks()) == ["rank 3", "rank 3 worker", "rank 3 worker"]
+    assert sorted(peak.role for peak in in_order) == ["rank 3", "rank 3 worker", "rank 3 worker"]
 
 
 @pytest.mark.unit
@@ -138,19 +141,3 @@ def test_mapped_file_pages_count_in_the_peak_but_not_in_the_anonymous_peak(tmp_p
     [peak] = monitor.peaks()
     assert peak.peak_bytes >= ALLOCATED  # the kernel's peak counts the mapped pages
     assert 0 < peak.anon_peak_bytes < ALLOCATED // 4  # the interpreter's own memory only
-
-
-@pytest.mark.dist
-def test_the_allocating_rank_anonymous_peak(tmp_path):
-    root = start_tree(tmp_path, SUBPROCESS_ENV)
-    try:
-        with ProcessTreeMonitor(root.pid, interval_s=0.02) as monitor:
-            wait_ready(root)
-            time.sleep(0.1)
-            root.stdin.close()
-            assert root.wait(timeout=30) == 0
-    finally:
-        root.kill()
-    peaks = {peak.role: peak for peak in monitor.peaks()}
-    assert peaks["rank 0"].anon_peak_bytes >= ALLOCATED  # written bytes: private memory
-    assert peaks["launcher"].anon_peak_bytes < ALLOCATED

@@ -27,18 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpo_dist.benchmark import (ALLOCATORS, NO_EVAL, REPO, first_error_line, measure_ranks, run_in_child, subprocess_env,
-                                write_workload_pairs)
+                                write_runtime_script, write_workload_pairs)
 from mpo_dist.cli import run_main, tool_parser
 from mpo_dist.errors import InputError
 
 VOCAB, PROMPT, RESPONSE = 32000, 16, 48
 # name -> (hidden, layers); MLP 8/3 x hidden rounded to 16, 64-wide heads, untied embeddings.
 SIZES = {"20m": (256, 4), "80m": (512, 16), "250m": (1024, 14)}
-RUNTIME_SCRIPT = """
-import os, torch.distributed as dist
-import mpo_dist.trainer, transformers.models.llama.modeling_llama
-dist.init_process_group("gloo"); dist.barrier()
-"""
+RUNTIME_MODULES = ("mpo_dist.trainer", "transformers.models.llama.modeling_llama")  # what the trainer imports
 
 
 @dataclass
@@ -94,8 +90,7 @@ def stage_runtime(size: str, ranks: int, work: Path, args) -> Row:
     from mpo_dist.launcher import launch_command
     from mpo_dist.plan import CPU_RUNTIME_BYTES
 
-    script = work / "runtime.py"
-    script.write_text(RUNTIME_SCRIPT)
+    script = write_runtime_script(work, RUNTIME_MODULES)
     measured, seconds, error = run_measured(launch_command(ranks, [script]), ranks, args)
     return Row("runtime", 0, ranks, measured, CPU_RUNTIME_BYTES, seconds, error)
 

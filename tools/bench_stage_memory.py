@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpo_dist.benchmark import (ALLOCATORS, REPO, first_error_line, measure_ranks, run_in_child, subprocess_env,
-                                write_workload_pairs)
+                                write_runtime_script, write_workload_pairs)
 from mpo_dist.cli import run_main, tool_parser
 from mpo_dist.errors import InputError
 
@@ -51,12 +51,8 @@ TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num
                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
 DTYPE = "bfloat16"
 BATCH_SIZE = 4  # pairs (score), sequences (sample, evaluate) per forward
-RUNTIME_SCRIPT = """
-import torch.distributed as dist
-import mpo_dist.producers.score, mpo_dist.producers.sample, mpo_dist.evaluate_model, mpo_dist.evaluate_on_policy
-import transformers.models.llama.modeling_llama
-dist.init_process_group("gloo"); dist.barrier()
-"""
+RUNTIME_MODULES = ("mpo_dist.producers.score", "mpo_dist.producers.sample", "mpo_dist.evaluate_model",
+                   "mpo_dist.evaluate_on_policy", "transformers.models.llama.modeling_llama")  # what the stages import
 
 
 @dataclass
@@ -190,8 +186,8 @@ def bench(args, log=print) -> None:
     work.mkdir(parents=True, exist_ok=True)
     model, pairs = prepare(work, args, log)
     weights, root, unit = model_sizes(model)
-    (work / "runtime.py").write_text(RUNTIME_SCRIPT)
-    baseline = {ranks: run_measured([work / "runtime.py"], ranks, args) for ranks in ranks_list}
+    runtime = write_runtime_script(work, RUNTIME_MODULES)
+    baseline = {ranks: run_measured([runtime], ranks, args) for ranks in ranks_list}
     log(f"model: {weights / MIB:,.0f} MiB of bf16 weights; gathered in a sharded forward: the root (norm, head) "
         f"{root / MIB:,.0f} MiB, then one unit at a time (embedding or a layer), at most {unit / MIB:,.0f} MiB")
     log("runtime baseline (imports + process group), anonymous MiB per rank: " + "; ".join(
