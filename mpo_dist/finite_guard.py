@@ -27,6 +27,7 @@ class FiniteGuard:
         self.max_in_a_row, self.log = max_in_a_row, log
         self.skipped_steps = self.in_a_row = 0
         self.last_skipped = False
+        self.stop_agreed = False  # some rank asked to stop after this step (preemption.py)
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.in_a_row}
@@ -34,13 +35,17 @@ class FiniteGuard:
     def load_state_dict(self, state: dict) -> None:
         self.skipped_steps, self.in_a_row = int(state["skipped_steps"]), int(state["nonfinite_in_a_row"])
 
-    def step_is_finite(self, step: int, loss_share: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    def step_is_finite(self, step: int, loss_share: torch.Tensor, grad_norm: torch.Tensor, stop: bool = False) -> bool:
         """Whether step `step` may update: its global loss (this rank's share, summed over ranks) and its
         global gradient norm are finite. A collective, and the step's one host sync outside logging
         steps, accepted so that no NaN or inf reaches the weights; every rank gets the same two numbers,
         so every rank decides alike."""
-        loss = all_reduce_sum(loss_share.detach().float().reshape(1).clone())
-        loss_value, norm_value = torch.cat([loss, grad_norm.detach().float().reshape(1)]).tolist()
+        # `stop` (a preemption signal this rank received) rides on the same all-reduce: the ranks agree
+        # on it without another collective or host read.
+        summed = all_reduce_sum(torch.cat([loss_share.detach().float().reshape(1),
+                                           torch.full((1,), float(stop), device=loss_share.device)]))
+        loss_value, stops, norm_value = torch.cat([summed, grad_norm.detach().float().reshape(1)]).tolist()
+        self.stop_agreed = stops > 0
         self.last_skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if not self.last_skipped:
             self.in_a_row = 0

@@ -28,12 +28,27 @@ def train_command(config: str | Path, overrides: Sequence[str], nproc: int = 1) 
     return launch_command(nproc, ["-m", "mpo_dist.train", "--config", str(config), *overrides])
 
 
+# torchrun forwards these to the ranks (its default lacks SIGUSR1, which SLURM's --signal sends ahead
+# of a time limit); the trainer saves the step in progress on SIGTERM or SIGUSR1 (preemption.py).
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(arg.startswith(("--signals-to-handle", "--signals_to_handle")) for arg in argv):
+        argv = ["--signals-to-handle", FORWARDED_SIGNALS, *argv]
     try:
         run(parse_args(argv))
+    except SignalException as stopped:
+        # The ranks got the signal too and left after their cleanup (a checkpoint of the step in
+        # progress when they were training); torchrun itself only reports its own signal.
+        print(f"mpo_dist.launcher: stopped by {stopped.sigval.name}; the ranks' last lines say what was saved",
+              file=sys.stderr, flush=True)
+        return TERMINATED_EXIT_CODE
     except ChildFailedError as failed:
         codes = {failure.exitcode for failure in failed.failures.values()}
         # A negative code is a signal, and TERMINATED_EXIT_CODE a rank that left through its cleanup on

@@ -35,9 +35,10 @@ from mpo_dist.data.loader import build_dref_loader, build_pair_loader
 from mpo_dist.data.input_paths import check_input_paths
 from mpo_dist.data.preflight import check_eval_inputs, check_training_inputs, read_manifest
 from mpo_dist.distributed import all_reduce_sum, device_for, log_main, raise_on_every_rank, rank_info_of_group
-from mpo_dist.errors import InputError
+from mpo_dist.errors import InputError, Terminated
 from mpo_dist.evaluation import Evaluator, describe as describe_eval
 from mpo_dist.finite_guard import FiniteGuard, refuse_non_finite_state
+from mpo_dist.preemption import Preemption
 from mpo_dist.flops import CostModel, mfu, peak_tflops
 from mpo_dist.losses import build_loss
 from mpo_dist.objective import Objective
@@ -88,6 +89,8 @@ class Trainer(Stateful):
         self.epochs = {"pairs": 0, "dref": 0}  # epoch of the last batch taken from each stream
         self.epoch_progress = 0.0  # epochs of pairs done, as a fraction
         self.guard = FiniteGuard(config.training.max_nonfinite_steps, log=log_main)
+        self.preemption = Preemption([name for name in config.job.preempt_signals.split(",") if name])
+        self._saved_step: int | None = None  # the step of the newest checkpoint this process saved
         self.rng_state = RNGState()  # rank-local: restored once the data iterators exist (train)
         # Before any input is opened (a refused run builds nothing) or anything is written.
         self.run_lock = take_run_lock(self.output_dir, self.info.is_main, log=log_main)
@@ -252,6 +255,7 @@ class Trainer(Stateful):
             self.step, *self._checkpoint_states(),
             write_extra=lambda target: write_hf_files(target, self.model, self.config.model.path, self.tokenizer))
         log_main(f"mpo_dist: checkpoint saved to {folder}")
+        self._saved_step = self.step
         return folder
 
     # ------------------------------------------------------------------ training
@@ -279,7 +283,7 @@ class Trainer(Stateful):
             grad_norm = grad_norm.full_tensor()
         # With parallel.cpu_offload the gradients, so the norm, are on the host: no need to wait for that copy.
         grad_norm = grad_norm.to(self.device, non_blocking=True)
-        if self.guard.step_is_finite(self.step + 1, sums["loss"], grad_norm):
+        if self.guard.step_is_finite(self.step + 1, sums["loss"], grad_norm, stop=self.preemption.requested):
             self.optimizer.step()  # else: parameters and optimizer state (moments, step count) stay as they were
         self._step_schedule()
         self.optimizer.zero_grad(set_to_none=True)
@@ -319,6 +323,12 @@ class Trainer(Stateful):
             return
         batches = iter(self.data)
         self.rng_state.restore()  # after the loaders' draws from the CPU generator, as in an uninterrupted run
+        with self.preemption:  # from here a preemption signal ends the run after the step in progress
+            folder = self._train_steps(batches, total)
+        self._finish(folder)
+
+    def _train_steps(self, batches, total: int) -> Path | None:
+        config = self.config
         window = StepWindow()
         folder = None
         while self.step < total:
@@ -340,6 +350,23 @@ class Trainer(Stateful):
                 folder = self.save_checkpoint()
                 if config.checkpoint.keep_best and evaluated:
                     self._consider_best(folder, evaluated)
+            if self.guard.stop_agreed:
+                self._stop_preempted(folder)
+        return folder
+
+    def _stop_preempted(self, folder: Path | None) -> None:
+        """Every rank agreed that a preemption signal came (finite_guard.stop_agreed): save this step
+        unless it was just saved, then leave as SIGTERM does (cli: exit 143, cleanup)."""
+        if self._saved_step != self.step:
+            refuse_non_finite_state(self.model, self.optimizer, self.step, self.checkpointer.latest())
+            folder = self.save_checkpoint()
+        received = self.preemption.received or "a signal on another rank"
+        log_main(f"mpo_dist: {received} at step {self.step}: checkpoint {folder} saved; stopping "
+                 "(a restart with checkpoint.resume=auto goes on from it)")
+        raise Terminated(f"{received}, after saving step {self.step}")
+
+    def _finish(self, folder: Path | None) -> None:
+        config = self.config
         if config.checkpoint.export_hf:
             export_hf(folder, self.output_dir / HF_EXPORT_DIR, config.checkpoint.export_dtype, log=log_main)
         if self.metrics.writer is not None:

@@ -41,6 +41,10 @@ def opt(default: Any, help: str) -> Any:
 class JobConfig:
     output_dir: str = opt("outputs/run", "folder for checkpoints, the resolved config and logs")
     seed: int = opt(0, "seed for model init, data shuffling and dropout")
+    preempt_signals: str = opt("SIGTERM,SIGUSR1", "signals that, during training, end the run after the step in "
+                                                  "progress with a checkpoint of it (comma-separated; SLURM's "
+                                                  "--signal=USR1@SECONDS, Kubernetes' and spot reclaims' SIGTERM); "
+                                                  "before step 1 they stop the run at once")
     overwrite_output_dir: bool = opt(False, "start fresh in a job.output_dir that holds an earlier run's checkpoints: "
                                             "they, its metrics.jsonl, TensorBoard events and Hugging Face export are "
                                             "deleted once the inputs are checked (needs checkpoint.resume=none); false: "
@@ -48,6 +52,12 @@ class JobConfig:
 
     def validate(self) -> None:
         _check(bool(self.output_dir), "job.output_dir", "must be a non-empty path", self.output_dir)
+        try:
+            from mpo_dist.preemption import parse_signals
+
+            parse_signals([name for name in self.preempt_signals.split(",") if name])
+        except ValueError as error:
+            _check(False, "job.preempt_signals", str(error), self.preempt_signals)
 
 
 @dataclass
