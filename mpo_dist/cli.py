@@ -95,7 +95,10 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
     """
     quiet_known_warnings()
     if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        # SIGUSR1 too: SLURM's warning ahead of a time limit; the trainer records both once training
+        # runs (preemption.py), and before that, or in a tool, they stop the work where it is.
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, _raise_terminated)
     try:
         info = init_distributed(backend=backend, single_process_group=single_process_group)
     except InputError as error:  # before any group exists (e.g. more processes than GPUs): no peer to wait for

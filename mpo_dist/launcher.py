@@ -5,6 +5,11 @@ code 2 after printing one line each saying what to change, the others exited 2 t
 stopped by torchrun's signal), the launcher exits 2 itself instead of adding torchrun's
 multi-screen `ChildFailedError` report. Any other failure is reported by torchrun as usual. The launch scripts and the container entrypoint use it.
 
+Preemption: the launcher has torchrun forward SIGTERM and SIGUSR1 (among others) to the ranks and
+wait up to `--shutdown-timeout` (default DEFAULT_GRACE_S) for them to save the step in progress;
+then it exits 143 (128 + SIGTERM), whichever signal came, so a scheduler can tell a stopped run from
+a failed one (exit 1) and an input error (exit 2).
+
 `launch_command` and `train_command` build its command line for the tools and tests that start a run.
 """
 
@@ -31,6 +36,22 @@ def train_command(config: str | Path, overrides: Sequence[str], nproc: int = 1) 
 # torchrun forwards these to the ranks (its default lacks SIGUSR1, which SLURM's --signal sends ahead
 # of a time limit); the trainer saves the step in progress on SIGTERM or SIGUSR1 (preemption.py).
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# Seconds torchrun waits, after forwarding a signal, for the ranks to finish their step and save it
+# before it kills them (torchrun's own default, 30 s, is shorter than a large model's save). The
+# scheduler's grace period bounds it too (SLURM's --signal lead time or KillWait, Kubernetes'
+# terminationGracePeriodSeconds): set both above the save time that the trainer logs.
+DEFAULT_GRACE_S = 600
+
+
+def _with_defaults(argv: list[str]) -> list[str]:
+    """torchrun's arguments, with this project's defaults for the signal options the user did not give."""
+    given = lambda *flags: any(arg.split("=")[0] in flags for arg in argv)  # noqa: E731
+    defaults = []
+    if not given("--signals-to-handle", "--signals_to_handle"):
+        defaults += ["--signals-to-handle", FORWARDED_SIGNALS]
+    if not given("--shutdown-timeout", "--shutdown_timeout"):
+        defaults += ["--shutdown-timeout", str(DEFAULT_GRACE_S)]
+    return defaults + argv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(arg.startswith(("--signals-to-handle", "--signals_to_handle")) for arg in argv):
-        argv = ["--signals-to-handle", FORWARDED_SIGNALS, *argv]
     try:
-        run(parse_args(argv))
+        run(parse_args(_with_defaults(list(sys.argv[1:] if argv is None else argv))))
     except SignalException as stopped:
         # The ranks got the signal too and left after their cleanup (a checkpoint of the step in
         # progress when they were training); torchrun itself only reports its own signal.

@@ -15,6 +15,7 @@ last step, without changing the training trajectory; its metrics go out with the
 from __future__ import annotations
 
 import shutil
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -251,10 +252,12 @@ class Trainer(Stateful):
             log_main(f"mpo_dist: {what} data position {note}")
 
     def save_checkpoint(self) -> Path:
+        started = time.perf_counter()
         folder = self.checkpointer.save(
             self.step, *self._checkpoint_states(),
             write_extra=lambda target: write_hf_files(target, self.model, self.config.model.path, self.tokenizer))
-        log_main(f"mpo_dist: checkpoint saved to {folder}")
+        # The time is what a preemption grace period must cover (docs/launching.md, "Preemption").
+        log_main(f"mpo_dist: checkpoint saved to {folder} ({time.perf_counter() - started:.1f} s)")
         self._saved_step = self.step
         return folder
 

@@ -86,6 +86,11 @@ def one_process_group():
 def toy_inputs(tmp_path_factory) -> dict[str, Path]:
     """The quickstart's inputs, small: the digit-sorting task, its tiny random-init Llama (the policy's
     start and the reference), pairs shards, reference log-probs and D_ref samples."""
+    return build_toy_inputs(tmp_path_factory.mktemp("toy"))
+
+
+def build_toy_inputs(root: Path) -> dict[str, Path]:
+    """toy_inputs' folders under `root` (also built by tests/cluster_support.py for the cluster scripts)."""
     from transformers import AutoModelForCausalLM
 
     from mpo_dist.producers.prepare import PrepareOptions, prepare_pairs
@@ -93,7 +98,6 @@ def toy_inputs(tmp_path_factory) -> dict[str, Path]:
     from mpo_dist.producers.score import score_pairs
     from mpo_dist.producers.sample import SamplingParams, sample_dref
 
-    root = tmp_path_factory.mktemp("toy")
     pairs_jsonl, model_dir = write_toy_task(root / "toy", num_records=1200, seed=0)
     prepare_pairs(pairs_jsonl, model_dir, root / "pairs",
                   PrepareOptions(samples_per_shard=300, max_length=64, max_prompt_length=32), log=QUIET)

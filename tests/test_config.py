@@ -160,6 +160,7 @@ def test_tokens_batching_needs_max_tokens():
     ("parallel.dp_shard=0", "parallel.dp_shard must be >= 1 or -1"),
     ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be in [0, 1]"),
     ("checkpoint.keep=0", "checkpoint.keep must be >= 1"),
+    ("job.preempt_signals=SIGTERM,USR9", "job.preempt_signals 'USR9' is not a signal name"),
 ])
 def test_range_and_cross_field_checks(override, expected):
     with pytest.raises(ConfigError) as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,9 +15,9 @@ import pytest
 import torch
 
 from support import REPO, SUBPROCESS_ENV, TRAIN_CONFIG, flat_checkpoint, toy_overrides
-from mpo_dist.launcher import launch_command
+from mpo_dist.launcher import DEFAULT_GRACE_S, FORWARDED_SIGNALS, _with_defaults, launch_command
+from mpo_dist.preemption import Preemption, parse_signals
 
-pytestmark = pytest.mark.e2e
 
 STEPS = 8
 SETTINGS = {"training.steps": STEPS, "checkpoint.interval": 3, "checkpoint.keep": 10, "eval.interval": 4,
@@ -28,10 +29,14 @@ def overrides(toy: dict, out: Path) -> list[str]:
     return [*toy_overrides(toy, out, **SETTINGS), *(f"{key}={value}" for key, value in held_out.items())]
 
 
-def run(module: str, toy: dict, out: Path, env: dict | None = None) -> subprocess.Popen:
-    command = launch_command(2, ["-m", module, "--config", str(TRAIN_CONFIG), *overrides(toy, out)])
+def run(module: str, toy: dict, out: Path, env: dict | None = None, entrypoint: bool = False) -> subprocess.Popen:
+    """The launcher on 2 processes; with `entrypoint`, through the container's entrypoint script (which
+    execs the launcher, so a signal to it reaches torchrun, as `docker stop` or a pod eviction does)."""
+    target = ["-m", module, "--config", str(TRAIN_CONFIG), *overrides(toy, out)]
+    command = (["bash", str(REPO / "launch" / "entrypoint.sh"), "--nproc-per-node", "2", *target] if entrypoint
+               else launch_command(2, target))
     env = {**SUBPROCESS_ENV, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), SUBPROCESS_ENV.get("PYTHONPATH", "")]),
-           **(env or {})}
+           "PYTHON": sys.executable, **(env or {})}
     return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -44,6 +49,28 @@ def steps_saved(out: Path) -> list[int]:
     return sorted(int(folder.name.split("-")[1]) for folder in (out / "checkpoints").glob("step-*"))
 
 
+@pytest.mark.unit
+def test_launcher_forwards_the_preemption_signals_and_waits_the_grace_period_unless_told_otherwise():
+    assert _with_defaults(["--standalone", "x.py"]) == [
+        "--signals-to-handle", FORWARDED_SIGNALS, "--shutdown-timeout", str(DEFAULT_GRACE_S), "--standalone", "x.py"]
+    assert "SIGUSR1" in FORWARDED_SIGNALS.split(",")  # what SLURM's --signal=B:USR1@300 sends
+    given = ["--shutdown-timeout=90", "--signals-to-handle", "SIGTERM", "x.py"]
+    assert _with_defaults(given) == given
+
+
+@pytest.mark.unit
+def test_preemption_records_the_first_signal_and_restores_the_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with Preemption(["SIGUSR1", "TERM"]) as preemption:
+        assert not preemption.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded, not acted on: the process goes on
+        assert preemption.received == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+    with pytest.raises(ValueError, match="'SIGFOO' is not a signal name"):
+        parse_signals(["SIGFOO"])
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(toy_inputs, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("uninterrupted")
@@ -52,17 +79,19 @@ def uninterrupted(toy_inputs, tmp_path_factory) -> dict:
     return flat_checkpoint(out / "checkpoints" / f"step-{STEPS:08d}", out)
 
 
-@pytest.mark.parametrize("pause_at,saved_step", [
-    ("preflight", None),  # before step 1: stopped at once, nothing saved
-    ("step:2", 2),  # mid-run: step 2 finishes and is saved
-    ("save:3", 4),  # during step 3's periodic save: it completes, step 4 is the step in progress
-    ("after_save:3", 4),
-    ("eval:4", 5),  # during the evaluation after step 4
+@pytest.mark.e2e
+@pytest.mark.parametrize("pause_at,saved_step,entrypoint", [
+    ("preflight", None, False),  # before step 1: stopped at once, nothing saved
+    ("step:2", 2, True),  # mid-run: step 2 finishes and is saved (signal sent to the container entrypoint)
+    ("save:3", 4, False),  # during step 3's periodic save: it completes, step 4 is the step in progress
+    ("after_save:3", 4, False),
+    ("eval:4", 5, False),  # during the evaluation after step 4
 ])
 def test_sigterm_saves_the_step_in_progress_and_a_restart_ends_as_uninterrupted(toy_inputs, uninterrupted, tmp_path,
-                                                                                pause_at, saved_step):
+                                                                                pause_at, saved_step, entrypoint):
     out, marker = tmp_path / "run", tmp_path / "paused"
-    process = run("pause_points_train", toy_inputs, out, {"MPO_TEST_PAUSE_AT": pause_at, "MPO_TEST_MARKER": str(marker)})
+    process = run("pause_points_train", toy_inputs, out, {"MPO_TEST_PAUSE_AT": pause_at, "MPO_TEST_MARKER": str(marker)},
+                  entrypoint=entrypoint)
     deadline = time.monotonic() + 240
     while not (Path(f"{marker}.rank0").exists() and Path(f"{marker}.rank1").exists()):
         assert process.poll() is None and time.monotonic() < deadline, finished(process)[1][-3000:]
