@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mpo_dist.config import load_config
 
@@ -24,23 +23,6 @@ def test_configs_found():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads(path):
     load_config(str(path))
-
-
-@pytest.mark.unit
-def test_k8s_manifest():
-    docs = [d for d in yaml.safe_load_all((REPO / "launch" / "k8s-pytorchjob.yaml").read_text()) if d]
-    (job,) = docs
-    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
-    specs = job["spec"]["pytorchReplicaSpecs"]
-    assert set(specs) == {"Master", "Worker"}
-    assert specs["Master"]["replicas"] == 1
-    for name, spec in specs.items():
-        (container,) = spec["template"]["spec"]["containers"]
-        assert container["name"] == "pytorch"
-        line = " ".join(str(a) for a in container.get("command", []) + container.get("args", []))
-        assert "-m mpo_dist.train" in line, name
-        assert "--rdzv-backend c10d" in line, name
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
 
 
 @pytest.mark.e2e
