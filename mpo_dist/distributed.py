@@ -47,7 +47,22 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_ADDR" in os.environ
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800, single_process_group: bool = False) -> RankInfo:
+def collective_timeout_s() -> float:
+    """How long a collective waits for a peer before it fails (MPO_DIST_COLLECTIVE_TIMEOUT_S, default
+    1800 s). A peer whose processes die fails the others' collectives at once (the connection closes);
+    a peer that goes silent (a network partition, a frozen host) is noticed only after this long."""
+    value = os.environ.get("MPO_DIST_COLLECTIVE_TIMEOUT_S", "1800")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise InputError(f"MPO_DIST_COLLECTIVE_TIMEOUT_S={value!r}: expected a number of seconds > 0")
+    return seconds
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None,
+                     single_process_group: bool = False) -> RankInfo:
     """Join the process group when several processes run; return this process's rank facts.
 
     The backend defaults to NCCL when CUDA is available and gloo otherwise (CPU, tools). With
@@ -61,7 +76,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800, single
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_gpu(info))
-    timeout = timedelta(seconds=timeout_s)
+    timeout = timedelta(seconds=collective_timeout_s() if timeout_s is None else timeout_s)
     if info.world_size > 1 or (single_process_group and launched_by_torchrun()):
         store = _store_of_this_restart(info, timeout)
         if store is None:

@@ -15,6 +15,7 @@ a failed one (exit 1) and an input error (exit 2).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -57,10 +58,16 @@ def _with_defaults(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import parse_args, run
 
+    args = parse_args(_with_defaults(list(sys.argv[1:] if argv is None else argv)))
+    # A fresh store for the workers of every rendezvous round (rank 0's), as before torch 2.4. With the
+    # agents' shared store (torch 2.13's default) a node that comes back after a loss waits for a
+    # MASTER_ADDR that the surviving rank-0 agent wrote only for the first round, and both time out.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
-        run(parse_args(_with_defaults(list(sys.argv[1:] if argv is None else argv))))
+        run(args)
     except SignalException as stopped:
         # The ranks got the signal too and left after their cleanup (a checkpoint of the step in
         # progress when they were training); torchrun itself only reports its own signal.
@@ -75,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         if INPUT_ERROR_EXIT_CODE in codes and all(code == INPUT_ERROR_EXIT_CODE or stopped(code) for code in codes):
             return INPUT_ERROR_EXIT_CODE
         raise
+    except RendezvousTimeoutError:
+        # Not all nodes joined within the c10d join_timeout (launch/multi_node.sh's RDZV_JOIN_TIMEOUT):
+        # at the start, or after a failure when a lost node did not come back. One line, exit 1.
+        conf = dict(item.split("=", 1) for item in args.rdzv_conf.split(",") if "=" in item)
+        print(f"mpo_dist.launcher: the rendezvous at {args.rdzv_endpoint} did not gather {args.nnodes} nodes within "
+              f"{conf.get('join_timeout', 600)} s (a node was lost and did not return, or never started); the newest "
+              "checkpoint under job.output_dir/checkpoints is kept; restart the job when the nodes are back",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

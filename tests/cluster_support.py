@@ -26,6 +26,8 @@ def differing_keys(first: Path, second: Path) -> list[str]:
     import torch
 
     with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / "a").mkdir()  # one folder per side: the two checkpoints may have the same names
+        (Path(scratch) / "b").mkdir()
         a = flat_checkpoint(first, Path(scratch) / "a")
         b = flat_checkpoint(second, Path(scratch) / "b")
     same = lambda x, y: torch.equal(x, y) if torch.is_tensor(x) and torch.is_tensor(y) else x == y  # noqa: E731

@@ -63,6 +63,6 @@ def test_multi_node_command(tmp_path):
     args = " ".join(result.stdout.split("\n"))
     assert args.startswith("-m mpo_dist.launcher ")
     for expected in ("--nnodes 2", "--nproc-per-node 1", "--rdzv-backend c10d", "--rdzv-endpoint localhost:29500",
-                     "--rdzv-id t1", "--max-restarts 3",
+                     "--rdzv-id t1", "--max-restarts 3", "--rdzv-conf join_timeout=600",
                      "-m mpo_dist.train --config configs/tiny_cpu.yaml training.steps=3"):
         assert expected in args, (expected, args)

@@ -113,3 +113,52 @@ def test_sigterm_saves_the_step_in_progress_and_a_restart_ends_as_uninterrupted(
     differing = [key for key, value in uninterrupted.items()
                  if not (torch.equal(resumed[key], value) if torch.is_tensor(value) else resumed[key] == value)]
     assert differing == []
+
+
+SILENT_PEER = """
+import os, sys, time
+import torch, torch.distributed as dist
+from mpo_dist.distributed import init_distributed
+init_distributed(backend="gloo")
+if dist.get_rank() == 1:
+    time.sleep(60)  # a peer that goes silent (a frozen host, a partitioned network) without closing its sockets
+    sys.exit(0)
+started = time.monotonic()
+try:
+    dist.all_reduce(torch.ones(1))
+except Exception as error:
+    print(f"failed after {time.monotonic() - started:.1f} s: {type(error).__name__}", flush=True)
+    os._exit(3)
+"""
+
+
+@pytest.mark.dist
+def test_a_silent_peer_fails_the_collective_after_the_configured_timeout(tmp_path):
+    from support import free_port
+
+    port = free_port()
+    processes = [subprocess.Popen([sys.executable, "-c", SILENT_PEER], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True,
+                                  env={**SUBPROCESS_ENV, "MPO_DIST_COLLECTIVE_TIMEOUT_S": "4", "RANK": str(rank),
+                                       "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                 for rank in range(2)]
+    try:
+        output, _ = processes[0].communicate(timeout=50)  # well before the silent peer wakes (60 s)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    assert processes[0].returncode == 3, output[-2000:]
+    seconds = float(output.split("failed after ")[1].split(" s")[0])
+    assert 3.5 <= seconds <= 30, output[-2000:]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value", ["0", "soon", "-5"])
+def test_a_bad_collective_timeout_is_an_input_error_naming_the_variable(monkeypatch, value):
+    from mpo_dist.distributed import collective_timeout_s
+    from mpo_dist.errors import InputError
+
+    monkeypatch.setenv("MPO_DIST_COLLECTIVE_TIMEOUT_S", value)
+    with pytest.raises(InputError, match=f"MPO_DIST_COLLECTIVE_TIMEOUT_S={value!r}: expected a number of seconds > 0"):
+        collective_timeout_s()
