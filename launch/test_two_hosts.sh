@@ -15,7 +15,9 @@
 #    the same training on this machine (`python -m mpo_dist.launcher --standalone --nproc-per-node 2`).
 # 2. A node lost and back: once checkpoint 3 exists, every process of host 2 is SIGKILLed at once (a
 #    node dying); host 1's worker fails at its next collective, its agent restarts it and waits in the
-#    rendezvous; host 2's agent is started again with the same command (as a scheduler would); both
+#    rendezvous; host 2's agent is started again with the same command (as a scheduler would), under
+#    another hostname (a replacement node, node-0: rank 0 again, so it finds the lost rank 0's run
+#    lock and takes it over once that lock's heartbeat has stopped for two beats); both
 #    agents exit 0, the ranks resumed from a checkpoint, and step STEPS is bitwise equal to the one-host run's.
 # 3. A node lost for good (RDZV_JOIN_TIMEOUT=LOST_TIMEOUT_S): host 1's agent gives up within the join
 #    timeout plus a margin, with exit code 1 and mpo_dist.launcher's one line, no process left in its
@@ -114,7 +116,8 @@ done
 # hosts the rendezvous store, and the rank-0 agent announces its hostname as MASTER_ADDR. With this
 # machine's name (resolving to 127.0.0.1) in both, neither would host the store.
 HOSTNAME_OF=("" node-b node-a)  # sorted by name, host 2 comes first: it gets global rank 0
-printf '127.0.0.1 localhost\n10.77.0.1 %s\n10.77.0.2 %s\n' "${HOSTNAME_OF[1]}" "${HOSTNAME_OF[2]}" >"$WORK/hosts"
+REPLACEMENT=node-0  # check 2's host 2 when it comes back: a replacement node, another name, rank 0 again
+printf '127.0.0.1 localhost\n10.77.0.1 %s\n10.77.0.2 %s %s\n' "${HOSTNAME_OF[1]}" "${HOSTNAME_OF[2]}" "$REPLACEMENT" >"$WORK/hosts"
 # Reachable: a connection to a closed port is refused (not timed out).
 ip netns exec "${NETNS[1]}" "$PYTHON" -c '
 import socket
@@ -201,15 +204,20 @@ has_checkpoint "$out" "$STEPS" && fail "the run had finished before host 2 was k
 wait_until 120 "host 1's worker failing after host 2's loss" worker_failed "$out.h1.log"
 failed_after=$((SECONDS - killed_at))
 kill -0 "${AGENT[1]}" 2>/dev/null || fail "host 1's agent ended instead of restarting its worker (MAX_RESTARTS=1)"
+HOSTNAME_OF[2]=$REPLACEMENT
 start_agent 2 "$out" "$out.h2-again.log" JOB_ID="two-hosts-$$-back"
+HOSTNAME_OF[2]=node-a
 for host in 1 2; do
     wait_exit "${AGENT[$host]}" 300 "host $host's agent after the restart"
     [[ $exit_code == 0 ]] || fail "host $host's agent after the restart: exit code $exit_code"
 done
 resumed=$(grep -ho 'resumed from .* at step [0-9]*' "$out.h1.log" "$out.h2-again.log" | head -n 1 || true)
 [[ -n "$resumed" ]] || fail "the restarted ranks did not resume from a checkpoint"
+# The lost rank 0's run lock (host node-a, same torchrun job, no heartbeat since) was taken over.
+grep -q "taking over the run lock .*(left by this torchrun job two-hosts-$$-back on node-a" "$out.h2-again.log" \
+    || fail "the replacement node's rank 0 did not take over the lost node's run lock"
 expect_equal "$(checkpoint "$WORK/one_host" "$STEPS")" "$(checkpoint "$out" "$STEPS")" "lost and back vs one host"
-passed "host 1's worker failed ${failed_after} s after host 2 (global rank 0) was killed ($(grep -m 1 -o 'Connection [a-z ]*by peer' "$out.h1.log" || echo 'gloo error')); both agents exit 0; resumed at step ${resumed##* }; step $STEPS bitwise equal"
+passed "host 1's worker failed ${failed_after} s after host 2 (global rank 0) was killed ($(grep -m 1 -o 'Connection [a-z ]*by peer' "$out.h1.log" || echo 'gloo error')); host 2 back as $REPLACEMENT took over the lost rank 0's run lock; both agents exit 0; resumed at step ${resumed##* }; step $STEPS bitwise equal"
 
 stage "3. host 2 lost for good (RDZV_JOIN_TIMEOUT=$LOST_TIMEOUT_S)"
 out="$WORK/lost"

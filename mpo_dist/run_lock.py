@@ -7,8 +7,9 @@ held is refused with an `OutputDirLockedError` naming the folder and the holder.
 and is taken over with a warning, when its process is dead on this host (or is this process, left
 by an earlier run in it), when it was left by an earlier attempt of this torchrun job (same
 TORCHELASTIC_RUN_ID, lower TORCHELASTIC_RESTART_COUNT: after `--max-restarts` the new rank 0 may be
-on another host), or when its heartbeat is older than `stale_after_s` (a holder on another host
-that died, or a pid reused since). Taking over replaces the file atomically and then reads it back, so
+on another host), when it is held by a rank 0 of this torchrun job on another host whose heartbeat
+stops for two beats (a node lost and replaced under another hostname), or when its heartbeat is
+older than `stale_after_s` (a holder on another host that died, or a pid reused since). Taking over replaces the file atomically and then reads it back, so
 of two runs taking over one stale lock at once, the one whose file is not there is refused.
 """
 
@@ -57,6 +58,9 @@ class RunLock:
         if not self._create(record):
             holder = self._read()
             reason = self._stale_reason(holder)
+            if reason is None and self._same_job_elsewhere(holder):
+                reason = self._silent_for_two_beats(holder)
+                holder = self._read()
             if reason is None:
                 raise OutputDirLockedError(self._held_message(holder))
             self.log(f"mpo_dist: WARNING: taking over the run lock {self.path} ({reason})")
@@ -146,6 +150,31 @@ class RunLock:
         if not _alive(pid):
             return f"its process {pid} on {host} is dead"
         return None
+
+    def _same_job_elsewhere(self, holder: dict[str, Any] | None) -> bool:
+        """The holder is a rank 0 of this same torchrun job on another host. Its nodes were lost and came
+        back (a node started anew under another hostname gets rank 0): torchrun runs one round of a
+        job at a time, so a holder that still beats is a second job reusing the id, and one that is
+        silent is gone. Its restart count cannot tell: each node's agent counts its own."""
+        run_id = _job()["run_id"]
+        return bool(run_id) and holder is not None and holder.get("run_id") == run_id \
+            and holder.get("host") != socket.gethostname()
+
+    def _silent_for_two_beats(self, holder: dict[str, Any]) -> str | None:
+        """Wait until the holder's heartbeat moves (None: alive) or two beats pass without one (the reason)."""
+        deadline = time.monotonic() + 2.5 * self.heartbeat_s - holder["age"]
+        seen = holder.get("heartbeat")
+        self.log(f"mpo_dist: the run lock {self.path} is held by {holder.get('host')}, a rank 0 of this torchrun "
+                 f"job {holder.get('run_id')}; waiting up to {2.5 * self.heartbeat_s:.0f} s for its heartbeat")
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, self.heartbeat_s / 10))
+            current = self._read()
+            if current is None:
+                return "it was just released"
+            if current.get("heartbeat") != seen:
+                return None
+        return (f"left by this torchrun job {holder.get('run_id')} on {holder.get('host')}, "
+                f"no heartbeat for {2.5 * self.heartbeat_s:.0f} s")
 
     def _held_message(self, holder: dict[str, Any] | None) -> str:
         holder = holder or {}

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -336,6 +337,44 @@ def test_a_live_lock_of_another_host_is_respected_and_the_heartbeat_keeps_ours_f
         lock.release()
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("holder_beats", [True, False])
+def test_a_lock_of_this_torchrun_job_on_another_host_is_taken_over_only_once_its_heartbeat_stops(
+        tmp_path, monkeypatch, holder_beats):
+    """A node lost and started again under another hostname: the new rank 0 finds the old one's lock,
+    written at the same restart count (each node's agent counts its own)."""
+    write_lock(tmp_path, 12345, "node-a")
+    record = json.loads((tmp_path / LOCK_NAME).read_text())
+    (tmp_path / LOCK_NAME).write_text(json.dumps({**record, "run_id": "job-7", "attempt": 0}))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    stop = threading.Event()
+
+    def beat():  # a live holder: another job that reuses the id
+        while not stop.wait(0.05):
+            (tmp_path / LOCK_NAME).write_text(json.dumps({**record, "run_id": "job-7", "heartbeat": time.time()}))
+
+    beating = threading.Thread(target=beat, daemon=True)
+    if holder_beats:
+        beating.start()
+    warnings: list[str] = []
+    lock = RunLock(tmp_path, heartbeat_s=0.4, log=warnings.append)
+    try:
+        if holder_beats:
+            with pytest.raises(OutputDirLockedError, match="held by pid 12345 on host node-a"):
+                lock.acquire()
+            return
+        started = time.monotonic()
+        lock.acquire()
+        assert 0.9 <= time.monotonic() - started < 5
+        assert "waiting up to 1 s for its heartbeat" in warnings[0]
+        assert warnings[1].endswith("(left by this torchrun job job-7 on node-a, no heartbeat for 1 s)")
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["token"] == lock.token
+    finally:
+        stop.set()
+        lock.release()
+
+
 @pytest.mark.e2e
 def test_trainer_refuses_a_locked_output_dir_on_every_rank(toy_inputs, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -360,9 +399,6 @@ def test_a_lock_left_by_an_earlier_attempt_of_the_same_torchrun_job_is_taken_ove
     record = json.loads((tmp_path / LOCK_NAME).read_text())
     (tmp_path / LOCK_NAME).write_text(json.dumps({**record, "run_id": "job-7", "attempt": 0}))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    with pytest.raises(OutputDirLockedError):  # the same attempt: another run that reuses the job id
-        RunLock(tmp_path, log=QUIET).acquire()
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     warnings: list[str] = []
     lock = RunLock(tmp_path, log=warnings.append)
