@@ -27,12 +27,8 @@ IMAGE=${IMAGE:-mpo-dist:test}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mpo-dist-container.XXXXXX")
 started_daemon=""
-script_start=$SECONDS
-stage_start=$SECONDS
-
-fail() { echo "test_container: FAILED: $*" >&2; exit 1; }
-stage() { echo "== $* ($((SECONDS - script_start)) s so far)"; stage_start=$SECONDS; }
-passed() { echo "ok: $* ($((SECONDS - stage_start)) s)"; stage_start=$SECONDS; }
+CHECK_NAME=test_container
+source "$REPO/launch/_checks.sh"
 is_root() { [[ $(id -u) == 0 ]]; }
 
 cleanup() {

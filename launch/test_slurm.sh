@@ -23,19 +23,10 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STEPS=16
-script_start=$SECONDS
-stage_start=$SECONDS
-
-fail() { echo "test_slurm: FAILED: $*" >&2; exit 1; }
-stage() { echo "== $* ($((SECONDS - script_start)) s so far)"; stage_start=$SECONDS; }
-passed() { echo "ok: $* ($((SECONDS - stage_start)) s)"; stage_start=$SECONDS; }
-
-# PYTHON as an absolute path (a relative one would not survive the job's cd), symlinks kept (a venv's
-# python is a symlink whose target lacks the venv's packages).
-PYTHON=${PYTHON:-python}
-python_path=$(command -v "$PYTHON") || fail "PYTHON=$PYTHON: not found"
-[[ $python_path == /* ]] || python_path="$(cd "$(dirname "$python_path")" && pwd)/$(basename "$python_path")"
-export PYTHON=$python_path
+CHECK_NAME=test_slurm
+source "$REPO/launch/_checks.sh"
+resolve_python
+export PYTHON  # the jobs run it
 [[ $(id -u) == 0 ]] || fail "needs root: it starts its own slurmctld, slurmd and munged"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mpo-dist-slurm.XXXXXX")

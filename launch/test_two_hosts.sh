@@ -31,19 +31,9 @@ STEPS=24           # enough that the node dies mid-run: the kill comes right aft
 LOST_TIMEOUT_S=30  # RDZV_JOIN_TIMEOUT of check 3
 JOIN_TIMEOUT_S=120 # RDZV_JOIN_TIMEOUT of checks 1-2: a bound, should anything hang
 ENDPOINT=10.77.0.1:29500
-script_start=$SECONDS
-stage_start=$SECONDS
-
-fail() { echo "test_two_hosts: FAILED: $*" >&2; exit 1; }
-stage() { echo "== $* ($((SECONDS - script_start)) s so far)"; stage_start=$SECONDS; }
-passed() { echo "ok: $* ($((SECONDS - stage_start)) s)"; stage_start=$SECONDS; }
-
-# PYTHON as an absolute path (the agents run elsewhere than this shell's cwd may say), symlinks kept
-# (a venv's python is a symlink whose target lacks the venv's packages).
-PYTHON=${PYTHON:-python}
-python_path=$(command -v "$PYTHON") || fail "PYTHON=$PYTHON: not found"
-[[ $python_path == /* ]] || python_path="$(cd "$(dirname "$python_path")" && pwd)/$(basename "$python_path")"
-PYTHON=$python_path
+CHECK_NAME=test_two_hosts
+source "$REPO/launch/_checks.sh"
+resolve_python
 [[ $(id -u) == 0 ]] || fail "needs root: it creates network namespaces and a veth pair"
 for tool in ip unshare mount; do command -v "$tool" >/dev/null || fail "$tool is missing (iproute2 / util-linux)"; done
 

@@ -56,7 +56,7 @@ def collective_timeout_s() -> float:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
+    if not 0 < seconds < float("inf"):
         raise InputError(f"MPO_DIST_COLLECTIVE_TIMEOUT_S={value!r}: expected a number of seconds > 0")
     return seconds
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from mpo_dist import preemption
 from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, TERMINATED_EXIT_CODE
 
 
@@ -35,8 +36,8 @@ def train_command(config: str | Path, overrides: Sequence[str], nproc: int = 1) 
 
 
 # torchrun forwards these to the ranks (its default lacks SIGUSR1, which SLURM's --signal sends ahead
-# of a time limit); the trainer saves the step in progress on SIGTERM or SIGUSR1 (preemption.py).
-FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# of a time limit); the trainer saves the step in progress on job.preempt_signals (preemption.py).
+FORWARDED_SIGNALS = ",".join(preemption.FORWARDED_SIGNALS)
 # Seconds torchrun waits, after forwarding a signal, for the ranks to finish their step and save it
 # before it kills them (torchrun's own default, 30 s, is shorter than a large model's save). The
 # scheduler's grace period bounds it too (SLURM's --signal lead time or KillWait, Kubernetes'
@@ -45,12 +46,21 @@ DEFAULT_GRACE_S = 600
 
 
 def _with_defaults(argv: list[str]) -> list[str]:
-    """torchrun's arguments, with this project's defaults for the signal options the user did not give."""
-    given = lambda *flags: any(arg.split("=")[0] in flags for arg in argv)  # noqa: E731
+    """torchrun's arguments, with this project's defaults for the signal options that neither the
+    command line (before the script) nor torchrun's environment variables set."""
+    from torch.distributed.run import parse_args
+
+    script_and_args = 1 + len(parse_args(argv).training_script_args)
+    options = argv[:len(argv) - script_and_args]  # a flag among the script's own arguments is the script's
+
+    def given(*flags: str, variables: tuple[str, ...]) -> bool:
+        return any(arg.split("=")[0] in flags for arg in options) or any(os.environ.get(name) for name in variables)
+
     defaults = []
-    if not given("--signals-to-handle", "--signals_to_handle"):
+    if not given("--signals-to-handle", "--signals_to_handle", variables=("PET_SIGNALS_TO_HANDLE",)):
         defaults += ["--signals-to-handle", FORWARDED_SIGNALS]
-    if not given("--shutdown-timeout", "--shutdown_timeout"):
+    if not given("--shutdown-timeout", "--shutdown_timeout",
+                 variables=("PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")):
         defaults += ["--shutdown-timeout", str(DEFAULT_GRACE_S)]
     return defaults + argv
 
@@ -73,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         # progress when they were training); torchrun itself only reports its own signal.
         print(f"mpo_dist.launcher: stopped by {stopped.sigval.name}; the ranks' last lines say what was saved",
               file=sys.stderr, flush=True)
-        return TERMINATED_EXIT_CODE
+        # 143 for the preemption signals (the ranks saved the step in progress: requeue), else the
+        # shell's 128 + signal number (130 for Ctrl-C, which saves nothing).
+        return TERMINATED_EXIT_CODE if stopped.sigval.name in preemption.DEFAULT_SIGNALS else 128 + stopped.sigval
     except ChildFailedError as failed:
         codes = {failure.exitcode for failure in failed.failures.values()}
         # A negative code is a signal, and TERMINATED_EXIT_CODE a rank that left through its cleanup on

@@ -16,17 +16,33 @@ import signal
 from typing import Sequence
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
+# What torchrun forwards through mpo_dist.launcher (its --signals-to-handle): only these reach the ranks.
+FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1")
+# A signal a process cannot catch, or that the DataLoader needs for itself, cannot ask for preemption.
+_UNUSABLE = {"SIGKILL", "SIGSTOP", "SIGCHLD"}
 
 
 def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
-    """Signal names (SIGTERM, USR1, ...) as signals; ValueError naming an unknown one."""
+    """Signal names (SIGTERM, USR1, ...) as signals; ValueError naming an unknown one, or one that
+    cannot serve (uncatchable, the DataLoader's SIGCHLD, or not forwarded to the ranks by the launcher)."""
     out = []
     for name in names:
         full = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
         if full not in signal.Signals.__members__:
             raise ValueError(f"{name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+        if full in _UNUSABLE or full not in FORWARDED_SIGNALS:
+            raise ValueError(f"{name!r} cannot ask for preemption: use some of {', '.join(FORWARDED_SIGNALS)} "
+                             "(the signals mpo_dist.launcher has torchrun forward to the ranks)")
         out.append(signal.Signals[full])
     return out
+
+
+def ignore_in_data_workers(worker_id: int) -> None:
+    """A DataLoader worker's init: torchrun and SLURM signal every process of a rank (its process group,
+    or the whole job step), and a worker that died of SIGTERM would fail the step in progress before
+    the rank could save it. The worker ends with its rank instead (the loader shuts it down)."""
+    for name in FORWARDED_SIGNALS:
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
 
 
 class Preemption:

@@ -162,7 +162,9 @@ class RunLock:
 
     def _silent_for_two_beats(self, holder: dict[str, Any]) -> str | None:
         """Wait until the holder's heartbeat moves (None: alive) or two beats pass without one (the reason)."""
-        deadline = time.monotonic() + 2.5 * self.heartbeat_s - holder["age"]
+        # A full 2.5 beats from now, whatever the holder's age says: the age compares another host's
+        # clock with ours, and a holder may just be slow to write (its own checkpoint on a busy disk).
+        deadline = time.monotonic() + 2.5 * self.heartbeat_s
         seen = holder.get("heartbeat")
         self.log(f"mpo_dist: the run lock {self.path} is held by {holder.get('host')}, a rank 0 of this torchrun "
                  f"job {holder.get('run_id')}; waiting up to {2.5 * self.heartbeat_s:.0f} s for its heartbeat")

@@ -326,9 +326,13 @@ class Trainer(Stateful):
             return
         batches = iter(self.data)
         self.rng_state.restore()  # after the loaders' draws from the CPU generator, as in an uninterrupted run
-        with self.preemption:  # from here a preemption signal ends the run after the step in progress
+        # From here a preemption signal ends the run after the step in progress; once the last step is
+        # done it is only recorded, so that the export and the last lines are written whole.
+        with self.preemption:
             folder = self._train_steps(batches, total)
-        self._finish(folder)
+            self._finish(folder)
+        if self.preemption.requested:
+            log_main(f"mpo_dist: {self.preemption.received} came after the last step; the run is complete")
 
     def _train_steps(self, batches, total: int) -> Path | None:
         config = self.config
@@ -348,18 +352,29 @@ class Trainer(Stateful):
                 self.metrics.write(self.step, evaluated)
             if stop:
                 raise self.guard.stop_error(self.step, self.checkpointer.latest())
+            saved = False
             if (config.checkpoint.interval and self.step % config.checkpoint.interval == 0) or self.step == total:
                 refuse_non_finite_state(self.model, self.optimizer, self.step, self.checkpointer.latest())
                 folder = self.save_checkpoint()
+                saved = True
                 if config.checkpoint.keep_best and evaluated:
                     self._consider_best(folder, evaluated)
-            if self.guard.stop_agreed:
-                self._stop_preempted(folder)
+            # A signal that came during this step's evaluation or save stops the run here, on the checkpoint
+            # just written, instead of after one more step and save: the ranks agree on it once more
+            # (a collective at checkpoint steps only).
+            if self.step < total and (self.guard.stop_agreed or (saved and self._signal_on_any_rank())):
+                self._stop_preempted(folder, window)
         return folder
 
-    def _stop_preempted(self, folder: Path | None) -> None:
-        """Every rank agreed that a preemption signal came (finite_guard.stop_agreed): save this step
+    def _signal_on_any_rank(self) -> bool:
+        flag = torch.tensor([float(self.preemption.requested)], device=self.device)
+        return all_reduce_sum(flag).item() > 0
+
+    def _stop_preempted(self, folder: Path | None, window: StepWindow) -> None:
+        """Every rank agreed that a preemption signal came: log the steps not yet logged, save this step
         unless it was just saved, then leave as SIGTERM does (cli: exit 143, cleanup)."""
+        if window.window_steps:
+            self._log(window.reduce(self.device), {})
         if self._saved_step != self.step:
             refuse_non_finite_state(self.model, self.optimizer, self.step, self.checkpointer.latest())
             folder = self.save_checkpoint()

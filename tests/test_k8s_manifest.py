@@ -160,10 +160,11 @@ def check_matches_launcher(job: dict) -> None:
         assert "command" not in container, f"{replica}: no command: the image's entrypoint runs the launcher with args"
         args = container["args"]
 
-        # ExitCode: the operator retries 143 (stopped after saving) and crashes, not 2 (an input error).
-        assert spec.get("restartPolicy") == "ExitCode", (
-            f"{replica}: restartPolicy {spec.get('restartPolicy')!r}: use ExitCode so that a preempted pod (exit 143) "
-            f"restarts and an input error (exit 2) does not")
+        # OnFailure: a preempted pod (exit 143) and one whose rendezvous lost a node (exit 1) restart; the
+        # operator's ExitCode policy counts 1 as permanent.
+        assert spec.get("restartPolicy") == "OnFailure", (
+            f"{replica}: restartPolicy {spec.get('restartPolicy')!r}: use OnFailure so that a preempted pod (exit 143) "
+            f"and a lost node (exit 1) restart")
         grace = pod.get("terminationGracePeriodSeconds")
         assert grace is not None, f"{replica}: terminationGracePeriodSeconds is missing (Kubernetes' default is 30 s)"
         assert grace >= launcher.DEFAULT_GRACE_S + EXIT_MARGIN_S, (
@@ -309,8 +310,8 @@ LAUNCHER_MUTATIONS = {
     # name: (mutation, part of the AssertionError's message)
     "grace-missing": (lambda job: _pod(job).pop("terminationGracePeriodSeconds"),
                       "terminationGracePeriodSeconds is missing"),
-    "restart-on-failure": (lambda job: _specs(job)["Worker"].update(restartPolicy="OnFailure"),
-                           "use ExitCode"),
+    "restart-exit-code": (lambda job: _specs(job)["Worker"].update(restartPolicy="ExitCode"),
+                          "use OnFailure"),
     "grace-without-margin": (lambda job: _pod(job).update(terminationGracePeriodSeconds=launcher.DEFAULT_GRACE_S),
                              "< the launcher's DEFAULT_GRACE_S"),
     "shutdown-timeout-over-grace": (lambda job: _prepend_args(job, "--shutdown-timeout", "900"),

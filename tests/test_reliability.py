@@ -350,9 +350,10 @@ def test_a_lock_of_this_torchrun_job_on_another_host_is_taken_over_only_once_its
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     stop = threading.Event()
 
-    def beat():  # a live holder: another job that reuses the id
+    def beat():  # a live holder: another job that reuses the id (it writes as RunLock does: whole files)
         while not stop.wait(0.05):
-            (tmp_path / LOCK_NAME).write_text(json.dumps({**record, "run_id": "job-7", "heartbeat": time.time()}))
+            (tmp_path / "beat.tmp").write_text(json.dumps({**record, "run_id": "job-7", "heartbeat": time.time()}))
+            os.replace(tmp_path / "beat.tmp", tmp_path / LOCK_NAME)
 
     beating = threading.Thread(target=beat, daemon=True)
     if holder_beats:

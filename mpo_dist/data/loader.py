@@ -12,6 +12,7 @@ from mpo_dist.data.sampler import BatchSpec
 from mpo_dist.data.samples import DrefSource, PairSource
 from mpo_dist.data.shards import Manifest, ShardError
 from mpo_dist.errors import InputError
+from mpo_dist.preemption import ignore_in_data_workers
 
 
 def batch_spec(data: DataConfig, sequences_per_sample: int, batch_size: int) -> BatchSpec:
@@ -84,7 +85,7 @@ def _loader(stream: ShardStream, num_workers: int) -> ShardLoader:
     # re-created per iteration so a loaded state always reaches them.
     return ShardLoader(
         stream, batch_size=None, collate_fn=identity, num_workers=num_workers,
-        prefetch_factor=4 if num_workers else None,
+        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_in_data_workers,
     )
 
 
