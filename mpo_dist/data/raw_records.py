@@ -29,6 +29,9 @@ class RawPair:
     chosen: str
     rejected: str
     label: float | None = None  # probability that `chosen` is preferred; None means 1.0
+    # True when the record held whole conversations: `prompt` is their shared messages and `chosen` /
+    # `rejected` the contents of each final assistant turn, which the chat template must render.
+    conversational: bool = False
 
 
 class MalformedRecord(ValueError):
@@ -47,8 +50,8 @@ def detect_format(path: str | os.PathLike) -> str:
                     first = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise InputError(f"{path}: first record is not JSON ({error}); pass --format") from error
-                if isinstance(first, dict) and "prompt" in first:
-                    return "jsonl"
+                if isinstance(first, dict) and ("prompt" in first or isinstance(first.get("chosen"), list)):
+                    return "jsonl"  # a prompt, or whole conversations (which carry their prompt)
                 if isinstance(first, dict) and {"chosen", "rejected"} <= first.keys():
                     return "hh"
                 raise InputError(
@@ -156,6 +159,9 @@ def parse_record(raw: Any, fmt: str) -> RawPair | str:
     try:
         if not isinstance(raw, dict):
             raise MalformedRecord(f"expected a JSON object, got {type(raw).__name__}")
+        if isinstance(raw.get("chosen"), list) or isinstance(raw.get("rejected"), list):  # conversations, any format
+            prompt, chosen, rejected = split_conversations(raw.get("prompt"), raw.get("chosen"), raw.get("rejected"))
+            return RawPair(prompt, chosen, rejected, _label(raw), conversational=True)
         if fmt in ("hh", "parquet-hh"):
             prompt, chosen, rejected = split_hh_dialogues(_text(raw, "chosen"), _text(raw, "rejected"))
         else:
@@ -190,6 +196,39 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
     )
+
+
+def split_conversations(prompt: Any, chosen: Any, rejected: Any) -> tuple[list[dict[str, str]], str, str]:
+    """Two conversations (message lists, as UltraFeedback-binarized and most current preference sets
+    store them) -> (their shared messages, the chosen and the rejected final assistant contents).
+
+    A separate `prompt` (text or messages) is put before a conversation that does not already start
+    with it. Every earlier turn stays in the prompt; after it, each side must hold exactly one
+    assistant turn, so that a record never trains on a response that is not the last turn."""
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        if not _is_messages(value):
+            raise MalformedRecord(f"'{key}' must be a list of {{role, content}} messages like the other side, "
+                                  f"got {type(value).__name__}")
+    if prompt is not None:
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        elif not _is_messages(prompt):
+            raise MalformedRecord("'prompt' must be a string or a list of {role, content} messages")
+        chosen, rejected = ([*prompt, *side] if side[:len(prompt)] != prompt else side for side in (chosen, rejected))
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise MalformedRecord("chosen and rejected conversations share no prompt (their first messages differ)")
+    for key, side in (("chosen", chosen), ("rejected", rejected)):
+        rest = side[shared:]
+        if len(rest) != 1 or rest[0]["role"] != "assistant":
+            roles = ", ".join(m["role"] for m in rest) or "nothing"
+            raise MalformedRecord(f"after the {shared} messages both conversations share, '{key}' holds {roles}; "
+                                  "expected one assistant turn")
+    if chosen[shared - 1]["role"] == "assistant":
+        raise MalformedRecord("the shared messages end with an assistant turn: nothing asks for the responses")
+    return [dict(m) for m in chosen[:shared]], chosen[shared]["content"], rejected[shared]["content"]
 
 
 def split_hh_dialogues(chosen: str, rejected: str) -> tuple[str, str, str]:

@@ -1,0 +1,60 @@
+"""Conversational preference records (issue 26): `chosen` / `rejected` as whole conversations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mpo_dist.data.raw_records import RawPair, parse_record
+
+pytestmark = pytest.mark.unit
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+USER = {"role": "user", "content": "Sort 3 1 2"}
+
+
+def turn(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def parse(record: dict) -> RawPair | str:
+    return parse_record(json.dumps(record), "jsonl")
+
+
+def test_ultrafeedback_style_record_splits_at_the_shared_prompt():
+    pair = parse({"prompt": USER["content"], "chosen": [USER, turn("assistant", "1 2 3")],
+                  "rejected": [USER, turn("assistant", "1 3 2")], "score_chosen": 9.0})
+    assert pair == RawPair([USER], "1 2 3", "1 3 2", None, conversational=True)
+
+
+def test_multi_turn_with_a_system_prompt_keeps_every_earlier_turn_in_the_prompt():
+    history = [SYSTEM, USER, turn("assistant", "1 2 3"), turn("user", "now descending")]
+    pair = parse({"chosen": [*history, turn("assistant", "3 2 1")], "rejected": [*history, turn("assistant", "3 1 2")]})
+    assert pair.prompt == history and (pair.chosen, pair.rejected) == ("3 2 1", "3 1 2")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "hh", "parquet-hh", "parquet-prompt"])
+def test_conversations_are_read_whatever_format_the_file_was_taken_for(fmt):
+    record = {"chosen": [USER, turn("assistant", "a")], "rejected": [USER, turn("assistant", "b")]}
+    assert parse_record(json.dumps(record), fmt) == RawPair([USER], "a", "b", None, conversational=True)
+
+
+def test_a_separate_prompt_is_put_before_conversations_that_lack_it():
+    pair = parse({"prompt": [SYSTEM, USER], "chosen": [turn("assistant", "a")], "rejected": [turn("assistant", "b")]})
+    assert pair.prompt == [SYSTEM, USER] and (pair.chosen, pair.rejected) == ("a", "b")
+
+
+@pytest.mark.parametrize("chosen, rejected, reason", [
+    ([USER, turn("assistant", "a")], "b", "'rejected' must be a list of {role, content} messages like the other side, got str"),
+    ([turn("user", "x"), turn("assistant", "a")], [turn("user", "y"), turn("assistant", "b")],
+     "share no prompt"),
+    ([USER, turn("assistant", "a"), turn("user", "more"), turn("assistant", "c")], [USER, turn("assistant", "b")],
+     "after the 1 messages both conversations share, 'chosen' holds assistant, user, assistant; expected one assistant turn"),
+    ([USER, turn("user", "a")], [USER, turn("assistant", "b")], "'chosen' holds user; expected one assistant turn"),
+    ([USER, turn("assistant", "a")], [USER, turn("assistant", "a"), turn("assistant", "b")],
+     "'chosen' holds nothing; expected one assistant turn"),
+])
+def test_conversations_that_cannot_be_split_are_reported_with_the_reason(chosen, rejected, reason):
+    result = parse({"chosen": chosen, "rejected": rejected})
+    assert isinstance(result, str) and result.startswith("malformed: ") and reason in result, result
