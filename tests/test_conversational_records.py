@@ -58,3 +58,51 @@ def test_a_separate_prompt_is_put_before_conversations_that_lack_it():
 def test_conversations_that_cannot_be_split_are_reported_with_the_reason(chosen, rejected, reason):
     result = parse({"chosen": chosen, "rejected": rejected})
     assert isinstance(result, str) and result.startswith("malformed: ") and reason in result, result
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Like Qwen3's with thinking off: the generation prompt opens an empty think block that the rendering of
+# a finished assistant turn does not hold, so the prompt is no prefix of the whole conversation.
+REWRITING = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|><think></think>{% endif %}")
+
+
+def chat_tokenizer(gpt2_dir, tmp_path, template: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gpt2_dir), local_files_only=True)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    return tmp_path / "tok"
+
+
+def test_a_conversation_prepares_as_its_template_renders_it(tmp_path, gpt2_dir):
+    from prepare_support import decode, prepare, read_samples, write_jsonl
+    from mpo_dist.tokenizer import load_tokenizer
+
+    directory = chat_tokenizer(gpt2_dir, tmp_path, CHATML)
+    history = [SYSTEM, USER, turn("assistant", "1 2 3"), turn("user", "descending")]
+    records = write_jsonl(tmp_path / "conv.jsonl", [
+        {"chosen": [*history, turn("assistant", "3 2 1")], "rejected": [*history, turn("assistant", "3 1 2")]}])
+    prepare(records, directory, tmp_path / "out", chat_template=True)
+    [(_, _, meta, arrays)] = read_samples(tmp_path / "out")
+    tokenizer = load_tokenizer(directory)
+    whole = tokenizer.apply_chat_template([*history, turn("assistant", "3 2 1")], tokenize=False)
+    prompt, chosen = decode(tokenizer, arrays["prompt_ids"]), decode(tokenizer, arrays["chosen_ids"])
+    assert prompt + chosen == whole and chosen == "3 2 1<|im_end|>\n"
+    assert prompt.count("<|im_start|>user") == 2 and prompt.endswith("<|im_start|>assistant\n")
+    assert decode(tokenizer, arrays["rejected_ids"]) == "3 1 2<|im_end|>\n"
+
+
+def test_a_template_that_rewrites_earlier_turns_is_reported_per_record(tmp_path, gpt2_dir):
+    from prepare_support import dropped, prepare, write_jsonl
+
+    directory = chat_tokenizer(gpt2_dir, tmp_path, REWRITING)
+    records = write_jsonl(tmp_path / "conv.jsonl", [
+        {"chosen": [USER, turn("assistant", "a")], "rejected": [USER, turn("assistant", "b")]},
+        {"chosen": [SYSTEM, USER, turn("assistant", "c")], "rejected": [SYSTEM, USER, turn("assistant", "d")]}])
+    prepare(records, directory, tmp_path / "out", chat_template=True)
+    reported = dropped(tmp_path / "out")
+    assert [where for where, _ in reported] == ["line 1", "line 2"], reported
+    assert all(reason.startswith("template_rewrites_turns: the chat template renders") for _, reason in reported)

@@ -153,11 +153,48 @@ class PairTokenizer:
     def __call__(self, pairs: list[RawPair]) -> list[dict | str]:
         if not pairs:  # every record of a shard malformed: the tokenizer fails on an empty batch
             return []
-        prompts = [self._prompt_text(pair) for pair in pairs]
-        prompt_ids = self._encode(prompts)
-        chosen_ids = self._encode([pair.chosen for pair in pairs])
-        rejected_ids = self._encode([pair.rejected for pair in pairs])
-        return [self._finish(*args) for args in zip(pairs, prompts, prompt_ids, chosen_ids, rejected_ids)]
+        texts = [self._conversation_texts(pair) if pair.conversational else
+                 (self._prompt_text(pair), pair.chosen, pair.rejected) for pair in pairs]
+        texts = [text if isinstance(text, tuple) else (None, "", "") for text in texts]
+        prompt_ids, chosen_ids, rejected_ids = (self._encode([text[i] for text in texts]) for i in range(3))
+        results = [self._finish(*args) for args in zip(pairs, (t[0] for t in texts), prompt_ids, chosen_ids, rejected_ids)]
+        return [self._split_refusal(pair, ids) or result
+                for pair, result, ids in zip(pairs, results, zip(prompt_ids, chosen_ids, rejected_ids))]
+
+    def _conversation_texts(self, pair: RawPair) -> tuple[str, str, str] | None:
+        """The template's rendering of the shared prompt (with the generation prompt) and of each final
+        assistant turn after it: prompt + response is the whole conversation as the template renders
+        it, end-of-turn tokens included. None when the template renders the earlier turns differently
+        once the final turn is added (e.g. it drops earlier reasoning): no prefix split is right then."""
+        if self.tokenizer.chat_template is None:
+            return None
+        render = lambda messages, **kw: self.tokenizer.apply_chat_template(messages, tokenize=False, **kw)  # noqa: E731
+        prompt = render(pair.prompt, add_generation_prompt=True)
+        responses = []
+        for content in (pair.chosen, pair.rejected):
+            whole = render([*pair.prompt, {"role": "assistant", "content": content}])
+            if not whole.startswith(prompt):
+                return None
+            responses.append(whole[len(prompt):])
+        return prompt, *responses
+
+    def _split_refusal(self, pair: RawPair, ids) -> str | None:
+        """Why a conversational pair's split is wrong, or None: its prompt and response tokens must be
+        the tokens of the whole rendered conversation (a merge across the boundary would differ)."""
+        if not pair.conversational:
+            return None
+        if self.tokenizer.chat_template is None:
+            return "malformed: conversational record (chosen/rejected are message lists) needs a chat template"
+        texts = self._conversation_texts(pair)
+        if texts is None:
+            return ("template_rewrites_turns: the chat template renders the earlier turns differently once "
+                    "the final assistant turn is added, so no prompt/response split matches it")
+        prompt_ids, *response_ids = ids
+        for text, response in zip(texts[1:], response_ids):
+            whole = self._encode([texts[0] + text])[0]
+            if prompt_ids + response != whole:
+                return "template_split: the rendered conversation's tokens do not split at the prompt's end"
+        return None
 
     def _encode(self, texts: list[str | None]) -> list[list[int]]:
         # verbose=False: no "sequence length is longer than the maximum" warning for texts that are truncated here.
@@ -173,7 +210,8 @@ class PairTokenizer:
             return "empty_prompt"
         if not pair.chosen.strip() or not pair.rejected.strip():
             return "empty_response"
-        chosen, rejected = chosen + self.suffix, rejected + self.suffix
+        if not pair.conversational:  # a conversation's response ends with the template's end of turn
+            chosen, rejected = chosen + self.suffix, rejected + self.suffix
         truncated_prompt = len(prompt) > options.max_prompt_length
         if truncated_prompt:
             keep = options.max_prompt_length - len(self.prefix)
