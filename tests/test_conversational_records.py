@@ -101,8 +101,24 @@ def test_a_template_that_rewrites_earlier_turns_is_reported_per_record(tmp_path,
     directory = chat_tokenizer(gpt2_dir, tmp_path, REWRITING)
     records = write_jsonl(tmp_path / "conv.jsonl", [
         {"chosen": [USER, turn("assistant", "a")], "rejected": [USER, turn("assistant", "b")]},
-        {"chosen": [SYSTEM, USER, turn("assistant", "c")], "rejected": [SYSTEM, USER, turn("assistant", "d")]}])
+        {"chosen": [SYSTEM, USER, turn("assistant", "c")], "rejected": [SYSTEM, USER, turn("assistant", "d")]},
+        {"prompt": "A text prompt", "chosen": " kept", "rejected": " too"}])  # not split by the template: kept
     prepare(records, directory, tmp_path / "out", chat_template=True)
     reported = dropped(tmp_path / "out")
     assert [where for where, _ in reported] == ["line 1", "line 2"], reported
     assert all(reason.startswith("template_rewrites_turns: the chat template renders") for _, reason in reported)
+
+
+def test_a_prepare_run_that_keeps_nothing_is_an_input_error_naming_the_commonest_reason(tmp_path, gpt2_dir):
+    from prepare_support import prepare, write_jsonl
+    from mpo_dist.errors import InputError
+
+    records = write_jsonl(tmp_path / "conv.jsonl", [
+        {"chosen": [USER, turn("assistant", x)], "rejected": [USER, turn("assistant", x + "!")]} for x in "abc"])
+    with pytest.raises(InputError) as caught:
+        prepare(records, gpt2_dir, tmp_path / "out")  # GPT-2 has no chat template
+    message = str(caught.value)
+    assert message.startswith(f"--input {records}: none of its 3 records was kept; the commonest reason (3 records, "
+                              "e.g. line 1): malformed: conversational record (chosen/rejected are message lists) "
+                              "needs a chat template"), message
+    assert str(tmp_path / "out" / "prepare_report.json") in message

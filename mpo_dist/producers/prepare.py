@@ -281,11 +281,14 @@ def prepare_pairs(
     num_shards = math.ceil(num_records / options.samples_per_shard)
     sides = options.sides(out_dir)
     if len(sides) == 1:
-        return _finish(out_dir, num_shards, tokenizer_hash, params, log)
+        summary = _finish(out_dir, num_shards, tokenizer_hash, params, log)
+        _refuse_if_nothing_kept(input_path, [out_dir])
+        return summary
     summaries = {}
     for side, folder in sides:
         side_params = {**params, "split": {**params["split"], "side": side, "held_out": side == "eval"}}
         summaries[side] = _finish(folder, num_shards, tokenizer_hash, side_params, log)
+    _refuse_if_nothing_kept(input_path, [folder for _, folder in sides])
     total = {key: summaries["train"][key] + summaries["eval"][key] for key in ("records", "kept")}
     log(f"prepare_pairs: split {total['records']} records by prompt hash (--eval-fraction {options.eval_fraction}): "
         f"{summaries['train']['kept']} train pairs in {out_dir / 'train'}, {summaries['eval']['kept']} eval pairs in "
@@ -393,6 +396,23 @@ def _finish(out_dir: Path, num_shards: int, tokenizer_hash: str, params: dict, l
     atomic_write_bytes(out_dir / REPORT_NAME, json.dumps(report, indent=1).encode())
     log(format_summary(summary, by_reason, out_dir))
     return summary
+
+
+def _refuse_if_nothing_kept(input_path: Path, folders: list[Path]) -> None:
+    """An InputError when no record was kept: an empty shard set would only fail later, in the trainer's
+    pre-flight, far from the cause. It names the commonest reason, one record it applies to, and the
+    report that lists every record."""
+    reports = [json.loads((folder / REPORT_NAME).read_text()) for folder in folders]
+    if any(report["kept"] for report in reports):
+        return
+    dropped = [entry for report in reports for entry in report["dropped_records"]]
+    by_reason: dict[str, list[dict]] = {}
+    for entry in dropped:
+        by_reason.setdefault(entry["reason"].split(":")[0], []).append(entry)
+    entries = max(by_reason.values(), key=len)
+    raise InputError(f"--input {input_path}: none of its {len(dropped)} records was kept; the commonest reason "
+                     f"({len(entries)} records, e.g. {entries[0]['where']}): {entries[0]['reason']}; every record "
+                     f"with its reason: {', '.join(str(folder / REPORT_NAME) for folder in folders)}")
 
 
 def format_summary(summary: dict, by_reason: dict[str, list[str]], out_dir: Path) -> str:
