@@ -17,6 +17,7 @@ from typing import Callable
 
 from mpo_dist.distributed import RankInfo, configure_cpu_threads, destroy_distributed, init_distributed, wait_for_peers
 from mpo_dist.errors import INPUT_ERROR_EXIT_CODE, TERMINATED_EXIT_CODE, InputError, Terminated
+from mpo_dist.progress import end_line, shown
 
 
 INPUT_ERROR_GRACE_S = 10.0  # how long a rank with an input error waits for the others to report theirs
@@ -59,6 +60,12 @@ def add_threads_flag(parser: argparse.ArgumentParser) -> None:
                              "cores divided among this node's processes")
 
 
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="show no progress (by default rank 0 shows an updating line on a terminal, a plain line "
+                             "every few seconds otherwise; MPO_DIST_PROGRESS=0 turns it off as well)")
+
+
 def quiet_known_warnings() -> None:
     """Warnings that users cannot act on (set once by an entry point, never at import time)."""
     # torchdata 0.11 calls a deprecated torch API on every loader.
@@ -81,7 +88,7 @@ def original_message(error: BaseException) -> str:
 
 def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None = None,
              single_process_group: bool = False, threads: int | None = None,
-             cleanup: Callable[[], None] = lambda: None) -> int:
+             cleanup: Callable[[], None] = lambda: None, progress: bool = True) -> int:
     """Join the process group (torchrun) or run alone, run `body(info)`, always leave the group.
 
     This is where every entry point's process group is set up, once (`init_distributed`); code that
@@ -91,7 +98,9 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
     Returns 0, or 2 after printing an input error in one line, or 143 when SIGTERM stopped the body
     (after its cleanup: `Terminated`); a rank of a multi-process launch exits with that code instead
     of returning (`_end_rank`). Other exceptions propagate.
-    `threads` (None: leave torch's setting) is passed to `configure_cpu_threads`.
+    `threads` (None: leave torch's setting) is passed to `configure_cpu_threads`. `progress`: False
+    for a tool's --no-progress (`add_progress_flag`); a progress line still drawn is ended before an
+    error message or traceback.
     """
     quiet_known_warnings()
     if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
@@ -108,7 +117,8 @@ def run_main(name: str, body: Callable[[RankInfo], None], *, backend: str | None
         configure_cpu_threads(info, threads)
     code = 0
     try:
-        body(info)
+        with shown(progress):
+            body(info)
     except InputError as error:
         code = INPUT_ERROR_EXIT_CODE
         _print_input_error(name, error, f" (rank {info.rank})" if info.world_size > 1 else "")
@@ -138,6 +148,7 @@ def _print_input_error(name: str, error: InputError, where: str = "") -> None:
 
 def _write_stderr(text: str) -> None:
     # One write call: lines of several ranks sharing a terminal or pipe never interleave.
+    end_line()
     sys.stderr.flush()
     os.write(sys.stderr.fileno(), text.encode())
 

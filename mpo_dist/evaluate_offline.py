@@ -10,7 +10,9 @@ report by key (one more sum over ranks: each rank fills the positions of its own
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,6 +25,7 @@ from mpo_dist.evaluation import Evaluator
 from mpo_dist.flops import CostModel
 from mpo_dist.losses import build_loss
 from mpo_dist.objective import Objective
+from mpo_dist.progress import Progress, stderr_log
 
 
 class _Recorder:
@@ -86,23 +89,39 @@ def _flag_names(error: ShardError) -> InputError:
 
 
 def offline_metrics(model, *, pairs: str, reference: str, dref: str, batch_size: int, loss: LossConfig, per_sample: bool,
-                    device: torch.device, info: RankInfo, pad_token_id: int, vocab_size: int) -> tuple[dict[str, float], dict]:
+                    device: torch.device, info: RankInfo, pad_token_id: int, vocab_size: int,
+                    log: Callable[[str], None] = stderr_log) -> tuple[dict[str, float], dict]:
     """The trainer's eval metrics (`eval/...`) of `model` on `pairs` scored by `reference` and on `dref`
-    (either may be ""), and every sample's log-probs when `per_sample`."""
+    (either may be ""), and every sample's log-probs when `per_sample`. Rank 0 shows its batches' progress."""
     pairs = pairs if reference else ""
     config = EvalConfig(pairs=pairs, reference=reference if pairs else "", dref=dref, batch_size=batch_size)
     if not config.enabled:
         return {}, {}
     recorder = _Recorder()
+    progress = Progress("evaluate (held-out)", "batches", log, enabled=info.rank == 0, first_after_s=0.0,
+                        detail=f"rank 0 of {info.world_size}, " if info.world_size > 1 else "")
+    batches = 0
+
+    def record(batch: MicroBatch, logps: torch.Tensor) -> None:
+        nonlocal batches
+        if per_sample:
+            recorder(batch, logps)
+        batches += 1
+        progress.update(batches)
+
     try:
         evaluator = Evaluator(config, DataConfig(pairs=pairs or dref), model=model,
                               objective=Objective(build_loss(loss)), device=device, dp_rank=info.rank,
                               dp_world_size=info.world_size, pad_token_id=pad_token_id, vocab_size=vocab_size,
                               layout_cost=CostModel.of(model).layout_cost,
-                              record=recorder if per_sample else None)
+                              # Each batch's log-probs come to the host for it: only where something is shown.
+                              record=record if per_sample or progress.shown else None)
     except ShardError as error:
         raise _flag_names(error) from error
+    # Every rank runs as many batches: the held-out sets padded to whole rounds of batch_size x ranks.
+    progress.total = sum(math.ceil(evaluator.expected[what] / (batch_size * info.world_size)) for what in ("pairs", "dref"))
     metrics = evaluator.evaluate()
+    progress.close()
     if not per_sample:
         return metrics, {}
     folders = {what: folder for what, folder in (("pairs", pairs), ("dref", dref)) if folder}

@@ -26,14 +26,16 @@ from mpo_dist.logprobs import sequence_logprobs
 from mpo_dist.metric_names import (KL_POLICY_REF, ON_POLICY_EOS_FRACTION, ON_POLICY_PROMPTS, ON_POLICY_RESPONSE_TOKENS,
                                    ON_POLICY_REWARD, ON_POLICY_SAMPLES, ON_POLICY_SECONDS, stderr_name)
 from mpo_dist.producers.sample import SamplingParams, generate, sample_seed
+from mpo_dist.progress import Progress, stderr_log
 
 
 @torch.no_grad()
 def on_policy_metrics(params: SamplingParams, pairs_dir: str, model, reference, *, max_prompts: int, batch_size: int,
                       tokenizer, reward: Callable | None, device: torch.device, info: RankInfo, pad_token_id: int,
-                      eos_token_ids) -> dict[str, float]:
+                      eos_token_ids, log: Callable[[str], None] = stderr_log) -> dict[str, float]:
     """KL(pi_theta || pi_ref) estimated on `model`'s own samples for the prompts of `pairs_dir` (the
-    first `max_prompts`, 0: all), and the mean reward when `reward` is given."""
+    first `max_prompts`, 0: all), and the mean reward when `reward` is given. Rank 0 shows its
+    samples' progress."""
     start = time.monotonic()
     pairs = Manifest.read(pairs_dir, "pairs")
     jobs = []  # (prompt ids, seed) in manifest order: the first max_prompts prompts, K samples each
@@ -45,7 +47,11 @@ def on_policy_metrics(params: SamplingParams, pairs_dir: str, model, reference, 
     # count, sum d, sum d**2, sum reward, sum reward**2, response tokens, responses that ended with EOS
     sums = torch.zeros(7, dtype=torch.float64)
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    for chunk in batches[info.rank :: info.world_size]:
+    mine = batches[info.rank :: info.world_size]
+    progress = Progress("evaluate (on-policy)", "samples", log, total=sum(map(len, mine)), work_unit="tokens sampled",
+                        enabled=info.rank == 0, first_after_s=0.0,
+                        detail=f"rank 0 of {info.world_size}, " if info.world_size > 1 else "")
+    for chunk in mine:
         prompts = [prompt for prompt, _ in chunk]
         results = generate(model, prompts, [seed for _, seed in chunk], params, eos_token_ids, pad_token_id, device)
         responses = [response for response, _ in results]
@@ -65,6 +71,8 @@ def on_policy_metrics(params: SamplingParams, pairs_dir: str, model, reference, 
                 sums[4] += value * value
         sums[5] += sum(len(response) for response in responses)
         sums[6] += sum(reason == "eos" for _, reason in results)
+        progress.update(sums[0].item(), work=sums[5].item())
+    progress.close()
     finish_forwards(model)  # sharded models: serve the group's forwards until every rank is done
     count, total, squares, rewards, reward_squares, tokens, eos = all_reduce_sum(sums.to(device)).tolist()
     if round(count) != len(jobs):  # an error in the sharding, never in the data

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 from dataclasses import replace
 from statistics import fmean
@@ -15,6 +16,7 @@ import yaml
 from support import REPO, SUBPROCESS_ENV, run_tool, toy_overrides, torchrun_command, train
 from mpo_dist.config import LossConfig
 from mpo_dist.data.samples import PairSource
+from mpo_dist.data.shards import Manifest
 from mpo_dist.evaluate_model import evaluation_loss_config, run_loss_config
 from mpo_dist.metrics_file import read_metrics
 
@@ -80,8 +82,18 @@ def test_one_and_two_processes_give_the_same_report(toy_inputs, tmp_path):
     for nproc in (1, 2):
         out = tmp_path / f"report{nproc}.json"
         command = torchrun_command(nproc, [str(REPO / "tools" / "evaluate.py"), *map(str, args), "--out", str(out)])
-        checked(subprocess.run(command, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300))
+        # Two processes with the updating progress line forced on (MPO_DIST_PROGRESS=1), though through a pipe.
+        env = {**SUBPROCESS_ENV, "MPO_DIST_PROGRESS": "1", "COLUMNS": "200"} if nproc == 2 else SUBPROCESS_ENV
+        result = checked(subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300))
         reports[nproc] = report(out)
+    # Rank 0's lines end at its whole share: every rank runs ceil(N / (5 x 2)) batches of each held-out
+    # set, and rank 0 samples on-policy batches 0, 2, 4 of 5, 5, 5, 5, 4 samples (12 prompts x 2).
+    pairs, dref = (Manifest.read(toy_inputs[what]).num_samples for what in ("pairs", "dref"))
+    batches = math.ceil(pairs / 10) + math.ceil(dref / 10)
+    drawn = re.split(r"[\r\n]", result.stderr)
+    last = {name: [line for line in drawn if line.startswith(f"evaluate ({name}) [")][-1] for name in ("held-out", "on-policy")}
+    assert f"100% rank 0 of 2, {batches}/{batches} batches, " in last["held-out"] and " done in " in last["held-out"]
+    assert "100% rank 0 of 2, 14/14 samples, " in last["on-policy"] and " done in " in last["on-policy"], last
     one, two = reports[1], reports[2]
     assert two["world_size"] == 2 and one["loss"]["name"] == "dpo"
     assert (one["model"]["shards"], two["model"]["shards"]) == (1, 2)  # each of 2 ranks held half of both models

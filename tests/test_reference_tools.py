@@ -54,6 +54,9 @@ def test_scoring_does_not_depend_on_the_number_of_processes(stories, tmp_path):
     run_tool("score_reference.py", *common, "--out", tmp_path / "one")
     result = run_tool("score_reference.py", *common, "--out", tmp_path / "two", nproc=2)
     assert "tokens/s" in result.stderr and "ETA" in result.stderr
+    # Through a pipe: plain progress lines, no carriage return, each a whole line about rank 0's share.
+    lines = [line for line in result.stderr.splitlines() if "ETA" in line]
+    assert "\r" not in result.stderr and all(line.startswith("score_reference: rank 0 of 2, ") for line in lines), lines
     one, two = tree(tmp_path / "one"), tree(tmp_path / "two")
     assert len(one) == len(Manifest.read(stories["pairs"]).shards) + 2  # shards, manifest.json, .job.json
     assert {k: v for k, v in one.items() if k != "manifest.json"} == {k: v for k, v in two.items() if k != "manifest.json"}

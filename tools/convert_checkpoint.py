@@ -8,7 +8,7 @@ processes. Runs on one CPU process; memory stays near one output shard.
 
 import sys
 
-from mpo_dist.cli import run_main, tool_parser
+from mpo_dist.cli import add_progress_flag, run_main, tool_parser
 from mpo_dist.convert import DTYPES, convert_checkpoint, parse_size
 
 
@@ -20,9 +20,11 @@ def main(argv=None) -> int:
     # type=parse_size: argparse reports a size it cannot read as a usage error (exit 2) naming the flag.
     parser.add_argument("--max-shard-size", default="5GB", type=parse_size,
                         help="largest safetensors file, e.g. 5GB, 500MB")
+    add_progress_flag(parser)
     args = parser.parse_args(argv)
     return run_main("convert_checkpoint",
-                    lambda info: convert_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size))
+                    lambda info: convert_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size),
+                    progress=args.progress)
 
 
 if __name__ == "__main__":

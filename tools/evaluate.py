@@ -17,7 +17,7 @@ For a training checkpoint the loss and its options are the run's (OUTPUT_DIR/con
 
 import sys
 
-from mpo_dist.cli import add_threads_flag, run_main, tool_parser
+from mpo_dist.cli import add_progress_flag, add_threads_flag, run_main, tool_parser
 from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
 from mpo_dist.config import LossConfig
 from mpo_dist.distributed import device_for
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
                                                      "text decoded with the tokenizer beside --model")
     parser.add_argument("--model-shards", type=int, default=0, help=MODEL_SHARDS_HELP)
     add_threads_flag(parser)
+    add_progress_flag(parser)
     args = parser.parse_args(argv)
 
     def body(info):
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
                                     max_prompts=args.max_prompts, model_shards=args.model_shards)
         evaluate_model(request, info, device_for(info), args.out)
 
-    return run_main("evaluate", body, threads=args.threads)
+    return run_main("evaluate", body, threads=args.threads, progress=args.progress)
 
 
 if __name__ == "__main__":

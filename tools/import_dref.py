@@ -16,7 +16,7 @@ a rerun skips finished shards.
 import sys
 from pathlib import Path
 
-from mpo_dist.cli import add_threads_flag, run_main, tool_parser
+from mpo_dist.cli import add_progress_flag, add_threads_flag, run_main, tool_parser
 from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
 from mpo_dist.inference_model import MODEL_SHARDS_HELP
 from mpo_dist.producers.score import open_reference
@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     parser.add_argument("--model-shards", type=int, default=0, help=MODEL_SHARDS_HELP)
     add_threads_flag(parser)
+    add_progress_flag(parser)
     args = parser.parse_args(argv)
 
     def body(info):
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
                     rank=info.rank, world_size=info.world_size, batch_size=args.batch_size, device=reference.device,
                     model_info=reference.model_info, source=str(Path(args.responses).resolve()))
 
-    return run_main("import_dref", body, threads=args.threads)
+    return run_main("import_dref", body, threads=args.threads, progress=args.progress)
 
 
 if __name__ == "__main__":

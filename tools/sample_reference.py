@@ -10,7 +10,7 @@ nodes; a rerun skips finished shards.
 
 import sys
 
-from mpo_dist.cli import add_threads_flag, run_main, tool_parser
+from mpo_dist.cli import add_progress_flag, add_threads_flag, run_main, tool_parser
 from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
 from mpo_dist.inference_model import MODEL_SHARDS_HELP
 from mpo_dist.producers.score import open_reference
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     parser.add_argument("--model-shards", type=int, default=0, help=MODEL_SHARDS_HELP)
     add_threads_flag(parser)
+    add_progress_flag(parser)
     args = parser.parse_args(argv)
     params = SamplingParams(args.num_samples, args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
                     pad_token_id=reference.pad_token_id, rank=info.rank, world_size=info.world_size,
                     batch_size=args.batch_size, device=reference.device, model_info=reference.model_info)
 
-    return run_main("sample_reference", body, threads=args.threads)
+    return run_main("sample_reference", body, threads=args.threads, progress=args.progress)
 
 
 if __name__ == "__main__":

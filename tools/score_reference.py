@@ -9,7 +9,7 @@ the whole model; the output does not depend on the number of processes. A rerun 
 
 import sys
 
-from mpo_dist.cli import add_threads_flag, run_main, tool_parser
+from mpo_dist.cli import add_progress_flag, add_threads_flag, run_main, tool_parser
 from mpo_dist.compute_dtype import DTYPE_CHOICES, DTYPE_HELP
 from mpo_dist.data.layout import PACKING_CHOICES
 from mpo_dist.inference_model import MODEL_SHARDS_HELP
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     parser.add_argument("--model-shards", type=int, default=0, help=MODEL_SHARDS_HELP)
     add_threads_flag(parser)
+    add_progress_flag(parser)
     args = parser.parse_args(argv)
 
     def body(info):
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
         score_pairs(reference.model, args.pairs, args.out, rank=info.rank, world_size=info.world_size,
                     batch_size=args.batch_size, packing=args.packing, device=reference.device, model_info=reference.model_info)
 
-    return run_main("score_reference", body, threads=args.threads)
+    return run_main("score_reference", body, threads=args.threads, progress=args.progress)
 
 
 if __name__ == "__main__":

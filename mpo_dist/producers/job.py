@@ -5,7 +5,8 @@ tools that make shards (prepare_pairs, score_reference, sample_reference).
   from; a rerun with the same parameters resumes, other parameters or a folder holding anything
   else are refused naming `--out`) and removes temp files of writers that were killed; no rank
   writes before that is done.
-- `Progress`: rate and ETA on rank 0, at most every few seconds.
+- progress (`mpo_dist.progress.Progress`): on rank 0, shards done, rate and ETA: an updating line
+  on a terminal, a plain line every few seconds otherwise.
 - `run_shard_job`: output shard `i` depends only on input shard `i` (never on the rank or the number
   of ranks); rank `r` of `W` makes the shards with `i % W == r`, each written atomically, and a
   finished shard is skipped by a rerun, so a crashed or preempted job is resumed by running it again.
@@ -17,7 +18,6 @@ claim, the temp-file sweep and the progress lines are shared.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,11 +25,7 @@ from typing import Any, Callable
 from mpo_dist.data.shards import JOB_FILE, ShardInfo, atomic_write_bytes, check_shard_name, manifest_fingerprint
 from mpo_dist.distributed import barrier, raise_on_every_rank
 from mpo_dist.errors import InputError
-
-
-
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+from mpo_dist.progress import Progress, stderr_log  # noqa: F401  (stderr_log: the shard tools' log, imported from here)
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -119,29 +115,6 @@ def start_job(name: str, out_dir: Path, params: dict[str, Any], *, rank: int, lo
     raise_on_every_rank(refused, lambda: InputError(f"--out {out_dir} was refused by rank 0 (its message says why)"))
 
 
-class Progress:
-    """Work done, rate and ETA, logged at most every `every_s` seconds (the first time after
-    `first_after_s`, default `every_s`); silent when not `enabled` (ranks other than 0)."""
-
-    def __init__(self, name: str, unit: str, log: Callable[[str], None], *, enabled: bool = True,
-                 every_s: float = 5.0, first_after_s: float | None = None):
-        self.name, self.unit, self.log, self.enabled, self.every_s = name, unit, log, enabled, every_s
-        self.start = time.monotonic()
-        self._last = self.start - every_s + (every_s if first_after_s is None else first_after_s)
-
-    def due(self) -> bool:
-        return self.enabled and time.monotonic() - self._last >= self.every_s
-
-    def report(self, work: float, fraction: float | None = None, detail: str = "") -> None:
-        """Log `work` (in units) and its rate; with `fraction` of the job done, also the ETA."""
-        now = self._last = time.monotonic()
-        elapsed = max(now - self.start, 1e-9)
-        message = f"{self.name}: {detail}{work:,.0f} {self.unit}, {work / elapsed:,.0f} {self.unit}/s"
-        if fraction is not None:
-            message += f", {fraction:.0%} done, ETA {elapsed * (1 - fraction) / max(fraction, 1e-9):.0f}s"
-        self.log(message)
-
-
 def run_shard_job(
     name: str,
     shards: list[ShardInfo],
@@ -169,14 +142,20 @@ def run_shard_job(
     todo = [(index, shard) for index, shard in mine if not (out_dir / shard.name).exists()]
     if rank == 0 and len(todo) < len(mine):
         log(f"{name}: {len(mine) - len(todo)} of rank 0's {len(mine)} shards already done; resuming")
-    # The first shard is reported at once: shards are few and slow, the first line shows the rate.
-    progress = Progress(name, unit, log, enabled=rank == 0, first_after_s=0.0)
-    work = 0
+    # The first shard is reported at once: shards are few and slow, the first line shows the rate. The
+    # share done counts samples, not shards: shards differ in size, the last one most.
+    progress = Progress(name, "shards", log, total=len(todo), work_unit=unit, enabled=rank == 0, first_after_s=0.0,
+                        detail=f"rank 0 of {world_size}, " if world_size > 1 else "")
+    start, work, samples = time.monotonic(), 0, 0
+    total_samples = sum(shard.num_samples for _, shard in todo)
+    if todo:
+        progress.update(0, work=0, fraction=0.0)  # on a terminal: the job and its shards, before the first is done
     for done, (index, shard) in enumerate(todo, 1):
         work += make_shard(index, shard)
-        if progress.due():
-            progress.report(work, done / len(todo), f"rank 0 of {world_size}, {done}/{len(todo)} shards, ")
-    seconds = time.monotonic() - progress.start
+        samples += shard.num_samples
+        progress.update(done, work=work, fraction=samples / total_samples if total_samples else None)
+    progress.close()
+    seconds = time.monotonic() - start
     after_shards()
     barrier()
     missing = [shard.name for shard in shards if not (out_dir / shard.name).exists()]
