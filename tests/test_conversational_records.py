@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mpo_dist.data.raw_records import RawPair, parse_record
+from mpo_dist.data.raw_records import RawPair, column_names, parse_record
 
 pytestmark = pytest.mark.unit
 
@@ -43,6 +43,50 @@ def test_conversations_are_read_whatever_format_the_file_was_taken_for(fmt):
 def test_a_separate_prompt_is_put_before_conversations_that_lack_it():
     pair = parse({"prompt": [SYSTEM, USER], "chosen": [turn("assistant", "a")], "rejected": [turn("assistant", "b")]})
     assert pair.prompt == [SYSTEM, USER] and (pair.chosen, pair.rejected) == ("a", "b")
+
+
+def test_a_prompt_that_the_conversations_already_hold_is_not_put_in_twice():
+    """UltraFeedback's `prompt` repeats the first user turn; with a system prompt before it, putting it
+    in front again would duplicate the turn (and move it above the system prompt)."""
+    conversation = [SYSTEM, USER]
+    pair = parse({"prompt": USER["content"], "chosen": [*conversation, turn("assistant", "a")],
+                  "rejected": [*conversation, turn("assistant", "b")]})
+    assert pair.prompt == [SYSTEM, USER]
+    reason = parse({"prompt": "another question", "chosen": [*conversation, turn("assistant", "a")],
+                    "rejected": [*conversation, turn("assistant", "b")]})
+    assert reason == ("malformed: 'prompt' is not among the turns of the conversations, which hold their own user "
+                      "turns")
+    # Responses alone go after the conversation's system prompt and before nothing else.
+    pair = parse({"prompt": USER["content"], "chosen": [SYSTEM, turn("assistant", "a")],
+                  "rejected": [SYSTEM, turn("assistant", "b")]})
+    assert pair.prompt == [SYSTEM, USER]
+
+
+def test_messages_read_from_a_table_equal_those_read_from_json():
+    """Arrow gives every message of a column the union of the keys (absent ones as None), in the
+    struct's order: the messages are made canonical so all formats give the same pair and bytes."""
+    from_json = parse({"chosen": [{"role": "system", "content": "Be brief.", "name": "rules"}, USER,
+                                  turn("assistant", "a")],
+                       "rejected": [{"role": "system", "content": "Be brief.", "name": "rules"}, USER,
+                                    turn("assistant", "b")]})
+    row = {"chosen": [{"content": "Be brief.", "name": "rules", "role": "system"},
+                      {"content": USER["content"], "name": None, "role": "user"},
+                      {"content": "a", "name": None, "role": "assistant"}],
+           "rejected": [{"content": "Be brief.", "name": "rules", "role": "system"},
+                        {"content": USER["content"], "name": None, "role": "user"},
+                        {"content": "b", "name": None, "role": "assistant"}]}
+    from_row = parse_record(row, "parquet-hh")
+    assert from_row == from_json
+    assert json.dumps(from_row.prompt) == json.dumps([{"role": "system", "content": "Be brief.", "name": "rules"}, USER])
+
+
+def test_reasons_name_the_inputs_own_columns():
+    names = column_names({"prompt": "question", "chosen": "pos", "rejected": "neg"})
+    record = {"question": "q", "pos": [turn("assistant", "a")], "neg": "b"}
+    assert parse_record(json.dumps(record), "jsonl", names) == (
+        "malformed: 'neg' must be a list of {role, content} messages like the other side, got str")
+    assert parse_record(json.dumps({"question": "q", "pos": " a"}), "jsonl", names) == "malformed: missing key 'neg'"
+    assert parse_record(json.dumps({"question": "q", "pos": " a", "neg": " b"}), "jsonl", names) == RawPair("q", " a", " b")
 
 
 @pytest.mark.parametrize("chosen, rejected, reason", [
@@ -113,12 +157,65 @@ def test_a_prepare_run_that_keeps_nothing_is_an_input_error_naming_the_commonest
     from prepare_support import prepare, write_jsonl
     from mpo_dist.errors import InputError
 
+    directory = chat_tokenizer(gpt2_dir, tmp_path, CHATML)
     records = write_jsonl(tmp_path / "conv.jsonl", [
-        {"chosen": [USER, turn("assistant", x)], "rejected": [USER, turn("assistant", x + "!")]} for x in "abc"])
+        {"chosen": [USER, turn("assistant", "a")], "rejected": [USER, turn("user", "b")]},
+        *({"chosen": [USER, turn("assistant", blank)], "rejected": [USER, turn("assistant", "b")]} for blank in " \n")])
+    with pytest.raises(InputError) as caught:
+        prepare(records, directory, tmp_path / "out")
+    message = str(caught.value)
+    assert message.startswith(f"--input {records}: none of its 3 records was kept; the commonest reason (2 records, "
+                              "e.g. line 2): empty_response;"), message
+    assert str(tmp_path / "out" / "prepare_report.json") in message
+
+
+def test_conversations_without_a_chat_template_are_refused_naming_the_option(tmp_path, gpt2_dir):
+    from prepare_support import leftovers, prepare, write_jsonl
+    from mpo_dist.errors import InputError
+
+    records = write_jsonl(tmp_path / "conv.jsonl", [
+        {"prompt": "A text prompt", "chosen": " kept", "rejected": " too"},
+        {"chosen": [USER, turn("assistant", "a")], "rejected": [USER, turn("assistant", "b")]}])
     with pytest.raises(InputError) as caught:
         prepare(records, gpt2_dir, tmp_path / "out")  # GPT-2 has no chat template
-    message = str(caught.value)
-    assert message.startswith(f"--input {records}: none of its 3 records was kept; the commonest reason (3 records, "
-                              "e.g. line 1): malformed: conversational record (chosen/rejected are message lists) "
-                              "needs a chat template"), message
-    assert str(tmp_path / "out" / "prepare_report.json") in message
+    assert str(caught.value) == (f"{records}: line 2: chosen/rejected are conversations (message lists), which need a "
+                                 "chat template, and the tokenizer in --tokenizer has none; use a tokenizer folder with "
+                                 "one (chat_template.jinja, or chat_template in tokenizer_config.json)")
+    assert leftovers(tmp_path / "out") == [] and not (tmp_path / "out" / ".job.json").exists()
+
+
+def test_conversations_use_the_template_without_the_flag_and_plain_prompts_stay_plain(tmp_path, gpt2_dir):
+    import hashlib
+
+    from prepare_support import decode, read_samples, write_jsonl
+    from mpo_dist.data.shards import Manifest
+    from mpo_dist.producers.prepare import PrepareOptions, prepare_pairs
+    from mpo_dist.tokenizer import load_tokenizer
+
+    directory = chat_tokenizer(gpt2_dir, tmp_path, CHATML)
+    records = write_jsonl(tmp_path / "conv.jsonl", [
+        {"prompt": "A text prompt", "chosen": " kept", "rejected": " too"},
+        *({"chosen": [SYSTEM, USER, turn("assistant", x)], "rejected": [SYSTEM, USER, turn("assistant", x + "!")]}
+          for x in "ab")])
+    lines: list[str] = []
+    prepare_pairs(records, directory, tmp_path / "out", PrepareOptions(samples_per_shard=2), log=lines.append)
+    template_hash = "sha256:" + hashlib.sha256(CHATML.encode()).hexdigest()[:32]
+    said = [line for line in lines if "chat template" in line]
+    assert said == [f"prepare_pairs: conversations (chosen/rejected as message lists) are rendered with the tokenizer's "
+                    f"chat template ({template_hash}); plain-text prompts are not (--chat-template renders those too)"]
+    assert Manifest.read(tmp_path / "out").info["tokenizer"]["chat_template"] == template_hash
+    # The claim holds only what earlier versions recorded of the tokenizer (its hash covers the template),
+    # so a folder they prepared resumes; a rerun here does, from the claim alone.
+    claim = json.loads((tmp_path / "out" / ".job.json").read_text())
+    assert sorted(claim["tokenizer"]) == ["hash", "pad_token_id", "path", "vocab_size"]
+    (tmp_path / "out" / "manifest.json").unlink()
+    prepare_pairs(records, directory, tmp_path / "out", PrepareOptions(samples_per_shard=2), log=lines.append)
+    assert Manifest.read(tmp_path / "out").info["tokenizer"]["chat_template"] == template_hash
+    tokenizer = load_tokenizer(directory)
+    (_, _, _, plain), (_, _, _, first), (_, _, _, second) = read_samples(tmp_path / "out")
+    assert decode(tokenizer, plain["prompt_ids"]) == "A text prompt"  # no template, as without conversations
+    assert decode(tokenizer, plain["chosen_ids"]) == " kept<|endoftext|>"
+    for arrays, response in ((first, "a"), (second, "b")):
+        assert decode(tokenizer, arrays["prompt_ids"]) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+                                                           "Sort 3 1 2<|im_end|>\n<|im_start|>assistant\n")
+        assert decode(tokenizer, arrays["chosen_ids"]) == f"{response}<|im_end|>\n"  # no EOS after the end of turn

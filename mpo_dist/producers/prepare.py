@@ -29,16 +29,9 @@ from typing import Callable
 import numpy as np
 
 from mpo_dist.data.shards import Manifest, ShardInfo, ShardWriter, atomic_write_bytes, shard_name
-from mpo_dist.data.raw_records import (
-    ProgressFile,
-    RawPair,
-    hh_prompt_to_messages,
-    iter_raw_records,
-    parse_record,
-    resolve_format,
-)
+from mpo_dist.data.raw_records import RawPair, RecordSource, hh_prompt_to_messages
 from mpo_dist.distributed import barrier
-from mpo_dist.errors import InputError, MissingInputError
+from mpo_dist.errors import InputError
 from mpo_dist.producers.job import Progress, release_output_dir, start_job, stderr_log
 from mpo_dist.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -84,6 +77,8 @@ class PrepareOptions:
     strict: bool = False
     format: str = "auto"
     eval_fraction: float = 0.0  # > 0: split by prompt hash into OUT/train and OUT/eval
+    columns: dict[str, str] = field(default_factory=dict)  # field -> the input's column (--columns)
+    split: str | None = None  # the split of a DatasetDict folder (--split)
 
     def __post_init__(self) -> None:
         if self.max_prompt_length is None:
@@ -130,15 +125,86 @@ class ShardStats:
 
 
 class PairTokenizer:
-    """Tokenizes RawPairs with the truncation policy; returns a sample or a drop reason."""
+    """Tokenizes RawPairs with the truncation policy; returns a sample or a drop reason.
 
-    def __init__(self, tokenizer, options: PrepareOptions):
-        self.tokenizer, self.options = tokenizer, options
+    A conversational pair (chosen / rejected were message lists) is always rendered by the chat
+    template, with or without --chat-template: its prompt is the shared messages with the generation
+    prompt, each response what the template adds for the final assistant turn (its end of turn
+    included, no EOS after it). Its prompt tokens are the prompt's own (as generation sees them) and a
+    prefix of the tokens of the whole rendered conversation, whose rest is the response; a template
+    that renders the earlier turns otherwise once the final turn is added, or tokens that merge across
+    the prompt's end, are reported per record instead of training on a wrong split."""
+
+    def __init__(self, tokenizer, options: PrepareOptions, log: Callable[[str], None] = lambda message: None):
+        self.tokenizer, self.options, self.log = tokenizer, options, log
         if options.chat_template and tokenizer.chat_template is None:
             raise InputError("--chat-template was given but the tokenizer has no chat template")
         # Special tokens the tokenizer puts before text (e.g. BOS); kept when a prompt is cut from the left.
+        # A chat template writes its own (e.g. {{ bos_token }}).
         self.prefix = [] if options.chat_template else tokenizer("", add_special_tokens=True)["input_ids"]
         self.suffix = [tokenizer.eos_token_id] if options.append_eos and tokenizer.eos_token_id is not None else []
+        self._said_template = False
+
+    def render_conversations(self, where: str) -> None:
+        """Called with the first conversational record of a shard: refuses a tokenizer without a chat
+        template (no split of a conversation would be right), and says once that the template renders
+        them when --chat-template was not given."""
+        if self.tokenizer.chat_template is None:
+            raise InputError(f"{where}: chosen/rejected are conversations (message lists), which need a chat "
+                             "template, and the tokenizer in --tokenizer has none; use a tokenizer folder with one "
+                             "(chat_template.jinja, or chat_template in tokenizer_config.json)")
+        if not (self.options.chat_template or self._said_template):
+            self._said_template = True
+            self.log(f"prepare_pairs: conversations (chosen/rejected as message lists) are rendered with the "
+                     f"tokenizer's chat template ({chat_template_hash(self.tokenizer)}); plain-text prompts are "
+                     "not (--chat-template renders those too)")
+
+    def __call__(self, pairs: list[RawPair]) -> list[dict | str]:
+        if not pairs:  # every record of a shard malformed: the tokenizer fails on an empty batch
+            return []
+        texts = [self._texts(pair) for pair in pairs]
+        usable = [text if isinstance(text, tuple) else ("", "", "") for text in texts]
+        prompt_ids, chosen_ids, rejected_ids = (self._encode([text[i] for text in usable]) for i in range(3))
+        results: list[dict | str] = []
+        for pair, text, prompt, chosen, rejected in zip(pairs, texts, prompt_ids, chosen_ids, rejected_ids):
+            if isinstance(text, str):
+                results.append(text)
+                continue
+            if pair.conversational:  # chosen / rejected hold the whole conversations' tokens
+                if chosen[:len(prompt)] != prompt or rejected[:len(prompt)] != prompt:
+                    results.append("template_split: the rendered conversation's tokens do not start with the "
+                                   "prompt's tokens (a token spans the prompt's end)")
+                    continue
+                chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+            results.append(self._finish(pair, prompt, chosen, rejected))
+        return results
+
+    def _texts(self, pair: RawPair) -> tuple[str, str, str] | str:
+        """(prompt, chosen, rejected) texts to tokenize, or the reason there are none. For a conversation:
+        the prompt as rendered with the generation prompt, then each whole conversation as rendered."""
+        try:
+            if not pair.conversational:
+                prompt = self._prompt_text(pair)
+                if prompt is None:
+                    return "malformed: prompt is a list of messages; pass --chat-template"
+                return prompt, pair.chosen, pair.rejected
+            prompt = self._render(pair.prompt, add_generation_prompt=True)
+            wholes = [self._render([*pair.prompt, {"role": "assistant", "content": content}])
+                      for content in (pair.chosen, pair.rejected)]
+        except TemplateRefusal as refusal:
+            return f"template_error: the chat template refused the conversation ({refusal})"
+        if not all(whole.startswith(prompt) for whole in wholes):
+            return ("template_rewrites_turns: the chat template renders the earlier turns differently once the "
+                    "final assistant turn is added, so no prompt/response split matches it")
+        return prompt, *wholes
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except TemplateError as error:  # e.g. raise_exception('Conversation roles must alternate ...')
+            raise TemplateRefusal(str(error)) from error
 
     def _prompt_text(self, pair: RawPair) -> str | None:
         if not self.options.chat_template:
@@ -148,63 +214,16 @@ class PairTokenizer:
             messages = hh_prompt_to_messages(pair.prompt) if pair.prompt.startswith("\n\nHuman:") else [
                 {"role": "user", "content": pair.prompt}
             ]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._render(messages, add_generation_prompt=True)
 
-    def __call__(self, pairs: list[RawPair]) -> list[dict | str]:
-        if not pairs:  # every record of a shard malformed: the tokenizer fails on an empty batch
-            return []
-        texts = [self._conversation_texts(pair) if pair.conversational else
-                 (self._prompt_text(pair), pair.chosen, pair.rejected) for pair in pairs]
-        texts = [text if isinstance(text, tuple) else (None, "", "") for text in texts]
-        prompt_ids, chosen_ids, rejected_ids = (self._encode([text[i] for text in texts]) for i in range(3))
-        results = [self._finish(*args) for args in zip(pairs, (t[0] for t in texts), prompt_ids, chosen_ids, rejected_ids)]
-        return [self._split_refusal(pair, ids) or result
-                for pair, result, ids in zip(pairs, results, zip(prompt_ids, chosen_ids, rejected_ids))]
-
-    def _conversation_texts(self, pair: RawPair) -> tuple[str, str, str] | None:
-        """The template's rendering of the shared prompt (with the generation prompt) and of each final
-        assistant turn after it: prompt + response is the whole conversation as the template renders
-        it, end-of-turn tokens included. None when the template renders the earlier turns differently
-        once the final turn is added (e.g. it drops earlier reasoning): no prefix split is right then."""
-        if self.tokenizer.chat_template is None:
-            return None
-        render = lambda messages, **kw: self.tokenizer.apply_chat_template(messages, tokenize=False, **kw)  # noqa: E731
-        prompt = render(pair.prompt, add_generation_prompt=True)
-        responses = []
-        for content in (pair.chosen, pair.rejected):
-            whole = render([*pair.prompt, {"role": "assistant", "content": content}])
-            if not whole.startswith(prompt):
-                return None
-            responses.append(whole[len(prompt):])
-        return prompt, *responses
-
-    def _split_refusal(self, pair: RawPair, ids) -> str | None:
-        """Why a conversational pair's split is wrong, or None: its prompt and response tokens must be
-        the tokens of the whole rendered conversation (a merge across the boundary would differ)."""
-        if not pair.conversational:
-            return None
-        if self.tokenizer.chat_template is None:
-            return "malformed: conversational record (chosen/rejected are message lists) needs a chat template"
-        texts = self._conversation_texts(pair)
-        if texts is None:
-            return ("template_rewrites_turns: the chat template renders the earlier turns differently once "
-                    "the final assistant turn is added, so no prompt/response split matches it")
-        prompt_ids, *response_ids = ids
-        for text, response in zip(texts[1:], response_ids):
-            whole = self._encode([texts[0] + text])[0]
-            if prompt_ids + response != whole:
-                return "template_split: the rendered conversation's tokens do not split at the prompt's end"
-        return None
-
-    def _encode(self, texts: list[str | None]) -> list[list[int]]:
+    def _encode(self, texts: list[str]) -> list[list[int]]:
         # verbose=False: no "sequence length is longer than the maximum" warning for texts that are truncated here.
-        return self.tokenizer([t or "" for t in texts], add_special_tokens=False, verbose=False)["input_ids"]
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
-    def _finish(self, pair: RawPair, prompt_text, prompt_body, chosen, rejected) -> dict | str:
+    def _finish(self, pair: RawPair, prompt_body, chosen, rejected) -> dict | str:
         options = self.options
-        if prompt_text is None:
-            return "malformed: prompt is a list of messages; pass --chat-template"
-        prompt = self.prefix + prompt_body
+        prefix = [] if pair.conversational else self.prefix  # the template's rendering holds its own
+        prompt = prefix + prompt_body
         # Blank text is empty whatever the tokenizer adds (a BOS alone is not a prompt).
         if not prompt_body or (isinstance(pair.prompt, str) and not pair.prompt.strip()):
             return "empty_prompt"
@@ -214,8 +233,8 @@ class PairTokenizer:
             chosen, rejected = chosen + self.suffix, rejected + self.suffix
         truncated_prompt = len(prompt) > options.max_prompt_length
         if truncated_prompt:
-            keep = options.max_prompt_length - len(self.prefix)
-            prompt = self.prefix + prompt_body[len(prompt_body) - keep :]
+            keep = options.max_prompt_length - len(prefix)
+            prompt = prefix + prompt_body[len(prompt_body) - keep :]
         room = options.max_length - len(prompt)
         truncated_response = max(len(chosen), len(rejected)) > room
         if (truncated_prompt or truncated_response) and options.truncation == "drop":
@@ -235,6 +254,19 @@ class PairTokenizer:
         }
 
 
+class TemplateRefusal(Exception):
+    """The chat template raised for a record (e.g. roles that do not alternate): reported per record."""
+
+
+def chat_template_hash(tokenizer) -> str | None:
+    """A hash of the tokenizer's chat template (None without one), recorded in the manifest."""
+    template = tokenizer.chat_template
+    if template is None:
+        return None
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def prepare_pairs(
     input_path: str | os.PathLike,
     tokenizer_dir: str | os.PathLike,
@@ -249,25 +281,29 @@ def prepare_pairs(
     Callable in one process without a process group (rank 0 of 1) as well as under torchrun."""
     options.validate()
     input_path, out_dir = Path(input_path), Path(out_dir)
-    if not input_path.is_file():
-        raise MissingInputError(f"--input {input_path} does not exist")
+    source = RecordSource(input_path, options.format, columns=options.columns, split=options.split)
     tokenizer = load_tokenizer(tokenizer_dir)
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
-    fmt = resolve_format(input_path, options.format)
     params = {
         # --strict decides whether to stop, not what a shard holds: a rerun may change it. The split is
-        # recorded under "split" (only when there is one: an unsplit output is what it always was).
-        "options": {key: value for key, value in asdict(options).items() if key not in ("strict", "eval_fraction")},
-        "input": {"path": str(input_path.resolve()), "size": input_path.stat().st_size, "format": fmt},
+        # recorded under "split" (only when there is one: an unsplit output is what it always was). What
+        # the input is (its format, split and column names) is recorded under "input".
+        "options": {key: value for key, value in asdict(options).items()
+                    if key not in ("strict", "eval_fraction", "columns", "split")},
+        "input": source.describe(),
         "tokenizer": {"path": str(Path(tokenizer_dir).resolve()), "hash": tokenizer_hash, "vocab_size": len(tokenizer),
                       "pad_token_id": tokenizer.pad_token_id},
     }
     if options.eval_fraction:
         params["split"] = {"fraction": float(options.eval_fraction), "rule": SPLIT_RULE}
-    tokenize = PairTokenizer(tokenizer, options)  # fails on a bad --chat-template before --out is claimed
+    # Fails on a bad --chat-template before --out is claimed.
+    tokenize = PairTokenizer(tokenizer, options, log if rank == 0 else lambda message: None)
     start_job("prepare_pairs", out_dir, params, rank=rank, log=log)
+    # For the manifest only, not the claim: the tokenizer's hash covers the template already, and a folder
+    # claimed before this entry existed (the same shards) must still resume.
+    params["tokenizer"]["chat_template"] = chat_template_hash(tokenizer)
     try:
-        num_records = _write_shards(input_path, fmt, out_dir, tokenize, rank, world_size, log)
+        num_records = _write_shards(source, out_dir, tokenize, rank, world_size, log)
     except BaseException:
         if world_size == 1:  # alone, a run that stopped before its first shard leaves no claim behind
             release_output_dir(out_dir)
@@ -296,7 +332,7 @@ def prepare_pairs(
     return {**total, "split": params["split"], **summaries}
 
 
-def _write_shards(input_path: Path, fmt: str, out_dir: Path, tokenize: PairTokenizer, rank: int, world_size: int,
+def _write_shards(source: RecordSource, out_dir: Path, tokenize: PairTokenizer, rank: int, world_size: int,
                   log: Callable[[str], None]) -> int:
     """This rank's unfinished shards; returns the number of input records."""
     options = tokenize.options
@@ -304,36 +340,39 @@ def _write_shards(input_path: Path, fmt: str, out_dir: Path, tokenize: PairToken
     for stats_dir in stats_dirs:
         stats_dir.mkdir(parents=True, exist_ok=True)
     per_shard = options.samples_per_shard
-    source = ProgressFile(input_path) if not fmt.startswith("parquet") else None
     progress = Progress("prepare_pairs", "records", log, enabled=rank == 0)
     pending: list[tuple[str, object]] = []
     num_records = 0
-    for where, raw in iter_raw_records(input_path, fmt, source):
+    for where, raw in source.records():
         shard = num_records // per_shard
         num_records += 1
         if shard % world_size == rank and not all((d / f"{shard_name(shard)}.json").exists() for d in stats_dirs):
             pending.append((where, raw))
             if len(pending) == per_shard:
-                _write_shard(shard, pending, tokenize, fmt, out_dir, options.strict, input_path)
+                _write_shard(shard, pending, tokenize, source, out_dir)
                 pending = []
-        if progress.due():  # by input bytes consumed; Parquet row groups give no such measure
-            progress.report(num_records, source.done / source.total if source and source.total else None)
+        if progress.due():  # by input bytes (JSON lines) or rows (tables) read
+            progress.update(num_records, fraction=source.done / source.total if source.total else None)
     if pending:
-        _write_shard((num_records - 1) // per_shard, pending, tokenize, fmt, out_dir, options.strict, input_path)
+        _write_shard((num_records - 1) // per_shard, pending, tokenize, source, out_dir)
+    progress.close(num_records)
     return num_records
 
 
-def _write_shard(index: int, records, tokenize: PairTokenizer, fmt: str, out_dir: Path, strict: bool, input_path: Path) -> None:
+def _write_shard(index: int, records, tokenize: PairTokenizer, source: RecordSource, out_dir: Path) -> None:
     options = tokenize.options
     first = index * options.samples_per_shard
-    parsed = [(where, parse_record(raw, fmt)) for where, raw in records]
+    parsed = [(where, source.parse(raw)) for where, raw in records]
+    conversation = next((where for where, pair in parsed if isinstance(pair, RawPair) and pair.conversational), None)
+    if conversation is not None:
+        tokenize.render_conversations(f"{source.path}: {conversation}")
     good = [(offset, where, pair) for offset, (where, pair) in enumerate(parsed) if isinstance(pair, RawPair)]
     results: dict[int, dict | str] = {offset: reason for offset, (_, reason) in enumerate(parsed) if isinstance(reason, str)}
     results.update(zip([offset for offset, _, _ in good], tokenize([pair for _, _, pair in good])))
-    if strict:  # before any side is written: a strict stop leaves no shard of this index behind
+    if options.strict:  # before any side is written: a strict stop leaves no shard of this index behind
         for offset, (where, _) in enumerate(parsed):
             if isinstance(results[offset], str):
-                raise InputError(f"{input_path}: {where}: {results[offset]} (--strict stops at the first record not kept)")
+                raise InputError(f"{source.path}: {where}: {results[offset]} (--strict stops at the first record not kept)")
     sides = options.sides(out_dir)
     # Unparsable records have no prompt: they are reported on the first side (train).
     side_of = [split_side(pair.prompt, options.eval_fraction) if isinstance(pair, RawPair) and options.eval_fraction
