@@ -58,17 +58,33 @@ def resolve_attention(choice: str, device: torch.device, model_config, training:
     return choice
 
 
+def layer_windows(model_config) -> dict[str, int | None]:
+    """The sliding window of each kind of attention layer a transformers config describes (None: the
+    layer sees every earlier key): per `layer_types` entry where the config lists them (Gemma 2/3,
+    Qwen2/3: "sliding_attention" layers slide by `sliding_window`, the others do not), else one entry,
+    "all", for every layer (Mistral, Phi-3, Mixtral: `sliding_window` or None)."""
+    window = getattr(model_config, "sliding_window", None) or None
+    layer_types = getattr(model_config, "layer_types", None)
+    if layer_types:
+        return {kind: window if kind == "sliding_attention" else None for kind in dict.fromkeys(layer_types)}
+    return {"all": window}
+
+
+def has_sliding_window(model_config) -> bool:
+    return any(window is not None for window in layer_windows(model_config).values())
+
+
 def mask_unsupported(model_config) -> str | None:
-    """What in a transformers config no mask this project builds computes (None: nothing): sliding
-    windows and chunked attention restrict keys per layer, which transformers' own mask functions
-    apply to padded rows' 2-D masks; packed rows (any path) and prepared 4-D masks cannot."""
-    window = getattr(model_config, "sliding_window", None)
+    """What in a transformers config no mask this project builds computes (None: nothing): chunked
+    attention and Gemma 3's bidirectional attention, which transformers' own mask functions apply to
+    padded rows' 2-D masks and packed rows' masks do not. Sliding windows the packed mask applies
+    (logprobs.packed_attention_masks), by position, per kind of layer."""
     layer_types = getattr(model_config, "layer_types", None) or ()
-    if window or "sliding_attention" in layer_types:
-        return f"sliding-window attention (sliding_window={window})"
     chunk = getattr(model_config, "attention_chunk_size", None)
     if chunk or "chunked_attention" in layer_types:
         return f"chunked attention (attention_chunk_size={chunk})"
+    if getattr(model_config, "use_bidirectional_attention", False):
+        return "bidirectional attention (use_bidirectional_attention=True)"
     return None
 
 
@@ -87,10 +103,13 @@ def packing_for(packing: str, model_config, option: str = "data.packing") -> str
 
 def packed_unsupported(model_config) -> str | None:
     """What in a transformers config the packed paths (varlen, flex) cannot compute (None: nothing):
-    what no prepared mask computes (mask_unsupported), and soft-capped attention scores."""
+    what no prepared mask computes (mask_unsupported), sliding windows (their pieces and block masks
+    carry none) and soft-capped attention scores (torch's varlen kernel has no soft-cap)."""
     unsupported = mask_unsupported(model_config)
     if unsupported:
         return unsupported
+    if has_sliding_window(model_config):
+        return f"sliding-window attention (sliding_window={model_config.sliding_window})"
     softcap = getattr(model_config, "attn_logit_softcapping", None)
     if softcap:
         return f"soft-capped attention scores (attn_logit_softcapping={softcap})"
@@ -121,6 +140,11 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if attention_mask is not None and attention_mask.numel() == 0:  # no_mask(): causal, nothing masked
         attention_mask = None
     if packed is None:
+        # Never silently dropped: SDPA has no soft-cap (such a model keeps eager attention: model.py), and
+        # a sliding window must be in the mask (a model with one keeps transformers' masks: use_packed_attention).
+        if kwargs.get("softcap") is not None or (kwargs.get("sliding_window") is not None and attention_mask is None):
+            raise ValueError(f"{type(module).__name__}: softcap={kwargs.get('softcap')}, sliding_window="
+                             f"{kwargs.get('sliding_window')} reached the SDPA path without a mask that applies them")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if not isinstance(packed, (VarlenDescriptors, FlexMask)):
         raise TypeError(f"{PACKED_KWARG} must be VarlenDescriptors or a FlexMask, got {type(packed).__name__}")
@@ -176,15 +200,15 @@ def use_packed_attention(model: torch.nn.Module, path: str) -> None:
     """Run `model` (a transformers causal LM, FSDP-wrapped or not) under PACKED_IMPLEMENTATION from
     now on, its packed rows by `path` ("dense", "varlen" or "flex"; packed_attention_of). On the dense
     path an SDPA model switches too, so that the log-prob path hands it prepared masks (no host sync:
-    no_mask), unless it needs masks only transformers builds (mask_unsupported: a sliding window) or
-    cannot switch; a model on another implementation (eager) keeps it. Refused (InputError) for
+    no_mask), unless it needs padded rows' masks only transformers builds (mask_unsupported, a sliding
+    window) or cannot switch; a model on another implementation (eager: soft-capped attention) keeps it. Refused (InputError) for
     models the varlen and flex paths cannot serve."""
     if path not in ATTENTION_PATHS:
         raise ValueError(f"path must be one of {ATTENTION_PATHS}, got {path!r}")
     config = model.config
     current = getattr(config, "_attn_implementation", None)
     if path == "dense" and (current not in (None, "sdpa", PACKED_IMPLEMENTATION) or mask_unsupported(config)
-                            or not attention_switchable(model)):
+                            or has_sliding_window(config) or not attention_switchable(model)):
         return
     if current != PACKED_IMPLEMENTATION:
         refusal = packed_path_refusal(config, attention_switchable(model)) if path != "dense" else None

@@ -4,7 +4,9 @@ Runs in one CPU process without a process group. The model tensors are read from
 group at a time (DCP reads only the byte ranges asked for, whatever world size wrote them) and
 each group is written as one safetensors file by DCP's own Hugging Face storage writer, so peak
 memory stays near one output shard, not the model. Tied weights (e.g. `lm_head.weight` tied to
-the embeddings) are stored once, as transformers expects. The folder is assembled under a temp
+the embeddings) are stored once, and tensors transformers fuses in memory (a mixture-of-experts
+layer's experts) are written piece by piece under the files' names (hf_layout.py), as transformers'
+own save_pretrained writes them. The folder is assembled under a temp
 name and renamed when complete.
 """
 
@@ -28,7 +30,9 @@ from mpo_dist.checkpoint_problems import HF_FILES_DIR, MODEL_PREFIX, raise_if_in
 from mpo_dist.dcp_reader import SafeFileSystemReader
 from mpo_dist.distributed import barrier, is_main
 from mpo_dist.errors import InputError, MissingInputError
+from mpo_dist.hf_layout import FileLayout
 from mpo_dist.model import DTYPES
+from mpo_dist.progress import Progress, stdout_log
 from mpo_dist.tokenizer import load_tokenizer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -50,8 +54,9 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _expected_tensors(hf_dir: Path) -> tuple[dict[str, torch.Size], set[str]]:
-    """The model's state-dict names and shapes (built on the meta device from config.json), and the tied ones."""
+def _expected_tensors(hf_dir: Path) -> tuple[dict[str, torch.Size], set[str], FileLayout]:
+    """The model's state-dict names and shapes (built on the meta device from config.json), the tied
+    ones, and where its tensors go in the files (hf_layout.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from mpo_dist.model import tied_parameter_names
@@ -59,7 +64,8 @@ def _expected_tensors(hf_dir: Path) -> tuple[dict[str, torch.Size], set[str]]:
     config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True, trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name: tensor.shape for name, tensor in model.state_dict().items()}, tied_parameter_names(model)
+    return ({name: tensor.shape for name, tensor in model.state_dict().items()}, tied_parameter_names(model),
+            FileLayout(model))
 
 
 # What reading a truncated, zero-byte or overwritten DCP file raises (an OSError is the machine's, not the file's).
@@ -107,7 +113,7 @@ def _groups(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[lis
 
 
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32",
-                       max_shard_bytes: int = 5 * 10**9, log: Callable[[str], None] = print,
+                       max_shard_bytes: int = 5 * 10**9, log: Callable[[str], None] = stdout_log,
                        names: dict[str, str] = TOOL_NAMES) -> Path:
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     name_checkpoint, name_out, name_dtype = names["checkpoint"], names["out"], names["dtype"]
@@ -130,7 +136,7 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str =
 
     _check_tokenizer(hf_dir, f"{name_checkpoint} {checkpoint}")
     stored = _read(lambda: SafeFileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata, name_checkpoint, checkpoint)
-    expected, tied = _expected_tensors(hf_dir)
+    expected, tied, layout = _expected_tensors(hf_dir)
     names = [name for name in expected if name not in tied]
     missing = [name for name in names if MODEL_PREFIX + name not in stored]
     wrong = [f"{name} {tuple(stored[MODEL_PREFIX + name].size)} vs {tuple(expected[name])}" for name in names
@@ -143,27 +149,34 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str =
     element = torch.empty((), dtype=target).element_size()
     sizes = {name: expected[name].numel() * element for name in names}
     groups = _groups(names, sizes, max_shard_bytes)
-    index_of = {name: number for number, group in enumerate(groups, 1) for name in group}
+    pieces = {name: layout.pieces(name, expected[name]) for name in names}  # file tensors, as save_pretrained writes them
+    index_of = {piece.key: number for number, group in enumerate(groups, 1) for name in group for piece in pieces[name]}
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         weight_map: dict[str, str] = {}
+        # Files written and MiB, the share done by bytes; the first file is reported at once (its rate).
+        progress = Progress("convert_checkpoint", "files", log, total=len(groups), work_unit="MiB", first_after_s=0.0)
+        written = 0
         for number, group in enumerate(groups, 1):
             tensors = {MODEL_PREFIX + name: torch.empty(expected[name], dtype=stored[MODEL_PREFIX + name].properties.dtype)
                        for name in group}
             _read(partial(dcp.load, tensors, storage_reader=SafeFileSystemReader(str(checkpoint)), no_dist=True),
                   name_checkpoint, checkpoint)
-            shard = {name: tensors[MODEL_PREFIX + name].to(target).contiguous() for name in group}
+            shard = {piece.key: tensors[MODEL_PREFIX + name][piece.index].to(target).contiguous()
+                     for name in group for piece in pieces[name]}
             del tensors
             # The writer names files model-XXXXX-of-NNNNN after the largest index in the mapping: add the last one.
-            mapping = {name: index_of[name] for name in group} | {"": len(groups)}
+            mapping = {key: index_of[key] for key in shard} | {"": len(groups)}
             writer = HuggingFaceStorageWriter(str(tmp), fqn_to_index_mapping=mapping)
             dcp.save(shard, storage_writer=writer, no_dist=True)
             files = sorted(p.name for p in tmp.glob(f"model-{number:05d}-of-*.safetensors"))
-            weight_map.update(dict.fromkeys(group, files[0]))
-            log(f"convert_checkpoint: wrote {files[0]} ({len(group)} tensors, {sum(sizes[n] for n in group) / 2**20:.1f} MiB)")
+            weight_map.update(dict.fromkeys(shard, files[0]))
+            written += sum(sizes[n] for n in group)
+            progress.update(number, work=written / 2**20, fraction=written / max(sum(sizes.values()), 1))
             del shard
+        progress.close()
         total = sum(sizes.values())
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         for extra in hf_dir.iterdir():  # config, generation config, tokenizer files

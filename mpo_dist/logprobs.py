@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from mpo_dist.attention import (PACKED_IMPLEMENTATION, PACKED_KWARG, mask_unsupported, no_mask, packed_attention_of,
-                                use_packed_attention)
+from mpo_dist.attention import (PACKED_IMPLEMENTATION, PACKED_KWARG, layer_windows, mask_unsupported, no_mask,
+                                packed_attention_of, use_packed_attention)
 from mpo_dist.errors import InputError
 from mpo_dist.flex import build_flex_mask
 
@@ -89,19 +89,39 @@ def _chunk_token_logps(head, transform, hidden: torch.Tensor, targets: torch.Ten
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def packed_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, implementation: str, dtype: torch.dtype):
+def packed_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, implementation: str, dtype: torch.dtype,
+                          position_ids: torch.Tensor | None = None, window: int | None = None):
     """The 4-D mask of packed rows (data/layout.py): query i sees key j when both are in the same
-    document, j <= i, and j is the prompt or i's own response (not a sibling response).
+    document, j <= i, and j is the prompt or i's own response (not a sibling response); with a sliding
+    `window`, also when i's position is less than `window` past j's (transformers' `q - kv < window`,
+    counted in positions: a further response continues its prompt's positions, not the row's columns).
 
     Boolean (True: attend) for SDPA; additive (0 or the dtype's minimum) for eager attention."""
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
     own_branch = (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
     column = torch.arange(segment_ids.shape[1], device=segment_ids.device)
     causal = column[:, None] >= column[None, :]
-    allowed = (same_segment & own_branch & causal)[:, None]
+    allowed = same_segment & own_branch & causal
+    if window is not None:
+        allowed = allowed & (position_ids[:, :, None] - position_ids[:, None, :] < window)
+    allowed = allowed[:, None]
     if implementation == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
     return allowed
+
+
+def packed_attention_masks(model_config, batch, implementation: str, dtype: torch.dtype):
+    """packed_attention_mask for every kind of layer of the model (attention.layer_windows): one mask when
+    they all see the same keys (a window no shorter than the row changes nothing), else a mask per layer
+    type, the mapping transformers' decoders with `layer_types` (Gemma 2/3, Qwen2/3) take as it is."""
+    width = batch.input_ids.shape[1]
+    windows = {kind: window if window is not None and window < width else None
+               for kind, window in layer_windows(model_config).items()}
+    masks = {window: packed_attention_mask(batch.segment_ids, batch.branch_ids, implementation, dtype,
+                                           batch.position_ids, window) for window in set(windows.values())}
+    if len(masks) == 1:
+        return next(iter(masks.values()))
+    return {kind: masks[window] for kind, window in windows.items()}
 
 
 def padded_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -143,7 +163,7 @@ def _attention_inputs(model, batch) -> dict:
     if implementation not in ("sdpa", "eager", PACKED_IMPLEMENTATION):  # the latter: SDPA on a given mask
         raise InputError(f"data.packing needs the model's attention to be 'sdpa' or 'eager', not {implementation!r}")
     mask_kind = "eager" if implementation == "eager" else "sdpa"
-    return dict(attention_mask=packed_attention_mask(batch.segment_ids, batch.branch_ids, mask_kind, model.dtype))
+    return dict(attention_mask=packed_attention_masks(model.config, batch, mask_kind, model.dtype))
 
 
 def token_logprobs(model, batch, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:

@@ -61,11 +61,23 @@ def build_model_from_config(config, dtype: torch.dtype, device: torch.device | s
     from transformers import AutoModelForCausalLM
 
     with torch.device(device):
-        lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_implementation(config))
     lm.config.use_cache = False
     disable_dropout(lm)
     add_logprob_method(lm)
     return lm
+
+
+def attention_implementation(config) -> str:
+    """SDPA where the architecture computes its attention with it, else eager: Gemma 2 (and any model
+    whose config soft-caps attention scores, `attn_logit_softcapping`) needs the soft-cap, which SDPA
+    cannot apply. Eager runs the same masks (attention.py, logprobs.py), only slower."""
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if getattr(config, "attn_logit_softcapping", None) or not getattr(model_class, "_supports_sdpa", True):
+        return "eager"
+    return "sdpa"
 
 
 def disable_dropout(lm: nn.Module) -> None:
@@ -117,10 +129,14 @@ def materialize_weights(lm: nn.Module, path: str | Path | None, device: torch.de
 
 
 def load_pretrained_weights(lm: nn.Module, path: str | Path, option: str = "model.path") -> None:
-    """Read each rank's slices of the safetensors weights into the (possibly sharded) model."""
+    """Read each rank's slices of the safetensors weights into the (possibly sharded) model. Tensors the
+    files store piece by piece (a mixture-of-experts layer's experts: hf_layout.py) are read piece by
+    piece into their places in this rank's shard: only the experts this rank holds."""
     import torch.distributed.checkpoint as dcp
     from safetensors import safe_open
     from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    from mpo_dist.hf_layout import FileLayout
 
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
@@ -132,20 +148,54 @@ def load_pretrained_weights(lm: nn.Module, path: str | Path, option: str = "mode
             stored.update(handle.keys())
     # Some files name the base model's tensors without its prefix (GPT-2: "h.0..." for "transformer.h.0...").
     prefix = lm.base_model_prefix + "."
+
+    def stored_as(key: str) -> str | None:
+        return key if key in stored else key.removeprefix(prefix) if key.removeprefix(prefix) in stored else None
+
     tied = tied_parameter_names(lm)
+    layout = FileLayout(lm)
     state, missing = {}, []
     for name, tensor in lm.state_dict().items():
         if name in tied:
             continue
-        key = name if name in stored else name.removeprefix(prefix) if name.removeprefix(prefix) in stored else None
-        if key is None:
+        if stored_as(name) is not None:
+            state[stored_as(name)] = tensor
+            continue
+        pieces = layout.pieces(name, tensor.shape)
+        keys = [stored_as(piece.key) for piece in pieces]
+        if None in keys:
             missing.append(name)
+        elif len(pieces) == 1 and pieces[0].index == ():
+            state[keys[0]] = tensor
         else:
-            state[key] = tensor
+            state.update(_pieces_of_local_shard(tensor, pieces, keys))
     if missing:
+        unsupported = f"; its conversion mapping has transforms this loader cannot invert: {layout.describe_unsupported()}" \
+            if layout.unsupported else ""
         raise InputError(f"{option} {path}: the safetensors files lack {len(missing)} of the model's tensors "
-                         f"(e.g. {missing[:3]}); do they belong to the config.json beside them?")
+                         f"(e.g. {missing[:3]}); do they belong to the config.json beside them?{unsupported}")
     dcp.load(state, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not has_process_group())
+
+
+def _pieces_of_local_shard(tensor: torch.Tensor, pieces, keys: list[str]) -> dict[str, torch.Tensor]:
+    """{file key: the view of this rank's part of `tensor` that the piece fills}, for the pieces (each an
+    expert: hf_layout.FilePiece.index starts with it) that lie in this rank's shard of dim 0 (FSDP2's)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local, start = tensor, 0
+    if isinstance(tensor, DTensor):
+        local = tensor.to_local()
+        shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+        if tuple(shape[1:]) != tuple(tensor.shape[1:]):
+            raise NotImplementedError(f"a tensor stored piece by piece must be sharded on dim 0 only, got {tensor.placements}")
+        start = offset[0]
+    views = {}
+    for piece, key in zip(pieces, keys):
+        expert = piece.index[0]
+        if start <= expert < start + local.shape[0]:
+            views[key] = local[(expert - start, *piece.index[1:])]
+    return views
 
 
 def tied_parameter_names(lm: nn.Module) -> set[str]:

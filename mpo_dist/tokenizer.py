@@ -23,10 +23,24 @@ def load_tokenizer(path: str | os.PathLike):
         raise InputError(f"{path}: cannot load a tokenizer from this folder ({error})") from error
     if len(tokenizer) == 0:
         raise InputError(f"{path}: tokenizer has an empty vocabulary")
-    if tokenizer.pad_token_id is None:
-        # Padding positions are masked everywhere; any real id works, EOS is the convention.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    set_pad_token(tokenizer, path)
     return tokenizer
+
+
+def set_pad_token(tokenizer, path) -> None:
+    """Give a tokenizer without a pad token one of its own tokens for padding: EOS, else UNK, else BOS,
+    else id 0. Padding positions are masked everywhere, so any real id serves; a new token would not:
+    it would grow the vocabulary past the model's embeddings (and change what prepare records as the
+    vocabulary size), so the vocabulary is checked unchanged."""
+    if tokenizer.pad_token_id is not None:
+        return
+    size = len(tokenizer)
+    existing = next((token for token in (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token)
+                     if token is not None and tokenizer.convert_tokens_to_ids(token) is not None), None)
+    tokenizer.pad_token = existing if existing is not None else tokenizer.convert_ids_to_tokens(0)
+    if len(tokenizer) != size or tokenizer.pad_token_id is None or not 0 <= tokenizer.pad_token_id < size:
+        raise InputError(f"{path}: the tokenizer has no pad token and none of its own tokens could serve as one "
+                         f"(its vocabulary went from {size} to {len(tokenizer)}); add a pad_token to its tokenizer_config.json")
 
 
 def tokenizer_beside_model(model_dir: str | os.PathLike | None):

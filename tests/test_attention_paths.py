@@ -222,35 +222,64 @@ def test_padded_rows_take_prepared_masks_with_transformers_numbers(padding_side)
             torch.testing.assert_close(token_logprobs(switched, batch), token_logprobs(plain, batch), rtol=0, atol=1e-6)
 
 
-def test_models_that_prepared_masks_cannot_serve_keep_transformers_masks_and_padded_rows():
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral", "Gemma 2", "Gemma 3"])
+def test_sliding_windows_and_soft_caps_on_packed_rows_equal_the_models_own_forward(family):
+    """Packed rows on the dense path apply each layer's sliding window (by position: a rejected response
+    continues its prompt's positions) and Gemma 2's soft-capped scores (eager attention): per-sequence
+    log-probs and gradients equal padded rows', which run transformers' own masks (the model's forward).
+    The window bites: without it the numbers differ."""
+    from transformers import AutoModelForCausalLM
+
+    from mpo_dist.data.layout import lay_out
+    from mpo_dist.model import build_model_from_config
+    from model_families import WINDOW, family_config
+
+    config = family_config(family, TINY_VOCAB)
+    torch.manual_seed(0)
+    model = build_model_from_config(config, torch.float32, "cpu")
+    use_packed_attention(model, "dense")  # the trainer's call: such a model keeps transformers' masks for padded rows
+    assert model.config._attn_implementation == ("eager" if family == "Gemma 2" else "sdpa")
+    documents = pair_rows(2, (8, 12), (6, 10))
+    packed = lay_out(documents, packing="always", pad_token_id=0, cost=no_cost)
+    padded = lay_out(documents, packing="never", pad_token_id=0, cost=no_cost)
+    assert packed.packed and int(packed.position_ids.max()) >= 2 * WINDOW  # responses reach past the window
+    def logps_and_grads_of(inputs):
+        model.zero_grad()
+        logps = batch_logprobs(model, inputs).logps
+        (logps * torch.linspace(-1, 1, logps.numel())).sum().backward()
+        return logps.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    got, got_grads = logps_and_grads_of(packed)
+    want, want_grads = logps_and_grads_of(padded)
+    assert len(want_grads) == len(list(model.parameters()))
+    torch.testing.assert_close(got, want, **TOLERANCE)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **TOLERANCE, msg=name)
+    unwindowed = AutoModelForCausalLM.from_config(family_config(family, TINY_VOCAB).__class__(
+        **{**config.to_dict(), "sliding_window": 10 * WINDOW}), attn_implementation=model.config._attn_implementation)
+    unwindowed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (batch_logprobs(unwindowed, packed).logps - got).abs().max() > 1e-3
+
+
+def test_what_no_prepared_mask_serves_keeps_transformers_masks_and_padded_rows():
     from transformers import AutoModelForCausalLM, GPTNeoConfig
 
     from mpo_dist.attention import attention_switchable, packing_for
     from mpo_dist.data.layout import lay_out
     from mpo_dist.logprobs import token_logprobs
 
-    def qwen2(window: bool):
-        torch.manual_seed(0)
-        config = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                             num_key_value_heads=2, num_hidden_layers=2, use_sliding_window=window,
-                             sliding_window=4 if window else None, max_window_layers=0)
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-
-    windowed, unwindowed = qwen2(True), qwen2(False)
-    use_packed_attention(windowed, "dense")  # the trainer's call: a sliding window stays with transformers' masks
-    assert windowed.config._attn_implementation == "sdpa"
-    padded = lay_out(pair_rows(2, (4, 8), (3, 6)), packing="never", pad_token_id=0, cost=no_cost)
-    with torch.no_grad():
-        windowed_logps, full_logps = token_logprobs(windowed, padded), token_logprobs(unwindowed, padded)
-    assert (windowed_logps - full_logps).abs().max() > 1e-3  # the window is applied: rows are longer than 4
-    # Packed rows' masks have no window: auto lays such a model's rows out padded, always is refused.
-    assert packing_for("auto", windowed.config) == "never" and packing_for("always", unwindowed.config) == "always"
-    with pytest.raises(InputError, match=r"^data.packing=always cannot serve this model: sliding-window attention "
-                                         r"\(sliding_window=4\), which packed rows' attention masks do not apply; "
+    chunked = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
+    chunked.attention_chunk_size = 4
+    assert packing_for("auto", chunked) == "never" and packing_for("never", chunked) == "never"
+    with pytest.raises(InputError, match=r"^data.packing=always cannot serve this model: chunked attention "
+                                         r"\(attention_chunk_size=4\), which packed rows' attention masks do not apply; "
                                          r"set data.packing=never"):
-        packing_for("always", windowed.config)
+        packing_for("always", chunked)
+    windowed = tiny_causal_lm("qwen2")
     packed = lay_out(pair_rows(2, (4, 8), (3, 6)), packing="always", pad_token_id=0, cost=no_cost)
-    with pytest.raises(InputError, match="packed rows cannot serve this model: sliding-window attention"):
+    windowed.config.attention_chunk_size = 4
+    with pytest.raises(InputError, match="packed rows cannot serve this model: chunked attention"):
         token_logprobs(windowed, packed)
     # A class outside transformers' attention interface keeps its attention on the dense path; varlen is refused.
     neo = AutoModelForCausalLM.from_config(GPTNeoConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_layers=2, num_heads=4,

@@ -80,3 +80,40 @@ def test_decoder_layers_are_found_and_sharded(one_process_group, model_type, ext
     out = sequence_logprobs(policy, tokens, mask, mask)
     out.logps.sum().backward()
     assert torch.isfinite(out.logps).all() and all(p.grad is not None for p in policy.parameters())
+
+
+@pytest.mark.parametrize("family", ["Qwen3-MoE", "Mixtral"])
+def test_experts_stored_one_by_one_load_into_the_fused_tensors(tmp_path, monkeypatch, family):
+    """transformers 5 fuses a mixture-of-experts layer's experts in memory and its save_pretrained writes
+    them one by one: the file layout (hf_layout.py) names exactly the files' tensors, the loader fills
+    the fused tensors from them (logits equal), and a transform it cannot invert is refused by name."""
+    from safetensors import safe_open
+
+    from mpo_dist.errors import InputError
+    from mpo_dist.hf_layout import FileLayout
+    from mpo_dist.model import build_model_from_config, materialize_weights
+    from model_families import family_config
+
+    config = family_config(family, 64)
+    torch.manual_seed(0)
+    saved = AutoModelForCausalLM.from_config(config).eval()
+    saved.save_pretrained(str(tmp_path))
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        stored = set(handle.keys())
+    layout = FileLayout(saved)
+    assert {piece.key for name, tensor in saved.state_dict().items()
+            for piece in layout.pieces(name, tensor.shape)} == stored
+    assert not any(name in stored for name in saved.state_dict() if ".experts." in name)  # all stored otherwise
+
+    model = build_model_from_config(config, torch.float32)
+    materialize_weights(model, tmp_path, torch.device("cpu"), seed=1)
+    tokens = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, saved(tokens).logits)
+
+    layout.stacks.clear()
+    layout.unsupported.append("WeightConverter(experts, Interleave)")
+    monkeypatch.setattr("mpo_dist.hf_layout.FileLayout", lambda lm: layout)
+    with pytest.raises(InputError, match=r"lack \d+ of the model's tensors .* its conversion mapping has transforms "
+                                         r"this loader cannot invert: WeightConverter\(experts, Interleave\)"):
+        materialize_weights(build_model_from_config(config, torch.float32), tmp_path, torch.device("cpu"))

@@ -89,3 +89,43 @@ def test_tokenizer_fingerprint(tmp_path, gpt2_dir, stories_dir, gpt2, template_t
     assert tokenizer_fingerprint(stories) != tokenizer_fingerprint(gpt2)
     assert tokenizer_fingerprint(load_tokenizer(template_tokenizer_dir)) != tokenizer_fingerprint(gpt2)
     assert tokenizer_fingerprint(gpt2).startswith("sha256:")
+
+
+# ---------------------------------------------------------------------------- pad token
+
+
+def _word_tokenizer_dir(folder: Path, **specials) -> Path:
+    """A 40-word tokenizer without a pad token, with the given special tokens (words of its vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(40)}, unk_token=specials.get("unk_token")))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(str(folder))
+    return folder
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_one_of_its_own(tmp_path, gpt2_dir, gpt2):
+    """No pad token: EOS pads (else UNK, BOS, id 0), the vocabulary never grows, so prepared pairs fit a
+    model whose embeddings are exactly the tokenizer's vocabulary, also after the tokenizer is saved
+    beside a checkpoint and loaded again."""
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(str(gpt2_dir), local_files_only=True)
+    assert plain.pad_token is None
+    assert (gpt2.pad_token_id, len(gpt2)) == (plain.eos_token_id, len(plain)) == (50256, 50257)
+    gpt2.save_pretrained(str(tmp_path / "saved"))
+    assert len(load_tokenizer(tmp_path / "saved")) == 50257
+
+    cases = {"eos": ({"eos_token": "w7", "unk_token": "w3"}, 7), "unk": ({"unk_token": "w3", "bos_token": "w5"}, 3),
+             "bos": ({"bos_token": "w5"}, 5), "none": ({}, 0)}
+    for name, (specials, pad_id) in cases.items():
+        tokenizer = load_tokenizer(_word_tokenizer_dir(tmp_path / name, **specials))
+        assert (name, tokenizer.pad_token_id, len(tokenizer)) == (name, pad_id, 40)
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "w1 w2", "chosen": " w3", "rejected": " w4"}])
+    prepare(pairs, tmp_path / "eos", tmp_path / "out", append_eos=True)
+    manifest = Manifest.read(tmp_path / "out", "pairs")
+    assert manifest.info["tokenizer"]["vocab_size"] == 40 and manifest.info["tokenizer"]["pad_token_id"] == 7
+    [(_, _, _, arrays)] = read_samples(tmp_path / "out")
+    assert arrays["chosen_ids"].tolist() == [3, 7] and max(arrays["prompt_ids"].tolist()) < 40
