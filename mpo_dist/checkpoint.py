@@ -209,8 +209,10 @@ class Checkpointer:
         return f"{name}/dp_rank_{dp_rank}"
 
     def save(self, step: int, states: dict[str, Stateful], rank_local: dict[str, Stateful],
-             write_extra: Callable[[Path], None] | None = None) -> Path:
-        """Save atomically; rank 0 calls `write_extra(folder)` for small side files before completing it."""
+             write_extra: Callable[[Path], None] | None = None, info_extra: dict[str, Any] | None = None) -> Path:
+        """Save atomically; rank 0 calls `write_extra(folder)` for small side files before completing it,
+        and adds rank 0's `info_extra` (plain JSON: e.g. the tracker run ids) to its checkpoint.json,
+        which `load` returns."""
         final = step_folder(self.root, step)
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
@@ -229,7 +231,7 @@ class Checkpointer:
             if self.rank == 0:
                 try:
                     info = {"format": CHECKPOINT_FORMAT, "step": step, "dp_world_size": self.dp_world_size,
-                            "world_size": world_size(), "rank_local": sorted(rank_local)}
+                            "world_size": world_size(), "rank_local": sorted(rank_local), **(info_extra or {})}
                     self._complete(tmp, final, info, write_extra)
                 except Exception as caught:
                     error = caught

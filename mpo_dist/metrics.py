@@ -1,11 +1,10 @@
-"""Where a run's metrics go: a step-window accumulator, peak memory, and the writer (console line,
-TensorBoard and `metrics.jsonl`, on rank 0). The names are metric_names.py's, the FLOPs and MFU
-flops.py's, and metrics_file.py reads the file back.
+"""Where a run's metrics go: a step-window accumulator, peak memory, and the writer (console line and
+the trackers of metrics.backends, trackers.py, on rank 0). The names are metric_names.py's, the FLOPs
+and MFU flops.py's, and metrics_file.py reads metrics.jsonl back.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -15,11 +14,10 @@ import torch
 
 from mpo_dist.distributed import all_reduce_sum
 from mpo_dist.metric_names import TRAIN_CONSOLE, console_line, logged_name
-from mpo_dist.metrics_file import METRICS_FILE, parse_records
+from mpo_dist.metrics_file import METRICS_FILE
+from mpo_dist.trackers import TENSORBOARD_DIR, Tracker, Tracking, one_line, active_backends, open_trackers
 
 __all__ = ["METRICS_FILE", "TENSORBOARD_DIR", "MetricLogger", "StepWindow", "peak_memory_bytes"]
-
-TENSORBOARD_DIR = "tensorboard"
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -85,48 +83,47 @@ class StepWindow:
 
 
 class MetricLogger:
-    """Rank 0 writes a console line, TensorBoard scalars and one JSON object per logged step to
-    `metrics.jsonl`; other ranks write nothing. Values are plain floats (reduced by the caller).
+    """Rank 0 hands each logged step's values (plain floats, reduced by the caller) to every tracker of
+    the run (trackers.py: metrics.jsonl always, and what metrics.backends names) and prints a console
+    line; other ranks write nothing. A tracker other than metrics.jsonl that fails (a tracking server
+    that went down) is turned off with one warning and training goes on; metrics.jsonl keeps every step.
 
-    On a resumed run (`start_step` > 0) points after `start_step` left by the interrupted run are
-    dropped from both files, so each step appears once."""
+    On a resumed run (`start_step` > 0) the trackers go on from `start_step` (see trackers.py), so each
+    step appears once. `tensorboard` adds the TensorBoard backend when `tracking` is not given."""
 
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, start_step: int = 0,
-                 log: Callable[[str], None] = print):
+    def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int = 0,
+                 log: Callable[[str], None] = print, tracking: Tracking | None = None, tensorboard: bool = False):
         self.enabled, self.total_steps, self.start_step, self.log = enabled, total_steps, start_step, log
-        self.tensorboard_dir = Path(output_dir) / TENSORBOARD_DIR
-        self.jsonl_path = Path(output_dir) / METRICS_FILE
-        self.writer = None
-        self._jsonl = None
+        self.trackers: list[Tracker] = []  # those still on; `opened` also holds the ones that failed
         if enabled:
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=start_step + 1 if start_step else None)
-            self._jsonl = self._open_jsonl(start_step)
+            tracking = tracking or Tracking(active_backends([], tensorboard))
+            self.trackers = open_trackers(Path(output_dir), tracking, start_step, log=log)
+        self.opened = list(self.trackers)
         self.start = time.monotonic()
-
-    def _open_jsonl(self, start_step: int):
-        kept = []
-        if start_step and self.jsonl_path.is_file():  # a line cut by a crash is dropped
-            kept = [json.dumps(record) for record in parse_records(self.jsonl_path.read_text())
-                    if record["step"] <= start_step]
-        self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.jsonl_path, "w")
-        handle.writelines(line + "\n" for line in kept)
-        handle.flush()
-        return handle
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
-            self.writer.flush()
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self._jsonl.flush()
+        for tracker in list(self.trackers):
+            if tracker.required:
+                tracker.log(step, values)
+                continue
+            try:
+                tracker.log(step, values)
+            except Exception as error:  # never a SIGTERM (Terminated is a BaseException): that stops the run
+                self.trackers.remove(tracker)
+                self.log(f"mpo_dist: WARNING: the {tracker.name} tracker failed at step {step} ({one_line(error)}); "
+                         f"it gets nothing more from this run (a resume goes on in its run), training goes on, and "
+                         f"metrics.jsonl has every step")
         self.log(self.console_line(step, values))
+
+    def run_ids(self) -> dict[str, str]:
+        """The tracker runs' ids (W&B, MLflow), for checkpoint.json: a resume goes on in them."""
+        return {tracker.name: tracker.run_id() for tracker in self.opened if tracker.run_id() is not None}
+
+    def locations(self) -> list[str]:
+        """Where each tracker's metrics are, for the run's last line."""
+        return [where for where in (tracker.where() for tracker in self.opened) if where]
 
     def console_line(self, step: int, values: dict[str, float]) -> str:
         elapsed = time.monotonic() - self.start
@@ -135,11 +132,17 @@ class MetricLogger:
         return console_line(values, TRAIN_CONSOLE, before=[f"step {step}/{self.total_steps}"],
                             after=[f"eta {_duration(eta)}"])
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
+    def close(self, completed: bool = False) -> None:
+        """Close the trackers still on (`completed`: the run reached its last step); one that fails to
+        close is reported, not raised: the run's outcome is not the tracker's."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            try:
+                tracker.close(completed)
+            except Exception as error:
+                if tracker.required:
+                    raise
+                self.log(f"mpo_dist: WARNING: the {tracker.name} tracker could not close its run ({one_line(error)})")
 
 
 def _duration(seconds: float) -> str:

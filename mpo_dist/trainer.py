@@ -44,6 +44,7 @@ from mpo_dist.flops import CostModel, mfu, peak_tflops
 from mpo_dist.losses import build_loss
 from mpo_dist.objective import Objective
 from mpo_dist.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricLogger, StepWindow, peak_memory_bytes
+from mpo_dist.trackers import Tracking, active_backends, check_installed
 from mpo_dist.model import build_model, count_parameters, load_model_config, materialize_model
 from mpo_dist.optim import build_lr_scheduler, build_optimizer
 from mpo_dist.parallelize import apply_fsdp, build_mesh
@@ -78,6 +79,8 @@ class Trainer(Stateful):
 
     def _build(self, config: Config) -> None:
         self.config = config
+        # A tracker's missing package (metrics.backends) is refused before anything is opened or written.
+        check_installed(active_backends(config.metrics.backends, config.metrics.tensorboard))
         self.info = rank_info_of_group()  # FSDP2 and DCP need a group at any size: the entry point set it up
         self.device = device_for(self.info)
         # model.dtype=auto resolved once, here: the model, the FSDP policy and the provenance check use this name.
@@ -164,10 +167,11 @@ class Trainer(Stateful):
         self.checkpointer = Checkpointer(self.checkpoints_dir, config.checkpoint.keep, self.info.rank, self.dp_rank,
                                          self.dp_world_size, log=log_main, model_config=model_config.to_dict())
         self._peak_tflops = peak_tflops(config.metrics.peak_tflops, self.device)
+        self._tracker_runs: dict[str, str] = {}  # W&B / MLflow run ids of the checkpoint resumed from
+        self._completed = False  # train() reached the last step: the trackers' runs end as finished
         self._resume()
         self._claim_output_dir()
-        self.metrics = MetricLogger(self.output_dir, self.info.is_main, config.metrics.tensorboard,
-                                    config.training.steps, start_step=self.step, log=log_main)
+        self.metrics = self._open_metrics()
         log_main(f"mpo_dist: {type(self.model).__name__.removeprefix('FSDP')} with {count_parameters(self.model):,} "
                  f"parameters on {self.info.world_size} x {self.device.type}, {config.loss.name} loss, {self.grad_accum} "
                  f"micro-batches of {config.data.batch_size} pairs per rank per step, {config.training.steps} steps")
@@ -175,6 +179,18 @@ class Trainer(Stateful):
     @property
     def checkpoints_dir(self) -> Path:
         return self.output_dir / "checkpoints"
+
+    def _open_metrics(self) -> MetricLogger:
+        """Rank 0's trackers (metrics.backends), resuming the tracker runs the checkpoint names; one that
+        cannot start stops every rank before step 1."""
+        error, metrics = None, None
+        try:
+            metrics = MetricLogger(self.output_dir, self.info.is_main, self.config.training.steps, start_step=self.step,
+                                   log=log_main, tracking=Tracking.of(self.config, self._tracker_runs))
+        except InputError as caught:
+            error = caught
+        raise_on_every_rank(error, lambda: InputError("metrics.backends: rank 0 could not start its trackers (see its error)"))
+        return metrics
 
     def _claim_output_dir(self) -> None:
         """Once the inputs and any resume are accepted: an earlier run's files go when
@@ -245,6 +261,7 @@ class Trainer(Stateful):
                      f"{self.dp_world_size}: model, optimizer and schedule were resharded; the RNG state is per rank "
                      f"and is not restored (every rank goes on from job.seed's; dropout is off, so training does not "
                      f"depend on it)")
+        self._tracker_runs = dict(info.get("trackers", {}))
         if "data" in info["missing"]:
             raise DamagedCheckpointError(f"{folder} holds no data position (every checkpoint of this format has one); "
                                          "resume from another checkpoint (checkpoint.resume=PATH)")
@@ -255,7 +272,8 @@ class Trainer(Stateful):
         started = time.perf_counter()
         folder = self.checkpointer.save(
             self.step, *self._checkpoint_states(),
-            write_extra=lambda target: write_hf_files(target, self.model, self.config.model.path, self.tokenizer))
+            write_extra=lambda target: write_hf_files(target, self.model, self.config.model.path, self.tokenizer),
+            info_extra={"trackers": self.metrics.run_ids()})  # rank 0's: the one that writes checkpoint.json
         # The time is what a preemption grace period must cover (docs/launching.md, "Preemption").
         log_main(f"mpo_dist: checkpoint saved to {folder} ({time.perf_counter() - started:.1f} s)")
         self._saved_step = self.step
@@ -387,9 +405,8 @@ class Trainer(Stateful):
         config = self.config
         if config.checkpoint.export_hf:
             export_hf(folder, self.output_dir / HF_EXPORT_DIR, config.checkpoint.export_dtype, log=log_main)
-        if self.metrics.writer is not None:
-            log_main(f"mpo_dist: done; TensorBoard logs in {self.metrics.tensorboard_dir} "
-                     f"(tensorboard --logdir {self.metrics.tensorboard_dir}), metrics in {self.metrics.jsonl_path}")
+        self._completed = True
+        log_main(f"mpo_dist: done; {', '.join(self.metrics.locations())}")
 
     def _consider_best(self, folder: Path, evaluated: dict[str, float]) -> None:
         """checkpoint.keep_best: keep `folder` as the best checkpoint when its eval metric beats the best so far."""
@@ -435,7 +452,7 @@ class Trainer(Stateful):
         self.metrics.write(self.step, {**out, **(evaluated or {})})
 
     def close(self) -> None:
-        if hasattr(self, "metrics"):
-            self.metrics.close()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close(completed=self._completed)
         if getattr(self, "run_lock", None) is not None:
             self.run_lock.release()

@@ -245,16 +245,43 @@ class CheckpointConfig:
         _check(bool(self.resume), "checkpoint.resume", "must be auto, none or a folder", self.resume)
 
 
+METRIC_BACKENDS = ("tensorboard", "jsonl", "wandb", "mlflow")  # metrics.backends' names (trackers.py)
+
+
 @dataclass
 class MetricsConfig:
-    log_interval: int = opt(10, "steps between console lines and TensorBoard points")
+    log_interval: int = opt(10, "steps between logged points (the console line and every metrics.backends tracker)")
     peak_tflops: float = opt(0.0, "peak dense bf16 TFLOP/s of one device, for MFU; 0: known GPUs are "
                                   "looked up, otherwise MFU is not reported")
-    tensorboard: bool = opt(True, "write TensorBoard events under job.output_dir (rank 0)")
+    backends: list[str] = opt(["tensorboard", "jsonl"], "where rank 0 logs metrics, any of: tensorboard "
+                                                        "(job.output_dir/tensorboard), jsonl (job.output_dir/metrics.jsonl, "
+                                                        "always written: the tools read it), wandb, mlflow (pip install "
+                                                        "'mpo_dist[wandb]' or '[mlflow]'); see docs/tracking.md")
+    tensorboard: bool = opt(True, "deprecated (use metrics.backends): false takes tensorboard out of metrics.backends; "
+                                  "true changes nothing")
+    run_name: str = opt("", "the W&B and MLflow run's name; empty: the name of job.output_dir")
+    wandb_project: str = opt("", "W&B project; empty: WANDB_PROJECT, else W&B's default")
+    wandb_entity: str = opt("", "W&B entity (user or team); empty: WANDB_ENTITY, else your default entity")
+    wandb_mode: Literal["", "online", "offline"] = opt("", "W&B mode; empty: WANDB_MODE, else online (offline: files "
+                                                           "under job.output_dir/wandb, or WANDB_DIR, for `wandb sync`)")
+    mlflow_tracking_uri: str = opt("", "MLflow tracking server or store (http://HOST:PORT, sqlite:///PATH); empty: "
+                                       "MLFLOW_TRACKING_URI, else MLflow's default (mlflow.db in the working folder)")
+    mlflow_experiment: str = opt("", "MLflow experiment (created when missing); empty: MLFLOW_EXPERIMENT_NAME, else "
+                                     "MLflow's Default experiment")
 
     def validate(self) -> None:
         _check(self.log_interval >= 1, "metrics.log_interval", "must be >= 1", self.log_interval)
         _check(self.peak_tflops >= 0, "metrics.peak_tflops", "must be >= 0", self.peak_tflops)
+        for name in self.backends:
+            if name not in METRIC_BACKENDS:
+                import difflib
+
+                close = difflib.get_close_matches(name, METRIC_BACKENDS, n=1)
+                raise InvalidOption(f"metrics.backends: unknown backend {name!r}"
+                                    f"{f' (did you mean {close[0]!r}?)' if close else ''}; the backends are "
+                                    f"{', '.join(METRIC_BACKENDS)}", "metrics.backends")
+            if self.backends.count(name) > 1:
+                raise InvalidOption(f"metrics.backends names {name} twice, got {self.backends!r}", "metrics.backends")
 
 
 @dataclass
