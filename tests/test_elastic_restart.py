@@ -19,6 +19,7 @@ from mpo_dist.metrics_file import METRICS_FILE, read_metrics
 pytestmark = pytest.mark.e2e
 
 KILLS = 5
+STEPS = 20  # each life is killed once it has saved a step beyond its start: steps 1-5, then 6-20 in one go
 
 
 def newest_step(run: Path) -> int:
@@ -28,7 +29,7 @@ def newest_step(run: Path) -> int:
 
 
 def test_a_rank_killed_five_times_restarts_and_ends_bitwise_equal(toy_inputs, tmp_path):
-    steps = {"training.steps": 40, "checkpoint.interval": 1, "checkpoint.keep": 2, "optim.warmup_steps": 4}
+    steps = {"training.steps": STEPS, "checkpoint.interval": 1, "checkpoint.keep": 2, "optim.warmup_steps": 4}
     train(*toy_overrides(toy_inputs, tmp_path / "full", **steps))
 
     run = tmp_path / "elastic"
@@ -63,16 +64,16 @@ def test_a_rank_killed_five_times_restarts_and_ends_bitwise_equal(toy_inputs, tm
     assert seconds < 400
     assert output.count("resumed from") >= KILLS, output[-5000:]
 
-    full = flat_checkpoint(tmp_path / "full" / "checkpoints" / "step-00000040", tmp_path)
-    elastic = flat_checkpoint(run / "checkpoints" / "step-00000040", tmp_path)
+    full = flat_checkpoint(tmp_path / "full" / "checkpoints" / f"step-{STEPS:08d}", tmp_path)
+    elastic = flat_checkpoint(run / "checkpoints" / f"step-{STEPS:08d}", tmp_path)
     # Every saved tensor: model, optimizer, loader positions and each rank's RNG.
     tensors = [key for key, value in full.items() if isinstance(value, torch.Tensor)]
     assert any(".exp_avg_sq" in key for key in tensors) and any(key.startswith("rng/") for key in tensors)
     assert sorted(full) == sorted(elastic)
     for key in tensors:
         assert torch.equal(full[key], elastic[key]), key
-    assert elastic["train_state.step"] == 40 and elastic["train_state.pairs_seen"] == full["train_state.pairs_seen"]
+    assert elastic["train_state.step"] == STEPS and elastic["train_state.pairs_seen"] == full["train_state.pairs_seen"]
     steps_logged = [record["step"] for record in read_metrics(run)]
-    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 40  # each step once, in order
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == STEPS  # each step once, in order
     # The raw lines too: read_metrics skips a line cut by a kill, and the resumed run must have dropped it.
     assert len((run / METRICS_FILE).read_text().splitlines()) == len(steps_logged)

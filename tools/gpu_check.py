@@ -35,10 +35,11 @@ after each one, so a run that is cut short still leaves what it measured:
   train_compiled  train_eager's packed runs with torch.compile of the decoder layers (last: the
                   slowest to start, so a tight budget skips it first)
 
-Without a GPU (or with --cpu) the same stages run on the CPU with gloo, on the `tiny`
-workload with fewer steps and in float32 (a CPU without native bf16 would emulate it, 10-50x slower):
-the CUDA tests are skipped (and reported so), two processes train, and the attention paths run their
-plain-PyTorch twins (FlexAttention forward only: torch has no backward for it on CPU).
+Without a GPU (or with --cpu) the same stages run on the CPU with gloo, on the `tiny` workload's model
+with 64 pairs of 32 + 64 + 64 tokens, fewer steps and in float32 (a CPU without native bf16 would
+emulate it, 10-50x slower): the CUDA tests are skipped (and reported so), two processes train, and
+the attention paths run their plain-PyTorch twins (FlexAttention forward only: torch has no backward
+for it on CPU).
 That fallback checks the script itself; its figures say nothing about a GPU.
 
 The time budget (--budget-s, default 480 s; how long each stage takes on a GPU is not measured
@@ -74,11 +75,18 @@ NEEDS_WORKLOAD = {"train_eager", "train_compiled", "sampler", "checkpoint", "two
 
 
 # Sizes per device: the GPU's fill about 8 minutes on an H100; the CPU's check the script in about 3.
+# pairs: the workload's pairs (prompt + response + response tokens). The CPU's are fewer and shorter than
+# the tiny workload's 256 of 64 + 128 + 128: 64 pairs are what its runs read (6 steps of 8 at most), and
+# scoring, sampling and training those at full length would take most of the check's time.
+# eager_steps, compiled_steps: (steps of each run, the first of them left out of the timing as warm-up). The
+# CPU's eager runs time steps 3-4 only; its compiled ones keep two more warm-up steps (they compile there).
 SIZES = {
-    "cuda": dict(workload="1b", config="configs/llama-1b.yaml", procs="1x4", steps=20, warmup_steps=8, log_interval=4,
-                 compiled_warmup_steps=12, sampler=dict(prompts=128, batch=64, new_tokens=128), checkpoint_steps=2),
-    "cpu": dict(workload="tiny", config="configs/tiny_cpu.yaml", procs="1x2", steps=6, warmup_steps=2, log_interval=2,
-                compiled_warmup_steps=4, sampler=dict(prompts=16, batch=8, new_tokens=32), checkpoint_steps=2),
+    "cuda": dict(workload="1b", pairs=dict(num_pairs=256, prompt=256, response=256), config="configs/llama-1b.yaml",
+                 procs="1x4", eager_steps=(20, 8), compiled_steps=(20, 12), log_interval=4,
+                 sampler=dict(prompts=128, batch=64, new_tokens=128), checkpoint_steps=2),
+    "cpu": dict(workload="tiny", pairs=dict(num_pairs=64, prompt=32, response=64), config="configs/tiny_cpu.yaml",
+                procs="1x2", eager_steps=(4, 2), compiled_steps=(6, 4), log_interval=2,
+                sampler=dict(prompts=16, batch=8, new_tokens=32), checkpoint_steps=2),
 }
 ENVIRONMENT_SCRIPT = """
 import json, platform, torch, transformers
@@ -185,8 +193,11 @@ class GpuCheck:
     def make_workload(self) -> dict:
         started = time.monotonic()
         workload = benchmark.WORKLOADS[self.size["workload"]]
-        self.workload = benchmark.make_workload(self.work / "workload", dref=True, log=progress, **workload)
-        return {"workload": self.size["workload"], "summary": f"{self.size['workload']} workload in {time.monotonic() - started:.0f}s"}
+        pairs = self.size["pairs"]
+        self.workload = benchmark.make_workload(self.work / "workload", dref=True, log=progress, **{**workload, **pairs})
+        return {"workload": self.size["workload"], **pairs,
+                "summary": f"{self.size['workload']} workload, {pairs['num_pairs']} pairs of {pairs['prompt']} + "
+                           f"{pairs['response']} + {pairs['response']} tokens, in {time.monotonic() - started:.0f}s"}
 
     def attention_paths(self) -> dict:
         json_path = self.out / "bench_attention.json"
@@ -204,13 +215,13 @@ class GpuCheck:
                              f"{result['header']['tolerance']} (see {json_path})")
         return {"summary": attention_summary(result)}
 
-    def bench(self, name: str, layouts: str, compile_: str, warmup_steps: int) -> dict:
+    def bench(self, name: str, layouts: str, compile_: str, steps: tuple[int, int]) -> dict:
         json_path = self.out / f"bench_{name}.json"
         sets = [item for override in self.workload for item in ("--set", override)]
         self.command(name, [sys.executable, str(REPO / "tools" / "bench_train.py"), "--config", self.size["config"], *sets,
                             "--layouts", layouts, "--dtypes", self.dtype, "--procs", self.size["procs"], "--losses", "mpo",
                             "--recompute", "off,on", "--compile", compile_, "--rounds", "1",
-                            "--steps", str(self.size["steps"]), "--warmup-steps", str(warmup_steps),
+                            "--steps", str(steps[0]), "--warmup-steps", str(steps[1]),
                             "--log-interval", str(self.size["log_interval"]), "--matmul-trials", "3",
                             "--matmul-seconds", "0.3", "--work", str(self.work / name), "--json", str(json_path)])
         results = json.loads(json_path.read_text())
@@ -281,11 +292,11 @@ class GpuCheck:
         self.run_stage("cuda_tests", self.cuda_tests)
         self.run_stage("workload", self.make_workload)
         self.run_stage("attention_paths", self.attention_paths)
-        self.run_stage("train_eager", lambda: self.bench("train_eager", "padded,packed", "off", self.size["warmup_steps"]))
+        self.run_stage("train_eager", lambda: self.bench("train_eager", "padded,packed", "off", self.size["eager_steps"]))
         self.run_stage("sampler", self.sampler)
         self.run_stage("checkpoint", self.checkpoint)
         self.run_stage("two_processes", self.two_processes)
-        self.run_stage("train_compiled", lambda: self.bench("train_compiled", "packed", "on", self.size["compiled_warmup_steps"]))
+        self.run_stage("train_compiled", lambda: self.bench("train_compiled", "packed", "on", self.size["compiled_steps"]))
         return self.report
 
 

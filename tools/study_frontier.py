@@ -1,6 +1,6 @@
 """The reward/KL frontier study in one command: data, a sweep of training runs, on-policy evaluation, table, plots.
 
-    python tools/study_frontier.py --out OUTPUT_DIR [--tiny] [--methods dpo,ipo,...] [--nproc 2]
+    python tools/study_frontier.py --out OUTPUT_DIR [--tiny] [--methods dpo,ipo,...] [--nproc 2] [--jobs 1]
         [--model DIR (default: the stories260K model beside this checkout)]
 
 (launch/study_frontier.sh OUTPUT_DIR [--tiny] runs it.) Every step is one of the project's tools,
@@ -23,6 +23,12 @@ printed before it runs, with its output in OUTPUT_DIR/logs/:
 4. OUTPUT_DIR/results.csv and results.json (a row per run and the reference), frontier.png (reward
    against KL, one curve per method) and kl_steps.png (the held-out KL monitor against the step).
 
+--jobs N runs up to N steps at once where none needs another's output: the reference's log-probs
+and D_ref samples of both splits, then the reference's evaluation and the runs (each its training,
+then its evaluation). The tiny study's steps are mostly process start-up, which keeps one core busy
+while the other waits, so CI runs it with --jobs 2 --nproc 1 (two runs at once, each on one core);
+the table's seconds then include the CPU that the steps beside them took.
+
 Restartable: a step whose output is complete is skipped (data sets with their manifest, a run with
 its final checkpoint, an evaluation with its report), so a crash costs at most the step it hit; a
 run whose settings changed is trained again. Another size or model in the same OUTPUT_DIR is
@@ -39,9 +45,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the checkout's mpo_dist
@@ -76,11 +85,12 @@ class StudyError(Exception):
 
 
 class Study:
-    def __init__(self, out: Path, size: StudySize, runs: list[Run], model: Path, nproc: int):
-        self.out, self.size, self.runs, self.model, self.nproc = out, size, runs, model, nproc
+    def __init__(self, out: Path, size: StudySize, runs: list[Run], model: Path, nproc: int, jobs: int = 1):
+        self.out, self.size, self.runs, self.model, self.nproc, self.jobs = out, size, runs, model, nproc, jobs
         self.data, self.logs = out / "data", out / "logs"
         self.start = time.monotonic()
         self.seconds: dict[str, float] = {}  # the steps this invocation ran
+        self.lock = threading.Lock()  # steps run in threads with --jobs: their lines, self.seconds, timings.json
         self.env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -90,7 +100,8 @@ class Study:
 
     def say(self, message: str) -> None:
         elapsed = int(time.monotonic() - self.start)
-        print(f"[study {elapsed // 60:3d}m{elapsed % 60:02d}s] {message}", flush=True)
+        with self.lock:
+            print(f"[study {elapsed // 60:3d}m{elapsed % 60:02d}s] {message}", flush=True)
 
     def tool(self, name: str, *args) -> list[str]:
         return [sys.executable, str(REPO / "tools" / name), *map(str, args)]
@@ -114,9 +125,30 @@ class Study:
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
             raise StudyError(f"{key} failed (exit code {result.returncode}) after {seconds:.0f}s; last lines of {log}:\n{tail}",
                              result.returncode or 1)
-        self.seconds[key] = seconds
+        with self.lock:
+            self.seconds[key] = seconds
         self.say(f"{key}: done in {seconds:.0f}s")
         return seconds
+
+    def at_once(self, tasks: list[Callable[[], object]]) -> None:
+        """Run `tasks`, up to `jobs` at a time (one job: one after the other, in order). After a failure
+        no further task starts; the first failure is raised once the running ones have ended."""
+        failed = threading.Event()
+
+        def guarded(task: Callable[[], object]) -> None:
+            if failed.is_set():
+                return
+            try:
+                task()
+            except BaseException:
+                failed.set()
+                raise
+
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            futures = [pool.submit(guarded, task) for task in tasks]
+        for future in futures:
+            if future.exception() is not None:
+                raise future.exception()
 
     # ------------------------------------------------------------------------------ stages
 
@@ -136,7 +168,8 @@ class Study:
             self.out.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps(mine, indent=1) + "\n")
 
-    def make_data(self) -> None:
+    def make_pairs(self) -> None:
+        """The prompts, their samples, labels and the pairs shards split into train and eval, in turn."""
         d, m, size = self.data, self.model, self.size
         max_length = MAX_PROMPT_TOKENS + 2 * size.max_new_tokens  # room for re-tokenized responses
         prepare = ["--tokenizer", m, "--no-eos", "--max-length", max_length, "--max-prompt-length", MAX_PROMPT_TOKENS,
@@ -145,12 +178,9 @@ class Study:
                                        "--num-prompts", size.num_prompts), [d / "prompts.jsonl"])
         self.step("prepare_prompts", self.tool("prepare_pairs.py", "--input", d / "prompts.jsonl", "--out",
                                                d / "prompts", *prepare), [d / "prompts" / "manifest.json"])
-        # float32 throughout, as configs/study_frontier.yaml trains: the figures do not depend on the CPU.
-        sample = ["--model", m, "--max-new-tokens", size.max_new_tokens, "--batch-size", 64, "--dtype", "float32",
-                  "--threads", 1]
         self.step("sample_pairs", self.tool("sample_reference.py", "--pairs", d / "prompts", "--out", d / "samples",
                                             "--num-samples", 2 * size.pairs_per_prompt, "--seed", SEEDS["pairs"],
-                                            *sample), [d / "samples" / "manifest.json"])
+                                            *self.sampling()), [d / "samples" / "manifest.json"])
         self.step("label_pairs", self.tool("label_story_pairs.py", "--pairs", d / "prompts", "--samples",
                                            d / "samples", "--tokenizer", m, "--seed", SEEDS["labels"],
                                            "--report", d / "pairs_report.json", "--out", d / "pairs.jsonl"),
@@ -158,17 +188,23 @@ class Study:
         self.step("prepare_pairs", self.tool("prepare_pairs.py", "--input", d / "pairs.jsonl", "--out", d / "pairs",
                                              "--eval-fraction", size.eval_fraction, *prepare),
                   [d / "pairs" / side / "manifest.json" for side in ("train", "eval")])
-        for side in ("train", "eval"):
-            self.step(f"score_{side}", self.tool("score_reference.py", "--model", m, "--pairs", d / "pairs" / side,
-                                                 "--out", d / "reference" / side, "--dtype", "float32",
-                                                 "--batch-size", 64, "--threads", 1),
-                      [d / "reference" / side / "manifest.json"])
-        self.step("dref_train", self.tool("sample_reference.py", "--pairs", d / "pairs" / "train", "--out",
-                                          d / "dref" / "train", "--num-samples", 1, "--seed", SEEDS["dref"], *sample),
-                  [d / "dref" / "train" / "manifest.json"])
-        self.step("dref_eval", self.tool("sample_reference.py", "--pairs", d / "pairs" / "eval", "--out",
-                                         d / "dref" / "eval", "--num-samples", 2, "--seed", SEEDS["dref_eval"], *sample),
-                  [d / "dref" / "eval" / "manifest.json"])
+
+    def sampling(self) -> list:
+        # float32 throughout, as configs/study_frontier.yaml trains: the figures do not depend on the CPU.
+        return ["--model", self.model, "--max-new-tokens", self.size.max_new_tokens, "--batch-size", 64,
+                "--dtype", "float32", "--threads", 1]
+
+    def reference_data_steps(self) -> list[Callable[[], float]]:
+        """The reference's log-probs of both splits and its D_ref samples: each needs only the pairs."""
+        d, m, sample = self.data, self.model, self.sampling()
+        score = lambda split: self.step(f"score_{split}", self.tool(
+            "score_reference.py", "--model", m, "--pairs", d / "pairs" / split, "--out", d / "reference" / split,
+            "--dtype", "float32", "--batch-size", 64, "--threads", 1), [d / "reference" / split / "manifest.json"])
+        dref = lambda split, samples, seed: self.step(f"dref_{split}", self.tool(
+            "sample_reference.py", "--pairs", d / "pairs" / split, "--out", d / "dref" / split, "--num-samples", samples,
+            "--seed", seed, *sample), [d / "dref" / split / "manifest.json"])
+        return [lambda: score("train"), lambda: score("eval"), lambda: dref("train", 1, SEEDS["dref"]),
+                lambda: dref("eval", 2, SEEDS["dref_eval"])]
 
     def evaluate(self, key: str, model: Path, report: Path) -> float:
         return self.step(key, self.tool("evaluate.py", "--model", model, "--pairs", self.data / "pairs" / "eval",
@@ -194,6 +230,12 @@ class Study:
             settings.write_text(json.dumps(mine, indent=1) + "\n")
             (self.out / "evals" / f"{run.name}.json").unlink(missing_ok=True)
         return seconds
+
+    def train_and_evaluate(self, run: Run, index: int) -> None:
+        self.train(run, index)
+        checkpoint = self.out / "runs" / run.name / "checkpoints" / f"step-{self.size.steps:08d}"
+        self.evaluate(f"eval_{run.name}", checkpoint, self.out / "evals" / f"{run.name}.json")
+        self.recorded_timings()  # after every run: a restart still reports the time of finished ones
 
     def run_settings(self, run: Run) -> dict:
         d, size = self.data, self.size
@@ -240,23 +282,22 @@ class Study:
     def recorded_timings(self) -> dict[str, float]:
         """Seconds of every step, this invocation's and those recorded by earlier ones (a restart)."""
         path = self.out / "timings.json"
-        timings = json.loads(path.read_text()) if path.is_file() else {}
-        timings.update(self.seconds)
-        path.write_text(json.dumps(timings, indent=1) + "\n")
+        with self.lock:
+            timings = json.loads(path.read_text()) if path.is_file() else {}
+            timings.update(self.seconds)
+            path.write_text(json.dumps(timings, indent=1) + "\n")
         return timings
 
     def run(self) -> list[dict]:
         self.check_folder()
         self.say(f"study in {self.out}: {len(self.runs)} runs of {self.size.steps} steps "
                  f"({', '.join(sorted({run.method.name for run in self.runs}))}), {self.nproc} processes per run")
-        self.make_data()
+        self.make_pairs()
+        self.at_once(self.reference_data_steps())
         self.recorded_timings()
-        self.evaluate("eval_reference", self.model, self.out / "evals" / "reference.json")
-        for index, run in enumerate(self.runs, 1):
-            self.train(run, index)
-            checkpoint = self.out / "runs" / run.name / "checkpoints" / f"step-{self.size.steps:08d}"
-            self.evaluate(f"eval_{run.name}", checkpoint, self.out / "evals" / f"{run.name}.json")
-            self.recorded_timings()  # after every run: a restart still reports the time of finished ones
+        self.at_once([lambda: self.evaluate("eval_reference", self.model, self.out / "evals" / "reference.json"),
+                      *(lambda run=run, index=index: self.train_and_evaluate(run, index)
+                        for index, run in enumerate(self.runs, 1))])
         rows = self.collect()
         print_table(rows)
         self.say("done")
@@ -278,6 +319,9 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(m.name for m in METHODS),
                         help="comma-separated subset of the methods")
     parser.add_argument("--nproc", type=int, default=2, help="training processes per run (torchrun)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="steps run at once where none needs another's output: the reference's scores and "
+                             "samples, then its evaluation and the runs")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="the reference model (a Hugging Face folder)")
     args = parser.parse_args(argv)
     known = {m.name: m for m in METHODS}
@@ -287,6 +331,8 @@ def main(argv=None) -> int:
         parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
     if args.nproc < 1:
         parser.error(f"--nproc must be >= 1, got {args.nproc}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     model = Path(args.model)
     if not (model / "config.json").is_file():
         parser.error(f"--model {model}: not a Hugging Face model folder (no config.json)")
@@ -296,7 +342,7 @@ def main(argv=None) -> int:
     size = TINY if args.tiny else DEFAULT
     runs = plan_runs(size, tuple(known[name] for name in wanted))
     try:
-        Study(Path(args.out).resolve(), size, runs, model.resolve(), args.nproc).run()
+        Study(Path(args.out).resolve(), size, runs, model.resolve(), args.nproc, args.jobs).run()
     except StudyError as error:
         print(f"study_frontier: error: {error}", file=sys.stderr)
         return error.code
