@@ -58,6 +58,21 @@ def mean_and_stderr(count: float, total: float, squares: float) -> tuple[float, 
     return mean, math.sqrt(variance / count)
 
 
+def clustered_mean_and_stderr(values: torch.Tensor, clusters: torch.Tensor) -> tuple[float, float]:
+    """The mean of `values` and its standard error when values of one cluster (the samples of one
+    prompt) are not independent: the cluster-robust variance G/(G-1) * sum_g (sum_{i in g} (x_i - mean))^2 / N^2
+    over G clusters. With one value per cluster it is the usual s^2 / N; NaN for one cluster."""
+    values = values.double()
+    count = values.numel()
+    mean = values.mean()
+    per_cluster = torch.zeros(int(clusters.max()) + 1, dtype=torch.float64).index_add_(0, clusters, values - mean)
+    groups = int(torch.unique(clusters).numel())
+    if groups < 2:
+        return float(mean), math.nan
+    variance = groups / (groups - 1) * float((per_cluster * per_cluster).sum()) / count**2
+    return float(mean), math.sqrt(variance)
+
+
 def real_samples(total: int, batch_size: int, dp_world_size: int, max_batches: int) -> int:
     """Real samples one pass reads over all ranks: rank r's batch i holds global positions
     i*B*W + r*B ... + B - 1, so the first k batches of every rank are positions [0, k*B*W)."""

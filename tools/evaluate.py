@@ -1,6 +1,6 @@
 """Evaluate a model (a Hugging Face folder or a training checkpoint) on held-out data and on its own samples.
 
-    python tools/evaluate.py --model DIR --out REPORT.json
+    python tools/evaluate.py --model DIR --out REPORT.json [--model DIR2 --out REPORT2.json ...]
         [--pairs DIR --reference DIR] [--dref DIR] [--loss mpo|dpo|ipo --beta B] [--per-sample]
         [--on-policy-samples K --max-new-tokens N --reference-model DIR [--temperature 1 --top-p 1 --seed 0]
          [--max-prompts P] [--reward module:function]]
@@ -11,6 +11,8 @@ held-out D_ref (`eval/kl_ref_policy`, KL(pi_ref || pi_theta)). On-policy: K resp
 (KL(pi_theta || pi_ref), at temperature 1 and top-p 1) and, with --reward, `on_policy/reward`, each
 with its standard error. The same under `torchrun --nnodes N --nproc-per-node K ...`: the ranks
 share the samples and the report does not depend on their number. Rank 0 writes the JSON report.
+Several --model, each with its --out (in order), are evaluated one after the other in one process
+(the checkpoints along a run: start-up and the reference model paid once per model, not per process).
 For a training checkpoint the loss and its options are the run's (OUTPUT_DIR/config.yaml); --loss,
 --beta and --label-smoothing override them, and options the chosen loss does not take are dropped.
 """
@@ -31,10 +33,11 @@ from mpo_dist.producers.sample import SamplingParams
 def main(argv=None) -> int:
     sampling, loss = SamplingParams(), LossConfig()
     parser = tool_parser(__doc__)
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model", required=True, action="append",
                         help="the model evaluated: a Hugging Face folder, or a training checkpoint folder "
-                             "(OUTPUT_DIR/checkpoints/step-XXXXXXXX, converted on the fly)")
-    parser.add_argument("--out", required=True, help="the JSON report (written by rank 0, atomically)")
+                             "(OUTPUT_DIR/checkpoints/step-XXXXXXXX, converted on the fly); repeat for several")
+    parser.add_argument("--out", required=True, action="append",
+                        help="the JSON report (written by rank 0, atomically); one per --model, in order")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     parser.add_argument("--pairs", default=None, help="held-out pairs shards (offline metrics with --reference; "
                                                     "the prompts of on-policy evaluation)")
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
                         help="sampling temperature; the KL estimate assumes 1")
     parser.add_argument("--top-p", type=float, default=sampling.top_p, help="nucleus sampling; the KL estimate assumes 1")
     parser.add_argument("--seed", type=int, default=sampling.seed, help="with the prompt key and k, seeds each sample")
-    parser.add_argument("--max-prompts", type=int, default=0, help="on-policy prompts: the first P of --pairs (0: all)")
+    parser.add_argument("--max-prompts", type=int, default=0, help="on-policy prompts: those of the first P records of --pairs (0: all)")
     parser.add_argument("--reference-model", default=None, help="the reference model (Hugging Face folder) for on-policy KL")
     parser.add_argument("--reward", default=None, help="module:function scoring (prompt_text, response_text) -> float; "
                                                      "text decoded with the tokenizer beside --model")
@@ -63,20 +66,25 @@ def main(argv=None) -> int:
     add_threads_flag(parser)
     add_progress_flag(parser)
     args = parser.parse_args(argv)
+    if len(args.model) != len(args.out):
+        parser.error(f"give one --out per --model: {len(args.model)} --model, {len(args.out)} --out")
+    if len(set(args.out)) != len(args.out):
+        parser.error("two --model would write the same --out")
 
     def body(info):
-        base = (run_loss_config(args.model) if is_checkpoint(args.model) else None) or LossConfig()
-        # The run's loss options, less those the chosen loss does not take (tau with --loss dpo, ...).
-        loss_config = evaluation_loss_config(base, args.loss, args.beta, args.label_smoothing)
         on_policy = None
         if args.on_policy_samples:
             on_policy = SamplingParams(args.on_policy_samples, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-        request = EvaluationRequest(model=args.model, dtype=args.dtype, pairs=args.pairs or "",
-                                    reference=args.reference or "", dref=args.dref or "", batch_size=args.batch_size, loss=loss_config,
-                                    per_sample=args.per_sample, on_policy=on_policy,
-                                    reference_model=args.reference_model or "", reward=args.reward or "",
-                                    max_prompts=args.max_prompts, model_shards=args.model_shards)
-        evaluate_model(request, info, device_for(info), args.out)
+        for model, out in zip(args.model, args.out):
+            base = (run_loss_config(model) if is_checkpoint(model) else None) or LossConfig()
+            # The run's loss options, less those the chosen loss does not take (tau with --loss dpo, ...).
+            loss_config = evaluation_loss_config(base, args.loss, args.beta, args.label_smoothing)
+            request = EvaluationRequest(model=model, dtype=args.dtype, pairs=args.pairs or "",
+                                        reference=args.reference or "", dref=args.dref or "", batch_size=args.batch_size,
+                                        loss=loss_config, per_sample=args.per_sample, on_policy=on_policy,
+                                        reference_model=args.reference_model or "", reward=args.reward or "",
+                                        max_prompts=args.max_prompts, model_shards=args.model_shards)
+            evaluate_model(request, info, device_for(info), out)
 
     return run_main("evaluate", body, threads=args.threads, progress=args.progress)
 

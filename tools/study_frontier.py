@@ -39,6 +39,8 @@ against other work).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -48,7 +50,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -61,18 +63,30 @@ from mpo_dist.errors import INPUT_ERROR_EXIT_CODE  # noqa: E402
 from mpo_dist.launcher import train_command  # noqa: E402
 from mpo_dist.metrics_file import read_metrics  # noqa: E402
 from mpo_dist.study.frontier import (  # noqa: E402
-    DEFAULT, METHODS, TINY, Run, StudySize, describe_plan, kl_curve, plan_runs, plot_frontier, plot_kl_steps,
-    reference_row, run_row, write_results,
+    DEFAULT, METHODS, TINY, TINY_METHODS, Run, StudySize, aggregate, plan_runs, plot_frontier, plot_trajectories,
+    reference_step_row, run_step_row, seed_streams, tables_markdown, write_study_results,
 )
 
 DEFAULT_MODEL = REPO.parent / "shared" / "data" / "stories260K"
 CONFIG = REPO / "configs" / "study_frontier.yaml"
 REWARD = "mpo_dist.study.story_reward:reward"
-# Seeds of the independent random streams: labels, the pairs' samples, D_ref, held-out D_ref, on-policy
-# evaluation (the same for every model evaluated: their samples share random numbers).
-SEEDS = {"labels": 0, "pairs": 1, "dref": 2, "dref_eval": 3, "on_policy": 4}
 MAX_PROMPT_TOKENS = 32
 SAMPLES_PER_SHARD = 200
+
+
+@contextlib.contextmanager
+def study_lock(out: Path):
+    """One study process per folder: a second one (a restart while the first still runs) is refused."""
+    handle = open(out / "study.lock", "w")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StudyError(f"{out} is being run by another study process (study.lock is held); wait for it, "
+                             "or stop it first", INPUT_ERROR_EXIT_CODE) from None
+        yield
+    finally:
+        handle.close()
 
 
 class StudyError(Exception):
@@ -89,7 +103,10 @@ class Study:
         self.out, self.size, self.runs, self.model, self.nproc, self.jobs = out, size, runs, model, nproc, jobs
         self.data, self.logs = out / "data", out / "logs"
         self.start = time.monotonic()
-        self.seconds: dict[str, float] = {}  # the steps this invocation ran
+        self.seconds: dict[str, float] = {}  # the steps this invocation ran: wall-clock seconds
+        self.cpu_seconds: dict[str, float] = {}  # and CPU seconds
+        self.seeds = range(size.seeds)
+        self.variants = sorted({"hard"} | {run.method.data for run in runs})  # hard: every seed's on-policy prompts
         self.lock = threading.Lock()  # steps run in threads with --jobs: their lines, self.seconds, timings.json
         self.env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -108,7 +125,8 @@ class Study:
 
     def step(self, key: str, command: list[str], done: list[Path]) -> float:
         """Run `command` unless every path in `done` exists; its output goes to logs/KEY.log.
-        Returns the seconds it took (0 when skipped)."""
+        Returns the seconds it took (0 when skipped); its CPU seconds (its processes' and their
+        children's, user + system) go to timings.json beside them."""
         if all(path.exists() for path in done):
             self.say(f"{key}: done before, skipped")
             return 0.0
@@ -119,14 +137,18 @@ class Study:
         self.say(f"{key}: {shown}")
         start = time.monotonic()
         with open(log, "w") as handle:
-            result = subprocess.run(command, cwd=REPO, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+            # wait4, not wait: the rusage of the process and of the children it waited for (torchrun's workers)
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.monotonic() - start
-        if result.returncode != 0 or not all(path.exists() for path in done):
+        if process.returncode != 0 or not all(path.exists() for path in done):
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-            raise StudyError(f"{key} failed (exit code {result.returncode}) after {seconds:.0f}s; last lines of {log}:\n{tail}",
-                             result.returncode or 1)
+            raise StudyError(f"{key} failed (exit code {process.returncode}) after {seconds:.0f}s; last lines of {log}:\n{tail}",
+                             process.returncode or 1)
         with self.lock:
             self.seconds[key] = seconds
+            self.cpu_seconds[key] = usage.ru_utime + usage.ru_stime
         self.say(f"{key}: done in {seconds:.0f}s")
         return seconds
 
@@ -155,7 +177,7 @@ class Study:
     def check_folder(self) -> None:
         """Refuse to mix two studies of another size or model in one folder; record this one."""
         record = self.out / "study.json"
-        mine = {"size": asdict(self.size), "model": str(self.model.resolve())}
+        mine = json.loads(json.dumps({"size": asdict(self.size), "model": str(self.model.resolve())}))
         if record.is_file():
             theirs = json.loads(record.read_text())
             if theirs != mine:
@@ -168,169 +190,226 @@ class Study:
             self.out.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps(mine, indent=1) + "\n")
 
-    def make_pairs(self) -> None:
-        """The prompts, their samples, labels and the pairs shards split into train and eval, in turn."""
-        d, m, size = self.data, self.model, self.size
-        max_length = MAX_PROMPT_TOKENS + 2 * size.max_new_tokens  # room for re-tokenized responses
-        prepare = ["--tokenizer", m, "--no-eos", "--max-length", max_length, "--max-prompt-length", MAX_PROMPT_TOKENS,
-                   "--samples-per-shard", SAMPLES_PER_SHARD, "--threads", 1]
+    def variant_dir(self, seed: int, variant: str) -> Path:
+        return self.data / f"s{seed}" / variant
+
+    def prepare_args(self) -> list:
+        max_length = MAX_PROMPT_TOKENS + 2 * self.size.max_new_tokens  # room for re-tokenized responses
+        return ["--tokenizer", self.model, "--no-eos", "--max-length", max_length, "--max-prompt-length",
+                MAX_PROMPT_TOKENS, "--samples-per-shard", SAMPLES_PER_SHARD, "--threads", 1]
+
+    def make_prompts(self) -> None:
+        """The story openings and their prompt shards, shared by every seed."""
+        d = self.data
         self.step("prompts", self.tool("make_story_prompts.py", "--out", d / "prompts.jsonl",
-                                       "--num-prompts", size.num_prompts), [d / "prompts.jsonl"])
+                                       "--num-prompts", self.size.num_prompts), [d / "prompts.jsonl"])
         self.step("prepare_prompts", self.tool("prepare_pairs.py", "--input", d / "prompts.jsonl", "--out",
-                                               d / "prompts", *prepare), [d / "prompts" / "manifest.json"])
-        self.step("sample_pairs", self.tool("sample_reference.py", "--pairs", d / "prompts", "--out", d / "samples",
-                                            "--num-samples", 2 * size.pairs_per_prompt, "--seed", SEEDS["pairs"],
-                                            *self.sampling()), [d / "samples" / "manifest.json"])
-        self.step("label_pairs", self.tool("label_story_pairs.py", "--pairs", d / "prompts", "--samples",
-                                           d / "samples", "--tokenizer", m, "--seed", SEEDS["labels"],
-                                           "--report", d / "pairs_report.json", "--out", d / "pairs.jsonl"),
-                  [d / "pairs.jsonl", d / "pairs_report.json"])
-        self.step("prepare_pairs", self.tool("prepare_pairs.py", "--input", d / "pairs.jsonl", "--out", d / "pairs",
-                                             "--eval-fraction", size.eval_fraction, *prepare),
+                                               d / "prompts", *self.prepare_args()), [d / "prompts" / "manifest.json"])
+
+    def sample_pairs(self, seed: int) -> float:
+        """Seed `seed`'s reference samples of every prompt: the pairs of all its data variants are made of them."""
+        out = self.data / f"s{seed}" / "samples"
+        return self.step(f"sample_pairs_s{seed}", self.tool(
+            "sample_reference.py", "--pairs", self.data / "prompts", "--out", out, "--num-samples",
+            2 * self.size.pairs_per_prompt, "--seed", seed_streams(seed)["samples"], *self.sampling()),
+            [out / "manifest.json"])
+
+    def make_variant(self, seed: int, variant: str) -> None:
+        """One seed's pairs of one variant, labelled, split into train and held-out, with the reference's
+        log-probs and D_ref samples of both splits."""
+        d, m, seeds, key = self.variant_dir(seed, variant), self.model, seed_streams(seed), f"s{seed}_{variant}"
+        labels = ["--labels", "soft"] if variant == "soft" else ["--labels", "sampled"]
+        lengths = ["--lengths", "varied"] if variant == "varied" else []
+        self.step(f"label_{key}", self.tool("label_story_pairs.py", "--pairs", self.data / "prompts", "--samples",
+                                            self.data / f"s{seed}" / "samples", "--tokenizer", m, *labels, *lengths,
+                                            "--seed", seeds["labels"], "--report", d / "pairs_report.json",
+                                            "--out", d / "pairs.jsonl"), [d / "pairs.jsonl", d / "pairs_report.json"])
+        self.step(f"prepare_{key}", self.tool("prepare_pairs.py", "--input", d / "pairs.jsonl", "--out", d / "pairs",
+                                              "--eval-fraction", self.size.eval_fraction, *self.prepare_args()),
                   [d / "pairs" / side / "manifest.json" for side in ("train", "eval")])
+        for split in ("train", "eval"):
+            self.step(f"score_{key}_{split}", self.tool(
+                "score_reference.py", "--model", m, "--pairs", d / "pairs" / split, "--out", d / "reference" / split,
+                "--dtype", "float32", "--batch-size", 64, "--threads", 1), [d / "reference" / split / "manifest.json"])
+        # D_ref: one reference sample per training pair (MPO's tau term), two per held-out pair (the KL monitor)
+        for split, count, stream in (("train", 1, "dref"), ("eval", 2, "dref_eval")):
+            self.step(f"dref_{key}_{split}", self.tool(
+                "sample_reference.py", "--pairs", d / "pairs" / split, "--out", d / "dref" / split, "--num-samples",
+                count, "--seed", seeds[stream], *self.sampling()), [d / "dref" / split / "manifest.json"])
 
     def sampling(self) -> list:
         # float32 throughout, as configs/study_frontier.yaml trains: the figures do not depend on the CPU.
         return ["--model", self.model, "--max-new-tokens", self.size.max_new_tokens, "--batch-size", 64,
                 "--dtype", "float32", "--threads", 1]
 
-    def reference_data_steps(self) -> list[Callable[[], float]]:
-        """The reference's log-probs of both splits and its D_ref samples: each needs only the pairs."""
-        d, m, sample = self.data, self.model, self.sampling()
-        score = lambda split: self.step(f"score_{split}", self.tool(
-            "score_reference.py", "--model", m, "--pairs", d / "pairs" / split, "--out", d / "reference" / split,
-            "--dtype", "float32", "--batch-size", 64, "--threads", 1), [d / "reference" / split / "manifest.json"])
-        dref = lambda split, samples, seed: self.step(f"dref_{split}", self.tool(
-            "sample_reference.py", "--pairs", d / "pairs" / split, "--out", d / "dref" / split, "--num-samples", samples,
-            "--seed", seed, *sample), [d / "dref" / split / "manifest.json"])
-        return [lambda: score("train"), lambda: score("eval"), lambda: dref("train", 1, SEEDS["dref"]),
-                lambda: dref("eval", 2, SEEDS["dref_eval"])]
+    def eval_report(self, name: str, step: int) -> Path:
+        return self.out / "evals" / name / f"step-{step:08d}.json"
 
-    def evaluate(self, key: str, model: Path, report: Path) -> float:
-        return self.step(key, self.tool("evaluate.py", "--model", model, "--pairs", self.data / "pairs" / "eval",
-                                        "--on-policy-samples", self.size.on_policy_samples, "--max-new-tokens",
-                                        self.size.max_new_tokens, "--seed", SEEDS["on_policy"], "--reference-model",
-                                        self.model, "--reward", REWARD, "--batch-size", 64, "--dtype", "float32", "--threads", 1,
-                                        "--out", report), [report])
+    def evaluate(self, key: str, seed: int, models: list[Path], reports: list[Path]) -> float:
+        """tools/evaluate.py on-policy on seed `seed`'s held-out prompts, every model of `models` whose
+        report is missing, in one process."""
+        todo = [(model, report) for model, report in zip(models, reports) if not report.exists()]
+        pairs = self.variant_dir(seed, "hard") / "pairs" / "eval"
+        command = self.tool("evaluate.py", *[arg for model, report in todo for arg in ("--model", model, "--out", report)],
+                            "--pairs", pairs, "--on-policy-samples", self.size.on_policy_samples, "--max-new-tokens",
+                            self.size.max_new_tokens, "--seed", seed_streams(seed)["on_policy"], "--reference-model",
+                            self.model, "--reward", REWARD, "--batch-size", 64, "--dtype", "float32", "--threads", 1,
+                            "--no-progress")
+        return self.step(key, command, reports)
+
+    def checkpoint(self, run: Run, step: int) -> Path:
+        return self.out / "runs" / run.name / "checkpoints" / f"step-{step:08d}"
 
     def train(self, run: Run, index: int) -> float:
         folder = self.out / "runs" / run.name
-        final = folder / "checkpoints" / f"step-{self.size.steps:08d}"
+        final = self.checkpoint(run, self.size.run_steps(run.method))
         settings = folder / "study_run.json"
         mine = self.run_settings(run)
-        if folder.exists() and not ((final / "checkpoint.json").is_file() and settings.is_file()
-                                    and json.loads(settings.read_text()) == mine):
-            self.say(f"{run.name}: unfinished or made with other settings: trained again")
+        if folder.exists() and not (settings.is_file() and json.loads(settings.read_text()) == mine):
+            self.say(f"{run.name}: made with other settings: trained again")
             shutil.rmtree(folder)
-        command = train_command(CONFIG, mine["overrides"], self.nproc)
-        key = f"train_{run.name}"
+            shutil.rmtree(self.out / "evals" / run.name, ignore_errors=True)
+        # an unfinished run with these settings resumes from its newest checkpoint (checkpoint.resume=auto)
+        folder.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps(mine, indent=1) + "\n")
         self.say(f"run {index}/{len(self.runs)}: {run.name}")
-        seconds = self.step(key, command, [final / "checkpoint.json"])
-        if seconds:  # trained now: an evaluation of an earlier policy of this name is stale
-            settings.write_text(json.dumps(mine, indent=1) + "\n")
-            (self.out / "evals" / f"{run.name}.json").unlink(missing_ok=True)
-        return seconds
+        return self.step(f"train_{run.name}", train_command(CONFIG, mine["overrides"], self.nproc),
+                         [final / "checkpoint.json"])
 
     def train_and_evaluate(self, run: Run, index: int) -> None:
         self.train(run, index)
-        checkpoint = self.out / "runs" / run.name / "checkpoints" / f"step-{self.size.steps:08d}"
-        self.evaluate(f"eval_{run.name}", checkpoint, self.out / "evals" / f"{run.name}.json")
+        steps = self.size.evaluated_steps(run.method)
+        self.evaluate(f"eval_{run.name}", run.seed, [self.checkpoint(run, step) for step in steps],
+                      [self.eval_report(run.name, step) for step in steps])
         self.recorded_timings()  # after every run: a restart still reports the time of finished ones
 
     def run_settings(self, run: Run) -> dict:
-        d, size = self.data, self.size
+        size, d = self.size, self.variant_dir(run.seed, run.method.data)
+        steps, interval = size.run_steps(run.method), size.checkpoint_interval()
+        per_rank = size.batch_size // self.nproc
         overrides = [
-            f"job.output_dir={self.out / 'runs' / run.name}", f"model.path={self.model}",
+            f"job.output_dir={self.out / 'runs' / run.name}", f"job.seed={run.seed}", f"model.path={self.model}",
             f"data.pairs={d / 'pairs' / 'train'}", f"data.reference={d / 'reference' / 'train'}",
             f"data.dref={d / 'dref' / 'train' if run.uses_dref else ''}",
+            f"data.batch_size={per_rank}", f"data.dref_batch_size={per_rank}",
             f"eval.pairs={d / 'pairs' / 'eval'}", f"eval.reference={d / 'reference' / 'eval'}",
-            f"eval.dref={d / 'dref' / 'eval'}", f"eval.interval={size.eval_interval}",
-            f"training.steps={size.steps}", f"optim.lr={size.lr:g}",
-            f"optim.warmup_steps={min(10, max(size.steps // 10, 1))}",
-            *run.method.overrides(run.beta),
+            f"eval.dref={d / 'dref' / 'eval'}", f"eval.interval={size.monitor_interval}",
+            f"training.steps={steps}", f"training.global_batch_size={size.batch_size}", f"optim.lr={size.lr:g}",
+            f"optim.warmup_steps={min(10, max(size.short_steps // 10, 1))}",
+            f"checkpoint.interval={interval}", f"checkpoint.keep={steps // interval + 1}",
+            *run.overrides(),
         ]
         return {"overrides": overrides}
 
     def collect(self) -> list[dict]:
+        """Every evaluation as a row, the seeds of each configuration aggregated, the tables and the plots."""
         timings = self.recorded_timings()
-        reference = json.loads((self.out / "evals" / "reference.json").read_text())
-        rows = [reference_row(reference, timings.get("eval_reference", 0.0))]
-        curves = {}
+        rows = [reference_step_row(json.loads(self.eval_report(f"reference-s{seed}", 0).read_text()), seed)
+                for seed in self.seeds]
         for run in self.runs:
-            report = json.loads((self.out / "evals" / f"{run.name}.json").read_text())
             records = read_metrics(self.out / "runs" / run.name)
-            rows.append(run_row(run, self.size, report, records, timings.get(f"train_{run.name}", 0.0),
-                                timings.get(f"eval_{run.name}", 0.0)))
-            curves[run.name] = kl_curve(records)
+            for step in self.size.evaluated_steps(run.method):
+                report = json.loads(self.eval_report(run.name, step).read_text())
+                rows.append(run_step_row(run, step, report, records))
+        summary = aggregate(rows)
+        data_reports = {f"s{seed}/{variant}": json.loads((self.variant_dir(seed, variant) / "pairs_report.json").read_text())
+                        for seed in self.seeds for variant in self.variants}
         extra = {
-            "plan": describe_plan(self.size, self.runs),
+            "size": asdict(self.size),
+            "plan": {run.name: run.overrides() for run in self.runs},
             "model": str(self.model.resolve()),
             "reward": REWARD,
-            "seeds": SEEDS,
-            "data": json.loads((self.data / "pairs_report.json").read_text()),
-            "kl_curves": {name: [list(point) for point in curve] for name, curve in curves.items()},
-            "seconds": timings,
+            "seed_streams": {seed: seed_streams(seed) for seed in self.seeds},
+            "data": data_reports,
+            "timings": timings,
         }
-        csv_path, json_path = write_results(self.out, rows, extra)
-        title = (f"Reward/KL frontier: stories260K, {self.size.num_prompts} story openings, "
-                 f"{self.size.steps} steps")
-        plot_frontier(rows, self.out / "frontier.png", title)
-        plot_kl_steps(curves, rows, self.out / "kl_steps.png")
-        self.say(f"results: {csv_path}, {json_path}, {self.out / 'frontier.png'}, {self.out / 'kl_steps.png'}")
-        return rows
+        paths = write_study_results(self.out, rows, summary, extra)
+        plot_frontier(summary, self.out / "frontier.png", self.size)
+        plot_trajectories(summary, self.out / "trajectories.png", self.size)
+        (self.out / "tables.md").write_text(tables_markdown(rows, summary, self.size, timings))
+        self.say(f"results: {', '.join(str(p) for p in paths)}, frontier.png, trajectories.png, tables.md")
+        return summary
 
-    def recorded_timings(self) -> dict[str, float]:
-        """Seconds of every step, this invocation's and those recorded by earlier ones (a restart)."""
+    def recorded_timings(self) -> dict[str, dict[str, float]]:
+        """Wall-clock and CPU seconds of every step, this invocation's and those recorded by earlier ones
+        (a restart): {"wall": {step: s}, "cpu": {step: s}}."""
         path = self.out / "timings.json"
         with self.lock:
-            timings = json.loads(path.read_text()) if path.is_file() else {}
-            timings.update(self.seconds)
+            timings = json.loads(path.read_text()) if path.is_file() else {"wall": {}, "cpu": {}}
+            timings["wall"].update(self.seconds)
+            timings["cpu"].update(self.cpu_seconds)
             path.write_text(json.dumps(timings, indent=1) + "\n")
         return timings
 
     def run(self) -> list[dict]:
         self.check_folder()
-        self.say(f"study in {self.out}: {len(self.runs)} runs of {self.size.steps} steps "
-                 f"({', '.join(sorted({run.method.name for run in self.runs}))}), {self.nproc} processes per run")
-        self.make_pairs()
-        self.at_once(self.reference_data_steps())
-        self.recorded_timings()
-        self.at_once([lambda: self.evaluate("eval_reference", self.model, self.out / "evals" / "reference.json"),
-                      *(lambda run=run, index=index: self.train_and_evaluate(run, index)
-                        for index, run in enumerate(self.runs, 1))])
-        rows = self.collect()
-        print_table(rows)
+        with study_lock(self.out):
+            self.say(f"study in {self.out}: {len(self.runs)} runs ({len(self.runs) // max(self.size.seeds, 1)} "
+                     f"configurations x {self.size.seeds} seeds), {self.nproc} processes per run, {self.jobs} at a time")
+            self.make_prompts()
+            self.at_once([lambda seed=seed: self.sample_pairs(seed) for seed in self.seeds])
+            self.at_once([lambda seed=seed, variant=variant: self.make_variant(seed, variant)
+                          for seed in self.seeds for variant in self.variants])
+            self.recorded_timings()
+            references = [lambda seed=seed: self.evaluate(f"eval_reference_s{seed}", seed, [self.model],
+                                                          [self.eval_report(f"reference-s{seed}", 0)])
+                          for seed in self.seeds]
+            self.at_once([*references, *(lambda run=run, index=index: self.train_and_evaluate(run, index)
+                                         for index, run in enumerate(self.runs, 1))])
+            rows = self.collect()
+        print(Path(self.out / 'tables.md').read_text())
         self.say("done")
         return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"{'run':<22} {'reward':>15} {'KL(pi||ref)':>15} {'held-out KL mon.':>17} {'pref acc':>9}")
-    for row in rows:
-        print(f"{row['run']:<22} {row['reward']:>7.3f} ± {row['reward_stderr']:<5.3f} "
-              f"{row['kl_policy_ref']:>7.2f} ± {row['kl_policy_ref_stderr']:<5.2f} "
-              f"{row['heldout_kl_ref_policy']:>17.2f} {row['heldout_preference_accuracy']:>9.3f}")
+SIZES = {"tiny": TINY, "default": DEFAULT}
+
+
+def in_background(argv: list[str], out: Path) -> int:
+    """This command again without --background, detached (its own session: it outlives the terminal), its
+    output in OUT/study.log. A rerun of the same command resumes it."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "study.log"
+    with open(log, "a") as handle:
+        process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], stdin=subprocess.DEVNULL,
+                                   stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    print(f"study_frontier: running in the background, process group {process.pid}; follow it with: tail -f {log}\n"
+          f"  stop it with: kill -- -{process.pid}   (the same command again resumes it)")
+    return 0
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = tool_parser(__doc__)
     parser.add_argument("--out", required=True, help="output folder (created; a rerun resumes it)")
-    parser.add_argument("--tiny", action="store_true", help="the CI size: checks the pipeline end to end in minutes")
-    parser.add_argument("--methods", default=",".join(m.name for m in METHODS),
-                        help="comma-separated subset of the methods")
-    parser.add_argument("--nproc", type=int, default=2, help="training processes per run (torchrun)")
+    parser.add_argument("--size", default="default", choices=sorted(SIZES),
+                        help="default: the documented study; tiny: the CI size, the pipeline end to end in minutes")
+    parser.add_argument("--tiny", action="store_true", help="the same as --size tiny")
+    parser.add_argument("--seeds", type=int, default=0, help="seeds per configuration (default: the size's, 3 at default)")
+    parser.add_argument("--methods", default="",
+                        help="comma-separated subset of the methods (default: all; with --size tiny, "
+                             f"{','.join(TINY_METHODS)})")
+    parser.add_argument("--nproc", type=int, default=1, help="training processes per run (torchrun)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="steps run at once where none needs another's output: the reference's scores and "
-                             "samples, then its evaluation and the runs")
+                        help="steps run at once where none needs another's output: data of the seeds and "
+                             "variants, then the evaluations and the runs")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="the reference model (a Hugging Face folder)")
+    parser.add_argument("--background", action="store_true",
+                        help="run detached, output in OUT/study.log (the command prints how to follow and stop it)")
     args = parser.parse_args(argv)
+    size = SIZES["tiny" if args.tiny else args.size]
+    if args.seeds < 0:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seeds:
+        size = replace(size, seeds=args.seeds)
     known = {m.name: m for m in METHODS}
-    wanted = [name for name in args.methods.split(",") if name]
+    wanted = [name for name in args.methods.split(",") if name] or (
+        list(TINY_METHODS) if size == TINY else list(known))
     unknown = [name for name in wanted if name not in known]
-    if unknown or not wanted:
-        parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
-    if args.nproc < 1:
-        parser.error(f"--nproc must be >= 1, got {args.nproc}")
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    if args.nproc < 1 or size.batch_size % args.nproc:
+        parser.error(f"--nproc must divide the {size.batch_size} pairs of a step, got {args.nproc}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     model = Path(args.model)
@@ -339,10 +418,12 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("matplotlib") is None:  # the plots come last: fail before the sweep, not after it
         print("study_frontier: error: the plots need matplotlib: pip install -e '.[study]'", file=sys.stderr)
         return INPUT_ERROR_EXIT_CODE
-    size = TINY if args.tiny else DEFAULT
+    out = Path(args.out).resolve()
+    if args.background:
+        return in_background([arg for arg in argv if arg != "--background"], out)
     runs = plan_runs(size, tuple(known[name] for name in wanted))
     try:
-        Study(Path(args.out).resolve(), size, runs, model.resolve(), args.nproc, args.jobs).run()
+        Study(out, size, runs, model.resolve(), args.nproc, args.jobs).run()
     except StudyError as error:
         print(f"study_frontier: error: {error}", file=sys.stderr)
         return error.code

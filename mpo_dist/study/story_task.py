@@ -32,7 +32,7 @@ from typing import Callable
 
 from mpo_dist.data.shards import Manifest, ShardCursor
 from mpo_dist.errors import InputError
-from mpo_dist.study.story_reward import preference_probability, reward, sample_preference
+from mpo_dist.study.story_reward import label_uniform, preference_probability, reward, sample_preference
 
 TEMPLATES = [
     "Once upon a time, there was a little girl named {name}.",
@@ -59,6 +59,7 @@ TEMPLATES = [
 NAMES = ["Lily", "Tom", "Sue", "Ben", "Mia", "Max", "Tim", "Anna", "Sam", "Lucy",
          "Jack", "Sara", "Bob", "Amy", "Jake", "Kate", "Leo", "Emma", "Ellie", "Jill"]
 LABEL_MODES = ("sampled", "soft")
+LENGTH_MODES = ("fixed", "varied")
 
 
 def story_prompts(count: int) -> list[str]:
@@ -83,8 +84,15 @@ def _read_set(folder: str | Path, kind: str):
         yield from ShardCursor(Path(folder) / shard.name, kind, shard.num_samples)
 
 
+def varied_length(full: int, seed: int, sample_key: str) -> int:
+    """The tokens a sample keeps under --lengths varied: uniform in [max(1, full // 4), full], drawn from
+    (seed, sample key) alone (so the same under any order of the samples)."""
+    shortest = max(1, full // 4)
+    return shortest + min(int(label_uniform(seed, f"length/{sample_key}") * (full - shortest + 1)), full - shortest)
+
+
 def label_pairs(pairs_dir: str | Path, samples_dir: str | Path, tokenizer, *, seed: int = 0, labels: str = "sampled",
-                reward_fn: Callable[[str, str], float] = reward) -> tuple[list[dict], dict]:
+                lengths: str = "fixed", reward_fn: Callable[[str, str], float] = reward) -> tuple[list[dict], dict]:
     """Labelled pairs from reference samples: for each prompt of the bootstrap `pairs_dir`, its samples
     in `samples_dir` (D_ref shards made by tools/sample_reference.py, keys `KEY-sK`) decoded as the
     evaluation tool decodes them (special tokens skipped), taken in order two at a time.
@@ -92,16 +100,25 @@ def label_pairs(pairs_dir: str | Path, samples_dir: str | Path, tokenizer, *, se
     Returns (records for tools/prepare_pairs.py, statistics of the reward spread). Each record has
     `prompt`, `chosen`, `rejected` (and `label` with soft labels), plus what it was made from:
     `key`, `reward_chosen`, `reward_rejected`, `p_chosen` (the Bradley-Terry probability that chosen
-    wins), which the prepare tool ignores."""
+    wins), which the prepare tool ignores.
+
+    `lengths="varied"` first cuts every sample to its first `varied_length` tokens (seeded by `seed`
+    and the sample's key), so that chosen and rejected differ in length (the samples all run to the
+    token budget otherwise): the setting in which `loss.length_normalized_pair` is not a constant scale."""
     if labels not in LABEL_MODES:
         raise InputError(f"--labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
+    if lengths not in LENGTH_MODES:
+        raise InputError(f"--lengths must be one of {', '.join(LENGTH_MODES)}, got {lengths!r}")
     prompts = {key: meta["prompt"] for key, meta, _ in _read_set(pairs_dir, "pairs")}
     responses: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for sample_key, _, arrays in _read_set(samples_dir, "dref"):
         key, _, k = sample_key.rpartition("-s")
         if key not in prompts or not k.isdigit():
             raise InputError(f"{samples_dir}: sample {sample_key} is not a sample of a prompt of {pairs_dir}")
-        responses[key].append((int(k), tokenizer.decode(arrays["response_ids"].tolist(), skip_special_tokens=True)))
+        ids = arrays["response_ids"].tolist()
+        if lengths == "varied":
+            ids = ids[: varied_length(len(ids), seed, sample_key)]
+        responses[key].append((int(k), tokenizer.decode(ids, skip_special_tokens=True)))
     records, differences, identical = [], [], 0
     rewards_by_prompt: dict[str, list[float]] = defaultdict(list)
     for key, prompt in prompts.items():
@@ -127,7 +144,9 @@ def label_pairs(pairs_dir: str | Path, samples_dir: str | Path, tokenizer, *, se
                 record["label"] = preference_probability(r_c, r_r)
             record.update(key=pair_key, reward_chosen=r_c, reward_rejected=r_r, p_chosen=preference_probability(r_c, r_r))
             records.append(record)
-    return records, spread_statistics(records, differences, rewards_by_prompt, identical, labels, seed)
+    stats = spread_statistics(records, differences, rewards_by_prompt, identical, labels, seed)
+    stats["lengths"] = lengths
+    return records, stats
 
 
 def spread_statistics(records: list[dict], differences: list[float], rewards_by_prompt: dict[str, list[float]],
