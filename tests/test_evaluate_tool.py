@@ -1,14 +1,17 @@
 """tools/evaluate.py (mpo_dist/evaluate_model.py): on-policy KL of the reference against itself, agreement
-with the trainer's last eval on a training checkpoint, 1 vs 2 processes, and a reward that cannot be imported."""
+with the trainer's last eval on a training checkpoint, 1 vs 2 processes, a reward that cannot be imported,
+standard errors clustered by prompt, and several models in one process."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
+import sys
 from dataclasses import replace
-from statistics import fmean
+from statistics import fmean, stdev
 
 import pytest
 import yaml
@@ -42,7 +45,7 @@ def test_on_policy_kl_of_the_reference_against_itself_is_zero(toy_inputs, tmp_pa
     mean, stderr = metrics["on_policy/kl_policy_ref"], metrics["on_policy/kl_policy_ref_stderr"]
     assert abs(mean) <= 3 * stderr + 1e-6
     assert abs(mean) < 1e-5  # the same model scores each response twice: exactly 0
-    assert metrics["on_policy/samples"] == 24 and metrics["on_policy/prompts"] == 12
+    assert metrics["on_policy/samples"] == 24 and metrics["on_policy/prompts"] == 12  # the toy prompts are distinct
     assert "on_policy/reward" in metrics and "on_policy/reward_stderr" in metrics
     assert 0 <= metrics["on_policy/reward"] <= 1  # a 0/1 reward
     assert 0 < metrics["on_policy/response_tokens"] <= 6
@@ -179,3 +182,77 @@ def test_loss_options_reach_training_the_trainers_eval_and_the_tool(toy_inputs, 
     for name, values in (("eval/reward/margin", margins), ("eval/loss/chosen_nll", nlls), ("eval/reward/p", ps),
                          ("eval/loss/total", losses)):
         assert got["metrics"][name] == pytest.approx(fmean(values), rel=1e-5, abs=1e-6), name
+
+
+def _pairs_with_repeated_prompts(source, out, prompts: int, copies: int):
+    """A pairs set of the first `prompts` distinct prompts of `source`, each in `copies` records (as a
+    set of several pairs per prompt is)."""
+    from mpo_dist.data.shards import Manifest as ShardManifest, ShardCursor, ShardInfo, ShardWriter
+
+    manifest = ShardManifest.read(source, "pairs")
+    chosen, seen = [], set()
+    for shard in manifest.shards:
+        for key, meta, arrays in ShardCursor(source / shard.name, "pairs", shard.num_samples):
+            ids = tuple(arrays["prompt_ids"].tolist())
+            if ids not in seen and len(chosen) < prompts:
+                seen.add(ids)
+                chosen.append((key, meta, arrays))
+    out.mkdir()
+    with ShardWriter(out / "shard-000000.tar", "pairs") as writer:
+        for copy in range(copies):
+            for key, meta, arrays in chosen:
+                writer.write(f"{key}-r{copy}", meta, arrays)
+    ShardManifest("pairs", manifest.tokenizer_hash, [ShardInfo("shard-000000.tar", prompts * copies)],
+                  info=manifest.info).write(out)
+    return [arrays["prompt_ids"].tolist() for _, _, arrays in chosen]
+
+
+@pytest.mark.e2e
+def test_on_policy_errors_are_clustered_by_prompt_and_several_models_share_one_process(toy_inputs, tmp_path):
+    """Four prompts, three records each, two samples per record: 4 prompts and 24 samples. With a reward of
+    the prompt alone, the 6 samples of a prompt are one value six times; the clustered standard error is
+    then the standard error of the 4 prompts' values (the independent-samples one would be about 2.3x
+    smaller). Two --model/--out in one process give the reports of two separate runs."""
+    from mpo_dist.tokenizer import load_tokenizer
+
+    pairs = tmp_path / "pairs"
+    prompt_ids = _pairs_with_repeated_prompts(toy_inputs["pairs"], pairs, prompts=4, copies=3)
+    (tmp_path / "prompt_reward.py").write_text("def score(prompt, response):\n    return float(len(prompt))\n")
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{SUBPROCESS_ENV['PYTHONPATH']}"}
+    args = ["--reference-model", toy_inputs["model"], "--pairs", pairs, "--on-policy-samples", 2, "--max-new-tokens", 4,
+            "--batch-size", 5, "--reward", "prompt_reward:score", "--dtype", "float32"]
+
+    def evaluate(*models_and_outs):
+        command = [sys.executable, str(REPO / "tools" / "evaluate.py"), *map(str, args + list(models_and_outs))]
+        return checked(subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300))
+
+    evaluate("--model", toy_inputs["model"], "--out", tmp_path / "alone.json")
+    evaluate("--model", toy_inputs["model"], "--out", tmp_path / "first.json", "--model", toy_inputs["model"],
+             "--out", tmp_path / "second.json")
+    metrics = report(tmp_path / "alone.json")["metrics"]
+    assert metrics["on_policy/prompts"] == 4 and metrics["on_policy/samples"] == 24
+    tokenizer = load_tokenizer(toy_inputs["model"])
+    values = [float(len(tokenizer.decode(ids, skip_special_tokens=True))) for ids in prompt_ids]
+    assert len(set(values)) > 1, values  # the test needs prompts of different lengths
+    assert metrics["on_policy/reward"] == pytest.approx(fmean(values))
+    assert metrics["on_policy/reward_stderr"] == pytest.approx(stdev(values) / math.sqrt(4))
+    independent = stdev(values * 6) / math.sqrt(24)  # what treating the 24 samples as independent gives
+    assert metrics["on_policy/reward_stderr"] > 2 * independent
+    for name in ("first", "second"):
+        other = report(tmp_path / f"{name}.json")["metrics"]
+        assert {k: v for k, v in other.items() if not k.endswith("seconds")} == \
+            {k: v for k, v in metrics.items() if not k.endswith("seconds")}, name
+
+
+@pytest.mark.unit
+def test_each_model_needs_its_own_report(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for argv, message in ((["--model", "a", "--model", "b", "--out", "r.json"], "one --out per --model: 2 --model, 1 --out"),
+                          (["--model", "a", "--model", "b", "--out", "r.json", "--out", "r.json"], "the same --out")):
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

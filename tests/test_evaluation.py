@@ -210,3 +210,28 @@ def test_eval_inputs_that_are_not_held_out_or_from_another_model_are_refused(toy
         "training.steps": 1, "data.reference": references["model-a"], "eval.pairs": toy_inputs["pairs"],
         "eval.reference": references["model-b"], "eval.require_held_out": "false"}), check=False)
     assert result.returncode == 2 and "was scored by another model (sha256:model-b)" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.unit
+def test_clustered_standard_error():
+    """One value per cluster: the usual standard error; a cluster of equal values counts once; otherwise the
+    cluster-robust formula, computed here from its definition."""
+    import statistics
+
+    from mpo_dist.evaluation import clustered_mean_and_stderr, mean_and_stderr
+
+    values = torch.tensor([1.0, 4.0, 2.0, 7.0, 3.0])
+    mean, stderr = clustered_mean_and_stderr(values, torch.arange(5))
+    iid = mean_and_stderr(5, float(values.sum()), float((values * values).sum()))
+    assert (mean, stderr) == (pytest.approx(iid[0]), pytest.approx(iid[1]))
+    repeated = values.repeat_interleave(4)  # each value four times, in one cluster
+    assert clustered_mean_and_stderr(repeated, torch.arange(5).repeat_interleave(4))[1] == pytest.approx(
+        statistics.stdev(values.tolist()) / math.sqrt(5))
+    generator = torch.Generator().manual_seed(0)
+    values, clusters = torch.randn(40, generator=generator, dtype=torch.float64), torch.randint(0, 7, (40,), generator=generator)
+    mean = values.mean().item()
+    sums = [sum(v - mean for v, c in zip(values.tolist(), clusters.tolist()) if c == g) for g in range(7)]
+    groups = len(set(clusters.tolist()))
+    expected = math.sqrt(groups / (groups - 1) * sum(s * s for s in sums) / 40**2)
+    assert clustered_mean_and_stderr(values, clusters) == (pytest.approx(mean), pytest.approx(expected))
+    assert math.isnan(clustered_mean_and_stderr(values, torch.zeros(40, dtype=torch.long))[1])  # one cluster

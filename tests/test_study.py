@@ -1,7 +1,8 @@
 """The reward/KL frontier study: the true story reward, Bradley-Terry labels, the pairs made from
-reference samples, and the whole pipeline end to end in its tiny mode (launch/study_frontier.sh
---tiny --jobs 2 --nproc 1: that it works, not what it finds), with a restart that skips everything
-finished."""
+reference samples (varied lengths too), the plan (seeds, data variants, trajectory checkpoints), the
+statistics over seeds, and the whole pipeline end to end in its tiny mode (launch/study_frontier.sh
+--tiny --jobs 2: that it works, not what it finds), with a restart that skips everything finished, a
+run cut short that resumes to the same table, the background mode and the folder lock."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import pytest
 from support import REPO, SUBPROCESS_ENV, require_shared
 
 from mpo_dist.study.frontier import (
-    COLUMNS, DEFAULT, METHODS, TINY, Method, Run, StudySize, kl_curve, plan_runs, read_results_csv, read_results_json,
+    DATA_VARIANTS, DEFAULT, METHODS, RUN_COLUMNS, SUMMARY_COLUMNS, TINY, TINY_METHODS, Method, Run, StudySize, aggregate,
+    mean_and_ci, plan_runs, read_csv_rows, read_json_rows, seed_streams, t_quantile_975, trajectory_changes,
 )
 from mpo_dist.study.story_reward import (
     NEGATIVE, POSITIVE, SCALE, label_uniform, preference_probability, reward, sample_preference, sentiment_rate,
 )
-from mpo_dist.study.story_task import NAMES, TEMPLATES, story_prompts
+from mpo_dist.study.story_task import NAMES, TEMPLATES, story_prompts, varied_length
 
 # ------------------------------------------------------------------------------- the true reward
 
@@ -157,36 +159,161 @@ def test_story_prompts_are_distinct_and_cover_the_templates():
         story_prompts(401)
 
 
+def _tiny_methods() -> tuple[Method, ...]:
+    return tuple(m for m in METHODS if m.name in TINY_METHODS)
+
+
 @pytest.mark.unit
-def test_plan_covers_every_method_and_tau_follows_beta():
+def test_plan_has_three_seeds_of_every_configuration_and_long_trajectories():
     runs = plan_runs(DEFAULT)
-    assert {run.method.name for run in runs} == {m.name for m in METHODS}
     assert len({run.name for run in runs}) == len(runs)
-    assert [run.method for run in plan_runs(TINY)] == list(METHODS)  # the CI size: every method, one beta each
-    for method in METHODS:
-        assert TINY.betas(method)[0] in method.betas
-        assert StudySize(betas_per_method=2).betas(method) == (min(method.betas), max(method.betas))
-    mpo = [(m.tau_per_beta > 0, bool(m.options)) for m in METHODS if m.loss == "mpo"]
-    assert set(mpo) == {(False, False), (True, False), (False, True), (True, True)}  # tau off/on, options off/on
+    arms = {}
+    for run in runs:
+        arms.setdefault(run.arm, []).append(run.seed)
+    assert all(sorted(seeds) == [0, 1, 2] for seeds in arms.values()) and DEFAULT.seeds >= 3
+    assert DEFAULT.steps >= 3 * 160 and DEFAULT.eval_steps[-1] == DEFAULT.steps and len(DEFAULT.eval_steps) >= 5
+    assert DEFAULT.short_steps in DEFAULT.eval_steps  # the short runs' step is a point of every trajectory
+    assert all(step % DEFAULT.checkpoint_interval() == 0 for step in (*DEFAULT.eval_steps, DEFAULT.short_steps))
+    trajectories = {(m.loss, dict(m.options).get("pair_logit_scale", 1.0), m.tau_per_beta > 0)
+                    for m in METHODS if m.trajectory and m.data == "hard"}
+    assert {("dpo", 1.0, False), ("ipo", 1.0, False), ("mpo", 0.05, False), ("mpo", 0.05, True)} <= trajectories
+    assert all(len(m.betas) >= 2 for m in METHODS if m.trajectory and m.data == "hard")  # two strengths each
+    soft = {m.loss for m in METHODS if m.data == "soft"}
+    assert soft == {"dpo", "ipo", "mpo"}
+    (sweep,) = [m for m in METHODS if m.taus]
+    assert len(sweep.betas) == 1 and len(sweep.taus) >= 3 and len(plan_runs(DEFAULT, (sweep,))) == 3 * len(sweep.taus)
+    assert [run.arm for run in plan_runs(DEFAULT, (sweep,))][::3] == [f"{sweep.name}-b0.3-t{t:g}" for t in sweep.taus]
+    options = {key for m in METHODS for key, _ in m.options}
+    assert {"length_normalized_pair", "chosen_nll", "length_normalized_tau", "pair_logit_scale"} <= options
+    assert all(m.data == "varied" for m in METHODS if dict(m.options).get("length_normalized_pair"))
+    assert {m.data for m in METHODS} == set(DATA_VARIANTS)
+
+
+@pytest.mark.unit
+def test_tiny_plan_covers_every_data_variant_trajectory_and_short_runs_and_dref():
+    methods = _tiny_methods()
+    runs = plan_runs(TINY, methods)
+    assert {m.data for m in methods} == set(DATA_VARIANTS) and TINY.seeds == 2
+    assert {m.trajectory for m in methods} == {True, False} and any(run.uses_dref for run in runs)
+    assert len(runs) == 2 * len(methods)  # one beta each, two seeds
+
+
+@pytest.mark.unit
+def test_run_names_taus_and_overrides():
     method = Method("x", "X", "mpo", (0.1, 1.0), tau_per_beta=0.5, options=(("length_normalized_tau", True),))
     assert method.overrides(0.1) == ["loss.name=mpo", "loss.beta=0.1", "loss.tau=0.05", "loss.length_normalized_tau=true"]
-    assert Run(method, 0.1).uses_dref and not Run(METHODS[0], 0.1).uses_dref
+    run = Run(method, 0.1, seed=2)
+    assert (run.arm, run.name, run.uses_dref) == ("x-b0.1", "x-b0.1-s2", True)
+    assert not Run(METHODS[0], 0.3).uses_dref
+    sweep = Method("sw", "S", "mpo", (0.3,), taus=(0.0, 0.1))
+    assert [(r.arm, r.tau_value, r.uses_dref) for r in plan_runs(StudySize(seeds=1), (sweep,))] == \
+        [("sw-b0.3-t0", 0.0, False), ("sw-b0.3-t0.1", 0.1, True)]
+    assert Run(sweep, 0.3, 0, 0.1).overrides()[:3] == ["loss.name=mpo", "loss.beta=0.3", "loss.tau=0.1"]
     assert StudySize(betas_per_method=3).betas(Method("y", "Y", "dpo", (1, 2, 3, 4, 5))) == (1, 3, 5)
 
 
 @pytest.mark.unit
-def test_kl_curve_starts_at_zero_and_reads_the_monitor():
-    records = [{"step": 10, "loss": 1.0}, {"step": 20, "eval/kl_ref_policy": 1.5, "eval/kl_ref_policy_stderr": 0.1}]
-    assert kl_curve(records) == [(0, 0.0, 0.0), (20, 1.5, 0.1)]
+def test_seed_streams_differ_within_and_between_seeds():
+    streams = [seed_streams(seed) for seed in range(3)]
+    values = [value for stream in streams for name, value in stream.items() if name != "training"]
+    assert len(set(values)) == len(values)
+    assert [stream["training"] for stream in streams] == [0, 1, 2]
 
 
 @pytest.mark.unit
-def test_study_config_loads_with_every_knob_the_study_sets():
+def test_study_config_loads_with_every_run_setting(tmp_path):
+    import importlib.util
+
     from mpo_dist.config import load_config
 
+    spec = importlib.util.spec_from_file_location("study_tool", REPO / "tools" / "study_frontier.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    study = tool.Study(tmp_path, DEFAULT, plan_runs(DEFAULT), tmp_path / "model", nproc=2)
     for run in plan_runs(DEFAULT):
-        config = load_config(str(REPO / "configs" / "study_frontier.yaml"), run.method.overrides(run.beta))
-        assert config.loss.name == run.method.loss and config.loss.beta == run.beta
+        config = load_config(str(REPO / "configs" / "study_frontier.yaml"), study.run_settings(run)["overrides"])
+        assert (config.loss.name, config.loss.beta, config.loss.tau) == (run.method.loss, run.beta, run.tau_value)
+        assert config.job.seed == run.seed and config.training.steps == DEFAULT.run_steps(run.method)
+        assert config.training.global_batch_size == DEFAULT.batch_size == 2 * config.data.batch_size
+        assert config.checkpoint.interval == 40 and config.checkpoint.keep > config.training.steps // 40
+        assert bool(config.data.dref) == run.uses_dref and f"/s{run.seed}/{run.method.data}/" in config.data.pairs
+        for key, value in run.method.options:
+            assert getattr(config.loss, key) == value
+
+
+# -------------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.unit
+def test_t_intervals_over_seeds():
+    assert t_quantile_975(2) == 4.303 and t_quantile_975(30) == 2.042
+    assert abs(t_quantile_975(60) - 2.000) < 0.002 and abs(t_quantile_975(1000) - 1.962) < 0.001
+    mean, ci, sd = mean_and_ci([1.0, 2.0, 3.0])
+    assert (mean, sd) == (2.0, 1.0) and ci == pytest.approx(4.303 / math.sqrt(3))
+    assert mean_and_ci([5.0])[0] == 5.0 and math.isnan(mean_and_ci([5.0])[1])
+    assert mean_and_ci([1.0, math.nan, 3.0])[:2] == (2.0, pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2)))
+
+
+def _row(arm, seed, step, reward, kl, **extra):
+    method = METHODS[0]
+    return {"run": f"{arm}-s{seed}", "arm": arm, "method": method.name, "label": method.label, "group": "frontier",
+            "data": "hard", "loss": "dpo", "beta": 0.3, "tau": 0.0, "length_normalized_pair": False,
+            "length_normalized_tau": False, "pair_logit_scale": 1.0, "chosen_nll": 0.0, "seed": seed, "step": step,
+            "reward": reward, "reward_stderr": 0.1 * (seed + 1), "kl_policy_ref": kl, "kl_policy_ref_stderr": 0.2,
+            "prompts": 81, "samples": 648, "heldout_kl_ref_policy": math.nan, "heldout_preference_accuracy": 0.5, **extra}
+
+
+@pytest.mark.unit
+def test_aggregate_over_seeds_and_changes_along_the_runs():
+    # three seeds; the mean reward peaks at step 2 and falls by 0.5 at step 3 in every seed; KL keeps growing
+    rows = [_row("a", seed, step, reward + seed, kl + seed)
+            for seed in range(3) for step, reward, kl in ((2, 1.0, 1.0), (4, 2.0, 2.0), (8, 1.5, 4.0))]
+    summary = aggregate(rows)
+    assert [(row["arm"], row["step"], row["seeds"]) for row in summary] == [("a", 2, 3), ("a", 4, 3), ("a", 8, 3)]
+    last = summary[-1]
+    assert last["reward"] == pytest.approx(2.5) and last["reward_sd"] == pytest.approx(1.0)
+    assert last["reward_ci"] == pytest.approx(4.303 / math.sqrt(3))
+    assert last["reward_stderr"] == pytest.approx(math.sqrt((0.01 + 0.04 + 0.09) / 3))  # root mean square
+    assert math.isnan(last["heldout_kl_ref_policy"]) and last["heldout_preference_accuracy"] == 0.5
+    assert list(last) == SUMMARY_COLUMNS
+    (change,) = trajectory_changes(rows)
+    assert (change["peak_step"], change["mid_step"], change["final_step"]) == (4, 4, 8)
+    assert change["reward_drop"] == pytest.approx(-0.5) and change["reward_drop_ci"] == pytest.approx(0.0, abs=1e-12)
+    assert change["kl_growth"] == pytest.approx(2.0)
+    assert trajectory_changes([row for row in rows if row["step"] != 8]) == []  # two steps are not a trajectory
+
+
+@pytest.mark.unit
+def test_varied_lengths_are_seeded_per_sample_and_within_bounds():
+    lengths = [varied_length(32, 7, f"{k:09d}-s{j}") for k in range(200) for j in range(2)]
+    assert min(lengths) == 8 and max(lengths) == 32 and len(set(lengths)) == 25  # uniform over [32 // 4, 32]
+    assert lengths == [varied_length(32, 7, f"{k:09d}-s{j}") for k in range(200) for j in range(2)]
+    assert lengths != [varied_length(32, 8, f"{k:09d}-s{j}") for k in range(200) for j in range(2)]
+    assert varied_length(1, 0, "x") == 1 and varied_length(3, 0, "y") in (1, 2, 3)
+
+
+@pytest.mark.unit
+def test_label_pairs_with_varied_lengths_cuts_every_sample_to_its_drawn_length(tmp_path):
+    from mpo_dist.study.story_task import label_pairs
+    from mpo_dist.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(require_shared("stories260K"))
+    story = "Tom was happy. He ran to the park and played with his friends all day long until the sun went down."
+    responses = {"Tom had a ball.": [story, story + " Then he was sad."], "Sue saw a cat.": [story + " The end.", story]}
+    pairs, samples = _sample_sets(tmp_path, tokenizer, responses)
+    records, stats = label_pairs(pairs, samples, tokenizer, labels="soft", lengths="varied", seed=5)
+    assert stats["lengths"] == "varied"
+    texts = [text for record in records for text in (record["chosen"], record["rejected"])]
+    full = {len(tokenizer(t, add_special_tokens=False)["input_ids"]) for ts in responses.values() for t in ts}
+    cut = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    assert all(length <= max(full) for length in cut) and len(set(cut)) > 1
+    for key, sample_texts in enumerate(responses.values()):  # each kept text is its sample cut to the drawn length
+        for k, text in enumerate(sample_texts):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            kept = tokenizer.decode(ids[: varied_length(len(ids), 5, f"{key:09d}-s{k}")], skip_special_tokens=True)
+            assert kept in texts
+    with pytest.raises(Exception, match="--lengths"):
+        label_pairs(pairs, samples, tokenizer, lengths="random")
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -203,58 +330,84 @@ def tiny_study(tmp_path_factory):
     require_shared("stories260K")
     out = tmp_path_factory.mktemp("study") / "out"
     start = time.monotonic()
-    # Two steps at a time and each run on one process: a core each on CI's two (what is checked here is the
+    # Two steps at a time, each run on one process: a core each on CI's two (what is checked here is the
     # pipeline; training on two processes is tests/test_train.py's).
-    result = _study(out, "--tiny", "--jobs", "2", "--nproc", "1")
+    result = _study(out, "--tiny", "--jobs", "2")
     seconds = time.monotonic() - start
     assert result.returncode == 0, f"study failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return out, result, seconds
 
 
+def _expected_evaluations() -> set[tuple[str, int]]:
+    runs = plan_runs(TINY, _tiny_methods())
+    return {(run.name, step) for run in runs for step in TINY.evaluated_steps(run.method)} | \
+        {(f"reference-s{seed}", 0) for seed in range(TINY.seeds)}
+
+
 @pytest.mark.e2e
-def test_tiny_study_has_a_finite_row_for_every_run_and_the_reference(tiny_study):
+def test_tiny_study_has_a_finite_row_for_every_evaluation_and_the_seeds_aggregated(tiny_study):
     out, result, _ = tiny_study
-    rows = read_results_json(out / "results.json")
-    by_run = {row["run"]: row for row in rows}
-    expected = {run.name for run in plan_runs(TINY)}
-    assert set(by_run) == expected | {"reference"}
-    for name in expected:
-        row = by_run[name]
-        for column in ("reward", "reward_stderr", "kl_policy_ref", "kl_policy_ref_stderr", "heldout_kl_ref_policy",
-                       "heldout_preference_accuracy"):
-            assert math.isfinite(row[column]), (name, column, row[column])
-        assert row["reward_stderr"] > 0 and row["kl_policy_ref_stderr"] >= 0 and row["steps"] == TINY.steps
-    reference = by_run["reference"]
-    assert math.isfinite(reference["reward"]) and reference["reward_stderr"] > 0
-    assert abs(reference["kl_policy_ref"]) < 1e-6  # the reference against itself: 0 exactly
-    assert rows[0]["run"] == "reference"
-    assert "reference" in result.stdout and "done" in result.stdout
+    rows = read_csv_rows(out / "runs.csv")
+    assert {(row["run"], row["step"]) for row in rows} == _expected_evaluations() and len(rows) == len(_expected_evaluations())
+    held_out_prompts = {json.loads(line)["prompt"] for line in (out / "data" / "s0" / "hard" / "pairs.jsonl").open()}
+    for row in rows:
+        for column in ("reward", "reward_stderr", "kl_policy_ref", "kl_policy_ref_stderr"):
+            assert math.isfinite(row[column]), (row["run"], column, row[column])
+        assert row["reward_stderr"] > 0
+        # on_policy/prompts counts distinct prompts: fewer than the records (2 samples each) of a pairs set
+        assert 0 < row["prompts"] < row["samples"] / 2 and row["prompts"] < len(held_out_prompts)
+        if row["method"] == "reference":
+            assert abs(row["kl_policy_ref"]) < 1e-6  # the reference against itself: 0 exactly
+    summary = read_csv_rows(out / "results.csv")
+    arms = {(run.arm, step) for run in plan_runs(TINY, _tiny_methods()) for step in TINY.evaluated_steps(run.method)}
+    assert {(row["arm"], row["step"]) for row in summary} == arms | {("reference", 0)}
+    for row in summary:
+        assert row["seeds"] == TINY.seeds and math.isfinite(row["reward_ci"]) and row["reward_ci"] > 0
+        mine = [r["reward"] for r in rows if r["arm"] == row["arm"] and r["step"] == row["step"]]
+        assert row["reward"] == pytest.approx(sum(mine) / len(mine))
+    assert "done" in result.stdout and "After 4 steps" in result.stdout  # the tables, printed at the end
 
 
 @pytest.mark.e2e
 def test_tiny_study_csv_and_json_agree(tiny_study):
     out, _, _ = tiny_study
-    from_csv, from_json = read_results_csv(out / "results.csv"), read_results_json(out / "results.json")
-    assert len(from_csv) == len(from_json)
-    for a, b in zip(from_csv, from_json):
-        assert list(a) == COLUMNS == list(b)
-        for column in COLUMNS:
-            x, y = a[column], b[column]
-            assert (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y)) or x == y, \
-                (a["run"], column, x, y)
+    for csv_name, key, columns in (("runs.csv", "runs", RUN_COLUMNS), ("results.csv", "rows", SUMMARY_COLUMNS)):
+        from_csv, from_json = read_csv_rows(out / csv_name), read_json_rows(out / "results.json", key)
+        assert len(from_csv) == len(from_json) > 0
+        for a, b in zip(from_csv, from_json):
+            assert list(a) == columns == list(b)
+            for column in columns:
+                x, y = a[column], b[column]
+                assert (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y)) or x == y, \
+                    (a.get("run", a["arm"]), column, x, y)
 
 
 @pytest.mark.e2e
-def test_tiny_study_writes_plots_data_report_and_kl_curves(tiny_study):
+def test_tiny_study_writes_plots_tables_data_reports_and_its_cpu_time(tiny_study):
     out, _, _ = tiny_study
-    for name in ("frontier.png", "kl_steps.png"):
+    for name in ("frontier.png", "trajectories.png"):
         assert (out / name).stat().st_size > 10_000, name
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "results.json").read_text())
-    assert report["data"]["pairs"] > 0 and report["data"]["prompts"] == TINY.num_prompts
-    for run in plan_runs(TINY):
-        steps = [point[0] for point in report["kl_curves"][run.name]]
-        assert steps[0] == 0 and steps[-1] == TINY.steps
+    assert set(report["data"]) == {f"s{seed}/{variant}" for seed in range(TINY.seeds) for variant in DATA_VARIANTS}
+    assert report["data"]["s0/varied"]["lengths"] == "varied" and report["data"]["s0/soft"]["labels"] == "soft"
+    assert all(data["prompts"] == TINY.num_prompts for data in report["data"].values())
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings["cpu"]) == set(timings["wall"]) and all(value > 0 for value in timings["cpu"].values())
+    training = [value for key, value in timings["cpu"].items() if key.startswith("train_")]
+    assert len(training) == len(plan_runs(TINY, _tiny_methods())) and min(training) > 1  # torchrun's workers count
+    tables = (out / "tables.md").read_text()
+    assert "CPU-hours in all" in tables and "After 2 steps" in tables
+    varied = (out / "data" / "s0" / "varied" / "pairs.jsonl").read_text().splitlines()
+    fixed = (out / "data" / "s0" / "hard" / "pairs.jsonl").read_text().splitlines()
+    length = lambda lines: sorted(len(json.loads(line)["chosen"]) for line in lines)
+    assert length(varied) != length(fixed) and sum(length(varied)) < sum(length(fixed))
+
+
+def _data_steps(variants: int) -> int:
+    # prompts and their shards; per seed its samples; per seed and variant labels, prepare, 2 scores, held-out D_ref,
+    # and training D_ref for the variants that a run with the tau term trains on (soft, in the tiny plan)
+    return 2 + TINY.seeds + TINY.seeds * (variants * 5 + 1)
 
 
 @pytest.mark.e2e
@@ -269,8 +422,51 @@ def test_tiny_study_restart_skips_finished_work_and_gives_the_same_table(tiny_st
     ran = [line for line in again.stdout.splitlines() if "done in" in line]
     assert not ran, ran  # every step was skipped
     skipped = [line for line in again.stdout.splitlines() if "done before, skipped" in line]
-    assert len(skipped) == 9 + 1 + 2 * len(plan_runs(TINY))  # data steps, the reference's eval, each run and its eval
+    runs = len(plan_runs(TINY, _tiny_methods()))
+    assert len(skipped) == _data_steps(len(DATA_VARIANTS)) + TINY.seeds + 2 * runs  # data, references' evals, runs, evals
     assert rerun_seconds < seconds / 2, (rerun_seconds, seconds)
+
+
+@pytest.mark.e2e
+def test_a_run_cut_short_resumes_to_the_same_results(tiny_study):
+    """A run whose last checkpoint and evaluations are lost (as when the study is stopped mid-run) resumes from
+    its checkpoint at step 2 and ends with the same weights: the table is unchanged. (In place: the runs'
+    settings name their folders, so a copy elsewhere would be trained again.)"""
+    import shutil
+
+    out, _, _ = tiny_study
+    before = [(r["run"], r["step"], r["reward"], r["kl_policy_ref"]) for r in read_csv_rows(out / "runs.csv")]
+    (run,) = [r for r in plan_runs(TINY, _tiny_methods()) if r.method.name == "dpo" and r.seed == 1]
+    shutil.rmtree(out / "runs" / run.name / "checkpoints" / f"step-{TINY.steps:08d}")
+    shutil.rmtree(out / "evals" / run.name)
+    result = _study(out, "--tiny")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ran = [line.split("] ")[1].split(":")[0] for line in result.stdout.splitlines() if "done in" in line]
+    assert ran == [f"train_{run.name}", f"eval_{run.name}"], ran
+    log = (out / "logs" / f"train_{run.name}.log").read_text()
+    assert "resum" in log.lower() and "step-00000002" in log, log[-2000:]
+    assert [(r["run"], r["step"], r["reward"], r["kl_policy_ref"]) for r in read_csv_rows(out / "runs.csv")] == before
+
+
+@pytest.mark.e2e
+def test_background_mode_and_the_folder_lock(tiny_study, tmp_path):
+    import fcntl
+
+    out, _, _ = tiny_study
+    started = _study(out, "--tiny", "--background", timeout=60)
+    assert started.returncode == 0 and "kill -- -" in started.stdout and "study.log" in started.stdout, started.stdout
+    log = out / "study.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.is_file() and "] done" in log.read_text()):
+        time.sleep(1)
+    assert "] done" in log.read_text() and "done in" not in log.read_text(), log.read_text()[-2000:]
+    held = tmp_path / "held"
+    held.mkdir()
+    with open(held / "study.lock", "w") as handle:  # another study process holds this folder
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused = _study(held, "--tiny", timeout=120)
+    assert refused.returncode == 2 and "being run by another study process" in refused.stderr, refused.stderr
+    assert "prompts:" not in refused.stdout
 
 
 @pytest.mark.e2e

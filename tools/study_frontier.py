@@ -1,40 +1,45 @@
-"""The reward/KL frontier study in one command: data, a sweep of training runs, on-policy evaluation, table, plots.
+"""The reward/KL frontier study in one command: data, training runs on several seeds, on-policy evaluation along them, tables, plots.
 
-    python tools/study_frontier.py --out OUTPUT_DIR [--tiny] [--methods dpo,ipo,...] [--nproc 2] [--jobs 1]
-        [--model DIR (default: the stories260K model beside this checkout)]
+    python tools/study_frontier.py --out OUTPUT_DIR [--size default|tiny] [--seeds N] [--methods dpo,ipo,...]
+        [--jobs 1] [--nproc 1] [--background] [--model DIR (default: the stories260K model beside this checkout)]
 
-(launch/study_frontier.sh OUTPUT_DIR [--tiny] runs it.) Every step is one of the project's tools,
-printed before it runs, with its output in OUTPUT_DIR/logs/:
+(launch/study_frontier.sh OUTPUT_DIR ... runs it.) Every step is one of the project's tools, printed
+before it runs, with its output in OUTPUT_DIR/logs/:
 
-1. data (OUTPUT_DIR/data): story-opening prompts (tools/make_story_prompts.py) -> their pairs
-   shards (tools/prepare_pairs.py) -> 2P reference samples per prompt (tools/sample_reference.py)
-   -> P pairs per prompt labelled by Bradley-Terry on the true reward mpo_dist.study.story_reward
-   (tools/label_story_pairs.py) -> pairs shards split by prompt into train and held-out
-   (prepare_pairs --eval-fraction) -> reference log-probs of both (tools/score_reference.py) ->
-   D_ref: one reference sample per training pair (MPO's tau term) and two per held-out pair (the
-   trainer's KL monitor eval/kl_ref_policy, which no loss sees);
-2. the reference model evaluated on-policy on the held-out prompts (the baseline, KL 0);
-3. for each method and beta (mpo_dist/study/frontier.py: METHODS): training under torchrun
-   (`python -m mpo_dist.launcher --standalone --nproc-per-node N -m mpo_dist.train --config
-   configs/study_frontier.yaml ...`) into OUTPUT_DIR/runs/RUN, then tools/evaluate.py on its final
-   checkpoint: K samples per held-out pair record, `on_policy/reward` (--reward
-   mpo_dist.study.story_reward:reward) and `on_policy/kl_policy_ref`, with standard errors, into
-   OUTPUT_DIR/evals/RUN.json;
-4. OUTPUT_DIR/results.csv and results.json (a row per run and the reference), frontier.png (reward
-   against KL, one curve per method) and kl_steps.png (the held-out KL monitor against the step).
+1. data (OUTPUT_DIR/data): story-opening prompts (tools/make_story_prompts.py) and their pairs
+   shards; then per seed k, 2P reference samples per prompt (tools/sample_reference.py), and per seed
+   and data variant (hard labels, soft labels, varied lengths: the variants the chosen methods use,
+   and hard always) P pairs per prompt labelled by Bradley-Terry on the true reward
+   mpo_dist.study.story_reward (tools/label_story_pairs.py) -> pairs shards split by prompt into
+   train and held-out (prepare_pairs --eval-fraction) -> reference log-probs of both
+   (tools/score_reference.py) -> D_ref: one reference sample per training pair where a run has MPO's
+   tau term, and two per held-out pair (the trainer's KL monitor eval/kl_ref_policy, which no loss
+   sees). Every random stream differs between seeds (`seed_streams`);
+2. the reference model evaluated on-policy on each seed's held-out prompts (the baseline, KL 0);
+3. for each method, beta (and tau) and seed (mpo_dist/study/frontier.py: METHODS): training under
+   torchrun (`python -m mpo_dist.launcher --standalone --nproc-per-node N -m mpo_dist.train --config
+   configs/study_frontier.yaml ...`) into OUTPUT_DIR/runs/RUN, with a checkpoint every
+   `checkpoint_interval` steps; then one tools/evaluate.py process over the checkpoints it is evaluated
+   at (every `eval_steps` for a trajectory run, the last for the others): K samples per held-out pair
+   record, `on_policy/reward` (--reward mpo_dist.study.story_reward:reward) and
+   `on_policy/kl_policy_ref` with standard errors clustered by prompt, into OUTPUT_DIR/evals/RUN/;
+4. OUTPUT_DIR/runs.csv (every evaluation), results.csv (per configuration and step: mean over seeds,
+   95% interval, spread), results.json (both, the changes along the trajectories, the settings, seeds
+   and data reports), tables.md, frontier.png and trajectories.png; timings.json holds every step's
+   wall-clock and CPU seconds.
 
---jobs N runs up to N steps at once where none needs another's output: the reference's log-probs
-and D_ref samples of both splits, then the reference's evaluation and the runs (each its training,
-then its evaluation). The tiny study's steps are mostly process start-up, which keeps one core busy
-while the other waits, so CI runs it with --jobs 2 --nproc 1 (two runs at once, each on one core);
-the table's seconds then include the CPU that the steps beside them took.
+--jobs N runs up to N steps at once where none needs another's output: the seeds' samples, the
+seeds' data variants, then the evaluations and the runs (each its training, then its evaluation).
+Each run on one process (--nproc 1, the default) and --jobs 2 keeps two cores busy: the model is
+so small that a second process per run adds little speed.
 
-Restartable: a step whose output is complete is skipped (data sets with their manifest, a run with
-its final checkpoint, an evaluation with its report), so a crash costs at most the step it hit; a
-run whose settings changed is trained again. Another size or model in the same OUTPUT_DIR is
-refused. Every process uses one CPU thread: on a busy 2-core machine, sampling with two threads in
-one process was 30x slower than with one (7,379 against 229 tokens/s: OpenMP threads spinning
-against other work).
+Resumable: a step whose output is complete is skipped (data sets with their manifest, a run with
+its final checkpoint, an evaluation with its report); an unfinished run resumes from its newest
+checkpoint (the trainer's checkpoint.resume=auto), and a run whose settings changed is trained again.
+Another size or model in the same OUTPUT_DIR is refused, and so is a second study process on the
+same folder (OUTPUT_DIR/study.lock). --background runs the same command detached, its output in
+OUTPUT_DIR/study.log. Every process uses one CPU thread: on a busy 2-core machine, sampling with two
+threads in one process was 30x slower than with one (OpenMP threads spinning against other work).
 """
 
 from __future__ import annotations
@@ -231,8 +236,10 @@ class Study:
             self.step(f"score_{key}_{split}", self.tool(
                 "score_reference.py", "--model", m, "--pairs", d / "pairs" / split, "--out", d / "reference" / split,
                 "--dtype", "float32", "--batch-size", 64, "--threads", 1), [d / "reference" / split / "manifest.json"])
-        # D_ref: one reference sample per training pair (MPO's tau term), two per held-out pair (the KL monitor)
-        for split, count, stream in (("train", 1, "dref"), ("eval", 2, "dref_eval")):
+        # D_ref: one reference sample per training pair (MPO's tau term; only where a run has one), two per
+        # held-out pair (the KL monitor)
+        tau_term = any(run.uses_dref and run.method.data == variant for run in self.runs)
+        for split, count, stream in (("train", 1, "dref"), ("eval", 2, "dref_eval"))[0 if tau_term else 1:]:
             self.step(f"dref_{key}_{split}", self.tool(
                 "sample_reference.py", "--pairs", d / "pairs" / split, "--out", d / "dref" / split, "--num-samples",
                 count, "--seed", seeds[stream], *self.sampling()), [d / "dref" / split / "manifest.json"])

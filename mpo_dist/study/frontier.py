@@ -1,16 +1,17 @@
-"""The reward/KL frontier study: its plan (methods x beta, sizes), its results table and its plots.
+"""The reward/KL frontier study: its plan (methods, betas, seeds, data variants, sizes), its statistics
+over seeds, its tables and its plots.
 
 The question (the MPO paper, arXiv 2312.16430, reports no experiment): does a method turn its KL
-regularisation into reward at a bounded KL from the reference? Measured as the DPO paper did: the
-expected true reward of a trained policy against KL(pi_theta || pi_ref), both on the policy's own
-samples for held-out prompts, one curve per method over a sweep of beta. tools/study_frontier.py
-runs the plan (data, training, evaluation) and calls `write_results`, `plot_frontier` and
-`plot_kl_steps` here; this module runs nothing itself.
+regularisation into reward at a bounded KL from the reference, as training goes on? Measured as the
+DPO paper did: the expected true reward of a policy against KL(pi_theta || pi_ref), both on the
+policy's own samples for held-out prompts, here with every configuration trained on several seeds
+and, for the main methods, evaluated at checkpoints along the run (a trajectory). tools/study_frontier.py
+runs the plan (data, training, evaluation) and calls `aggregate`, `write_study_results`,
+`tables_markdown`, `plot_frontier` and `plot_trajectories` here; this module runs nothing itself.
 
-A run's row joins its evaluation report (tools/evaluate.py: `on_policy/reward` and
-`on_policy/kl_policy_ref` with standard errors) with the last held-out evaluation of its training
-(metrics.jsonl: preference accuracy, margin, and the KL monitor KL(pi_ref || pi_theta) on held-out
-reference samples). The reference model, evaluated the same way, is the baseline row (KL 0).
+An evaluation row joins tools/evaluate.py's report (`on_policy/reward` and `on_policy/kl_policy_ref`,
+with standard errors clustered by prompt) with the trainer's held-out evaluation at that step
+(metrics.jsonl). The reference model, evaluated the same way per seed, is the baseline (KL 0).
 """
 
 from __future__ import annotations
