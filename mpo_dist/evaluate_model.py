@@ -54,7 +54,7 @@ class EvaluationRequest:
     on_policy: SamplingParams | None = None  # None: no on-policy evaluation
     reference_model: str = ""
     reward: str = ""  # module:function
-    max_prompts: int = 0  # on-policy prompts: the first N of --pairs (0: all)
+    max_prompts: int = 0  # on-policy prompts: those of the first N records of --pairs (0: all)
     model_shards: int = 0  # processes sharing one copy of each model (inference_model; 0: those of a node)
 
 

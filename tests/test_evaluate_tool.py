@@ -1,6 +1,6 @@
 """tools/evaluate.py (mpo_dist/evaluate_model.py): on-policy KL of the reference against itself, agreement
 with the trainer's last eval on a training checkpoint, 1 vs 2 processes, a reward that cannot be imported,
-standard errors clustered by prompt, and several models in one process."""
+standard errors clustered by prompt, and several checkpoints in one process."""
 
 from __future__ import annotations
 
@@ -208,28 +208,23 @@ def _pairs_with_repeated_prompts(source, out, prompts: int, copies: int):
 
 
 @pytest.mark.e2e
-def test_on_policy_errors_are_clustered_by_prompt_and_several_models_share_one_process(toy_inputs, tmp_path):
+def test_on_policy_errors_are_clustered_by_prompt(toy_inputs, tmp_path):
     """Four prompts, three records each, two samples per record: 4 prompts and 24 samples. With a reward of
     the prompt alone, the 6 samples of a prompt are one value six times; the clustered standard error is
     then the standard error of the 4 prompts' values (the independent-samples one would be about 2.3x
-    smaller). Two --model/--out in one process give the reports of two separate runs."""
+    smaller)."""
     from mpo_dist.tokenizer import load_tokenizer
 
     pairs = tmp_path / "pairs"
     prompt_ids = _pairs_with_repeated_prompts(toy_inputs["pairs"], pairs, prompts=4, copies=3)
     (tmp_path / "prompt_reward.py").write_text("def score(prompt, response):\n    return float(len(prompt))\n")
     env = {**SUBPROCESS_ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{SUBPROCESS_ENV['PYTHONPATH']}"}
-    args = ["--reference-model", toy_inputs["model"], "--pairs", pairs, "--on-policy-samples", 2, "--max-new-tokens", 4,
-            "--batch-size", 5, "--reward", "prompt_reward:score", "--dtype", "float32"]
-
-    def evaluate(*models_and_outs):
-        command = [sys.executable, str(REPO / "tools" / "evaluate.py"), *map(str, args + list(models_and_outs))]
-        return checked(subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300))
-
-    evaluate("--model", toy_inputs["model"], "--out", tmp_path / "alone.json")
-    evaluate("--model", toy_inputs["model"], "--out", tmp_path / "first.json", "--model", toy_inputs["model"],
-             "--out", tmp_path / "second.json")
-    metrics = report(tmp_path / "alone.json")["metrics"]
+    command = [sys.executable, str(REPO / "tools" / "evaluate.py"), *map(str, [
+        "--model", toy_inputs["model"], "--reference-model", toy_inputs["model"], "--pairs", pairs,
+        "--on-policy-samples", 2, "--max-new-tokens", 4, "--batch-size", 5, "--reward", "prompt_reward:score",
+        "--dtype", "float32", "--out", tmp_path / "report.json"])]
+    checked(subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300))
+    metrics = report(tmp_path / "report.json")["metrics"]
     assert metrics["on_policy/prompts"] == 4 and metrics["on_policy/samples"] == 24
     tokenizer = load_tokenizer(toy_inputs["model"])
     values = [float(len(tokenizer.decode(ids, skip_special_tokens=True))) for ids in prompt_ids]
@@ -238,10 +233,32 @@ def test_on_policy_errors_are_clustered_by_prompt_and_several_models_share_one_p
     assert metrics["on_policy/reward_stderr"] == pytest.approx(stdev(values) / math.sqrt(4))
     independent = stdev(values * 6) / math.sqrt(24)  # what treating the 24 samples as independent gives
     assert metrics["on_policy/reward_stderr"] > 2 * independent
-    for name in ("first", "second"):
-        other = report(tmp_path / f"{name}.json")["metrics"]
-        assert {k: v for k, v in other.items() if not k.endswith("seconds")} == \
-            {k: v for k, v in metrics.items() if not k.endswith("seconds")}, name
+
+
+@pytest.mark.e2e
+def test_several_checkpoints_in_one_process_give_the_reports_of_separate_runs(toy_inputs, tmp_path):
+    """Two checkpoints of one run (and the run's own loss, read beside each) evaluated in one process: each
+    report equals that of the checkpoint evaluated alone, and the two differ (nothing leaks between them)."""
+    run = tmp_path / "run"
+    train(*toy_overrides(toy_inputs, run, **{"training.steps": 2, "checkpoint.interval": 1, "checkpoint.keep": 2,
+                                             "loss.name": "dpo", "loss.tau": 0, "data.dref": "", "optim.lr": 1e-2}), nproc=1)
+    checkpoints = sorted((run / "checkpoints").glob("step-*"))
+    assert [c.name for c in checkpoints] == ["step-00000001", "step-00000002"]
+    args = ["--reference-model", toy_inputs["model"], "--pairs", toy_inputs["pairs"], "--reference",
+            toy_inputs["reference"], *ON_POLICY, "--dtype", "float32"]
+    together = [tmp_path / f"together{k}.json" for k in range(2)]
+    checked(run_tool("evaluate.py", *args, *[a for c, out in zip(checkpoints, together) for a in ("--model", c, "--out", out)]))
+    for checkpoint, out in zip(checkpoints, together):
+        alone = tmp_path / f"alone-{checkpoint.name}.json"
+        checked(run_tool("evaluate.py", *args, "--model", checkpoint, "--out", alone))
+        one, other = report(alone), report(out)
+        assert other["model"]["checkpoint_step"] == one["model"]["checkpoint_step"] and other["loss"] == one["loss"]
+        assert one["loss"]["name"] == "dpo"
+        assert {k: v for k, v in other["metrics"].items() if not k.endswith("seconds")} == \
+            {k: v for k, v in one["metrics"].items() if not k.endswith("seconds")}, checkpoint.name
+    first, second = (report(out)["metrics"] for out in together)
+    assert first["on_policy/kl_policy_ref"] != second["on_policy/kl_policy_ref"]
+    assert first["eval/loss/total"] != second["eval/loss/total"]
 
 
 @pytest.mark.unit

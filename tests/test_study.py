@@ -278,9 +278,14 @@ def test_aggregate_over_seeds_and_changes_along_the_runs():
     assert list(last) == SUMMARY_COLUMNS
     (change,) = trajectory_changes(rows)
     assert (change["peak_step"], change["mid_step"], change["final_step"]) == (4, 4, 8)
-    assert change["reward_drop"] == pytest.approx(-0.5) and change["reward_drop_ci"] == pytest.approx(0.0, abs=1e-12)
-    assert change["kl_growth"] == pytest.approx(2.0)
+    assert change["reward_change"] == pytest.approx(-0.5) and change["reward_change_ci"] == pytest.approx(0.0, abs=1e-12)
+    assert change["kl_growth"] == pytest.approx(2.0) and change["seeds"] == 3
     assert trajectory_changes([row for row in rows if row["step"] != 8]) == []  # two steps are not a trajectory
+    # a seed missing a step is left out of the changes; a NaN evaluation is not a seed of its step
+    partial = [row for row in rows if not (row["seed"] == 2 and row["step"] == 4)]
+    assert trajectory_changes(partial)[0]["seeds"] == 2
+    with_nan = [dict(row, reward=math.nan) if (row["seed"], row["step"]) == (0, 8) else row for row in rows]
+    assert aggregate(with_nan)[-1]["seeds"] == 2 and aggregate(with_nan)[-1]["reward"] == pytest.approx(3.0)
 
 
 @pytest.mark.unit
@@ -365,7 +370,7 @@ def test_tiny_study_has_a_finite_row_for_every_evaluation_and_the_seeds_aggregat
         assert row["seeds"] == TINY.seeds and math.isfinite(row["reward_ci"]) and row["reward_ci"] > 0
         mine = [r["reward"] for r in rows if r["arm"] == row["arm"] and r["step"] == row["step"]]
         assert row["reward"] == pytest.approx(sum(mine) / len(mine))
-    assert "done" in result.stdout and "After 4 steps" in result.stdout  # the tables, printed at the end
+    assert "done" in result.stdout and f"After {TINY.steps} steps" in result.stdout  # the tables, printed at the end
 
 
 @pytest.mark.e2e
@@ -397,7 +402,8 @@ def test_tiny_study_writes_plots_tables_data_reports_and_its_cpu_time(tiny_study
     training = [value for key, value in timings["cpu"].items() if key.startswith("train_")]
     assert len(training) == len(plan_runs(TINY, _tiny_methods())) and min(training) > 1  # torchrun's workers count
     tables = (out / "tables.md").read_text()
-    assert "CPU-hours in all" in tables and "After 2 steps" in tables
+    assert "CPU-hours in all" in tables and "After 2 steps" in tables and "After 6 steps" in tables
+    assert "**Along the trajectory runs**" in tables and "**Over the second half" in tables
     varied = (out / "data" / "s0" / "varied" / "pairs.jsonl").read_text().splitlines()
     fixed = (out / "data" / "s0" / "hard" / "pairs.jsonl").read_text().splitlines()
     length = lambda lines: sorted(len(json.loads(line)["chosen"]) for line in lines)
@@ -427,46 +433,71 @@ def test_tiny_study_restart_skips_finished_work_and_gives_the_same_table(tiny_st
     assert rerun_seconds < seconds / 2, (rerun_seconds, seconds)
 
 
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return condition()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.mark.e2e
-def test_a_run_cut_short_resumes_to_the_same_results(tiny_study):
-    """A run whose last checkpoint and evaluations are lost (as when the study is stopped mid-run) resumes from
-    its checkpoint at step 2 and ends with the same weights: the table is unchanged. (In place: the runs'
-    settings name their folders, so a copy elsewhere would be trained again.)"""
+def test_a_study_stopped_in_the_background_resumes_to_the_same_results(tiny_study):
+    """In the background (--background), a run is stopped by `kill PID` as the tool says: the study passes the
+    signal on, waits for the run, records the attempt's time and exits. The same command resumes: only that run
+    and its evaluation run, from its checkpoint before the last, and the table is unchanged. (In place: the
+    runs' settings name their folders, so a copy elsewhere would be trained again.)"""
+    import re
     import shutil
+    import signal
 
     out, _, _ = tiny_study
     before = [(r["run"], r["step"], r["reward"], r["kl_policy_ref"]) for r in read_csv_rows(out / "runs.csv")]
     (run,) = [r for r in plan_runs(TINY, _tiny_methods()) if r.method.name == "dpo" and r.seed == 1]
     shutil.rmtree(out / "runs" / run.name / "checkpoints" / f"step-{TINY.steps:08d}")
     shutil.rmtree(out / "evals" / run.name)
+    cpu_before = json.loads((out / "timings.json").read_text())["cpu"][f"train_{run.name}"]
+    started = _study(out, "--tiny", "--background", timeout=60)
+    assert started.returncode == 0 and "study.log" in started.stdout, started.stdout + started.stderr
+    pid = int(re.search(r"kill (\d+)", started.stdout).group(1))
+    log = out / "study.log"
+    assert _wait_for(lambda: f"train_{run.name}: -m" in log.read_text(), 120), log.read_text()[-2000:]
+    time.sleep(2)  # the run has started
+    os.kill(pid, signal.SIGTERM)
+    assert _wait_for(lambda: not _alive(pid), 120), "the study did not stop"
+    text = log.read_text()
+    assert "signal SIGTERM" in text and "stopped; the same command resumes it" in text, text[-2000:]
+    assert json.loads((out / "timings.json").read_text())["cpu"][f"train_{run.name}"] > cpu_before  # the attempt counts
     result = _study(out, "--tiny")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ran = [line.split("] ")[1].split(":")[0] for line in result.stdout.splitlines() if "done in" in line]
     assert ran == [f"train_{run.name}", f"eval_{run.name}"], ran
     log = (out / "logs" / f"train_{run.name}.log").read_text()
-    assert "resum" in log.lower() and "step-00000002" in log, log[-2000:]
+    assert "resum" in log.lower(), log[-2000:]
     assert [(r["run"], r["step"], r["reward"], r["kl_policy_ref"]) for r in read_csv_rows(out / "runs.csv")] == before
 
 
 @pytest.mark.e2e
-def test_background_mode_and_the_folder_lock(tiny_study, tmp_path):
+def test_a_second_study_process_on_a_folder_is_refused(tmp_path):
     import fcntl
 
-    out, _, _ = tiny_study
-    started = _study(out, "--tiny", "--background", timeout=60)
-    assert started.returncode == 0 and "kill -- -" in started.stdout and "study.log" in started.stdout, started.stdout
-    log = out / "study.log"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (log.is_file() and "] done" in log.read_text()):
-        time.sleep(1)
-    assert "] done" in log.read_text() and "done in" not in log.read_text(), log.read_text()[-2000:]
     held = tmp_path / "held"
     held.mkdir()
     with open(held / "study.lock", "w") as handle:  # another study process holds this folder
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        refused = _study(held, "--tiny", timeout=120)
-    assert refused.returncode == 2 and "being run by another study process" in refused.stderr, refused.stderr
-    assert "prompts:" not in refused.stdout
+        for background in ([], ["--background"]):
+            refused = _study(held, "--tiny", *background, timeout=120)
+            assert refused.returncode == 2 and "being run by another study process" in refused.stderr, refused.stderr
+            assert "prompts:" not in refused.stdout and "running in the background" not in refused.stdout
 
 
 @pytest.mark.e2e

@@ -11,12 +11,13 @@ held-out D_ref (`eval/kl_ref_policy`, KL(pi_ref || pi_theta)). On-policy: K resp
 (KL(pi_theta || pi_ref), at temperature 1 and top-p 1) and, with --reward, `on_policy/reward`, each
 with its standard error. The same under `torchrun --nnodes N --nproc-per-node K ...`: the ranks
 share the samples and the report does not depend on their number. Rank 0 writes the JSON report.
-Several --model, each with its --out (in order), are evaluated one after the other in one process
-(the checkpoints along a run: start-up and the reference model paid once per model, not per process).
+Several --model, each with its --out (in order), are evaluated one after the other in one process,
+with the same data and options (the checkpoints along a run: the process start-up is paid once).
 For a training checkpoint the loss and its options are the run's (OUTPUT_DIR/config.yaml); --loss,
 --beta and --label-smoothing override them, and options the chosen loss does not take are dropped.
 """
 
+import gc
 import sys
 
 from mpo_dist.cli import add_progress_flag, add_threads_flag, run_main, tool_parser
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
                                         reference_model=args.reference_model or "", reward=args.reward or "",
                                         max_prompts=args.max_prompts, model_shards=args.model_shards)
             evaluate_model(request, info, device_for(info), out)
+            gc.collect()  # the models of this report, before the next ones load
 
     return run_main("evaluate", body, threads=args.threads, progress=args.progress)
 

@@ -50,6 +50,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -77,6 +78,13 @@ CONFIG = REPO / "configs" / "study_frontier.yaml"
 REWARD = "mpo_dist.study.story_reward:reward"
 MAX_PROMPT_TOKENS = 32
 SAMPLES_PER_SHARD = 200
+
+
+def write_json(path: Path, value) -> None:
+    """Atomically (a temp file beside it, then renamed): a kill never leaves a file a restart cannot read."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -108,11 +116,11 @@ class Study:
         self.out, self.size, self.runs, self.model, self.nproc, self.jobs = out, size, runs, model, nproc, jobs
         self.data, self.logs = out / "data", out / "logs"
         self.start = time.monotonic()
-        self.seconds: dict[str, float] = {}  # the steps this invocation ran: wall-clock seconds
-        self.cpu_seconds: dict[str, float] = {}  # and CPU seconds
+        self.running: set[subprocess.Popen] = set()  # the steps' processes now running (stop() signals them)
+        self.stopping = threading.Event()
         self.seeds = range(size.seeds)
         self.variants = sorted({"hard"} | {run.method.data for run in runs})  # hard: every seed's on-policy prompts
-        self.lock = threading.Lock()  # steps run in threads with --jobs: their lines, self.seconds, timings.json
+        self.lock = threading.RLock()  # steps run in threads with --jobs: their lines, the running set, timings.json
         self.env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -140,22 +148,54 @@ class Study:
         shown = " ".join(os.path.relpath(part, REPO) if part.startswith("/") and part.startswith(str(REPO)) else part
                          for part in command[1:])
         self.say(f"{key}: {shown}")
-        start = time.monotonic()
-        with open(log, "w") as handle:
-            process = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
-            # wait4, not wait: the rusage of the process and of the children it waited for (torchrun's workers)
-            _, status, usage = os.wait4(process.pid, 0)
-            process.returncode = os.waitstatus_to_exitcode(status)
+        if self.stopping.is_set():
+            raise StudyError(f"{key}: not started, the study is stopping", 1)
+        start, usage, returncode = time.monotonic(), None, None
+        try:
+            with open(log, "w") as handle:
+                process = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+                with self.lock:
+                    self.running.add(process)
+                try:
+                    # wait4, not wait: the rusage of the process and of the children it waited for (torchrun's workers)
+                    _, status, usage = os.wait4(process.pid, 0)
+                finally:
+                    with self.lock:
+                        self.running.discard(process)
+                returncode = process.returncode = os.waitstatus_to_exitcode(status)
+        finally:  # a failed or stopped attempt's time counts too: it was spent
+            self.add_timing(key, time.monotonic() - start, usage.ru_utime + usage.ru_stime if usage else 0.0)
         seconds = time.monotonic() - start
-        if process.returncode != 0 or not all(path.exists() for path in done):
+        if returncode != 0 or not all(path.exists() for path in done):
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-            raise StudyError(f"{key} failed (exit code {process.returncode}) after {seconds:.0f}s; last lines of {log}:\n{tail}",
-                             process.returncode or 1)
-        with self.lock:
-            self.seconds[key] = seconds
-            self.cpu_seconds[key] = usage.ru_utime + usage.ru_stime
+            raise StudyError(f"{key} failed (exit code {returncode}) after {seconds:.0f}s; last lines of {log}:\n{tail}",
+                             returncode or 1)
         self.say(f"{key}: done in {seconds:.0f}s")
         return seconds
+
+    def add_timing(self, key: str, wall: float, cpu: float) -> None:
+        """Add a step's wall-clock and CPU seconds to timings.json ({"wall": {step: s}, "cpu": {step: s}}),
+        where earlier attempts (a run stopped and resumed) are already counted."""
+        with self.lock:
+            timings = self.recorded_timings()
+            for clock, value in (("wall", wall), ("cpu", cpu)):
+                timings[clock][key] = timings[clock].get(key, 0.0) + value
+            write_json(self.out / "timings.json", timings)
+
+    def stop(self, signum: int, frame) -> None:
+        """SIGTERM, SIGINT, SIGHUP: start nothing more, and pass the signal to the running steps (a
+        training run saves its step in progress); the study exits once they have ended, so a rerun
+        never meets a step still writing."""
+        self.say(f"signal {signal.Signals(signum).name}: stopping the running steps (they save what they can); "
+                 "the same command resumes")
+        self.stopping.set()
+        with self.lock:
+            running = list(self.running)
+        for process in running:
+            try:
+                process.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def at_once(self, tasks: list[Callable[[], object]]) -> None:
         """Run `tasks`, up to `jobs` at a time (one job: one after the other, in order). After a failure
@@ -193,7 +233,7 @@ class Study:
                                  "or remove it", INPUT_ERROR_EXIT_CODE)
         else:
             self.out.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps(mine, indent=1) + "\n")
+            write_json(record, mine)
 
     def variant_dir(self, seed: int, variant: str) -> Path:
         return self.data / f"s{seed}" / variant
@@ -276,9 +316,11 @@ class Study:
             self.say(f"{run.name}: made with other settings: trained again")
             shutil.rmtree(folder)
             shutil.rmtree(self.out / "evals" / run.name, ignore_errors=True)
+        if not (final / "checkpoint.json").is_file():  # it trains now: evaluations of an earlier policy are stale
+            shutil.rmtree(self.out / "evals" / run.name, ignore_errors=True)
         # an unfinished run with these settings resumes from its newest checkpoint (checkpoint.resume=auto)
         folder.mkdir(parents=True, exist_ok=True)
-        settings.write_text(json.dumps(mine, indent=1) + "\n")
+        write_json(settings, mine)
         self.say(f"run {index}/{len(self.runs)}: {run.name}")
         return self.step(f"train_{run.name}", train_command(CONFIG, mine["overrides"], self.nproc),
                          [final / "checkpoint.json"])
@@ -288,7 +330,6 @@ class Study:
         steps = self.size.evaluated_steps(run.method)
         self.evaluate(f"eval_{run.name}", run.seed, [self.checkpoint(run, step) for step in steps],
                       [self.eval_report(run.name, step) for step in steps])
-        self.recorded_timings()  # after every run: a restart still reports the time of finished ones
 
     def run_settings(self, run: Run) -> dict:
         size, d = self.size, self.variant_dir(run.seed, run.method.data)
@@ -338,18 +379,15 @@ class Study:
         return summary
 
     def recorded_timings(self) -> dict[str, dict[str, float]]:
-        """Wall-clock and CPU seconds of every step, this invocation's and those recorded by earlier ones
-        (a restart): {"wall": {step: s}, "cpu": {step: s}}."""
+        """Wall-clock and CPU seconds of every step run so far, by this invocation and earlier ones:
+        {"wall": {step: s}, "cpu": {step: s}}."""
         path = self.out / "timings.json"
-        with self.lock:
-            timings = json.loads(path.read_text()) if path.is_file() else {"wall": {}, "cpu": {}}
-            timings["wall"].update(self.seconds)
-            timings["cpu"].update(self.cpu_seconds)
-            path.write_text(json.dumps(timings, indent=1) + "\n")
-        return timings
+        return json.loads(path.read_text()) if path.is_file() else {"wall": {}, "cpu": {}}
 
     def run(self) -> list[dict]:
         self.check_folder()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self.stop)
         with study_lock(self.out):
             self.say(f"study in {self.out}: {len(self.runs)} runs ({len(self.runs) // max(self.size.seeds, 1)} "
                      f"configurations x {self.size.seeds} seeds), {self.nproc} processes per run, {self.jobs} at a time")
@@ -357,7 +395,6 @@ class Study:
             self.at_once([lambda seed=seed: self.sample_pairs(seed) for seed in self.seeds])
             self.at_once([lambda seed=seed, variant=variant: self.make_variant(seed, variant)
                           for seed in self.seeds for variant in self.variants])
-            self.recorded_timings()
             references = [lambda seed=seed: self.evaluate(f"eval_reference_s{seed}", seed, [self.model],
                                                           [self.eval_report(f"reference-s{seed}", 0)])
                           for seed in self.seeds]
@@ -372,22 +409,27 @@ class Study:
 SIZES = {"tiny": TINY, "default": DEFAULT}
 
 
-def in_background(argv: list[str], out: Path) -> int:
+def in_background(argv: list[str], out: Path, model: Path) -> int:
     """This command again without --background, detached (its own session: it outlives the terminal), its
     output in OUT/study.log. A rerun of the same command resumes it."""
     out.mkdir(parents=True, exist_ok=True)
+    with study_lock(out):  # refused here, not only in the log, while another study runs on the folder
+        pass
     log = out / "study.log"
+    # the folders resolved here: the study runs from the repository, not from the caller's folder
+    argv = [arg for arg in argv if arg != "--background"] + ["--out", str(out), "--model", str(model)]
     with open(log, "a") as handle:
         process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], stdin=subprocess.DEVNULL,
                                    stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-    print(f"study_frontier: running in the background, process group {process.pid}; follow it with: tail -f {log}\n"
-          f"  stop it with: kill -- -{process.pid}   (the same command again resumes it)")
+    print(f"study_frontier: running in the background (process {process.pid}); follow it with: tail -f {log}\n"
+          f"  stop it with: kill {process.pid}   (its runs save their step; the same command again resumes it)")
     return 0
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = tool_parser(__doc__)
+    parser.allow_abbrev = False  # --background is taken out of the detached command by its exact name
     parser.add_argument("--out", required=True, help="output folder (created; a rerun resumes it)")
     parser.add_argument("--size", default="default", choices=sorted(SIZES),
                         help="default: the documented study; tiny: the CI size, the pipeline end to end in minutes")
@@ -426,12 +468,16 @@ def main(argv=None) -> int:
         print("study_frontier: error: the plots need matplotlib: pip install -e '.[study]'", file=sys.stderr)
         return INPUT_ERROR_EXIT_CODE
     out = Path(args.out).resolve()
-    if args.background:
-        return in_background([arg for arg in argv if arg != "--background"], out)
     runs = plan_runs(size, tuple(known[name] for name in wanted))
+    study = Study(out, size, runs, model.resolve(), args.nproc, args.jobs)
     try:
-        Study(out, size, runs, model.resolve(), args.nproc, args.jobs).run()
+        if args.background:
+            return in_background(argv, out, model.resolve())
+        study.run()
     except StudyError as error:
+        if study.stopping.is_set():
+            print("study_frontier: stopped; the same command resumes it", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(f"study_frontier: error: {error}", file=sys.stderr)
         return error.code
     return 0

@@ -182,8 +182,8 @@ class StudySize:
 
 
 DEFAULT = StudySize()
-TINY = StudySize(num_prompts=30, pairs_per_prompt=2, eval_fraction=0.3, max_new_tokens=16, steps=4, short_steps=2,
-                 eval_steps=(2, 4), monitor_interval=2, on_policy_samples=2, seeds=2, betas_per_method=1)
+TINY = StudySize(num_prompts=30, pairs_per_prompt=2, eval_fraction=0.3, max_new_tokens=16, steps=6, short_steps=2,
+                 eval_steps=(2, 4, 6), monitor_interval=2, on_policy_samples=2, seeds=2, betas_per_method=1)
 
 
 def seed_streams(seed: int) -> dict[str, int]:
@@ -307,7 +307,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         groups.setdefault((row["arm"], row["step"]), []).append(row)
     summary = []
     for (arm, step), mine in groups.items():
-        out = {"arm": arm, **{name: mine[0][name] for name in _SETTINGS}, "step": step, "seeds": len(mine)}
+        out = {"arm": arm, **{name: mine[0][name] for name in _SETTINGS}, "step": step,
+               "seeds": sum(math.isfinite(r["reward"]) and math.isfinite(r["kl_policy_ref"]) for r in mine)}
         for measure in MEASURES:
             out[measure], out[f"{measure}_ci"], out[f"{measure}_sd"] = mean_and_ci([r[measure] for r in mine])
             errors = [r[f"{measure}_stderr"] for r in mine if math.isfinite(r[f"{measure}_stderr"])]
@@ -319,32 +320,36 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def trajectory_changes(rows: list[dict]) -> list[dict]:
-    """For every configuration evaluated at several steps, the changes along its runs, each the mean over
-    seeds of a per-seed difference with its 95% interval:
-    - `reward_drop`: final reward minus the reward at `peak_step`, the step of the highest mean reward
-      (over-optimisation: the true reward peaks and then falls, when the interval is below 0);
-    - `kl_growth`: final KL minus the KL at `mid_step`, the evaluated step nearest half the run (KL still
-      growing when the interval is above 0).
+    """For every configuration evaluated at three steps or more, its changes over the second half of its
+    runs: per seed, the value at the end minus the value at `mid_step` (the evaluated step nearest half
+    the run, fixed in advance, so the comparison is not chosen on the same noise it is tested with), then
+    the mean over seeds with its 95% interval:
+    - `reward_change`: below 0 with its interval, the true reward fell (over-optimisation);
+    - `kl_growth`: above 0 with its interval, KL was still growing.
+    `peak_step`, the step of the highest mean reward, only describes the curve.
     """
     by_arm: dict[str, list[dict]] = {}
     for row in rows:
         by_arm.setdefault(row["arm"], []).append(row)
     out = []
     for arm, mine in by_arm.items():
-        steps = sorted({row["step"] for row in mine})
+        finite = [row for row in mine if math.isfinite(row["reward"]) and math.isfinite(row["kl_policy_ref"])]
+        steps = sorted({row["step"] for row in finite})
         if len(steps) < 3:
             continue
-        seeds = sorted({row["seed"] for row in mine})
-        at = {(row["seed"], row["step"]): row for row in mine}
-        complete = [seed for seed in seeds if all((seed, step) in at for step in steps)]
+        at = {(row["seed"], row["step"]): row for row in finite}
+        complete = [seed for seed in sorted({row["seed"] for row in finite}) if all((seed, step) in at for step in steps)]
+        if not complete:
+            continue
         mean_reward = {step: statistics.fmean(at[seed, step]["reward"] for seed in complete) for step in steps}
-        final, peak = steps[-1], max(steps, key=lambda step: mean_reward[step])
+        final = steps[-1]
         mid = min(steps, key=lambda step: abs(step - final / 2))
-        drop = mean_and_ci([at[seed, final]["reward"] - at[seed, peak]["reward"] for seed in complete])
+        change = mean_and_ci([at[seed, final]["reward"] - at[seed, mid]["reward"] for seed in complete])
         growth = mean_and_ci([at[seed, final]["kl_policy_ref"] - at[seed, mid]["kl_policy_ref"] for seed in complete])
         out.append({"arm": arm, **{name: mine[0][name] for name in _SETTINGS}, "seeds": len(complete),
-                    "final_step": final, "peak_step": peak, "mid_step": mid,
-                    "reward_drop": drop[0], "reward_drop_ci": drop[1], "kl_growth": growth[0], "kl_growth_ci": growth[1]})
+                    "final_step": final, "mid_step": mid, "peak_step": max(steps, key=lambda step: mean_reward[step]),
+                    "reward_change": change[0], "reward_change_ci": change[1], "kl_growth": growth[0],
+                    "kl_growth_ci": growth[1]})
     return out
 
 
@@ -466,14 +471,15 @@ def tables_markdown(rows: list[dict], summary: list[dict], size: StudySize, timi
         out.append("")
     changes = trajectory_changes(rows)
     if changes:
-        out += ["**Changes along the trajectory runs** (per seed, then mean ± 95% interval over seeds): the true reward "
-                "at the end minus at the step of the highest mean reward (below 0: it peaked and fell), and the KL at the "
-                "end minus at mid-run (above 0: still growing)", "",
-                "| configuration | data | beta | peak step | reward end − peak | KL end − mid-run |", "|---|---|---|---|---|---|"]
+        out += ["**Over the second half of the trajectory runs** (per seed, the value at the end minus at mid-run; mean "
+                "± 95% interval over seeds): the true reward (below 0 with its interval: it fell) and the KL (above 0: "
+                "still growing). The peak step is that of the highest mean reward.", "",
+                "| configuration | data | beta | steps | reward, end − mid-run | KL, end − mid-run | peak step |",
+                "|---|---|---|---|---|---|---|"]
         for row in changes:
-            out.append(f"| {row['label']} | {row['data']} | {row['beta']:g} | {row['peak_step']} "
-                       f"| {_pm(row['reward_drop'], row['reward_drop_ci'])} "
-                       f"| {_pm(row['kl_growth'], row['kl_growth_ci'])} (steps {row['mid_step']} → {row['final_step']}) |")
+            out.append(f"| {row['label']} | {row['data']} | {row['beta']:g} | {row['mid_step']} → {row['final_step']} "
+                       f"| {_pm(row['reward_change'], row['reward_change_ci'])} "
+                       f"| {_pm(row['kl_growth'], row['kl_growth_ci'])} | {row['peak_step']} |")
         out.append("")
     out += [cost_line(timings), ""]
     return "\n".join(out)
