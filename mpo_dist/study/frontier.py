@@ -578,6 +578,9 @@ def plot_trajectories(summary: list[dict], path: str | Path, size: StudySize) ->
             last = points[-1]
             ax.annotate(f"{last['step']}", (last["kl_policy_ref"], last["reward"]), textcoords="offset points",
                         xytext=(4, -8), fontsize=7, color=line.get_color())
+        shown = [row["kl_policy_ref"] for row in summary if row["arm"] in arms and row["data"] == kind]
+        if max([x for x in shown if math.isfinite(x)] or [1.0]) > 10:  # the strong runs' steps stay apart near 0
+            ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel("KL(π_θ ‖ π_ref) per response, nats (on-policy, held-out prompts)")
         ax.set_ylabel("true reward")
         ax.set_title(f"{kind} labels: along training, steps {', '.join(map(str, size.eval_steps))}", fontsize=10)
