@@ -521,6 +521,17 @@ def _reference_marker(ax, summary: list[dict]) -> None:
         ax.axhline(ref["reward"], color="black", linestyle=":", linewidth=0.8)
 
 
+def _finish_axes(ax, kls: list[float], symlog_above: float, title: str) -> None:
+    """KL on x (symlog past `symlog_above` nats), the true reward on y, the title, grid and legend."""
+    if max([kl for kl in kls if math.isfinite(kl)] or [1.0]) > symlog_above:
+        ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("KL(π_θ ‖ π_ref) per response, nats (on-policy, held-out prompts)")
+    ax.set_ylabel("true reward (mean over on-policy samples)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_frontier(summary: list[dict], path: str | Path, size: StudySize) -> Path:
     """True reward against KL(pi_theta || pi_ref), both with 95% intervals over seeds, one curve per method
     through its betas: after `size.steps` (left) and after `size.short_steps` steps (right, every configuration)."""
@@ -539,14 +550,7 @@ def plot_frontier(summary: list[dict], path: str | Path, size: StudySize) -> Pat
                 text = f"β={row['beta']:g}" + (f" τ={row['tau']:g}" if row["group"] == "tau" else "")
                 ax.annotate(text, (row["kl_policy_ref"], row["reward"]), textcoords="offset points", xytext=(4, 4),
                             fontsize=7)
-        largest = max([row["kl_policy_ref"] for row in mine if math.isfinite(row["kl_policy_ref"])] or [1.0])
-        if largest > 30:
-            ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlabel("KL(π_θ ‖ π_ref) per response, nats (on-policy, held-out prompts)")
-        ax.set_ylabel("true reward (mean over on-policy samples)")
-        ax.set_title(f"after {step} steps (95% intervals over seeds)", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish_axes(ax, [row["kl_policy_ref"] for row in mine], 30, f"after {step} steps (95% intervals over seeds)")
     fig.suptitle("Reward/KL frontier: stories260K story task", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -578,14 +582,9 @@ def plot_trajectories(summary: list[dict], path: str | Path, size: StudySize) ->
             last = points[-1]
             ax.annotate(f"{last['step']}", (last["kl_policy_ref"], last["reward"]), textcoords="offset points",
                         xytext=(4, -8), fontsize=7, color=line.get_color())
-        shown = [row["kl_policy_ref"] for row in summary if row["arm"] in arms and row["data"] == kind]
-        if max([x for x in shown if math.isfinite(x)] or [1.0]) > 10:  # the strong runs' steps stay apart near 0
-            ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlabel("KL(π_θ ‖ π_ref) per response, nats (on-policy, held-out prompts)")
-        ax.set_ylabel("true reward")
-        ax.set_title(f"{kind} labels: along training, steps {', '.join(map(str, size.eval_steps))}", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        # symlog above 10 nats: the strong runs' steps stay apart near 0
+        _finish_axes(ax, [row["kl_policy_ref"] for row in summary if row["arm"] in arms and row["data"] == kind], 10,
+                     f"{kind} labels: along training, steps {', '.join(map(str, size.eval_steps))}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
