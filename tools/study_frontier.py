@@ -65,6 +65,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the checkout's m
     sys.path.insert(0, str(REPO))
 
 from mpo_dist.cli import tool_parser  # noqa: E402
+from mpo_dist.data.shards import atomic_write_bytes  # noqa: E402
 from mpo_dist.errors import INPUT_ERROR_EXIT_CODE  # noqa: E402
 from mpo_dist.launcher import train_command  # noqa: E402
 from mpo_dist.metrics_file import read_metrics  # noqa: E402
@@ -81,10 +82,8 @@ SAMPLES_PER_SHARD = 200
 
 
 def write_json(path: Path, value) -> None:
-    """Atomically (a temp file beside it, then renamed): a kill never leaves a file a restart cannot read."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Atomically: a kill never leaves a file a restart cannot read."""
+    atomic_write_bytes(path, (json.dumps(value, indent=1) + "\n").encode())
 
 
 @contextlib.contextmanager
@@ -164,8 +163,8 @@ class Study:
                         self.running.discard(process)
                 returncode = process.returncode = os.waitstatus_to_exitcode(status)
         finally:  # a failed or stopped attempt's time counts too: it was spent
-            self.add_timing(key, time.monotonic() - start, usage.ru_utime + usage.ru_stime if usage else 0.0)
-        seconds = time.monotonic() - start
+            seconds = time.monotonic() - start
+            self.add_timing(key, seconds, usage.ru_utime + usage.ru_stime if usage else 0.0)
         if returncode != 0 or not all(path.exists() for path in done):
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
             raise StudyError(f"{key} failed (exit code {returncode}) after {seconds:.0f}s; last lines of {log}:\n{tail}",
@@ -315,7 +314,6 @@ class Study:
         if folder.exists() and not (settings.is_file() and json.loads(settings.read_text()) == mine):
             self.say(f"{run.name}: made with other settings: trained again")
             shutil.rmtree(folder)
-            shutil.rmtree(self.out / "evals" / run.name, ignore_errors=True)
         if not (final / "checkpoint.json").is_file():  # it trains now: evaluations of an earlier policy are stale
             shutil.rmtree(self.out / "evals" / run.name, ignore_errors=True)
         # an unfinished run with these settings resumes from its newest checkpoint (checkpoint.resume=auto)
@@ -374,7 +372,7 @@ class Study:
         paths = write_study_results(self.out, rows, summary, extra)
         plot_frontier(summary, self.out / "frontier.png", self.size)
         plot_trajectories(summary, self.out / "trajectories.png", self.size)
-        (self.out / "tables.md").write_text(tables_markdown(rows, summary, self.size, timings))
+        atomic_write_bytes(self.out / "tables.md", tables_markdown(rows, summary, self.size, timings).encode())
         self.say(f"results: {', '.join(str(p) for p in paths)}, frontier.png, trajectories.png, tables.md")
         return summary
 
@@ -401,7 +399,7 @@ class Study:
             self.at_once([*references, *(lambda run=run, index=index: self.train_and_evaluate(run, index)
                                          for index, run in enumerate(self.runs, 1))])
             rows = self.collect()
-        print(Path(self.out / 'tables.md').read_text())
+        print((self.out / "tables.md").read_text())
         self.say("done")
         return rows
 

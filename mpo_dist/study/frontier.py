@@ -17,15 +17,16 @@ with standard errors clustered by prompt) with the trainer's held-out evaluation
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mpo_dist import metric_names as names
+from mpo_dist.data.shards import atomic_write_bytes
 
 # ------------------------------------------------------------------------------------------- plan
 
@@ -374,13 +375,12 @@ def _parse_cell(name: str, text: str) -> Any:
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([_csv_cell(row[name]) for name in columns])
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_cell(row[name]) for name in columns])
+    atomic_write_bytes(path, text.getvalue().encode())
     return path
 
 
@@ -396,11 +396,9 @@ def write_study_results(out_dir: str | Path, rows: list[dict], summary: list[dic
     out_dir = Path(out_dir)
     paths = [_write_csv(out_dir / "runs.csv", RUN_COLUMNS, rows), _write_csv(out_dir / "results.csv", SUMMARY_COLUMNS, summary)]
     json_path = out_dir / "results.json"
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps({"run_columns": RUN_COLUMNS, "runs": _json_safe(rows), "columns": SUMMARY_COLUMNS,
-                               "rows": _json_safe(summary), "trajectory_changes": _json_safe(trajectory_changes(rows)),
-                               **extra}, indent=1) + "\n")
-    os.replace(tmp, json_path)
+    atomic_write_bytes(json_path, (json.dumps({
+        "run_columns": RUN_COLUMNS, "runs": _json_safe(rows), "columns": SUMMARY_COLUMNS, "rows": _json_safe(summary),
+        "trajectory_changes": _json_safe(trajectory_changes(rows)), **extra}, indent=1) + "\n").encode())
     return [*paths, json_path]
 
 
@@ -424,6 +422,14 @@ def _pm(mean: float, ci: float, digits: int = 2) -> str:
     if not math.isfinite(mean):
         return "—"
     return f"{mean:.{digits}f}" + (f" ± {ci:.{digits}f}" if math.isfinite(ci) else "")
+
+
+def _trajectory_arms(summary: list[dict]) -> list[str]:
+    """The configurations evaluated at more than two steps, in order: those with a trajectory."""
+    steps: dict[str, int] = {}
+    for row in summary:
+        steps[row["arm"]] = steps.get(row["arm"], 0) + 1
+    return [arm for arm, count in steps.items() if count > 2]
 
 
 def _setting_text(row: dict) -> str:
@@ -455,8 +461,7 @@ def tables_markdown(rows: list[dict], summary: list[dict], size: StudySize, timi
     if short:
         out += [f"**After {size.short_steps} steps** (every configuration; a trajectory run's checkpoint at this step "
                 "is trained exactly as the shorter runs)", "", *_summary_table(reference + short), ""]
-    arms = [arm for arm in dict.fromkeys(row["arm"] for row in summary)
-            if sum(row["arm"] == arm for row in summary) > 2]
+    arms = _trajectory_arms(summary)
     if arms:
         steps = sorted({row["step"] for row in summary if row["arm"] in arms})
         out += ["**Along the trajectory runs**: true reward / KL(π_θ ‖ π_ref) at each evaluated step (means over seeds)",
@@ -488,14 +493,15 @@ def tables_markdown(rows: list[dict], summary: list[dict], size: StudySize, timi
 def cost_line(timings: dict) -> str:
     """What the study's steps took, wall-clock and CPU (timings.json), by kind of step."""
     kinds = {"training": "train_", "evaluation": "eval_"}
-    def total(clock: str, prefix: str | None) -> float:
-        values = timings.get(clock, {})
+    cpu_seconds = timings.get("cpu", {})
+
+    def total(prefix: str | None) -> float:  # None: the data steps, every one that is neither kind
         if prefix is None:
-            return sum(v for k, v in values.items() if not any(k.startswith(p) for p in kinds.values()))
-        return sum(v for k, v in values.items() if k.startswith(prefix))
-    parts = [f"{name} {total('cpu', prefix) / 3600:.2f} CPU-hours" for name, prefix in
-             [("data", None), *kinds.items()]]
-    cpu = sum(timings.get("cpu", {}).values())
+            return sum(v for k, v in cpu_seconds.items() if not any(k.startswith(p) for p in kinds.values()))
+        return sum(v for k, v in cpu_seconds.items() if k.startswith(prefix))
+
+    parts = [f"{name} {total(prefix) / 3600:.2f} CPU-hours" for name, prefix in [("data", None), *kinds.items()]]
+    cpu = sum(cpu_seconds.values())
     return (f"**Cost**: {cpu / 3600:.2f} CPU-hours in all ({', '.join(parts)}); the steps' wall-clock seconds add up to "
             f"{sum(timings.get('wall', {}).values()) / 3600:.2f} hours (steps run side by side with --jobs overlap).")
 
@@ -562,7 +568,7 @@ def plot_trajectories(summary: list[dict], path: str | Path, size: StudySize) ->
     """True reward against KL(pi_theta || pi_ref) along each trajectory run (means over seeds, 95% intervals),
     from the reference at step 0: one panel per label kind, one line per configuration."""
     plt = _pyplot()
-    arms = [arm for arm in dict.fromkeys(row["arm"] for row in summary) if sum(row["arm"] == arm for row in summary) > 2]
+    arms = _trajectory_arms(summary)
     kinds = list(dict.fromkeys(next(row["data"] for row in summary if row["arm"] == arm) for arm in arms)) or ["hard"]
     fig, axes = plt.subplots(1, len(kinds), figsize=(7.5 * len(kinds), 6.2), squeeze=False)
     reference = [row for row in summary if row["method"] == "reference"]
