@@ -159,6 +159,15 @@ def test_story_prompts_are_distinct_and_cover_the_templates():
         story_prompts(401)
 
 
+def _study_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_tool", REPO / "tools" / "study_frontier.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 def _tiny_methods() -> tuple[Method, ...]:
     return tuple(m for m in METHODS if m.name in TINY_METHODS)
 
@@ -213,6 +222,14 @@ def test_run_names_taus_and_overrides():
 
 
 @pytest.mark.unit
+def test_the_tiny_size_keeps_its_methods_with_other_seeds():
+    tool = _study_tool()
+    assert tool.selected_methods("", "tiny") == list(TINY_METHODS)  # --tiny --seeds 3 is still the tiny plan
+    assert tool.selected_methods("", "default") == [m.name for m in METHODS]
+    assert tool.selected_methods("dpo,ipo", "tiny") == ["dpo", "ipo"]
+
+
+@pytest.mark.unit
 def test_seed_streams_differ_within_and_between_seeds():
     streams = [seed_streams(seed) for seed in range(3)]
     values = [value for stream in streams for name, value in stream.items() if name != "training"]
@@ -222,14 +239,9 @@ def test_seed_streams_differ_within_and_between_seeds():
 
 @pytest.mark.unit
 def test_study_config_loads_with_every_run_setting(tmp_path):
-    import importlib.util
-
     from mpo_dist.config import load_config
 
-    spec = importlib.util.spec_from_file_location("study_tool", REPO / "tools" / "study_frontier.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    study = tool.Study(tmp_path, DEFAULT, plan_runs(DEFAULT), tmp_path / "model", nproc=2)
+    study = _study_tool().Study(tmp_path, DEFAULT, plan_runs(DEFAULT), tmp_path / "model", nproc=2)
     for run in plan_runs(DEFAULT):
         config = load_config(str(REPO / "configs" / "study_frontier.yaml"), study.run_settings(run)["overrides"])
         assert (config.loss.name, config.loss.beta, config.loss.tau) == (run.method.loss, run.beta, run.tau_value)

@@ -407,6 +407,12 @@ class Study:
 SIZES = {"tiny": TINY, "default": DEFAULT}
 
 
+def selected_methods(methods: str, size_name: str) -> list[str]:
+    """The names given to --methods, else the size's own: TINY_METHODS for tiny (whatever --seeds says), all else."""
+    return [name for name in methods.split(",") if name] or (
+        list(TINY_METHODS) if size_name == "tiny" else [m.name for m in METHODS])
+
+
 def in_background(argv: list[str], out: Path, model: Path) -> int:
     """This command again without --background, detached (its own session: it outlives the terminal), its
     output in OUT/study.log. A rerun of the same command resumes it."""
@@ -444,14 +450,14 @@ def main(argv=None) -> int:
     parser.add_argument("--background", action="store_true",
                         help="run detached, output in OUT/study.log (the command prints how to follow and stop it)")
     args = parser.parse_args(argv)
-    size = SIZES["tiny" if args.tiny else args.size]
+    size_name = "tiny" if args.tiny else args.size
+    size = SIZES[size_name]
     if args.seeds < 0:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.seeds:
         size = replace(size, seeds=args.seeds)
     known = {m.name: m for m in METHODS}
-    wanted = [name for name in args.methods.split(",") if name] or (
-        list(TINY_METHODS) if size == TINY else list(known))
+    wanted = selected_methods(args.methods, size_name)
     unknown = [name for name in wanted if name not in known]
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
